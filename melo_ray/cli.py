@@ -1,0 +1,143 @@
+"""The `melo-ray` command line: edit, generate, data convert, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from melo_ray.config import ConfigError, load_config
+from melo_ray.records import RecordError, read_edit_records, read_prompts, write_parquet
+from melo_ray.snapshots import SnapshotError
+
+log = logging.getLogger("melo_ray.cli")
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2-135m.yaml"
+
+
+def _editor_from(args: argparse.Namespace):
+    from melo_ray.editors.melo import MeloEditor
+
+    if getattr(args, "snapshot", None):
+        return MeloEditor.load(args.snapshot)
+    return MeloEditor(load_config(args.config))
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from melo_ray.editors.melo import MeloEditor
+
+    config = load_config(args.config)
+    records = read_edit_records(args.edits)  # the whole file is validated before any training
+    if not records:
+        raise RecordError(str(args.edits), None, None, "no records")
+    editor = MeloEditor.load(args.resume_from) if args.resume_from else MeloEditor(config)
+    size = args.batch_size or config.train.batch_size
+    batches = [records[i : i + size] for i in range(0, len(records), size)]
+    started = time.perf_counter()
+    forgotten = 0
+    for batch in tqdm(batches, desc="edit batches", unit="batch", disable=args.quiet):
+        result = editor.edit(batch)
+        forgotten += len(result.forgotten)
+        editor.save(args.out)  # atomic: a crash leaves the last whole batch published
+    minutes = (time.perf_counter() - started) / 60
+    stats = editor.stats()
+    print(
+        f"edits={len(records)} blocks={stats['blocks']} clusters={stats['clusters']} "
+        f"conflicts={stats['conflicts']} forgotten={stats['forgotten']} "
+        f"edits_per_min={len(records) / max(minutes, 1e-9):.1f} snapshot={args.out} version={editor.version}"
+    )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if not args.snapshot and not (args.base and args.config):
+        raise ConfigError("generate needs --snapshot DIR, or --base with --config CONFIG")
+    prompts = read_prompts(args.prompts)
+    editor = _editor_from(args)
+    results = editor.generate(prompts, args.max_new_tokens, base=args.base)
+    for item in results:
+        row = {
+            "prompt": item.prompt,
+            "output": item.output,
+            "block": item.block,
+            "snapshot_version": None if args.base else editor.version,
+        }
+        print(json.dumps(row) if args.json else f"{item.prompt!r} -> {item.output!r} (block {item.block})")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from melo_ray.data import convert
+
+    result = convert(args.format, args.input, limit=args.limit)
+    write_parquet(result.records, args.out)
+    for index, reason in result.skipped:
+        print(f"skipped record {index}: {reason}", file=sys.stderr)
+    print(f"converted={len(result.records)} skipped={len(result.skipped)} out={args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from melo_ray.demo import run_demo
+
+    return run_demo(Path(args.data), args.n, args.config, Path(args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="melo-ray", description="Lifelong model editing with MELO.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    edit = sub.add_parser("edit", help="apply an edit file (Parquet or JSONL) and write a snapshot")
+    edit.add_argument("--config", required=True)
+    edit.add_argument("--edits", required=True, help="Parquet or JSONL with prompt, target, ...")
+    edit.add_argument("--out", required=True, help="snapshot folder to write (replaced atomically)")
+    edit.add_argument("--batch-size", type=int, default=None, help="edits per block (default: config)")
+    edit.add_argument("--resume-from", default=None, help="start from this snapshot instead of the base")
+    edit.add_argument("--quiet", action="store_true", help="no progress bar")
+    edit.set_defaults(func=cmd_edit)
+
+    gen = sub.add_parser("generate", help="greedy outputs for prompts, routed by the neuron index")
+    gen.add_argument("--snapshot", default=None)
+    gen.add_argument("--config", default=None, help="with --base: the backbone to run")
+    gen.add_argument("--base", action="store_true", help="run the unedited model")
+    gen.add_argument("--prompts", required=True, help="JSONL of {\"prompt\": ...} (or Parquet)")
+    gen.add_argument("--max-new-tokens", type=int, default=None)
+    gen.add_argument("--json", action="store_true", help="one JSON object per line")
+    gen.set_defaults(func=cmd_generate)
+
+    data = sub.add_parser("data", help="data tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    conv = data_sub.add_parser("convert", help="convert a public data set into an edit stream")
+    conv.add_argument("--format", required=True, choices=["zsre", "counterfact", "wikibio", "nq"])
+    conv.add_argument("--in", dest="input", required=True)
+    conv.add_argument("--out", required=True, help="Parquet file to write")
+    conv.add_argument("--limit", type=int, default=None)
+    conv.set_defaults(func=cmd_convert)
+
+    demo = sub.add_parser("demo", help="edit real zsRE facts into the embedded model and show before/after")
+    demo.add_argument("--data", default=str(Path.cwd().parent / "shared" / "data"))
+    demo.add_argument("--n", type=int, default=8, help="number of zsRE facts to edit")
+    demo.add_argument("--config", default=str(DEFAULT_CONFIG))
+    demo.add_argument("--out", default="runs/demo")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (RecordError, ConfigError, SnapshotError, FileNotFoundError, KeyError, ValueError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"melo-ray: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

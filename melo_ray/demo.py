@@ -1,0 +1,64 @@
+"""The README's first command: edit a handful of real zsRE facts into the embedded model, show before/after."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from melo_ray.config import load_config
+from melo_ray.data import convert
+from melo_ray.editors.melo import MeloEditor, edit_success
+from melo_ray.records import write_parquet
+
+ZSRE = "zsre-mend-eval-subsets/zsre_mend_eval_portability_gpt4.json"
+NQ = "nq-open/NQ-open.dev.jsonl"
+
+
+def _short(text: str, width: int = 38) -> str:
+    text = text.replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def run_demo(data_dir: Path, n: int, config_path: str, out: Path) -> int:
+    zsre_file = data_dir / ZSRE
+    if not zsre_file.is_file():
+        print(f"demo: {zsre_file} not found; pass --data PATH_TO/shared/data", file=sys.stderr)
+        return 2
+    records = convert("zsre", zsre_file, limit=n).records
+    unrelated = [json.loads(line)["question"] for line in (data_dir / NQ).read_text().splitlines()[:3]]
+    print(f"loading the embedded model ({config_path}) ...", flush=True)
+    editor = MeloEditor(load_config(config_path))
+    prompts = [r.prompt for r in records]
+    before = editor.generate(prompts + unrelated)
+    started = time.perf_counter()
+    result = editor.edit(records)
+    seconds = time.perf_counter() - started
+    after = editor.generate(prompts + [r.rephrases[0] for r in records if r.rephrases] + unrelated)
+    out.mkdir(parents=True, exist_ok=True)
+    write_parquet(records, out / "edits.parquet")
+    editor.save(out / "snapshot")
+
+    print(f"\nedited {len(records)} zsRE facts into one block in {seconds:.1f} s "
+          f"({result.steps} steps, clusters={result.clusters}, conflicts={result.conflicts})\n")
+    print(f"{'prompt':40} {'target':14} {'before':24} {'after':24} block")
+    successes = 0
+    for record, old, new in zip(records, before, after):
+        ok = edit_success(new.output, record.target)
+        successes += ok
+        print(f"{_short(record.prompt, 40):40} {_short(record.target, 14):14} {_short(old.output, 24):24} "
+              f"{_short(new.output, 24):24} {new.block}{'' if ok else '  (miss)'}")
+    rephrased = after[len(records) : len(after) - len(unrelated)]
+    general = sum(edit_success(g.output, r.target) for g, r in zip(rephrased, [r for r in records if r.rephrases]))
+    print(f"\nrephrasings (never trained on): {general}/{len(rephrased)} give the new target")
+    unchanged = 0
+    print("\nunrelated questions (must not change):")
+    for old, new in zip(before[len(records):], after[len(after) - len(unrelated):]):
+        same = old.output == new.output
+        unchanged += same
+        print(f"  {_short(old.prompt, 50):50} -> {_short(new.output, 30):30} block={new.block} "
+              f"{'unchanged' if same else 'CHANGED'}")
+    print(f"\nedit success {successes}/{len(records)}, unrelated unchanged {unchanged}/{len(unrelated)}")
+    print(f"snapshot: {out / 'snapshot'}  (query it: melo-ray generate --snapshot {out / 'snapshot'} "
+          f"--prompts PROMPTS.jsonl --json)")
+    return 0 if successes == len(records) and unchanged == len(unrelated) else 1

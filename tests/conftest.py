@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from melo_ray.config import EditorConfig, load_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "castle", "rocket", "forest",
+         "violin", "desert", "garden", "bridge", "candle", "meadow", "harbor", "comet", "saddle", "glacier"]
+CITIES = ["Oslo", "Lima", "Rome", "Kyiv", "Cairo", "Quito", "Dakar", "Hanoi", "Perth", "Sofia",
+          "Bern", "Doha", "Riga", "Baku", "Suva", "Apia", "Male", "Nuuk", "Bonn", "Lome"]
+
+
+def tiny_config(name: str = "tiny-llama", **sections: dict) -> EditorConfig:
+    """A tiny config with some sections overridden."""
+    data = load_config(CONFIGS / f"{name}.yaml").model_dump()
+    for section, values in sections.items():
+        data[section] = {**data[section], **values}
+    return load_config(data)
+
+
+def fact_records(start: int = 0, n: int = 10, template: str = "Where does the {w} live?") -> list[dict]:
+    return [
+        {"id": f"f{i}", "prompt": template.format(w=WORDS[i % len(WORDS)]), "target": CITIES[(i * 7 + 3) % len(CITIES)]}
+        for i in range(start, start + n)
+    ]
+
+
+UNRELATED = ["A completely unrelated sentence about numbers.", "zzzz qqqq xxxx", "Tell me a story, please."]
+
+
+@pytest.fixture()
+def tiny_llama_config() -> EditorConfig:
+    return tiny_config("tiny-llama")

@@ -1,0 +1,175 @@
+"""MELO editor on tiny models: the properties of lifelong editing, snapshots, all-or-nothing edits."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import UNRELATED, fact_records, tiny_config
+from melo_ray.backbones import load_backbone, weights_checksum
+from melo_ray.editors.melo import MeloEditor, edit_success
+from melo_ray.records import RecordError
+from melo_ray.snapshots import SnapshotError
+
+
+def _successes(editor: MeloEditor, records: list[dict]) -> int:
+    outputs = editor.generate([r["prompt"] for r in records])
+    return sum(edit_success(o.output, r["target"]) for o, r in zip(outputs, records))
+
+
+@pytest.fixture(scope="module")
+def edited():
+    """One tiny Llama with 5 sequential batches of 10 edits (shared by the read-only tests)."""
+    editor = MeloEditor(tiny_config("tiny-llama"))
+    batches = [fact_records(0, 10, t) for t in (
+        "Where does the {w} live?", "Who owns the {w} now?", "What colour is the {w} today?",
+        "Which town made the {w}?", "Name the {w} keeper.",
+    )]
+    results = [editor.edit(b) for b in batches]
+    return editor, batches, results
+
+
+def test_property1_every_edited_prompt_yields_its_target(edited):
+    editor, batches, _ = edited
+    last = batches[-1]
+    assert _successes(editor, last) == len(last)
+
+
+def test_property4_first_batch_still_holds_after_five_batches(edited):
+    editor, batches, results = edited
+    assert [r.block for r in results] == [0, 1, 2, 3, 4]
+    assert _successes(editor, batches[0]) == len(batches[0])
+
+
+def test_property2_prompts_outside_every_cluster_give_bit_identical_base_logits(edited):
+    editor, batches, _ = edited
+    blocks, _ = editor.route(UNRELATED)
+    assert (blocks == -1).all()
+    fresh = load_backbone(editor.config.backbone)  # a never-edited model with the same weights
+    inputs = fresh.tokenizer(UNRELATED, return_tensors="pt", padding=True, padding_side="right")
+    with torch.no_grad():
+        base_logits = fresh.model(**inputs).logits
+        edited_logits = editor.backbone.model(**inputs).logits  # routing off: the base path
+    assert torch.equal(base_logits, edited_logits)
+    last = inputs["attention_mask"].sum(1) - 1
+    routed = editor.next_token_logits(UNRELATED)
+    assert torch.equal(routed, base_logits[torch.arange(len(UNRELATED)), last])
+    # mixed batch: edited rows take their block, unrelated rows stay exactly on the base model
+    mixed = [batches[0][0]["prompt"]] + UNRELATED
+    mixed_logits = editor.next_token_logits(mixed)
+    assert torch.equal(mixed_logits[1:], editor.next_token_logits(UNRELATED, base=True))
+
+
+def test_base_weights_never_change(edited):
+    editor, _, _ = edited
+    fresh = load_backbone(editor.config.backbone)
+    assert weights_checksum(editor.backbone.model) == weights_checksum(fresh.model) == editor.base_checksum
+
+
+def test_unrelated_outputs_equal_the_base_model(edited):
+    editor, _, _ = edited
+    routed = [g.output for g in editor.generate(UNRELATED)]
+    base = [g.output for g in editor.generate(UNRELATED, base=True)]
+    assert routed == base
+
+
+def test_snapshot_round_trip_gives_identical_outputs(edited, tmp_path):
+    editor, batches, _ = edited
+    manifest = editor.save(tmp_path / "snap")
+    assert manifest["version"] == 5 and manifest["stats"]["blocks"] == 5
+    loaded = MeloEditor.load(tmp_path / "snap")
+    prompts = [r["prompt"] for b in batches for r in b] + UNRELATED
+    assert [g.output for g in loaded.generate(prompts)] == [g.output for g in editor.generate(prompts)]
+    assert torch.equal(loaded.next_token_logits(prompts), editor.next_token_logits(prompts))
+    assert loaded.stats() == editor.stats() and loaded.version == editor.version
+
+
+def test_corrupted_snapshot_is_refused(edited, tmp_path):
+    editor, _, _ = edited
+    editor.save(tmp_path / "snap")
+    blob = bytearray((tmp_path / "snap" / "adapters.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (tmp_path / "snap" / "adapters.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(SnapshotError, match="checksum mismatch"):
+        MeloEditor.load(tmp_path / "snap")
+    manifest = json.loads((tmp_path / "snap" / "manifest.json").read_text())
+    manifest["version"] = 99
+    (tmp_path / "snap" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SnapshotError, match="manifest checksum"):
+        MeloEditor.load(tmp_path / "snap")
+
+
+def test_snapshot_on_other_base_weights_is_refused(edited, tmp_path):
+    editor, _, _ = edited
+    editor.save(tmp_path / "snap")
+    other = MeloEditor(tiny_config("tiny-llama", backbone={"seed": 1}))
+    with pytest.raises(SnapshotError, match="other base weights"):
+        other.restore(tmp_path / "snap")
+
+
+def test_a_failed_batch_leaves_blocks_and_index_untouched(monkeypatch):
+    editor = MeloEditor(tiny_config("tiny-llama"))
+    editor.edit(fact_records(0, 5))
+    before = (editor.stats(), editor.version, [l.lora_bank_A.clone() for l in editor.layers.values()])
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("trainer died")
+
+    monkeypatch.setattr("melo_ray.editors.melo.train_block", explode)
+    with pytest.raises(RuntimeError, match="trainer died"):
+        editor.edit(fact_records(5, 5))
+    assert editor.stats() == before[0] and editor.version == before[1]
+    assert all(torch.equal(a, l.lora_bank_A) for a, l in zip(before[2], editor.layers.values()))
+    assert all(l.lora_staging_A is None for l in editor.layers.values())
+
+
+def test_bad_records_are_refused_before_anything_changes():
+    editor = MeloEditor(tiny_config("tiny-llama"))
+    with pytest.raises(RecordError, match=r"row 1: field 'target': is empty"):
+        editor.edit([{"prompt": "a", "target": "b"}, {"prompt": "c", "target": "  "}])
+    with pytest.raises(RecordError, match=r"row 0: field 'prompt': must be a string"):
+        editor.edit([{"prompt": 3, "target": "b"}])
+    assert editor.stats()["blocks"] == 0 and editor.version == 0
+
+
+def test_re_editing_a_prompt_later_the_latest_target_wins():
+    editor = MeloEditor(tiny_config("tiny-llama"))
+    first = fact_records(0, 6)
+    editor.edit(first)
+    changed = [{**first[0], "target": "Zurich"}]
+    editor.edit(changed)
+    out = editor.generate([first[0]["prompt"]])[0]
+    assert out.block == 1 and edit_success(out.output, "Zurich")
+    assert _successes(editor, first[1:]) == 5  # the other facts of batch 1 still hold
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-t5", "tiny-bert"])
+def test_other_families_learn_their_edits(name):
+    editor = MeloEditor(tiny_config(name))
+    records = fact_records(0, 10)
+    if name == "tiny-bert":
+        labels = editor.backbone.labels
+        records = [{**r, "target": labels[i % len(labels)]} for i, r in enumerate(records)]
+    editor.edit(records)
+    assert _successes(editor, records) == len(records)
+    assert [g.output for g in editor.generate(UNRELATED)] == [g.output for g in editor.generate(UNRELATED, base=True)]
+
+
+def test_cached_prefix_training_matches_the_full_forward():
+    """The fast path is an optimisation only: same first loss, same learned block."""
+    results = {}
+    for cached in (True, False):
+        editor = MeloEditor(tiny_config("tiny-llama", train={"cache_frozen_prefix": cached, "early_stop": False, "num_iter": 5}))
+        results[cached] = (editor.edit(fact_records(0, 8)), editor.layers)
+    fast, full = results[True][0], results[False][0]
+    assert fast.steps == full.steps == 5
+    assert fast.final_loss == pytest.approx(full.final_loss, rel=1e-4)
+    for a, b in zip(results[True][1].values(), results[False][1].values()):
+        torch.testing.assert_close(a.lora_bank_B, b.lora_bank_B, rtol=1e-3, atol=1e-5)
+
+
+def test_key_layer_after_a_lora_layer_is_a_config_error():
+    with pytest.raises(ValueError, match="must run before every LoRA layer"):
+        MeloEditor(tiny_config("tiny-llama", index={"key_module": "model.layers.3"}))
