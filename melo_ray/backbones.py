@@ -68,6 +68,10 @@ class Backbone:
     def task(self) -> Task:
         return self.family.task
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def format_prompt(self, prompt: str) -> str:
         return self.config.prompt_template.format(prompt=prompt)
 

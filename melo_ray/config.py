@@ -113,13 +113,25 @@ class GenerateConfig(_Strict):
     batch_size: int = Field(32, ge=1, description="Prompts per forward pass in generate().")
 
 
+class GraceConfig(_Strict):
+    layer: str | None = Field(
+        None, description="Module whose output GRACE replaces; its input at the last prompt token is the key."
+    )
+    eps_init: float = Field(1.0, ge=0, description="Initial radius of a codebook entry (L2 on layer inputs).")
+    num_iter: int = Field(100, ge=1, description="Optimiser steps to train one entry's value.")
+    lr: float = Field(0.1, gt=0, description="Adam learning rate for the value.")
+
+
 class EditorConfig(_Strict):
-    editor: Literal["melo"] = "melo"
+    editor: Literal["melo", "grace", "lora"] = Field(
+        "melo", description="melo; or a baseline: grace (codebook), lora (sequential LoRA fine-tuning)."
+    )
     backbone: BackboneConfig = BackboneConfig()
     lora: LoraConfig
     index: IndexConfig
     train: TrainConfig = TrainConfig()
     generate: GenerateConfig = GenerateConfig()
+    grace: GraceConfig = GraceConfig()
 
 
 def _format_error(err: ValidationError, where: str) -> str:

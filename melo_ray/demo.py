@@ -8,7 +8,8 @@ from pathlib import Path
 
 from melo_ray.config import load_config
 from melo_ray.data import convert
-from melo_ray.editors.melo import MeloEditor, edit_success
+from melo_ray.editors.melo import MeloEditor
+from melo_ray.metrics import starts_with_target as edit_success
 from melo_ray.records import write_parquet
 
 ZSRE = "zsre-mend-eval-subsets/zsre_mend_eval_portability_gpt4.json"

@@ -43,9 +43,12 @@ def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tenso
 class HiddenStateKeys:
     """Hidden state of `key_module` at the prompt's last real token (the paper) or its mean."""
 
-    def __init__(self, backbone: Backbone, key_module: str, pooling: str, batch_size: int = 64) -> None:
+    def __init__(
+        self, backbone: Backbone, key_module: str, pooling: str, batch_size: int = 64, *, capture: str = "output"
+    ) -> None:
         self.backbone = backbone
         self.pooling = pooling
+        self.capture = capture  # "output" of the module (MELO) or its "input" (GRACE's layer input)
         self.batch_size = batch_size
         try:
             self.module: nn.Module = backbone.model.get_submodule(key_module)
@@ -70,8 +73,9 @@ class HiddenStateKeys:
             batch = tok(chunk, return_tensors="pt", padding=True)
             captured: list[torch.Tensor] = []
 
-            def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-                hidden = output[0] if isinstance(output, tuple) else output
+            def hook(_module: nn.Module, inputs: tuple, output: object) -> None:
+                seen = inputs[0] if self.capture == "input" else output
+                hidden = seen[0] if isinstance(seen, tuple) else seen
                 captured.append(_pool(hidden.float(), batch["attention_mask"], self.pooling))
                 raise _StopForward
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,6 @@ from torch import nn
 
 from melo_ray.backbones import Backbone
 from melo_ray.config import TrainConfig
-from melo_ray.lora import BlockRouter
 from melo_ray.records import EditRecord, RecordError
 
 log = logging.getLogger(__name__)
@@ -174,16 +174,21 @@ def _learned_fraction(logits: torch.Tensor, targets: torch.Tensor, margin: float
 
 def train_block(
     backbone: Backbone,
-    router: BlockRouter,
     batch: EditBatch,
     params: list[nn.Parameter],
     cfg: TrainConfig,
+    *,
+    trained_modules: list[str],
+    active: Callable[[], AbstractContextManager],
 ) -> TrainStats:
-    """Optimise the staging block (params) for cfg.num_iter steps, or until every target is learned."""
+    """Optimise `params` for cfg.num_iter steps, or until every target is learned.
+
+    `trained_modules` names the modules that hold `params` (the frozen prefix below the first of them
+    is cached); `active` is the context in which the forward uses them (e.g. a staging route).
+    """
     started = time.perf_counter()
-    names = list(router.layers)
+    names = trained_modules
     fast = cfg.cache_frozen_prefix and _supports_cached_prefix(backbone, names)
-    batch_size = batch.labels.shape[0]
     if fast:
         prefix = _CachedPrefix(backbone, names, batch)
         compute_logits, targets = prefix.logits, prefix.targets
@@ -193,7 +198,7 @@ def train_block(
     first_loss = final_loss = float("nan")
     learned = 0.0
     steps = 0
-    with router.staging(batch_size, batch.labels.device):
+    with active():
         for step in range(cfg.num_iter):
             logits = compute_logits()
             loss = F.cross_entropy(logits, targets)

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import CONFIGS, UNRELATED, fact_records
 from melo_ray.cli import main
-from melo_ray.editors.melo import edit_success
+from melo_ray.metrics import starts_with_target as edit_success
 
 TINY = str(CONFIGS / "tiny-llama.yaml")
 

@@ -9,7 +9,8 @@ import torch
 
 from conftest import UNRELATED, fact_records, tiny_config
 from melo_ray.backbones import load_backbone, weights_checksum
-from melo_ray.editors.melo import MeloEditor, edit_success
+from melo_ray.editors.melo import MeloEditor
+from melo_ray.metrics import starts_with_target as edit_success
 from melo_ray.records import RecordError
 from melo_ray.snapshots import SnapshotError
 
@@ -173,3 +174,13 @@ def test_cached_prefix_training_matches_the_full_forward():
 def test_key_layer_after_a_lora_layer_is_a_config_error():
     with pytest.raises(ValueError, match="must run before every LoRA layer"):
         MeloEditor(tiny_config("tiny-llama", index={"key_module": "model.layers.3"}))
+
+
+def test_teacher_forced_target_tokens_are_all_hit_after_editing(edited):
+    editor, batches, _ = edited
+    from melo_ray.records import parse_records
+
+    hits = editor.target_token_hits(parse_records(batches[-1]))
+    assert all(all(row) for row in hits) and all(len(row) > 0 for row in hits)
+    unrelated = parse_records([{"prompt": p, "target": "Oslo"} for p in UNRELATED])
+    assert not all(all(row) for row in editor.target_token_hits(unrelated))

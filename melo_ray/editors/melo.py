@@ -20,7 +20,8 @@ import torch
 from melo_ray.backbones import Backbone, load_backbone, weights_checksum
 from melo_ray.config import EditorConfig, load_config
 from melo_ray.editors.base import EditResult, Generation, as_records
-from melo_ray.index import NeuronIndex, normalise_label
+from melo_ray.index import NeuronIndex
+from melo_ray.inference import generate_texts, next_token_logits, target_token_hits
 from melo_ray.keys import build_key_function
 from melo_ray.lora import NO_BLOCK, BlockRouter, inject_dynamic_lora
 from melo_ray.records import EditRecord
@@ -92,7 +93,10 @@ class MeloEditor:
         batch = build_batch(self.backbone, batch_records, self.config.train.append_eos)
         params = self.router.start_block(seed=self.config.train.seed + self.version)
         try:
-            stats = train_block(self.backbone, self.router, batch, params, self.config.train)
+            stats = train_block(
+                self.backbone, batch, params, self.config.train, trained_modules=list(self.layers),
+                active=lambda: self.router.staging(len(batch_records), self.backbone.device),
+            )
             block = self.router.commit_block()
         except BaseException:
             self.router.discard_block()  # nothing of this batch stays behind
@@ -117,29 +121,6 @@ class MeloEditor:
         result = self.index.search(self.key_function.keys(prompts))
         return result.block_ids, result.distances
 
-    def _encode(self, prompts: list[str], padding_side: str) -> dict[str, torch.Tensor]:
-        texts = [self.backbone.format_prompt(p) for p in prompts]
-        return dict(self.backbone.tokenizer(texts, return_tensors="pt", padding=True, padding_side=padding_side))
-
-    @torch.no_grad()
-    def _generate_with_blocks(self, prompts: list[str], blocks: np.ndarray, max_new_tokens: int) -> list[str]:
-        model, tok = self.backbone.model, self.backbone.tokenizer
-        ids = torch.as_tensor(blocks, dtype=torch.long)
-        if self.backbone.task == "classification":
-            inputs = self._encode(prompts, "right")
-            with self.router.route(ids):
-                predicted = model(**inputs).logits.argmax(-1).tolist()
-            return [(self.backbone.labels or [])[i] for i in predicted]
-        inputs = self._encode(prompts, "left")  # generation continues from the right edge
-        with self.router.route(ids):
-            out = model.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-            )
-        if self.backbone.task == "causal_lm":
-            out = out[:, inputs["input_ids"].shape[1]:]
-        return [text.strip() for text in tok.batch_decode(out, skip_special_tokens=True)]
-
     def generate(self, prompts: list[str], max_new_tokens: int | None = None, *, base: bool = False) -> list[Generation]:
         """Greedy outputs; each prompt uses the block its key selects (base=True: never a block)."""
         max_new = max_new_tokens or self.config.generate.max_new_tokens
@@ -151,27 +132,25 @@ class MeloEditor:
                 blocks, dists = np.full(len(chunk), NO_BLOCK, np.int64), np.full(len(chunk), np.nan)
             else:
                 blocks, dists = self.route(chunk)
-            outputs = self._generate_with_blocks(chunk, blocks, max_new)
+            with self.router.route(torch.as_tensor(blocks, dtype=torch.long)):
+                outputs = generate_texts(self.backbone, chunk, max_new)
             results += [
                 Generation(p, o, int(b) if b >= 0 else None, float(d) if np.isfinite(d) else None)
                 for p, o, b, d in zip(chunk, outputs, blocks, dists)
             ]
         return results
 
-    @torch.no_grad()
     def next_token_logits(self, prompts: list[str], *, base: bool = False) -> torch.Tensor:
         """Logits after each prompt's last real token, routed as generate() would route them."""
         blocks = np.full(len(prompts), NO_BLOCK, np.int64) if base else self.route(prompts)[0]
-        inputs = self._encode(prompts, "right")
         with self.router.route(torch.as_tensor(blocks, dtype=torch.long)):
-            if self.backbone.task == "seq2seq":
-                start = torch.full((len(prompts), 1), self.backbone.model.config.decoder_start_token_id)
-                return self.backbone.model(**inputs, decoder_input_ids=start).logits[:, -1]
-            logits = self.backbone.model(**inputs).logits
-        if self.backbone.task == "classification":
-            return logits
-        last = inputs["attention_mask"].sum(1) - 1
-        return logits[torch.arange(len(prompts)), last]
+            return next_token_logits(self.backbone, prompts)
+
+    def target_token_hits(self, records: list[EditRecord]) -> list[list[bool]]:
+        """Teacher-forced hits per target token, each record routed by its prompt's key."""
+        blocks = self.route([r.prompt for r in records])[0]
+        with self.router.route(torch.as_tensor(blocks, dtype=torch.long)):
+            return target_token_hits(self.backbone, records)
 
     # -- state -----------------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
@@ -248,8 +227,3 @@ class MeloEditor:
         self.index = index
         self.version = int(manifest["version"])
         self.edits_applied = int(manifest["stats"]["edits"])
-
-
-def edit_success(output: str, target: str) -> bool:
-    """The greedy output starts with the target (after normalisation)."""
-    return normalise_label(output).startswith(normalise_label(target))
