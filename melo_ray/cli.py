@@ -15,6 +15,7 @@ from melo_ray.snapshots import SnapshotError
 log = logging.getLogger("melo_ray.cli")
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2-135m.yaml"
+DEFAULT_NQ = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "nq-open" / "NQ-open.dev.jsonl"
 
 
 def _editor_from(args: argparse.Namespace):
@@ -81,6 +82,42 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from melo_ray.backbones import load_backbone
+    from melo_ray.editors import EDITOR_NAMES, build_editor
+    from melo_ray.evaluation import EvalPlan, evaluate, results_table, write_results
+
+    config = load_config(args.config)
+    names = [n.strip() for n in args.editors.split(",") if n.strip()]
+    unknown = [n for n in names if n not in EDITOR_NAMES]
+    if unknown:
+        raise ConfigError(f"--editors: unknown editor(s) {unknown}; choose from {list(EDITOR_NAMES)}")
+    records = read_edit_records(args.edits)[: args.n_edits]
+    if len(records) < args.n_edits:
+        log.warning("only %d records in %s (asked for %d)", len(records), args.edits, args.n_edits)
+    nq: list[str] = []
+    locality = Path(args.locality) if args.locality else DEFAULT_NQ
+    if locality.is_file():
+        nq = [_json.loads(line)["question"] for line in locality.read_text().splitlines() if line.strip()]
+        nq = nq[: args.n_locality]
+    elif args.locality:
+        raise FileNotFoundError(f"--locality: {locality} not found")
+    plan = EvalPlan(batch_size=args.batch_size or config.train.batch_size, every=args.every,
+                    max_new_tokens=args.max_new_tokens or config.generate.max_new_tokens)
+    rows = []
+    for name in names:
+        editor = build_editor(name, config, load_backbone(config.backbone))  # a fresh backbone each
+        rows.append(evaluate(editor, records, nq, plan, progress=not args.quiet))
+    meta = {"config": str(args.config), "data": str(args.edits), "n_edits": len(records),
+            "batch_size": plan.batch_size, "locality": str(locality) if nq else None, "n_locality": len(nq)}
+    write_results(rows, Path(args.out), meta)
+    print(results_table(rows), end="")
+    print(f"results: {Path(args.out) / 'results.json'}, {Path(args.out) / 'results.md'}, {Path(args.out) / 'curves.png'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from melo_ray.demo import run_demo
 
@@ -118,6 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", required=True, help="Parquet file to write")
     conv.add_argument("--limit", type=int, default=None)
     conv.set_defaults(func=cmd_convert)
+
+    ev = sub.add_parser("eval", help="lifelong-editing evaluation of several editors on one edit stream")
+    ev.add_argument("--config", required=True)
+    ev.add_argument("--edits", required=True, help="Parquet or JSONL edit records (see `data convert`)")
+    ev.add_argument("--n-edits", type=int, required=True, help="T: edits applied in order")
+    ev.add_argument("--editors", default="melo,grace,lora", help="comma-separated: melo, grace, lora")
+    ev.add_argument("--out", required=True, help="folder for results.json, results.md, curves.png")
+    ev.add_argument("--locality", default=None, help="NQ-open JSONL for easy locality (default: shared data)")
+    ev.add_argument("--n-locality", type=int, default=100)
+    ev.add_argument("--batch-size", type=int, default=None)
+    ev.add_argument("--every", type=int, default=None, help="also measure every K edits (curves)")
+    ev.add_argument("--max-new-tokens", type=int, default=None)
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=cmd_eval)
 
     demo = sub.add_parser("demo", help="edit real zsRE facts into the embedded model and show before/after")
     demo.add_argument("--data", default=str(Path.cwd().parent / "shared" / "data"))

@@ -1,0 +1,24 @@
+"""Editors behind one interface: MELO (ours) and the baselines it is compared with."""
+from __future__ import annotations
+
+from melo_ray.backbones import Backbone
+from melo_ray.config import EditorConfig
+
+EDITOR_NAMES = ("melo", "grace", "lora")
+
+
+def build_editor(name: str, config: EditorConfig, backbone: Backbone | None = None):
+    """A fresh editor of the named kind on `backbone` (loaded from the config when None)."""
+    if name == "melo":
+        from melo_ray.editors.melo import MeloEditor
+
+        return MeloEditor(config, backbone)
+    if name == "grace":
+        from melo_ray.editors.grace import GraceEditor
+
+        return GraceEditor(config, backbone)
+    if name == "lora":
+        from melo_ray.editors.lora_ft import SequentialLoraEditor
+
+        return SequentialLoraEditor(config, backbone)
+    raise ValueError(f"unknown editor '{name}'; choose from {', '.join(EDITOR_NAMES)}")
