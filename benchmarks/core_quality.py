@@ -49,11 +49,13 @@ def _same(a, b) -> float:
     return sum(x.output == y.output for x, y in zip(a, b)) / max(len(a), 1)
 
 
-def run(dataset: str, n: int, key_function: str, config_path: Path, backbone, nq: list[str]) -> dict:
+def run(dataset: str, n: int, key_function: str, config_path: Path, backbone, nq: list[str], batch_size: int | None) -> dict:
     fmt, path = SOURCES[dataset]
     records = convert(fmt, path, limit=n).records
     data = load_config(config_path).model_dump()
     data["index"].update(key_function=key_function, r_init=R_INIT[key_function], metric=None)
+    if batch_size:
+        data["train"]["batch_size"] = batch_size
     config = load_config(data)
     _unwrap(backbone.model)
     editor = MeloEditor(config, backbone)
@@ -92,11 +94,12 @@ def main() -> None:
     parser.add_argument("--n-locality", type=int, default=100)
     parser.add_argument("--key-functions", default="sentence_encoder,last_token,mean")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "smollm2-135m.yaml")
+    parser.add_argument("--batch-size", type=int, default=None, help="edits per block (default: config)")
     args = parser.parse_args()
     nq_lines = (DATA / "nq-open/NQ-open.dev.jsonl").read_text().splitlines()[: args.n_locality]
     nq = [json.loads(line)["question"] for line in nq_lines]
     backbone = load_backbone(load_config(args.config).backbone)
-    rows = [run(args.dataset, args.n, kf, args.config, backbone, nq) for kf in args.key_functions.split(",")]
+    rows = [run(args.dataset, args.n, kf, args.config, backbone, nq, args.batch_size) for kf in args.key_functions.split(",")]
     print("\n| dataset | key function | r_init | edits | edit success | generality | locality NQ | locality neighbours | edits/min |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
