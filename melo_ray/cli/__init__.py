@@ -14,8 +14,9 @@ from melo_ray.snapshots import SnapshotError
 
 log = logging.getLogger("melo_ray.cli")
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2-135m.yaml"
-DEFAULT_NQ = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "nq-open" / "NQ-open.dev.jsonl"
+ROOT = Path(__file__).resolve().parent.parent.parent
+DEFAULT_CONFIG = ROOT / "configs" / "smollm2-135m.yaml"
+DEFAULT_NQ = ROOT.parent / "shared" / "data" / "nq-open" / "NQ-open.dev.jsonl"
 
 
 def _editor_from(args: argparse.Namespace):
@@ -119,7 +120,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from melo_ray.demo import run_demo
+    from melo_ray.cli.demo import run_demo
 
     return run_demo(Path(args.data), args.n, args.config, Path(args.out))
 
@@ -171,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     demo = sub.add_parser("demo", help="edit real zsRE facts into the embedded model and show before/after")
-    demo.add_argument("--data", default=str(Path.cwd().parent / "shared" / "data"))
+    demo.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="the shared data folder")
     demo.add_argument("--n", type=int, default=8, help="number of zsRE facts to edit")
     demo.add_argument("--config", default=str(DEFAULT_CONFIG))
     demo.add_argument("--out", default="runs/demo")
