@@ -4,8 +4,7 @@ from __future__ import annotations
 import torch
 
 from melo_ray.backbones import Backbone
-from melo_ray.records import EditRecord
-from melo_ray.training import IGNORE, build_batch
+from melo_ray.training import IGNORE, EditBatch
 
 
 def encode(backbone: Backbone, prompts: list[str], padding_side: str) -> dict[str, torch.Tensor]:
@@ -45,22 +44,33 @@ def next_token_logits(backbone: Backbone, prompts: list[str]) -> torch.Tensor:
     return logits[torch.arange(len(prompts)), last]
 
 
-@torch.no_grad()
-def target_token_hits(backbone: Backbone, records: list[EditRecord]) -> list[list[bool]]:
-    """Teacher-forced: for each record, whether each target token is the model's argmax."""
-    batch = build_batch(backbone, records, append_eos=False)
+def _target_logits(backbone: Backbone, batch: EditBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, labels, mask) aligned so that logits[row, t] predicts labels[row, t] where mask holds."""
     model = backbone.model
     if backbone.task == "classification":
-        predicted = model(**batch.inputs).logits.argmax(-1)
-        return [[bool(p == t)] for p, t in zip(predicted, batch.labels)]
+        logits = model(**batch.inputs).logits[:, None, :]
+        labels = batch.labels[:, None]
+        return logits, labels, torch.ones_like(labels, dtype=torch.bool)
     if backbone.task == "seq2seq":
         labels = batch.labels
         decoder = labels.masked_fill(labels == IGNORE, backbone.tokenizer.pad_token_id)
-        predicted = model(**batch.inputs, labels=decoder).logits.argmax(-1)
-        mask = labels != IGNORE
-    else:
-        predicted = model(**batch.inputs).logits.argmax(-1)[:, :-1]
-        labels = batch.labels[:, 1:]
-        mask = labels != IGNORE
-    hits = predicted == labels
-    return [hits[row][mask[row]].tolist() for row in range(len(records))]
+        return model(**batch.inputs, labels=decoder).logits, labels, labels != IGNORE
+    labels = batch.labels[:, 1:]
+    return model(**batch.inputs).logits[:, :-1], labels, labels != IGNORE
+
+
+@torch.no_grad()
+def target_token_hits(backbone: Backbone, batch: EditBatch) -> list[list[bool]]:
+    """Teacher-forced: for each row, whether each target token is the model's argmax."""
+    logits, labels, mask = _target_logits(backbone, batch)
+    hits = logits.argmax(-1) == labels
+    return [hits[row][mask[row]].tolist() for row in range(labels.shape[0])]
+
+
+@torch.no_grad()
+def target_token_nlls(backbone: Backbone, batch: EditBatch) -> list[list[float]]:
+    """Teacher-forced negative log-likelihood of each target token, per row."""
+    logits, labels, mask = _target_logits(backbone, batch)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    nll = -logprobs.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    return [nll[row][mask[row]].tolist() for row in range(labels.shape[0])]

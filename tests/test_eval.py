@@ -72,14 +72,14 @@ def test_grace_codebook_adds_expands_and_splits(monkeypatch):
     assert editor.layer.eps.tolist() == pytest.approx([1.1, 1.1]) and editor.splits == 1
     editor.edit([{"prompt": "far", "target": "Z"}])  # out of range: new entry of radius eps_init
     assert editor.layer.eps.tolist() == pytest.approx([1.1, 1.1, 1.0])
-    assert editor.search(["a", "c", "far"]).tolist() == [0, 1, 2]
+    assert editor.route(["a", "c", "far"])[0].tolist() == [0, 1, 2]
 
 
 def test_grace_leaves_inputs_outside_every_entry_bit_identical():
     editor = GraceEditor(tiny_config("tiny-llama", grace={"num_iter": 5}))
     before = editor.backbone.model(**editor.backbone.tokenizer(UNRELATED, return_tensors="pt", padding=True)).logits
     editor.edit(fact_records(0, 3))
-    assert (editor.search(UNRELATED) == -1).all()
+    assert (editor.route(UNRELATED)[0] == -1).all()
     generations = editor.generate(UNRELATED)
     assert [g.output for g in generations] == [g.output for g in editor.generate(UNRELATED, base=True)]
     after = editor.backbone.model(**editor.backbone.tokenizer(UNRELATED, return_tensors="pt", padding=True)).logits

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +20,12 @@ from torch import nn
 
 from melo_ray.backbones import Backbone, load_backbone, weights_checksum
 from melo_ray.config import EditorConfig, TrainConfig, load_config
-from melo_ray.editors.base import EditResult, Generation, as_records
+from melo_ray.editors.base import EditResult, Editor, as_records
 from melo_ray.index import normalise_label
-from melo_ray.inference import generate_texts, target_token_hits
 from melo_ray.keys import HiddenStateKeys
 from melo_ray.lora import _get_parent, _linear_shape
 from melo_ray.records import EditRecord
-from melo_ray.training import IGNORE, build_batch, train_block
+from melo_ray.training import IGNORE, EditBatch, build_batch, train_block
 
 STAGING_ENTRY = -2
 
@@ -67,7 +66,7 @@ class GraceLayer(nn.Module):
         return torch.where(mask[..., None], values[:, None, :].to(out.dtype), out)
 
 
-class GraceEditor:
+class GraceEditor(Editor):
     name = "grace"
 
     def __init__(self, config: EditorConfig, backbone: Backbone | None = None) -> None:
@@ -94,22 +93,29 @@ class GraceEditor:
         return cls(load_config(source))  # type: ignore[arg-type]
 
     @contextmanager
-    def _route(self, entry_ids: torch.Tensor, replace_from: torch.Tensor | None = None) -> Iterator[None]:
+    def _replace(self, entry_ids: torch.Tensor, replace_from: torch.Tensor | None = None) -> Iterator[None]:
         self.layer.entry_ids, self.layer.replace_from = entry_ids, replace_from
         try:
             yield
         finally:
             self.layer.entry_ids, self.layer.replace_from = None, None
 
-    def search(self, prompts: list[str]) -> np.ndarray:
-        """Entry per prompt (-1: none) by the nearest key within its epsilon."""
+    def routed(self, ids: np.ndarray, batch: EditBatch | None = None) -> AbstractContextManager:
+        starts = None
+        if batch is not None:  # teacher-forced: replace from each prompt's last token on
+            starts = torch.tensor([int((row != IGNORE).nonzero().min()) - 1 for row in batch.labels])
+        return self._replace(torch.as_tensor(ids, dtype=torch.long), starts)
+
+    def route(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Entry per prompt (-1: none) by the nearest key within its epsilon, and that distance."""
         if not len(self.layer.keys) or not prompts:
-            return np.full(len(prompts), -1, np.int64)
+            return np.full(len(prompts), -1, np.int64), np.full(len(prompts), np.nan)
         keys = torch.from_numpy(self.keys.keys(prompts)).to(self.layer.keys.dtype)
         dist = torch.cdist(keys.double(), self.layer.keys.double())
         nearest = dist.argmin(1)
-        inside = dist[torch.arange(len(prompts)), nearest] <= self.layer.eps[nearest]
-        return torch.where(inside, nearest, -1).numpy()
+        nearest_d = dist[torch.arange(len(prompts)), nearest]
+        inside = nearest_d <= self.layer.eps[nearest]
+        return torch.where(inside, nearest, -1).numpy(), nearest_d.numpy()
 
     def edit(self, records: Iterable[EditRecord | Mapping[str, Any]]) -> EditResult:
         """GRACE edits one record at a time; the batch only groups them."""
@@ -152,7 +158,7 @@ class GraceEditor:
         try:
             stats = train_block(
                 self.backbone, batch, [value], self.train_config, trained_modules=[self.config.grace.layer or ""],
-                active=lambda: self._route(torch.tensor([STAGING_ENTRY]), start),
+                active=lambda: self._replace(torch.tensor([STAGING_ENTRY]), start),
             )
         finally:
             self.layer.staging_value = None
@@ -161,25 +167,6 @@ class GraceEditor:
         self.layer.eps = torch.cat([self.layer.eps, torch.tensor([eps], dtype=torch.float64)])
         self.layer.labels.append(label)
         return stats.steps, stats.final_loss, stats.learned
-
-    def generate(self, prompts: list[str], max_new_tokens: int | None = None, *, base: bool = False) -> list[Generation]:
-        max_new = max_new_tokens or self.config.generate.max_new_tokens
-        step = self.config.generate.batch_size
-        results: list[Generation] = []
-        for start in range(0, len(prompts), step):
-            chunk = prompts[start : start + step]
-            entries = np.full(len(chunk), -1, np.int64) if base else self.search(chunk)
-            with self._route(torch.as_tensor(entries)):
-                outputs = generate_texts(self.backbone, chunk, max_new)
-            results += [Generation(p, o, int(e) if e >= 0 else None, None) for p, o, e in zip(chunk, outputs, entries)]
-        return results
-
-    def target_token_hits(self, records: list[EditRecord]) -> list[list[bool]]:
-        entries = torch.as_tensor(self.search([r.prompt for r in records]))
-        batch = build_batch(self.backbone, records, append_eos=False)
-        starts = torch.tensor([int((row != IGNORE).nonzero().min()) - 1 for row in batch.labels])
-        with self._route(entries, starts):
-            return target_token_hits(self.backbone, records)
 
     def stats(self) -> dict[str, int]:
         return {

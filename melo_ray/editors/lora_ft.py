@@ -8,6 +8,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
+
+import numpy as np
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +19,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from melo_ray.backbones import Backbone, load_backbone, weights_checksum
 from melo_ray.config import EditorConfig, load_config
-from melo_ray.editors.base import EditResult, Generation, as_records
-from melo_ray.inference import generate_texts, target_token_hits
+from melo_ray.editors.base import EditResult, Editor, as_records
 from melo_ray.records import EditRecord
-from melo_ray.training import build_batch, train_block
+from melo_ray.training import EditBatch, build_batch, train_block
 
 
-class SequentialLoraEditor:
+class SequentialLoraEditor(Editor):
     name = "lora"
 
     def __init__(self, config: EditorConfig, backbone: Backbone | None = None) -> None:
@@ -45,8 +46,15 @@ class SequentialLoraEditor:
     def from_config(cls, source: str | Path | Mapping[str, Any] | EditorConfig) -> "SequentialLoraEditor":
         return cls(load_config(source))  # type: ignore[arg-type]
 
+    def route(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """No routing: the one adapter (id 0) applies to every prompt."""
+        return np.zeros(len(prompts), np.int64), np.full(len(prompts), np.nan)
+
     @contextmanager
-    def _adapter(self, enabled: bool) -> Iterator[None]:
+    def routed(self, ids: np.ndarray, batch: EditBatch | None = None) -> Iterator[None]:
+        if len(ids) and len(set(ids.tolist())) > 1:
+            raise ValueError("sequential LoRA cannot mix adapter and base rows in one pass")
+        enabled = not (len(ids) and int(ids[0]) == -1)
         layers = [m for m in self.backbone.model.modules() if isinstance(m, BaseTunerLayer)]
         for layer in layers:
             layer.enable_adapters(enabled)
@@ -70,20 +78,6 @@ class SequentialLoraEditor:
             edits=len(batch_records), block=0, clusters=0, conflicts=0, forgotten=(), steps=stats.steps,
             final_loss=stats.final_loss, learned=stats.learned, seconds=time.perf_counter() - started,
         )
-
-    def generate(self, prompts: list[str], max_new_tokens: int | None = None, *, base: bool = False) -> list[Generation]:
-        max_new = max_new_tokens or self.config.generate.max_new_tokens
-        step = self.config.generate.batch_size
-        results: list[Generation] = []
-        with self._adapter(not base):
-            for start in range(0, len(prompts), step):
-                chunk = prompts[start : start + step]
-                results += [Generation(p, o, None if base else 0, None)
-                            for p, o in zip(chunk, generate_texts(self.backbone, chunk, max_new))]
-        return results
-
-    def target_token_hits(self, records: list[EditRecord]) -> list[list[bool]]:
-        return target_token_hits(self.backbone, records)
 
     def stats(self) -> dict[str, int]:
         return {"edits": self.edits_applied, "extra_parameters": sum(p.numel() for p in self.params)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from contextlib import AbstractContextManager
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,14 @@ import torch
 
 from melo_ray.backbones import Backbone, load_backbone, weights_checksum
 from melo_ray.config import EditorConfig, load_config
-from melo_ray.editors.base import EditResult, Generation, as_records
+from melo_ray.editors.base import EditResult, Editor, as_records
 from melo_ray.index import NeuronIndex
-from melo_ray.inference import generate_texts, next_token_logits, target_token_hits
+from melo_ray.inference import next_token_logits
 from melo_ray.keys import build_key_function
-from melo_ray.lora import NO_BLOCK, BlockRouter, inject_dynamic_lora
+from melo_ray.lora import BlockRouter, inject_dynamic_lora
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError, read_snapshot, write_snapshot
-from melo_ray.training import build_batch, train_block
+from melo_ray.training import EditBatch, build_batch, train_block
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def _latest_per_prompt(records: list[EditRecord]) -> list[EditRecord]:
     return [records[i] for i in kept]
 
 
-class MeloEditor:
+class MeloEditor(Editor):
     """A backbone with a dynamic LoRA bank and a neuron index."""
 
     name = "melo"
@@ -121,36 +122,13 @@ class MeloEditor:
         result = self.index.search(self.key_function.keys(prompts))
         return result.block_ids, result.distances
 
-    def generate(self, prompts: list[str], max_new_tokens: int | None = None, *, base: bool = False) -> list[Generation]:
-        """Greedy outputs; each prompt uses the block its key selects (base=True: never a block)."""
-        max_new = max_new_tokens or self.config.generate.max_new_tokens
-        step = self.config.generate.batch_size
-        results: list[Generation] = []
-        for start in range(0, len(prompts), step):
-            chunk = prompts[start : start + step]
-            if base:
-                blocks, dists = np.full(len(chunk), NO_BLOCK, np.int64), np.full(len(chunk), np.nan)
-            else:
-                blocks, dists = self.route(chunk)
-            with self.router.route(torch.as_tensor(blocks, dtype=torch.long)):
-                outputs = generate_texts(self.backbone, chunk, max_new)
-            results += [
-                Generation(p, o, int(b) if b >= 0 else None, float(d) if np.isfinite(d) else None)
-                for p, o, b, d in zip(chunk, outputs, blocks, dists)
-            ]
-        return results
+    def routed(self, ids: np.ndarray, batch: EditBatch | None = None) -> AbstractContextManager:
+        return self.router.route(torch.as_tensor(ids, dtype=torch.long))
 
     def next_token_logits(self, prompts: list[str], *, base: bool = False) -> torch.Tensor:
         """Logits after each prompt's last real token, routed as generate() would route them."""
-        blocks = np.full(len(prompts), NO_BLOCK, np.int64) if base else self.route(prompts)[0]
-        with self.router.route(torch.as_tensor(blocks, dtype=torch.long)):
+        with self.routed(self._ids(prompts, base)[0]):
             return next_token_logits(self.backbone, prompts)
-
-    def target_token_hits(self, records: list[EditRecord]) -> list[list[bool]]:
-        """Teacher-forced hits per target token, each record routed by its prompt's key."""
-        blocks = self.route([r.prompt for r in records])[0]
-        with self.router.route(torch.as_tensor(blocks, dtype=torch.long)):
-            return target_token_hits(self.backbone, records)
 
     # -- state -----------------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
