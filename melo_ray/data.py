@@ -55,9 +55,15 @@ def _counterfact(raw: dict[str, Any], index: int) -> EditRecord:
 
 
 def _wikibio(raw: dict[str, Any], index: int) -> EditRecord:
+    # KnowEdit keeps relation questions about the same person for locality; use the first one.
+    probes = (raw.get("locality") or {}).get("Relation_Specificity") or []
+    probe = probes[0] if probes and isinstance(probes[0], dict) else {}
+    answer = probe.get("ground_truth")
+    answer = answer[0] if isinstance(answer, list) and answer else answer
     return EditRecord(
         id=f"wikibio-{index}", prompt=_text(raw, "text"), target=_text(raw, "labels"),
-        locality_prompt=None, locality_answer=None,
+        locality_prompt=probe.get("prompt") if isinstance(probe.get("prompt"), str) else None,
+        locality_answer=answer if isinstance(answer, str) else None,
     )
 
 

@@ -21,6 +21,9 @@ METRIC_NAMES = (
     "reliability", "reliability_f1", "token_accuracy", "generality", "generality_f1",
     "locality_nq", "locality_neighbours",
 )
+# Perplexities (WikiBio hallucination protocol): of the edited targets given their prompts, and of
+# each record's locality answer given its locality prompt, after editing and on the base model.
+PPL_NAMES = ("ppl_edited", "ppl_locality", "ppl_locality_base")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,10 @@ def _outputs(editor: Any, prompts: list[str], max_new: int, *, base: bool = Fals
     return [g.output for g in editor.generate(prompts, max_new, base=base)] if prompts else []
 
 
+def _flat(rows: list[list[float]]) -> list[float]:
+    return [x for row in rows for x in row]
+
+
 def _neighbour_prompts(records: list[EditRecord]) -> list[str]:
     return [r.locality_prompt for r in records if r.locality_prompt]
 
@@ -52,7 +59,14 @@ def measure(editor: Any, edited: list[EditRecord], nq: list[str], baseline: _Bas
     rephrase_outputs = _outputs(editor, [r.rephrases[0] for r in rephrased], max_new)
     hits = [h for row in editor.target_token_hits(edited) for h in row]
     neighbours = _neighbour_prompts(edited)
+    answered = [EditRecord(prompt=r.locality_prompt, target=r.locality_answer)
+                for r in edited if r.locality_prompt and r.locality_answer]
     return {
+        "ppl_edited": metrics.perplexity(_flat(editor.target_token_nlls(edited))),
+        "ppl_locality": metrics.perplexity(_flat(editor.target_token_nlls(answered))) if answered else math.nan,
+        "ppl_locality_base": (
+            metrics.perplexity(_flat(editor.target_token_nlls(answered, base=True))) if answered else math.nan
+        ),
         "reliability": metrics.success_rate(outputs, targets),
         "reliability_f1": metrics.mean_token_f1(outputs, targets),
         "token_accuracy": metrics.token_accuracy(hits),
@@ -105,11 +119,12 @@ def evaluate(editor: Any, records: list[EditRecord], nq: list[str], plan: EvalPl
 
 def results_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of the final metrics, one row per editor."""
-    head = ["editor", "edits", *METRIC_NAMES, "edits/min", "extra params"]
+    head = ["editor", "edits", *METRIC_NAMES, *PPL_NAMES, "edits/min", "extra params"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["editor"], str(row["edits"])]
         cells += ["-" if math.isnan(row[m]) else f"{row[m]:.3f}" for m in METRIC_NAMES]
+        cells += ["-" if math.isnan(row[m]) else f"{row[m]:.2f}" for m in PPL_NAMES]
         cells += [f"{row['edits_per_min']:.1f}", f"{row['extra_parameters']:,}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -39,6 +39,15 @@ def test_counterfact_conversion(tmp_path):
     assert (record.id, record.target, record.locality_prompt) == ("counterfact-7", "English", "Y is a native speaker of")
 
 
+def test_wikibio_conversion_keeps_a_locality_probe(tmp_path):
+    rows = [{"text": "This is a passage about x.", "labels": "X was born in 1900.", "concept": "x",
+             "locality": {"Relation_Specificity": [{"prompt": "The field of work of x is", "ground_truth": ["medicine"]}]}}]
+    (tmp_path / "w.json").write_text(json.dumps(rows))
+    record = convert("wikibio", tmp_path / "w.json").records[0]
+    assert (record.target, record.locality_prompt, record.locality_answer) == (
+        "X was born in 1900.", "The field of work of x is", "medicine")
+
+
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not beside this checkout")
 def test_real_files_convert_without_losses():
     zsre = convert("zsre", SHARED_DATA / "zsre-mend-eval-subsets/zsre_mend_eval_portability_gpt4.json")

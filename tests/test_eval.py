@@ -19,7 +19,8 @@ def _jsonl(path, rows):
 
 
 def test_eval_cli_writes_results_for_every_editor(tmp_path, capsys):
-    records = [{**r, "rephrases": [r["prompt"].replace("Where", "where")], "locality_prompt": UNRELATED[i % 3]}
+    records = [{**r, "rephrases": [r["prompt"].replace("Where", "where")], "locality_prompt": UNRELATED[i % 3],
+                "locality_answer": "Nothing"}
                for i, r in enumerate(fact_records(0, 20))]
     edits = _jsonl(tmp_path / "edits.jsonl", records)
     nq = _jsonl(tmp_path / "nq.jsonl", [{"question": q, "answer": ["x"]} for q in UNRELATED])
@@ -35,6 +36,9 @@ def test_eval_cli_writes_results_for_every_editor(tmp_path, capsys):
     # sequential fine-tuning forgets the first batch and moves unrelated outputs; MELO does neither
     assert lora["reliability"] < melo["reliability"] and lora["locality_nq"] < 1.0
     assert [p["edits"] for p in melo["curve"]] == [10, 20]
+    # edited targets become likely; MELO leaves the locality answers' perplexity exactly as the base model's
+    assert melo["ppl_edited"] < 1.5 and melo["ppl_locality"] == melo["ppl_locality_base"]
+    assert lora["ppl_locality"] != lora["ppl_locality_base"]
     assert melo["edits_per_min"] > 0 and melo["extra_parameters"] > 0
     assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
     assert "| melo | 20 |" in (tmp_path / "out" / "results.md").read_text()

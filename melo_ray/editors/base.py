@@ -6,7 +6,7 @@ one forward pass (`routed`); generation and teacher-forced scoring are written o
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -98,12 +98,18 @@ class Editor(ABC):
 
     def target_token_hits(self, records: list[EditRecord], *, base: bool = False) -> list[list[bool]]:
         """Teacher-forced: whether each target token is the argmax, each record routed by its prompt."""
-        batch = build_batch(self.backbone, records, append_eos=False)
-        with self.routed(self._ids([r.prompt for r in records], base)[0], batch):
-            return target_token_hits(self.backbone, batch)
+        return self._teacher_forced(records, base, target_token_hits)
 
     def target_token_nlls(self, records: list[EditRecord], *, base: bool = False) -> list[list[float]]:
         """Teacher-forced negative log-likelihood of each target token (for perplexity)."""
-        batch = build_batch(self.backbone, records, append_eos=False)
-        with self.routed(self._ids([r.prompt for r in records], base)[0], batch):
-            return target_token_nlls(self.backbone, batch)
+        return self._teacher_forced(records, base, target_token_nlls)
+
+    def _teacher_forced(self, records: list[EditRecord], base: bool, score: Callable[[Backbone, EditBatch], list]) -> list:
+        rows: list = []
+        step = self.config.generate.batch_size  # bounded memory: logits are (rows x tokens x vocab)
+        for start in range(0, len(records), step):
+            chunk = records[start : start + step]
+            batch = build_batch(self.backbone, chunk, append_eos=False)
+            with self.routed(self._ids([r.prompt for r in chunk], base)[0], batch):
+                rows += score(self.backbone, batch)
+        return rows
