@@ -94,6 +94,8 @@ class NeuronIndex:
         self.conflicts = 0
         self.forgotten = 0
         self._graph = self._new_graph(capacity=1024)
+        # Centres never move once a cluster exists, so one growing matrix serves every exact re-check.
+        self._centre_matrix = np.zeros((1024, dim), np.float32)
 
     # -- HNSW over centres ---------------------------------------------------------------------
     def _new_graph(self, capacity: int) -> hnswlib.Index:
@@ -109,6 +111,11 @@ class NeuronIndex:
         return graph
 
     def _graph_add(self, cluster_id: int, centre: np.ndarray) -> None:
+        if cluster_id >= self._centre_matrix.shape[0]:
+            grown = np.zeros((self._centre_matrix.shape[0] * 2, self.dim), np.float32)
+            grown[: self._centre_matrix.shape[0]] = self._centre_matrix
+            self._centre_matrix = grown
+        self._centre_matrix[cluster_id] = centre
         if self._graph.element_count >= self._graph.max_elements:
             self._graph.resize_index(self._graph.max_elements * 2)
         self._graph.add_items(centre[None].astype(np.float32), np.array([cluster_id]))
@@ -135,17 +142,25 @@ class NeuronIndex:
             ids = np.array([i for i, c in enumerate(self.clusters) if c.alive])
             order = np.argsort(distances(self.metric, keys, self._centres(ids)), axis=1)[:, :k]
             labels = ids[order]
-        best_ids = np.empty(n, np.int64)
-        best_d = np.empty(n, np.float64)
-        for row in range(n):
-            cand = labels[row]
-            d = distances(self.metric, keys[row], self._centres(cand))[0]
-            order = np.lexsort((-cand, d))  # nearest first; equal distance -> newest cluster
-            best_ids[row], best_d[row] = cand[order[0]], d[order[0]]
-        return best_ids, best_d
+        dist = self._distances_to(keys, labels)  # (n, k) exact
+        nearest = dist.min(axis=1)
+        # equal distance -> the newest cluster (largest id), so a re-edited prompt's latest target wins
+        best = np.where(dist == nearest[:, None], labels, -1).max(axis=1)
+        return best, nearest
+
+    def _distances_to(self, keys: np.ndarray, cluster_ids: np.ndarray) -> np.ndarray:
+        """Exact distance from keys[i] to the centres of cluster_ids[i, j], without a loop over rows."""
+        centres = self._centre_matrix[cluster_ids]  # (n, k, d)
+        q = keys.astype(np.float64)[:, None, :]
+        c = centres.astype(np.float64)
+        if self.metric == "cosine":
+            qn = q / np.maximum(np.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
+            cn = c / np.maximum(np.linalg.norm(c, axis=-1, keepdims=True), 1e-12)
+            return np.clip(1.0 - (qn * cn).sum(-1), 0.0, 2.0)
+        return np.linalg.norm(q - c, axis=-1)
 
     def _centres(self, ids: np.ndarray) -> np.ndarray:
-        return np.stack([self.clusters[i].centre for i in ids])
+        return self._centre_matrix[ids]
 
     # -- training-time rules -------------------------------------------------------------------
     def _new_cluster(self, key: np.ndarray, radius: float, label: str, block: int, edit_id: str) -> int:
@@ -204,13 +219,16 @@ class NeuronIndex:
         keys = np.atleast_2d(np.asarray(keys, dtype=np.float32))
         ids, dists = self._candidates(keys)
         blocks = np.full(keys.shape[0], -1, np.int64)
-        for row, (cid, d) in enumerate(zip(ids, dists)):
-            if cid < 0 or d > self.clusters[cid].radius:
-                continue
+        radii = np.array([self.clusters[c].radius if c >= 0 else -1.0 for c in ids])
+        inside = (ids >= 0) & (dists <= radii)
+        # one pass per distinct cluster hit in this batch, not per row
+        for cid in np.unique(ids[inside]):
+            rows = np.nonzero(inside & (ids == cid))[0]
             cluster = self.clusters[cid]
-            md = distances(self.metric, keys[row], np.stack(cluster.member_keys))[0]
-            order = np.lexsort((-np.arange(len(md)), md))  # equal distance -> latest member
-            blocks[row] = cluster.member_blocks[order[0]]
+            md = distances(self.metric, keys[rows], np.stack(cluster.member_keys))  # (rows, members)
+            nearest = md.min(axis=1, keepdims=True)
+            latest = np.where(md == nearest, np.arange(md.shape[1])[None, :], -1).max(axis=1)  # ties: latest
+            blocks[rows] = np.asarray(cluster.member_blocks)[latest]
         return SearchResult(block_ids=blocks, distances=dists, clusters=ids)
 
     # -- snapshot ------------------------------------------------------------------------------
@@ -273,6 +291,8 @@ class NeuronIndex:
             cluster.member_blocks.append(int(block))
             cluster.member_ids.append(edit_id)
         index.conflicts, index.forgotten = int(meta["conflicts"]), int(meta["forgotten"])
+        index._centre_matrix = np.zeros((max(1024, n), index.dim), np.float32)
+        index._centre_matrix[:n] = arrays["centres"]
         if graph_path is not None and n:
             index._graph = hnswlib.Index(space="cosine" if index.metric == "cosine" else "l2", dim=index.dim)
             index._graph.load_index(str(graph_path), max_elements=max(1024, n))
