@@ -86,3 +86,33 @@ def test_config_errors_name_the_file_and_field(tmp_path, capsys):
     assert main(["edit", "--config", str(bad), "--edits", str(edits), "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "lora.block_rank" in err
+
+
+def test_an_interrupted_edit_resumes_without_losing_or_repeating_edits(tmp_path, capsys, monkeypatch):
+    from melo_ray.editors.melo import MeloEditor
+
+    edits = _jsonl(tmp_path / "edits.jsonl", fact_records(0, 12))
+    args = ["edit", "--config", TINY, "--edits", str(edits), "--batch-size", "4", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "whole")]) == 0
+
+    real_edit, calls = MeloEditor.edit, []
+
+    def dies_on_third_batch(self, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as if the process were killed mid-job
+        return real_edit(self, batch)
+
+    monkeypatch.setattr(MeloEditor, "edit", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        main(args + ["--out", str(tmp_path / "resumed")])
+    monkeypatch.setattr(MeloEditor, "edit", real_edit)
+    assert MeloEditor.load(tmp_path / "resumed").stats()["edits"] == 8
+    capsys.readouterr()
+    assert main(args + ["--out", str(tmp_path / "resumed"), "--resume"]) == 0
+    assert "8 of 12 edits already applied" in capsys.readouterr().err
+
+    whole, resumed = MeloEditor.load(tmp_path / "whole"), MeloEditor.load(tmp_path / "resumed")
+    assert resumed.stats() == whole.stats() and resumed.version == whole.version == 3
+    prompts = [r["prompt"] for r in fact_records(0, 12)] + UNRELATED
+    assert [g.output for g in resumed.generate(prompts)] == [g.output for g in whole.generate(prompts)]

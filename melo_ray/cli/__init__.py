@@ -28,29 +28,46 @@ def _editor_from(args: argparse.Namespace):
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
+    import hashlib
+
     from tqdm import tqdm
 
     from melo_ray.editors.melo import MeloEditor
+    from melo_ray.snapshots import read_manifest
 
     config = load_config(args.config)
     records = read_edit_records(args.edits)  # the whole file is validated before any training
     if not records:
         raise RecordError(str(args.edits), None, None, "no records")
-    editor = MeloEditor.load(args.resume_from) if args.resume_from else MeloEditor(config)
+    digest = hashlib.sha256(Path(args.edits).read_bytes()).hexdigest()
     size = args.batch_size or config.train.batch_size
-    batches = [records[i : i + size] for i in range(0, len(records), size)]
+    done = 0
+    out = Path(args.out)
+    if args.resume and (out / "manifest.json").is_file():
+        job = read_manifest(out).get("job") or {}
+        if job.get("edits_sha256") != digest or job.get("batch_size") != size:
+            raise SnapshotError(f"{out}: was written from another edit file or batch size; cannot resume it")
+        editor = MeloEditor.load(out)
+        done = int(job["records_done"])
+        print(f"resuming {out}: {done} of {len(records)} edits already applied", file=sys.stderr)
+    elif args.resume_from:
+        editor = MeloEditor.load(args.resume_from)
+    else:
+        editor = MeloEditor(config)
+    batches = [records[i : i + size] for i in range(done, len(records), size)]
     started = time.perf_counter()
-    forgotten = 0
     for batch in tqdm(batches, desc="edit batches", unit="batch", disable=args.quiet):
-        result = editor.edit(batch)
-        forgotten += len(result.forgotten)
-        editor.save(args.out)  # atomic: a crash leaves the last whole batch published
+        editor.edit(batch)
+        done += len(batch)
+        # atomic: a crash leaves the last whole batch published, with how far the job got
+        editor.save(out, job={"edits_sha256": digest, "batch_size": size, "records_done": done})
     minutes = (time.perf_counter() - started) / 60
+    applied = sum(len(b) for b in batches)
     stats = editor.stats()
     print(
-        f"edits={len(records)} blocks={stats['blocks']} clusters={stats['clusters']} "
+        f"edits={applied} blocks={stats['blocks']} clusters={stats['clusters']} "
         f"conflicts={stats['conflicts']} forgotten={stats['forgotten']} "
-        f"edits_per_min={len(records) / max(minutes, 1e-9):.1f} snapshot={args.out} version={editor.version}"
+        f"edits_per_min={applied / max(minutes, 1e-9):.1f} snapshot={out} version={editor.version}"
     )
     return 0
 
@@ -136,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--out", required=True, help="snapshot folder to write (replaced atomically)")
     edit.add_argument("--batch-size", type=int, default=None, help="edits per block (default: config)")
     edit.add_argument("--resume-from", default=None, help="start from this snapshot instead of the base")
+    edit.add_argument("--resume", action="store_true",
+                      help="continue an interrupted run: skip the edits --out already holds from this file")
     edit.add_argument("--quiet", action="store_true", help="no progress bar")
     edit.set_defaults(func=cmd_edit)
 

@@ -142,8 +142,10 @@ class MeloEditor(Editor):
             "extra_parameters": self.router.extra_parameters(),
         }
 
-    def save(self, folder: str | Path) -> dict[str, Any]:
-        """Write a verified snapshot (safetensors + JSON + hnswlib graph) atomically to `folder`."""
+    def save(self, folder: str | Path, **extra: Any) -> dict[str, Any]:
+        """Write a verified snapshot (safetensors + JSON + hnswlib graph) atomically to `folder`.
+
+        `extra` entries (JSON-serialisable) are kept in the manifest, e.g. a job's progress."""
         adapters = {}
         for name, layer in self.layers.items():
             adapters[f"{name}.lora_bank_A"] = layer.lora_bank_A.contiguous()
@@ -165,6 +167,7 @@ class MeloEditor(Editor):
             "config": self.config.model_dump(mode="json"),
             "base_checksum": self.base_checksum,
             "stats": self.stats(),
+            **extra,
         }
         return write_snapshot(folder, files, meta)
 
