@@ -16,12 +16,11 @@ import json
 import time
 from pathlib import Path
 
-from melo_ray.backbones import load_backbone
+from melo_ray.backbones import load_backbone, remove_edit_layers
 from melo_ray.config import load_config
 from melo_ray.data import convert
 from melo_ray.editors.melo import MeloEditor
 from melo_ray.metrics import starts_with_target as edit_success
-from melo_ray.lora import DynamicLoraLinear
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
@@ -31,14 +30,6 @@ SOURCES = {
 }
 # r_init per key function for the embedded model, chosen from the distance study in docs/results.md.
 R_INIT = {"sentence_encoder": 0.35, "last_token": 25.0, "mean": 20.0}
-
-
-def _unwrap(model) -> None:
-    """Take the LoRA wrappers off so the same loaded weights serve the next run."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, DynamicLoraLinear):
-                setattr(module, name, child.base_layer)
 
 
 def _rate(outputs, targets) -> float:
@@ -57,7 +48,7 @@ def run(dataset: str, n: int, key_function: str, config_path: Path, backbone, nq
     if batch_size:
         data["train"]["batch_size"] = batch_size
     config = load_config(data)
-    _unwrap(backbone.model)
+    remove_edit_layers(backbone.model)
     editor = MeloEditor(config, backbone)
     neighbours = [r.locality_prompt for r in records if r.locality_prompt] if dataset == "counterfact" else []
     base_nq = editor.generate(nq, base=True)

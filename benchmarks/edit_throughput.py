@@ -19,11 +19,10 @@ import json
 import time
 from pathlib import Path
 
-from melo_ray.backbones import load_backbone
+from melo_ray.backbones import load_backbone, remove_edit_layers
 from melo_ray.config import load_config
 from melo_ray.data import convert
 from melo_ray.editors import build_editor
-from melo_ray.lora import DynamicLoraLinear
 from melo_ray.metrics import success_rate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,17 +35,10 @@ VARIANTS = {
 }
 
 
-def _unwrap(model) -> None:
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, DynamicLoraLinear) or type(child).__name__ == "GraceLayer":
-                setattr(module, name, child.base_layer)
-
-
 def measure(name: str, editor_kind: str, train: dict, config_path: Path, backbone, records, batch: int) -> dict:
     data = load_config(config_path).model_dump()
     data["train"].update(train)
-    _unwrap(backbone.model)
+    remove_edit_layers(backbone.model)
     editor = build_editor(editor_kind, load_config(data), backbone)
     started = time.perf_counter()
     steps = 0

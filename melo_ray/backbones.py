@@ -199,3 +199,12 @@ def weights_checksum(model: nn.Module) -> str:
         digest.update(name.replace(".base_layer", "").encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def remove_edit_layers(model: nn.Module) -> None:
+    """Put back the plain layers that editors wrapped (anything holding a `base_layer`), so one
+    loaded backbone can serve a fresh editor. PEFT layers are not ours to remove."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child).__name__ in ("DynamicLoraLinear", "GraceLayer"):
+                setattr(module, name, child.base_layer)
