@@ -77,3 +77,14 @@ def test_injection_names_a_missing_module():
     model = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(KeyError, match="no module named 'mlp.down_proj'"):
         inject_dynamic_lora(model, LoraConfig(target_modules=["mlp.down_proj"]))
+
+
+def test_editor_wrappers_come_off_a_shared_backbone():
+    from melo_ray.backbones import remove_edit_layers
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4)))
+    originals = [model[0], model[1][0]]
+    inject_dynamic_lora(model, LoraConfig(target_modules=["0", "1.0"]))
+    assert isinstance(model[0], DynamicLoraLinear)
+    remove_edit_layers(model)
+    assert [model[0], model[1][0]] == originals
