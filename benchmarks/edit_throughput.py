@@ -1,10 +1,12 @@
 """Edit throughput on the embedded model: our trainer against the naive loop and GRACE, one run.
 
 Variants (same zsRE edits, same batches, same process):
-  melo            defaults: frozen prefix cached per batch, logits at target positions only, early stop
+  melo            defaults: layers below the first LoRA layer run once per batch, logits only at
+                  target positions, early stop
   no-early-stop   the same, always num_iter steps
-  no-prefix-cache full forward every step (logits still only gathered at target positions)
-  naive           full forward and backward at full vocabulary every step, num_iter steps
+  no-prefix-cache whole-model forward every step with full-vocabulary logits at every position
+                  (the loss still reads only the target positions); early stop kept
+  naive           whole-model forward and backward at full vocabulary every step, num_iter steps
                   (how the reference code trains)
   grace           the GRACE baseline, one edit at a time
 Each line is JSON; a table with ratios to the naive loop and to GRACE follows. Reliability (greedy
