@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from melo_ray.backbones import Backbone, load_backbone, weights_checksum
+from melo_ray.backbones import Backbone, load_backbone
 from melo_ray.config import EditorConfig, TrainConfig, load_config
 from melo_ray.editors.base import EditResult, Editor, as_records
 from melo_ray.index import normalise_label
@@ -76,7 +76,6 @@ class GraceEditor(Editor):
         self.backbone = backbone or load_backbone(config.backbone)
         if self.backbone.task != "causal_lm":
             raise ValueError("the GRACE baseline is implemented for causal language models only")
-        self.base_checksum = weights_checksum(self.backbone.model)
         parent, child = _get_parent(self.backbone.model, config.grace.layer)
         self.layer = GraceLayer(getattr(parent, child))
         setattr(parent, child, self.layer)

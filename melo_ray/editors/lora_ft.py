@@ -17,7 +17,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from melo_ray.backbones import Backbone, load_backbone, weights_checksum
+from melo_ray.backbones import Backbone, load_backbone
 from melo_ray.config import EditorConfig, load_config
 from melo_ray.editors.base import EditResult, Editor, as_records
 from melo_ray.records import EditRecord
@@ -30,7 +30,6 @@ class SequentialLoraEditor(Editor):
     def __init__(self, config: EditorConfig, backbone: Backbone | None = None) -> None:
         self.config = config
         self.backbone = backbone or load_backbone(config.backbone)
-        self.base_checksum = weights_checksum(self.backbone.model)
         peft_config = PeftLoraConfig(
             r=config.lora.block_rank, lora_alpha=config.lora.alpha, lora_dropout=0.0,
             target_modules=list(config.lora.target_modules),

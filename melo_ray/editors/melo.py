@@ -26,7 +26,7 @@ from melo_ray.inference import next_token_logits
 from melo_ray.keys import build_key_function
 from melo_ray.lora import BlockRouter, inject_dynamic_lora
 from melo_ray.records import EditRecord
-from melo_ray.snapshots import SnapshotError, read_snapshot, write_snapshot
+from melo_ray.snapshots import SnapshotError, read_manifest, read_snapshot, write_snapshot
 from melo_ray.training import EditBatch, build_batch, train_block
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ class MeloEditor(Editor):
     @classmethod
     def load(cls, folder: str | Path, backbone: Backbone | None = None) -> "MeloEditor":
         """Rebuild an editor from a snapshot; the backbone must hash to the snapshot's base checksum."""
-        manifest, _ = read_snapshot(folder)
+        manifest = read_manifest(folder)  # restore() reads and verifies the files once
         if manifest.get("editor") != cls.name:
             raise SnapshotError(f"{folder}: snapshot is for editor '{manifest.get('editor')}', not '{cls.name}'")
         editor = cls(load_config(manifest["config"]), backbone)
