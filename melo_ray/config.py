@@ -122,6 +122,27 @@ class GraceConfig(_Strict):
     lr: float = Field(0.1, gt=0, description="Adam learning rate for the value.")
 
 
+class PipelineConfig(_Strict):
+    """The Ray bulk-edit job (pipelines/bulk_edit.py)."""
+
+    keep_versions: int = Field(5, ge=1, description="Snapshot versions kept in the store; older ones are pruned.")
+    snapshot_every: int = Field(
+        1, ge=1, description="Publish a snapshot (the commit point) every N edit batches; batches after the "
+        "last published one are redone on resume. Raise it for very long jobs: each snapshot holds the whole bank.",
+    )
+    read_rows: int = Field(256, ge=1, description="Rows per Ray Data block pulled from the edit stream.")
+    max_actor_restarts: int = Field(3, ge=0, description="Ray restarts of a killed trainer or index actor.")
+    max_attempts: int = Field(5, ge=1, description="Recoveries from the last snapshot after an actor failure.")
+    trainer_gpus: Literal["auto", 0, 1] = Field(
+        "auto", description="GPUs for the trainer actor; auto: 1 when the cluster has a GPU."
+    )
+    trainer_cpus: float = Field(1.0, gt=0, description="CPUs reserved by the trainer actor.")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI, else sqlite under the job output."
+    )
+    mlflow_experiment: str = Field("melo-ray-bulk-edit", description="MLflow experiment name.")
+
+
 class EditorConfig(_Strict):
     editor: Literal["melo", "grace", "lora"] = Field(
         "melo", description="melo; or a baseline: grace (codebook), lora (sequential LoRA fine-tuning)."
@@ -132,6 +153,7 @@ class EditorConfig(_Strict):
     train: TrainConfig = TrainConfig()
     generate: GenerateConfig = GenerateConfig()
     grace: GraceConfig = GraceConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
 
 def _format_error(err: ValidationError, where: str) -> str:

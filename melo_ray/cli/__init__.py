@@ -196,15 +196,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", default=str(DEFAULT_CONFIG))
     demo.add_argument("--out", default="runs/demo")
     demo.set_defaults(func=cmd_demo)
+
+    job = sub.add_parser("job", help="distributed jobs on Ray")
+    job_sub = job.add_subparsers(dest="job_command", required=True)
+    bulk = job_sub.add_parser("bulk-edit", help="stream an edit file through the Ray bulk-edit job (resumable)")
+    from melo_ray.pipeline.cli import add_arguments, run as run_bulk_edit
+
+    add_arguments(bulk)
+    bulk.set_defaults(func=run_bulk_edit)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from melo_ray.pipeline.job import JobError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (RecordError, ConfigError, SnapshotError, FileNotFoundError, KeyError, ValueError) as exc:
+    except (RecordError, ConfigError, SnapshotError, JobError, FileNotFoundError, KeyError, ValueError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"melo-ray: error: {message}", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ from melo_ray.keys import build_key_function
 from melo_ray.lora import BlockRouter, inject_dynamic_lora
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError, read_manifest, read_snapshot, write_snapshot
-from melo_ray.training import EditBatch, build_batch, train_block
+from melo_ray.training import EditBatch, TrainStats, build_batch, train_block
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,11 @@ class MeloEditor(Editor):
 
     name = "melo"
 
-    def __init__(self, config: EditorConfig, backbone: Backbone | None = None) -> None:
+    def __init__(self, config: EditorConfig, backbone: Backbone | None = None, device: str | None = None) -> None:
         self.config = config
         self.backbone = backbone or load_backbone(config.backbone)
+        if device is not None:
+            self.backbone.model.to(device)
         self.base_checksum = weights_checksum(self.backbone.model)
         self.key_function = build_key_function(self.backbone, config.index)
         self.layers = inject_dynamic_lora(self.backbone.model, config.lora)
@@ -85,6 +87,19 @@ class MeloEditor(Editor):
     # -- editing -----------------------------------------------------------------------------------
     def edit(self, records: Iterable[EditRecord | Mapping[str, Any]]) -> EditResult:
         """Train one new block on this batch and index its keys; all or nothing."""
+        batch_records, keys, block, stats = self.train_batch(records)
+        forgotten = index_batch(self.index, keys, [r.target for r in batch_records], [r.id for r in batch_records], block)
+        return EditResult(
+            edits=len(batch_records), block=block, clusters=self.index.num_alive,
+            conflicts=self.index.conflicts, forgotten=tuple(forgotten), steps=stats.steps,
+            final_loss=stats.final_loss, learned=stats.learned, seconds=stats.seconds,
+        )
+
+    def train_batch(self, records: Iterable[EditRecord | Mapping[str, Any]]) -> tuple[list[EditRecord], np.ndarray, int, TrainStats]:
+        """The trainer's half of an edit: keys of the batch's prompts and one committed block.
+
+        The index is not touched (the pipeline's index actor owns it). On any failure nothing of
+        this batch stays behind."""
         batch_records = _latest_per_prompt(as_records(records))
         if not batch_records:
             raise ValueError("edit batch is empty")
@@ -102,17 +117,9 @@ class MeloEditor(Editor):
         except BaseException:
             self.router.discard_block()  # nothing of this batch stays behind
             raise
-        forgotten: list[str] = []
-        for key, record in zip(keys, batch_records):
-            event = self.index.add(key, record.target, block, record.id)
-            forgotten.extend(event.forgotten)
         self.version += 1
         self.edits_applied += len(batch_records)
-        return EditResult(
-            edits=len(batch_records), block=block, clusters=self.index.num_alive,
-            conflicts=self.index.conflicts, forgotten=tuple(forgotten), steps=stats.steps,
-            final_loss=stats.final_loss, learned=stats.learned, seconds=stats.seconds,
-        )
+        return batch_records, keys, block, stats
 
     # -- inference ---------------------------------------------------------------------------------
     def route(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -142,34 +149,29 @@ class MeloEditor(Editor):
             "extra_parameters": self.router.extra_parameters(),
         }
 
-    def save(self, folder: str | Path, **extra: Any) -> dict[str, Any]:
-        """Write a verified snapshot (safetensors + JSON + hnswlib graph) atomically to `folder`.
-
-        `extra` entries (JSON-serialisable) are kept in the manifest, e.g. a job's progress."""
+    def adapter_files(self) -> dict[str, bytes]:
         adapters = {}
         for name, layer in self.layers.items():
-            adapters[f"{name}.lora_bank_A"] = layer.lora_bank_A.contiguous()
-            adapters[f"{name}.lora_bank_B"] = layer.lora_bank_B.contiguous()
-        arrays, index_meta = self.index.state()
-        with tempfile.TemporaryDirectory() as tmp:
-            graph = Path(tmp) / "index.hnsw"
-            self.index.save_graph(graph)
-            graph_bytes = graph.read_bytes()
-        files = {
-            "adapters.safetensors": safetensors.torch.save(adapters),
-            "index.safetensors": safetensors.numpy.save(arrays),
-            "index.json": json.dumps(index_meta, sort_keys=True).encode(),
-            "index.hnsw": graph_bytes,
-        }
-        meta = {
+            adapters[f"{name}.lora_bank_A"] = layer.lora_bank_A.detach().cpu().contiguous()
+            adapters[f"{name}.lora_bank_B"] = layer.lora_bank_B.detach().cpu().contiguous()
+        return {"adapters.safetensors": safetensors.torch.save(adapters)}
+
+    def snapshot_meta(self, stats: Mapping[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+        return {
             "editor": self.name,
             "version": self.version,
             "config": self.config.model_dump(mode="json"),
             "base_checksum": self.base_checksum,
-            "stats": self.stats(),
+            "stats": dict(stats if stats is not None else self.stats()),
             **extra,
         }
-        return write_snapshot(folder, files, meta)
+
+    def save(self, folder: str | Path, **extra: Any) -> dict[str, Any]:
+        """Write a verified snapshot (safetensors + JSON + hnswlib graph) atomically to `folder`.
+
+        `extra` entries (JSON-serialisable) are kept in the manifest, e.g. a job's progress."""
+        files = {**self.adapter_files(), **index_files(self.index)}
+        return write_snapshot(folder, files, self.snapshot_meta(**extra))
 
     @classmethod
     def load(cls, folder: str | Path, backbone: Backbone | None = None) -> "MeloEditor":
@@ -184,27 +186,59 @@ class MeloEditor(Editor):
     def restore(self, folder: str | Path) -> None:
         """Replace this editor's blocks and index with a snapshot's (same backbone and config)."""
         manifest, files = read_snapshot(folder)
+        self.restore_files(manifest, files, str(folder))
+
+    def restore_files(self, manifest: Mapping[str, Any], files: Mapping[str, bytes], where: str = "snapshot",
+                      *, with_index: bool = True) -> None:
+        """Restore from already verified snapshot contents (see snapshots.read_snapshot)."""
         if manifest.get("base_checksum") != self.base_checksum:
-            raise SnapshotError(f"{folder}: snapshot was made on other base weights (checksum differs)")
+            raise SnapshotError(f"{where}: snapshot was made on other base weights (checksum differs)")
         if manifest.get("config", {}).get("lora") != self.config.lora.model_dump(mode="json"):
-            raise SnapshotError(f"{folder}: snapshot's lora config differs from this editor's")
+            raise SnapshotError(f"{where}: snapshot's lora config differs from this editor's")
         adapters = safetensors.torch.load(files["adapters.safetensors"])
-        arrays = safetensors.numpy.load(files["index.safetensors"])
-        index_meta = json.loads(files["index.json"])
-        if int(index_meta["dim"]) != self.key_function.dim:
-            raise SnapshotError(f"{folder}: index keys have {index_meta['dim']} dims, the key function {self.key_function.dim}")
-        with tempfile.TemporaryDirectory() as tmp:
-            graph = Path(tmp) / "index.hnsw"
-            graph.write_bytes(files["index.hnsw"])
-            index = NeuronIndex.from_state(arrays, index_meta, graph)
+        index = load_index_files(files, self.key_function.dim, where) if with_index else self.index
         banks = {}
         for name in self.layers:
             try:
                 banks[name] = (adapters[f"{name}.lora_bank_A"], adapters[f"{name}.lora_bank_B"])
             except KeyError as exc:
-                raise SnapshotError(f"{folder}: adapters have no bank for '{name}'") from exc
+                raise SnapshotError(f"{where}: adapters have no bank for '{name}'") from exc
         for name, layer in self.layers.items():  # all checks passed: swap in
             layer.load_bank(*banks[name])
         self.index = index
         self.version = int(manifest["version"])
         self.edits_applied = int(manifest["stats"]["edits"])
+
+
+def index_batch(index: NeuronIndex, keys: np.ndarray, targets: list[str], ids: list[str], block: int) -> list[str]:
+    """The index's half of an edit: add each key in order; returns the ids of forgotten edits."""
+    forgotten: list[str] = []
+    for key, target, edit_id in zip(keys, targets, ids, strict=True):
+        event = index.add(key, target, block, edit_id)
+        forgotten.extend(event.forgotten)
+    return forgotten
+
+
+def index_files(index: NeuronIndex) -> dict[str, bytes]:
+    """The snapshot files of an index: arrays (safetensors), metadata (JSON), hnswlib graph."""
+    arrays, index_meta = index.state()
+    with tempfile.TemporaryDirectory() as tmp:
+        graph = Path(tmp) / "index.hnsw"
+        index.save_graph(graph)
+        graph_bytes = graph.read_bytes()
+    return {
+        "index.safetensors": safetensors.numpy.save(arrays),
+        "index.json": json.dumps(index_meta, sort_keys=True).encode(),
+        "index.hnsw": graph_bytes,
+    }
+
+
+def load_index_files(files: Mapping[str, bytes], dim: int, where: str = "snapshot") -> NeuronIndex:
+    arrays = safetensors.numpy.load(files["index.safetensors"])
+    index_meta = json.loads(files["index.json"])
+    if int(index_meta["dim"]) != dim:
+        raise SnapshotError(f"{where}: index keys have {index_meta['dim']} dims, the key function {dim}")
+    with tempfile.TemporaryDirectory() as tmp:
+        graph = Path(tmp) / "index.hnsw"
+        graph.write_bytes(files["index.hnsw"])
+        return NeuronIndex.from_state(arrays, index_meta, graph)

@@ -1,0 +1,394 @@
+"""The bulk-edit job's driver: stream → trainer actor → index actor → snapshot store, exactly once.
+
+A batch is committed when a snapshot version holding it is published; the manifest of that version
+records how far into the stream the job got (`job.rows_done`). Whatever happens (driver killed,
+actor killed), the job restarts from the latest published version: both actors are restored from
+it and the stream is re-read from `rows_done`. Training is seeded by the block's version, so a
+batch redone after a crash gives the same block and the same clusters as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from melo_ray.config import EditorConfig
+from melo_ray.pipeline.actors import IndexActor, StaleActorError, TrainerActor
+from melo_ray.pipeline.source import EditSource
+from melo_ray.records import RecordError, parse_record
+from melo_ray.snapshots import SnapshotError
+from melo_ray.store import SnapshotStore
+
+log = logging.getLogger(__name__)
+
+
+class JobError(RuntimeError):
+    """The job cannot run as asked (another job's state, changed input, failures beyond retries)."""
+
+
+@dataclass
+class JobState:
+    """jobs/<id>/state.json: what an operator (or a resumed run) needs to know about one job."""
+
+    job_id: str
+    edits_uri: str
+    fingerprint: str
+    batch_size: int
+    rows_total: int
+    status: str = "running"  # running | completed | failed
+    mlflow_run_id: str | None = None
+    rows_done: int = 0
+    edits_before: int = 0  # edits already in the store when the job started
+    version_before: int = 0  # its snapshot version
+    published: int = 0  # snapshot versions this job published
+    edits_applied: int = 0  # by this job
+    batches: int = 0
+    rejected: int = 0
+    last_version: int | None = None
+    recoveries: int = 0
+    seconds: float = 0.0
+    edits_per_min: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class JobSummary:
+    state: JobState
+    rejects_path: str
+    snapshot_version: int | None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _state_path(job_id: str) -> str:
+    return f"jobs/{job_id}/state.json"
+
+
+def _rejects_path(job_id: str) -> str:
+    return f"jobs/{job_id}/rejects.jsonl"
+
+
+def _check_job_id(job_id: str) -> None:
+    if not job_id or not all(c.isalnum() or c in "-_." for c in job_id) or job_id.startswith("."):
+        raise JobError(f"--job-id '{job_id}': use letters, digits, '-', '_' and '.' only")
+
+
+def _save_state(store: SnapshotStore, state: JobState) -> None:
+    store.put_bytes(_state_path(state.job_id), json.dumps(asdict(state), indent=2).encode())
+
+
+def _load_rejects(store: SnapshotStore, job_id: str, before_row: int) -> list[dict[str, Any]]:
+    data = store.get_bytes(_rejects_path(job_id))
+    if not data:
+        return []
+    rows = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+    return [r for r in rows if r["row"] < before_row]
+
+
+def _save_rejects(store: SnapshotStore, job_id: str, rejects: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(r, default=repr) + "\n" for r in rejects)
+    store.put_bytes(_rejects_path(job_id), text.encode())
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS (a RayJob sets it), else start a small local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=False,
+                 object_store_memory=512 * 1024 * 1024)
+
+
+@dataclass
+class _Actors:
+    trainer: Any
+    index: Any
+    info: dict[str, Any]
+
+
+class BulkEditJob:
+    """One run of one job id. `run()` returns when the whole stream is committed."""
+
+    def __init__(self, config: EditorConfig, edits_uri: str, out_uri: str, job_id: str, *,
+                 progress: bool = True, on_commit: Callable[["BulkEditJob", int], None] | None = None) -> None:
+        _check_job_id(job_id)
+        if config.editor != "melo":
+            raise JobError(f"editor '{config.editor}': the bulk-edit job runs melo")
+        self.config = config
+        self.cfg = config.pipeline
+        self.job_id = job_id
+        self.progress = progress
+        self.on_commit = on_commit  # test and monitoring hook: called after each published version
+        self.store = SnapshotStore(out_uri, keep=self.cfg.keep_versions)
+        self.source = EditSource.open(edits_uri)  # unreadable input fails here, before any change
+        self.batch_size = config.train.batch_size
+        self.state = self._load_or_start_state()
+        self.actors: _Actors | None = None
+        self.tracker = None
+
+    # -- job state -------------------------------------------------------------------------------
+    def _load_or_start_state(self) -> JobState:
+        data = self.store.get_bytes(_state_path(self.job_id))
+        if data is None:
+            latest = self.store.latest_version()
+            before = 0 if latest is None else int(self.store.read_manifest(latest)["stats"]["edits"])
+            return JobState(job_id=self.job_id, edits_uri=self.source.uri, fingerprint=self.source.fingerprint,
+                            batch_size=self.batch_size, rows_total=self.source.num_rows, edits_before=before,
+                            version_before=latest or 0, last_version=latest)
+        state = JobState(**json.loads(data))
+        if state.fingerprint != self.source.fingerprint or state.batch_size != self.batch_size:
+            raise JobError(
+                f"job '{self.job_id}' in {self.store.uri} was started on other input or batch size; "
+                "use a new --job-id for a new edit stream"
+            )
+        return state
+
+    def _committed_progress(self) -> tuple[int | None, int]:
+        """(latest published version, rows of this job's stream it covers)."""
+        latest = self.store.latest_version()
+        if latest is None:
+            return None, 0
+        job = self.store.read_manifest(latest).get("job") or {}
+        if job.get("id") == self.job_id:
+            return latest, int(job["rows_done"])
+        if self.state.published > 0:
+            raise JobError(
+                f"{self.store.uri}: another job published version {latest} after job '{self.job_id}' committed; "
+                "one writer per store"
+            )
+        return latest, 0
+
+    # -- actors ----------------------------------------------------------------------------------
+    def _start_actors(self) -> _Actors:
+        import ray
+
+        gpus = self.cfg.trainer_gpus
+        if gpus == "auto":
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        config = self.config.model_dump(mode="json")
+        trainer = ray.remote(TrainerActor).options(
+            num_cpus=self.cfg.trainer_cpus, num_gpus=gpus, max_restarts=self.cfg.max_actor_restarts,
+        ).remote(config, "cuda" if gpus else None, max(1, int(self.cfg.trainer_cpus)))
+        info = ray.get(trainer.info.remote())
+        index = ray.remote(IndexActor).options(
+            num_cpus=0, max_restarts=self.cfg.max_actor_restarts,
+        ).remote(config, info["key_dim"])
+        log.info("trainer on %s (pid %s)", info["device"], info["pid"])
+        return _Actors(trainer, index, info)
+
+    def _actors_alive(self) -> bool:
+        import ray
+
+        if self.actors is None:
+            return False
+        try:
+            ray.get([self.actors.trainer.info.remote(), self.actors.index.stats.remote()], timeout=600)
+            return True
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return False
+
+    def _restore_actors(self, version: int | None) -> int:
+        """Both actors back to `version` (None: the base model); returns the trainer's version."""
+        import ray
+
+        assert self.actors is not None
+        if version is None:
+            trainer_version, _ = ray.get([self.actors.trainer.reset.remote(), self.actors.index.reset.remote()])
+            return trainer_version
+        manifest, files = self.store.read(version)
+        if manifest.get("base_checksum") != self.actors.info["base_checksum"]:
+            raise SnapshotError(f"{self.store.uri} v{version}: made on other base weights than this job's backbone")
+        files_ref = ray.put(files)
+        trainer_version, _ = ray.get([
+            self.actors.trainer.restore.remote(manifest, files_ref),
+            self.actors.index.restore.remote(files_ref, int(manifest["stats"]["blocks"])),
+        ])
+        return trainer_version
+
+    # -- the run ---------------------------------------------------------------------------------
+    def run(self) -> JobSummary:
+        import ray
+
+        if self.state.status == "completed":
+            log.info("job %s already completed; nothing to do", self.job_id)
+            return self._summary()
+        init_ray()
+        from melo_ray.pipeline.tracking import JobTracker
+
+        self.tracker = JobTracker(self.config, self.store, self.job_id, self.state.mlflow_run_id)
+        self.state.mlflow_run_id = self.tracker.run_id
+        self.state.status = "running"
+        _save_state(self.store, self.state)
+        try:
+            for attempt in range(self.cfg.max_attempts):
+                if not self._actors_alive():
+                    self.actors = self._start_actors()
+                try:
+                    self._run_from_latest()
+                    break
+                except (ray.exceptions.RayActorError, StaleActorError) as exc:
+                    self.state.recoveries += 1
+                    log.warning("actor failure (%s); recovering from the last snapshot (attempt %d)",
+                                type(exc).__name__, attempt + 1)
+                    self.tracker.log_metrics({"recoveries": self.state.recoveries}, step=self.state.batches)
+            else:
+                raise JobError(f"job '{self.job_id}': gave up after {self.cfg.max_attempts} recoveries; "
+                               "run the same command again to resume")
+        except BaseException as exc:
+            self.state.status = "failed"
+            self.state.error = f"{type(exc).__name__}: {exc}"
+            _save_state(self.store, self.state)
+            self.tracker.end("FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED")
+            raise
+        self._finish()
+        return self._summary()
+
+    def _run_from_latest(self) -> None:
+        import ray
+        from tqdm import tqdm
+
+        version, rows_done = self._committed_progress()
+        expected = self._restore_actors(version)
+        rejects = _load_rejects(self.store, self.job_id, rows_done)
+        self.state.rows_done = rows_done
+        self.state.rejected = len(rejects)
+        started = time.perf_counter()
+        seconds_before = self.state.seconds
+        pending: list[tuple[int, dict[str, Any]]] = []
+        unpublished = 0  # batches trained since the last published version
+        bar = tqdm(total=self.source.num_rows, initial=rows_done, desc=f"job {self.job_id}", unit="row",
+                   disable=not self.progress)
+
+        def commit(last_row: int, final: bool) -> None:
+            nonlocal expected, unpublished
+            records = [r for _, r in pending]
+            trained = self.actors.trainer.train.remote(records, expected)
+            indexed = self.actors.index.add_batch.remote(trained)  # the index waits on the trainer's result
+            trained, indexed = ray.get([trained, indexed])
+            expected = trained["version"]
+            unpublished += 1
+            pending.clear()
+            self.state.batches = expected - self.state.version_before
+            metrics = {
+                "loss": trained["loss"], "train_seconds": trained["seconds"], "steps": trained["steps"],
+                "learned": trained["learned"], "clusters": indexed["clusters"], "conflicts": indexed["conflicts"],
+                "forgotten": indexed["forgotten"], "index_size": indexed["members"],
+            }
+            if unpublished >= self.cfg.snapshot_every or final:
+                self._publish(expected, last_row + 1, rejects, final)
+                unpublished = 0
+                self.state.seconds = seconds_before + time.perf_counter() - started
+                metrics["edits_total"] = self.state.edits_applied
+                metrics["rejected_total"] = self.state.rejected
+            self.tracker.log_metrics(metrics, step=expected)
+            bar.n = last_row + 1
+            bar.set_postfix(edits=self.state.edits_applied, clusters=indexed["clusters"], rejected=len(rejects))
+            if unpublished == 0 and self.on_commit is not None:
+                self.on_commit(self, expected)
+
+        last_row = rows_done - 1
+        for row, raw in self.source.rows(rows_done, self.cfg.read_rows):
+            last_row = row
+            try:
+                record = parse_record(raw, self.source.uri, row)
+            except RecordError as exc:
+                rejects.append({"row": row, "field": exc.field, "reason": exc.reason, "record": raw})
+                continue
+            pending.append((row, record.to_dict()))
+            if len(pending) == self.batch_size:
+                commit(row, final=False)
+        if pending:
+            commit(last_row, final=True)
+        elif unpublished:
+            self._publish(expected, last_row + 1, rejects, final=True)
+        else:  # no new block since the last version (e.g. only rejects followed): record progress only
+            self._record_progress(last_row + 1, rejects)
+        bar.close()
+        self.state.seconds = seconds_before + time.perf_counter() - started
+
+    def _publish(self, version: int, rows_done: int, rejects: list[dict[str, Any]], final: bool) -> None:
+        """The commit point: rejects first (idempotent), then the snapshot version, then job state."""
+        import ray
+
+        _save_rejects(self.store, self.job_id, [r for r in rejects if r["row"] < rows_done])
+        adapter_files, index_files, trainer_stats, index_stats = ray.get([
+            self.actors.trainer.adapter_files.remote(), self.actors.index.files.remote(),
+            self.actors.trainer.stats.remote(), self.actors.index.stats.remote(),
+        ])
+        meta = {
+            "editor": "melo",
+            "version": version,
+            "config": self.config.model_dump(mode="json"),
+            "base_checksum": self.actors.info["base_checksum"],
+            "stats": {**trainer_stats, **index_stats},
+            "job": {"id": self.job_id, "rows_done": rows_done, "final": final,
+                    "edits_uri": self.source.uri, "fingerprint": self.source.fingerprint},
+        }
+        self.store.publish(version, {**adapter_files, **index_files}, meta)
+        self.state.edits_applied = trainer_stats["edits"] - self.state.edits_before
+        self.state.last_version = version
+        self.state.published += 1
+        self._record_progress(rows_done, rejects)
+
+    def _record_progress(self, rows_done: int, rejects: list[dict[str, Any]]) -> None:
+        kept = [r for r in rejects if r["row"] < rows_done]
+        _save_rejects(self.store, self.job_id, kept)
+        self.state.rows_done = rows_done
+        self.state.rejected = len(kept)
+        _save_state(self.store, self.state)
+
+    def _finish(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        state = self.state
+        state.status = "completed"
+        minutes = state.seconds / 60
+        applied = state.edits_applied
+        state.edits_per_min = applied / minutes if minutes > 0 else 0.0
+        _save_state(self.store, state)
+        summary = {"edits_per_min": state.edits_per_min, "edits_applied": applied,
+                   "rejected": state.rejected, "batches": state.batches, "recoveries": state.recoveries}
+        self.tracker.log_metrics(summary, step=state.last_version or 0)
+        if state.last_version is not None:
+            self.tracker.log_dict(self.store.read_manifest(state.last_version), "snapshot_manifest.json")
+        self.tracker.log_dict(asdict(state), "job_state.json")
+        figure = self._figure(plt)
+        if figure is not None:
+            self.tracker.log_figure(figure, "job_metrics.png")
+            plt.close(figure)
+        self.tracker.end()
+
+    def _figure(self, plt: Any) -> Any:
+        client = self.tracker.mlflow.tracking.MlflowClient()
+        series = {}
+        for key in ("loss", "clusters", "index_size", "train_seconds"):
+            history = client.get_metric_history(self.tracker.run_id, key)
+            if history:
+                series[key] = sorted((m.step, m.value) for m in history)
+        if not series:
+            return None
+        figure, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3))
+        axes = [axes] if len(series) == 1 else list(axes)
+        for ax, (key, points) in zip(axes, series.items()):
+            ax.plot([p[0] for p in points], [p[1] for p in points])
+            ax.set_title(key)
+            ax.set_xlabel("snapshot version (blocks)")
+        figure.tight_layout()
+        return figure
+
+    def _summary(self) -> JobSummary:
+        stats = {}
+        if self.state.last_version is not None:
+            stats = self.store.read_manifest(self.state.last_version).get("stats", {})
+        return JobSummary(state=self.state, rejects_path=f"{self.store.uri.rstrip('/')}/{_rejects_path(self.job_id)}",
+                          snapshot_version=self.state.last_version, stats=stats)

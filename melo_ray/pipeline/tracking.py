@@ -1,0 +1,80 @@
+"""MLflow tracking for a bulk-edit job: one run per job id, resumed with the job."""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from melo_ray.config import EditorConfig
+from melo_ray.store import SnapshotStore
+
+log = logging.getLogger(__name__)
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = str(value)[:5000]  # MLflow caps a parameter value's length
+    return out
+
+
+def tracking_uri(config: EditorConfig, store: SnapshotStore) -> str:
+    """Config, then MLFLOW_TRACKING_URI, then a sqlite file beside the job's output."""
+    if config.pipeline.mlflow_tracking_uri:
+        return config.pipeline.mlflow_tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = store.root if store.is_local else os.path.abspath(".")
+    os.makedirs(root, exist_ok=True)
+    return f"sqlite:///{root}/mlflow.db"
+
+
+class JobTracker:
+    """Thin wrapper so the job's code says what it logs, not how."""
+
+    def __init__(self, config: EditorConfig, store: SnapshotStore, job_id: str, run_id: str | None) -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+        # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; put it back when the job ends so a
+        # later job in this process does not inherit our default
+        self._previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+        self.uri = tracking_uri(config, store)
+        mlflow.set_tracking_uri(self.uri)
+        experiment = mlflow.get_experiment_by_name(config.pipeline.mlflow_experiment)
+        if experiment is None:
+            artifacts = f"{store.root}/mlartifacts" if store.is_local else f"{store.uri.rstrip('/')}/mlartifacts"
+            experiment_id = mlflow.create_experiment(config.pipeline.mlflow_experiment, artifact_location=artifacts)
+        else:
+            experiment_id = experiment.experiment_id
+        if run_id is not None:
+            self.run = mlflow.start_run(run_id=run_id)
+            log.info("resumed MLflow run %s", run_id)
+        else:
+            self.run = mlflow.start_run(experiment_id=experiment_id, run_name=job_id, tags={"melo_ray.job_id": job_id})
+            mlflow.log_params(flatten(config.model_dump(mode="json")))
+        self.run_id = self.run.info.run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.mlflow.log_params({k: str(v) for k, v in params.items()})
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_dict(self, data: Mapping[str, Any], name: str) -> None:
+        self.mlflow.log_dict(dict(data), name)
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        self.mlflow.log_figure(figure, name)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.mlflow.end_run(status=status)
+        if self._previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = self._previous_env

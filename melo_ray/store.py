@@ -1,0 +1,189 @@
+"""A versioned snapshot store on a local folder or any URI pyarrow.fs understands (s3://, gs://, ...).
+
+Layout under the root:
+    versions/v00000042/{manifest.json, adapters.safetensors, index.*}   one verified snapshot each
+    LATEST.json                                                       {"version": 42, "checksum": ...}
+    jobs/<job id>/...                                                 job state and rejects
+
+Publishing writes the version's files, the manifest last, reads them back and verifies them, and only
+then points LATEST.json at the version. On a local folder the version is written to a temporary name
+and renamed (atomic); object stores have no rename, so there a version without a verified manifest is
+simply never pointed at, and is removed by the next prune. Readers go through LATEST.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from melo_ray.snapshots import (
+    MANIFEST,
+    SnapshotError,
+    build_manifest,
+    manifest_bytes,
+    parse_manifest,
+    read_verified_files,
+    write_snapshot,
+)
+
+LATEST = "LATEST.json"
+_VERSION_DIR = re.compile(r"^v(\d{8})$")
+_LEFTOVER = re.compile(r"^\.v\d{8}\.(tmp|old)-[0-9a-f]{32}$")
+
+
+def resolve_uri(uri: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or a URI; local paths become absolute."""
+    text = str(uri)
+    if "://" in text:
+        try:
+            return pafs.FileSystem.from_uri(text)
+        except (ValueError, OSError) as exc:  # pyarrow raises ArrowInvalid (a ValueError) for bad URIs
+            raise SnapshotError(f"{text}: not a usable storage URI: {exc}") from exc
+    return pafs.LocalFileSystem(), os.path.abspath(text)
+
+
+class SnapshotStore:
+    """Versioned, verified snapshots of one editor under one root."""
+
+    def __init__(self, uri: str | Path, keep: int = 5) -> None:
+        if keep < 1:
+            raise ValueError("keep must be at least 1")
+        self.uri = str(uri)
+        self.fs, self.root = resolve_uri(uri)
+        self.keep = keep
+        self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    # -- plain files under the root ----------------------------------------------------------------
+    def _path(self, relative: str) -> str:
+        return f"{self.root.rstrip('/')}/{relative}"
+
+    def get_bytes(self, relative: str) -> bytes | None:
+        """A file's bytes, or None when it does not exist."""
+        path = self._path(relative)
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as stream:
+            return stream.read()
+
+    def put_bytes(self, relative: str, data: bytes) -> None:
+        """Write a file so that readers see the old or the new bytes, never a part."""
+        path = self._path(relative)
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        if self.is_local:
+            temp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with open(temp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, path)
+        else:  # a single-object PUT is atomic on object stores
+            with self.fs.open_output_stream(path) as stream:
+                stream.write(data)
+
+    # -- versions ----------------------------------------------------------------------------------
+    @staticmethod
+    def version_name(version: int) -> str:
+        return f"v{version:08d}"
+
+    def version_path(self, version: int) -> str:
+        return self._path(f"versions/{self.version_name(version)}")
+
+    def local_folder(self, version: int) -> Path:
+        if not self.is_local:
+            raise SnapshotError(f"{self.uri}: not a local store")
+        return Path(self.version_path(version))
+
+    def latest_version(self) -> int | None:
+        data = self.get_bytes(LATEST)
+        if data is None:
+            return None
+        try:
+            return int(json.loads(data)["version"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SnapshotError(f"{self._path(LATEST)}: unreadable: {exc}") from exc
+
+    def versions(self) -> list[int]:
+        """Version numbers that have a folder (published or not), oldest first."""
+        selector = pafs.FileSelector(self._path("versions"), allow_not_found=True)
+        found = []
+        for info in self.fs.get_file_info(selector):
+            match = _VERSION_DIR.match(info.base_name)
+            if match and info.type == pafs.FileType.Directory:
+                found.append(int(match.group(1)))
+        return sorted(found)
+
+    def publish(self, version: int, files: dict[str, bytes], meta: dict[str, Any]) -> dict[str, Any]:
+        """Write, verify and publish `version`; then prune old versions. Returns the manifest."""
+        latest = self.latest_version()
+        if latest is not None and version <= latest:
+            raise SnapshotError(f"{self.uri}: version {version} is not newer than the published {latest}")
+        if self.is_local:
+            manifest = write_snapshot(self.version_path(version), files, meta)
+        else:
+            manifest = build_manifest(files, meta)
+            folder = self.version_path(version)
+            self.fs.create_dir(folder, recursive=True)
+            for name, data in files.items():
+                with self.fs.open_output_stream(f"{folder}/{name}") as stream:
+                    stream.write(data)
+            with self.fs.open_output_stream(f"{folder}/{MANIFEST}") as stream:
+                stream.write(manifest_bytes(manifest))
+            self.read(version)  # verify before it is published
+        self.put_bytes(LATEST, json.dumps({"version": version, "checksum": manifest["checksum"]}).encode())
+        self.prune()
+        return manifest
+
+    def read_manifest(self, version: int | None = None) -> dict[str, Any]:
+        version = self._pick(version)
+        path = f"{self.version_path(version)}/{MANIFEST}"
+        try:
+            with self.fs.open_input_stream(path) as stream:
+                data = stream.read()
+        except OSError as exc:
+            raise SnapshotError(f"{path}: missing or unreadable: {exc}") from exc
+        return parse_manifest(data, path)
+
+    def read(self, version: int | None = None) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """A verified (manifest, files) of `version` (default: the latest published)."""
+        version = self._pick(version)
+        manifest = self.read_manifest(version)
+        folder = self.version_path(version)
+
+        def read(name: str) -> bytes:
+            with self.fs.open_input_stream(f"{folder}/{name}") as stream:
+                return stream.read()
+
+        return manifest, read_verified_files(manifest, read, folder)
+
+    def _pick(self, version: int | None) -> int:
+        if version is not None:
+            return version
+        latest = self.latest_version()
+        if latest is None:
+            raise SnapshotError(f"{self.uri}: no published snapshot yet")
+        return latest
+
+    def prune(self) -> list[int]:
+        """Keep the newest `keep` versions up to LATEST; remove older ones and crashed-write leftovers.
+
+        One writer per store (the job's driver), so a leftover temporary folder is never in use."""
+        latest = self.latest_version()
+        if latest is None:
+            return []
+        candidates = [v for v in self.versions() if v <= latest]
+        removed = candidates[: max(0, len(candidates) - self.keep)]
+        for version in removed:
+            self.fs.delete_dir(self.version_path(version))
+        selector = pafs.FileSelector(self._path("versions"), allow_not_found=True)
+        for info in self.fs.get_file_info(selector):
+            if _LEFTOVER.match(info.base_name):
+                if info.type == pafs.FileType.Directory:
+                    self.fs.delete_dir(info.path)
+                else:
+                    self.fs.delete_file(info.path)
+        return removed

@@ -1,0 +1,1 @@
+"""Jobs built on the melo_ray library: bulk edit, scalability runs."""

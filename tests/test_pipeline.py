@@ -1,0 +1,225 @@
+"""The Ray bulk-edit job against a real local Ray, with a tiny model.
+
+One uninterrupted 300-edit job is the reference; the single-process editor, a run whose trainer actor
+is killed, and a run whose driver process is killed and resumed must all end in its final state.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import safetensors.numpy
+import safetensors.torch
+
+ray = pytest.importorskip("ray")
+mlflow = pytest.importorskip("mlflow")
+
+from conftest import CITIES, WORDS, tiny_config  # noqa: E402
+from melo_ray.editors.melo import MeloEditor  # noqa: E402
+from melo_ray.pipeline.job import BulkEditJob  # noqa: E402
+from melo_ray.records import RecordError  # noqa: E402
+from melo_ray.store import SnapshotStore  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+N_EDITS = 300
+
+
+def stream_rows(n: int = N_EDITS) -> list[dict]:
+    """Distinct facts, plus every 25th row re-editing an earlier prompt with a new target (conflicts)."""
+    rows = []
+    for i in range(n):
+        if i % 25 == 24:
+            prompt = rows[i - 20]["prompt"]
+            target = CITIES[(i * 3) % len(CITIES)]
+        else:
+            prompt = f"Where does the {WORDS[i % len(WORDS)]} {i} live?"
+            target = CITIES[(i * 7 + 3) % len(CITIES)]
+        rows.append({"id": f"e{i}", "prompt": prompt, "target": target})
+    return rows
+
+
+def job_config():
+    return tiny_config(pipeline={"keep_versions": 3})
+
+
+def write_stream(path: Path, rows: list[dict]) -> Path:
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def final_state(store_root: Path) -> dict:
+    store = SnapshotStore(store_root)
+    manifest, files = store.read()
+    arrays = safetensors.numpy.load(files["index.safetensors"])
+    meta = json.loads(files["index.json"])
+    adapters = {k: v.numpy() for k, v in safetensors.torch.load(files["adapters.safetensors"]).items()}
+    return {"manifest": manifest, "arrays": arrays, "meta": meta, "adapters": adapters}
+
+
+def assert_same_state(a: dict, b: dict, *, exact: bool) -> None:
+    for key in ("edits", "blocks", "clusters", "members", "conflicts", "forgotten"):
+        assert a["manifest"]["stats"][key] == b["manifest"]["stats"][key], key
+    assert a["manifest"]["version"] == b["manifest"]["version"]
+    for key in ("labels", "member_ids", "conflicts", "forgotten"):
+        assert a["meta"][key] == b["meta"][key], key
+    for key in ("member_blocks", "member_clusters", "alive"):
+        np.testing.assert_array_equal(a["arrays"][key], b["arrays"][key])
+    compare = np.testing.assert_array_equal if exact else (
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5))
+    for key in ("centres", "radii", "member_keys"):
+        compare(a["arrays"][key], b["arrays"][key])
+    assert a["adapters"].keys() == b["adapters"].keys()
+    for key in a["adapters"]:
+        compare(a["adapters"][key], b["adapters"][key])
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT / "tests")}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(ray_session, tmp_path_factory):
+    """One uninterrupted job over the 300-edit stream."""
+    folder = tmp_path_factory.mktemp("reference")
+    edits = write_stream(folder / "edits.parquet", stream_rows())
+    summary = BulkEditJob(job_config(), str(edits), str(folder / "store"), "ref", progress=False).run()
+    return {"edits": edits, "store": folder / "store", "summary": summary, "state": final_state(folder / "store")}
+
+
+def test_job_equals_the_single_process_editor(reference):
+    summary = reference["summary"]
+    assert summary.state.status == "completed"
+    assert summary.state.edits_applied == N_EDITS
+    assert summary.snapshot_version == N_EDITS // 10
+    editor = MeloEditor(job_config())
+    rows = stream_rows()
+    for start in range(0, N_EDITS, 10):
+        editor.edit(rows[start : start + 10])
+    local = editor.snapshot_meta()
+    arrays, meta = editor.index.state()
+    adapters = {k: v.numpy() for k, v in safetensors.torch.load(editor.adapter_files()["adapters.safetensors"]).items()}
+    single = {"manifest": local, "arrays": arrays, "meta": meta, "adapters": adapters}
+    # the actor runs in another process (other thread count), so floats may differ in the last bits
+    assert_same_state(reference["state"], single, exact=False)
+    assert reference["state"]["meta"]["conflicts"] > 0  # the re-edits really exercised the conflict rule
+
+    # the published snapshot serves the edits: edited prompts give their latest targets
+    served = MeloEditor.load(SnapshotStore(reference["store"]).local_folder(summary.snapshot_version))
+    latest = {r["prompt"]: r["target"] for r in rows}
+    sample = list(latest.items())[:40]
+    outputs = served.generate([p for p, _ in sample], max_new_tokens=8)
+    hits = sum(out.output.startswith(target) for out, (_, target) in zip(outputs, sample))
+    assert hits >= 36
+
+
+def test_killing_the_trainer_actor_mid_run_recovers_to_the_same_state(reference, tmp_path):
+    killed = []
+
+    def kill_trainer(job, version):
+        if version == 12 and not killed:
+            killed.append(ray.get(job.actors.trainer.info.remote())["pid"])
+            ray.kill(job.actors.trainer, no_restart=False)  # Ray restarts it blank
+
+    job = BulkEditJob(job_config(), str(reference["edits"]), str(tmp_path / "store"), "ref",
+                      progress=False, on_commit=kill_trainer)
+    summary = job.run()
+    assert killed and summary.state.recoveries >= 1
+    assert ray.get(job.actors.trainer.info.remote())["pid"] != killed[0]
+    assert summary.state.edits_applied == N_EDITS
+    assert_same_state(final_state(tmp_path / "store"), reference["state"], exact=True)
+
+
+def test_killing_the_driver_and_resuming_ends_in_the_same_state(reference, tmp_path):
+    out = tmp_path / "store"
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+           "PYTHONPATH": str(ROOT / "tests")}
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(job_config().model_dump(mode="json")))
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.bulk_edit", "--config", str(config), "--edits", str(reference["edits"]),
+         "--out", str(out), "--job-id", "ref", "--quiet"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    store = SnapshotStore(out)
+    deadline = time.time() + 240
+    while time.time() < deadline and (store.latest_version() or 0) < 8:
+        assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGKILL)  # mid-run: no clean-up of any kind
+    driver.wait()
+    killed_at = store.latest_version()
+    assert 8 <= killed_at < N_EDITS // 10
+
+    summary = BulkEditJob(job_config(), str(reference["edits"]), str(out), "ref", progress=False).run()
+    assert summary.state.status == "completed"
+    assert summary.state.edits_applied == N_EDITS
+    assert_same_state(final_state(out), reference["state"], exact=True)
+    assert len(store.versions()) <= 3  # keep_versions
+
+
+def test_bad_records_go_to_the_rejects_file_and_the_job_goes_on(ray_session, tmp_path):
+    folder = tmp_path / "edits"
+    folder.mkdir()
+    good = stream_rows(25)
+    rows = [dict(r) for r in good]
+    rows[3]["prompt"] = None        # missing
+    rows[7]["target"] = "   "        # empty
+    rows[11]["prompt"] = ""          # empty
+    write_stream(folder / "part-0.parquet", rows)
+    write_stream(folder / "part-1.parquet", [{"id": "t0", "prompt": "What is seven?", "target": 7},
+                                             {"id": "t1", "prompt": "What is eight?", "target": 8}])  # wrong type
+    summary = BulkEditJob(job_config(), str(folder), str(tmp_path / "store"), "bad", progress=False).run()
+    assert summary.state.status == "completed"
+    assert summary.state.edits_applied == 22
+    assert summary.state.rejected == 5
+    rejects = [json.loads(line) for line in Path(summary.rejects_path).read_text().splitlines()]
+    assert [(r["row"], r["field"]) for r in rejects] == [
+        (3, "prompt"), (7, "target"), (11, "prompt"), (25, "target"), (26, "target")]
+    assert "missing" in rejects[0]["reason"] and "empty" in rejects[1]["reason"]
+    assert "must be a string" in rejects[3]["reason"]
+
+
+def test_an_unreadable_file_fails_the_job_and_changes_no_snapshot(ray_session, tmp_path):
+    out = tmp_path / "store"
+    BulkEditJob(job_config(), str(write_stream(tmp_path / "ok.parquet", stream_rows(10))), str(out), "first",
+                progress=False).run()
+    before = (out / "LATEST.json").read_bytes(), sorted(p.name for p in (out / "versions").iterdir())
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 this is not parquet at all")
+    with pytest.raises(RecordError, match="broken.parquet"):
+        BulkEditJob(job_config(), str(broken), str(out), "second", progress=False).run()
+    assert ((out / "LATEST.json").read_bytes(), sorted(p.name for p in (out / "versions").iterdir())) == before
+
+
+def test_a_second_job_builds_on_the_first_and_mlflow_has_its_metrics(ray_session, tmp_path):
+    out = tmp_path / "store"
+    rows = stream_rows(40)
+    first = BulkEditJob(job_config(), str(write_stream(tmp_path / "a.parquet", rows[:20])), str(out), "day-1",
+                        progress=False).run()
+    second = BulkEditJob(job_config(), str(write_stream(tmp_path / "b.parquet", rows[20:])), str(out), "day-2",
+                         progress=False).run()
+    assert (first.snapshot_version, second.snapshot_version) == (2, 4)
+    assert second.state.edits_applied == 20 and second.stats["edits"] == 40
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    run = client.get_run(second.state.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["melo_ray.job_id"] == "day-2"
+    assert run.data.params["train.batch_size"] == "10"
+    for metric in ("loss", "train_seconds", "clusters", "conflicts", "forgotten", "index_size", "edits_per_min"):
+        assert metric in run.data.metrics, metric
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "clusters")] == [3, 4]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"snapshot_manifest.json", "job_metrics.png", "job_state.json"} <= artifacts
