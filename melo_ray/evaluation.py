@@ -80,12 +80,17 @@ def measure(editor: Any, edited: list[EditRecord], nq: list[str], baseline: _Bas
     }
 
 
+def base_outputs(editor: Any, records: list[EditRecord], nq: list[str], max_new: int) -> _Baseline:
+    """Pre-edit outputs that locality is measured against."""
+    return _Baseline(
+        nq=_outputs(editor, nq, max_new, base=True),
+        neighbours=_outputs(editor, _neighbour_prompts(records), max_new, base=True),
+    )
+
+
 def evaluate(editor: Any, records: list[EditRecord], nq: list[str], plan: EvalPlan, *, progress: bool = True) -> dict[str, Any]:
     """Run the protocol for one editor; returns final metrics, speed, size and the curve."""
-    baseline = _Baseline(
-        nq=_outputs(editor, nq, plan.max_new_tokens, base=True),
-        neighbours=_outputs(editor, _neighbour_prompts(records), plan.max_new_tokens, base=True),
-    )
+    baseline = base_outputs(editor, records, nq, plan.max_new_tokens)
     edit_seconds = 0.0
     curve: list[dict[str, float]] = []
     edited: list[EditRecord] = []

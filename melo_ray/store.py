@@ -187,3 +187,22 @@ class SnapshotStore:
                 else:
                     self.fs.delete_file(info.path)
         return removed
+
+
+def read_any_snapshot(uri: str | Path) -> tuple[dict[str, Any], dict[str, bytes], str]:
+    """A verified snapshot from a store root (its latest version) or a single snapshot folder."""
+    store = SnapshotStore(uri)
+    if store.get_bytes(LATEST) is not None:
+        manifest, files = store.read()
+        return manifest, files, f"{store.uri} v{manifest['version']}"
+    if store.get_bytes(MANIFEST) is None:
+        raise SnapshotError(f"{uri}: neither a snapshot store (no {LATEST}) nor a snapshot folder (no {MANIFEST})")
+    manifest = parse_manifest(store.get_bytes(MANIFEST) or b"", f"{uri}/{MANIFEST}")
+
+    def read(name: str) -> bytes:
+        data = store.get_bytes(name)
+        if data is None:
+            raise FileNotFoundError(name)
+        return data
+
+    return manifest, read_verified_files(manifest, read, str(uri)), str(uri)

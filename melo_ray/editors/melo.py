@@ -26,7 +26,7 @@ from melo_ray.inference import next_token_logits
 from melo_ray.keys import build_key_function
 from melo_ray.lora import BlockRouter, inject_dynamic_lora
 from melo_ray.records import EditRecord
-from melo_ray.snapshots import SnapshotError, read_manifest, read_snapshot, write_snapshot
+from melo_ray.snapshots import SnapshotError, read_snapshot, write_snapshot
 from melo_ray.training import EditBatch, TrainStats, build_batch, train_block
 
 log = logging.getLogger(__name__)
@@ -175,12 +175,21 @@ class MeloEditor(Editor):
 
     @classmethod
     def load(cls, folder: str | Path, backbone: Backbone | None = None) -> "MeloEditor":
-        """Rebuild an editor from a snapshot; the backbone must hash to the snapshot's base checksum."""
-        manifest = read_manifest(folder)  # restore() reads and verifies the files once
+        """Rebuild an editor from a snapshot folder, or a store root (its latest version), local or URI.
+
+        The backbone must hash to the snapshot's base checksum."""
+        from melo_ray.store import read_any_snapshot
+
+        manifest, files, where = read_any_snapshot(folder)
+        return cls.from_files(manifest, files, where, backbone)
+
+    @classmethod
+    def from_files(cls, manifest: Mapping[str, Any], files: Mapping[str, bytes], where: str = "snapshot",
+                   backbone: Backbone | None = None) -> "MeloEditor":
         if manifest.get("editor") != cls.name:
-            raise SnapshotError(f"{folder}: snapshot is for editor '{manifest.get('editor')}', not '{cls.name}'")
+            raise SnapshotError(f"{where}: snapshot is for editor '{manifest.get('editor')}', not '{cls.name}'")
         editor = cls(load_config(manifest["config"]), backbone)
-        editor.restore(folder)
+        editor.restore_files(manifest, files, where)
         return editor
 
     def restore(self, folder: str | Path) -> None:

@@ -7,6 +7,7 @@ driver expects, so a restarted (blank) actor is noticed instead of silently trai
 from __future__ import annotations
 
 import os
+import resource
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +37,7 @@ class TrainerActor:
             "key_dim": self.editor.key_function.dim,
             "device": str(self.editor.backbone.device),
             "pid": os.getpid(),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
         }
 
     def reset(self) -> int:

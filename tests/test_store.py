@@ -1,0 +1,65 @@
+"""The versioned snapshot store: publish, read back verified, prune, refuse corruption; local and file:// URIs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from melo_ray.snapshots import SnapshotError
+from melo_ray.store import SnapshotStore, read_any_snapshot
+
+
+def publish(store: SnapshotStore, version: int, text: str = "x") -> dict:
+    return store.publish(version, {"a.bin": text.encode() * 10, "b.json": b'{"k": 1}'}, {"version": version})
+
+
+@pytest.mark.parametrize("as_uri", [False, True])
+def test_publish_read_and_prune(tmp_path, as_uri):
+    root = tmp_path / "store"
+    store = SnapshotStore(f"file://{root}" if as_uri else root, keep=2)
+    assert store.latest_version() is None
+    with pytest.raises(SnapshotError, match="no published snapshot"):
+        store.read()
+    for version in (1, 2, 5):
+        publish(store, version, text=str(version))
+    assert store.latest_version() == 5
+    manifest, files = store.read()
+    assert manifest["version"] == 5 and files["a.bin"] == b"5" * 10
+    assert store.versions() == [2, 5]  # keep=2
+    with pytest.raises(SnapshotError, match="not newer"):
+        publish(store, 5)
+    manifest, files, where = read_any_snapshot(root)
+    assert manifest["version"] == 5 and "v5" in where
+
+
+def test_a_corrupted_version_is_refused_and_latest_still_points_at_it(tmp_path):
+    store = SnapshotStore(tmp_path, keep=3)
+    publish(store, 1)
+    publish(store, 2)
+    (tmp_path / "versions" / "v00000002" / "a.bin").write_bytes(b"tampered")
+    with pytest.raises(SnapshotError, match="checksum mismatch"):
+        store.read()
+    manifest, _ = store.read(1)  # older versions stay readable
+    assert manifest["version"] == 1
+    edited = json.loads((tmp_path / "versions" / "v00000001" / "manifest.json").read_text())
+    edited["version"] = 7
+    (tmp_path / "versions" / "v00000001" / "manifest.json").write_text(json.dumps(edited))
+    with pytest.raises(SnapshotError, match="manifest checksum"):
+        store.read(1)
+
+
+def test_leftovers_of_a_crashed_write_are_pruned(tmp_path):
+    store = SnapshotStore(tmp_path, keep=5)
+    publish(store, 1)
+    leftover = tmp_path / "versions" / f".v00000002.tmp-{'0' * 32}"
+    leftover.mkdir()
+    (leftover / "a.bin").write_bytes(b"half")
+    publish(store, 2)
+    assert not leftover.exists() and store.versions() == [1, 2]
+
+
+def test_bad_uris_and_folders_are_clear_errors(tmp_path):
+    with pytest.raises(SnapshotError, match="not a usable storage URI"):
+        SnapshotStore("nosuchscheme://bucket/x")
+    with pytest.raises(SnapshotError, match="neither a snapshot store"):
+        read_any_snapshot(tmp_path)
