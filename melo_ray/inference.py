@@ -74,3 +74,26 @@ def target_token_nlls(backbone: Backbone, batch: EditBatch) -> list[list[float]]
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     nll = -logprobs.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
     return [nll[row][mask[row]].tolist() for row in range(labels.shape[0])]
+
+
+@torch.no_grad()
+def generate_token_ids(backbone: Backbone, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations as token ids, each cut at its first end-of-sequence token (generative models)."""
+    if backbone.task == "classification":
+        raise ValueError("a classification backbone does not generate tokens")
+    model, tok = backbone.model, backbone.tokenizer
+    inputs = encode(backbone, prompts, "left")
+    out = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    )
+    if backbone.task == "causal_lm":
+        out = out[:, inputs["input_ids"].shape[1]:]
+    else:
+        out = out[:, 1:]  # seq2seq: drop the decoder start token
+    rows = []
+    for row in out.tolist():
+        if tok.eos_token_id in row:
+            row = row[: row.index(tok.eos_token_id)]
+        rows.append(row)
+    return rows

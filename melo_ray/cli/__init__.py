@@ -136,6 +136,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ray
+
+    from melo_ray.pipeline.job import init_ray
+    from melo_ray.serve import ServeSettings, run_http
+
+    settings = ServeSettings(
+        snapshots=args.snapshots, config=args.config, replicas=args.replicas, replica_cpus=args.replica_cpus,
+        poll_interval_s=args.poll_interval, model_name=args.model_name,
+    )
+    init_ray()
+    print(f"serving {args.snapshots} on http://{args.host}:{args.port} ({args.replicas} replicas); Ctrl-C stops",
+          file=sys.stderr)
+    try:
+        run_http(settings, args.host, args.port, blocking=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ray.shutdown()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from melo_ray.cli.demo import run_demo
 
@@ -196,6 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", default=str(DEFAULT_CONFIG))
     demo.add_argument("--out", default="runs/demo")
     demo.set_defaults(func=cmd_demo)
+
+    srv = sub.add_parser("serve", help="serve a snapshot store over HTTP with Ray Serve (hot-swaps new versions)")
+    srv.add_argument("--snapshots", required=True, help="snapshot store root (local path or URI)")
+    srv.add_argument("--config", default=None, help="editor YAML, to serve the base model until a snapshot exists")
+    srv.add_argument("--replicas", type=int, default=1)
+    srv.add_argument("--replica-cpus", type=float, default=1.0)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--poll-interval", type=float, default=1.0, help="seconds between checks for a new version")
+    srv.add_argument("--model-name", default="melo-ray", help="the `model` the OpenAI-compatible route answers to")
+    srv.set_defaults(func=cmd_serve)
 
     job = sub.add_parser("job", help="distributed jobs on Ray")
     job_sub = job.add_subparsers(dest="job_command", required=True)

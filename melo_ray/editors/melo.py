@@ -166,12 +166,18 @@ class MeloEditor(Editor):
             **extra,
         }
 
+    def snapshot_files(self) -> dict[str, bytes]:
+        return {**self.adapter_files(), **index_files(self.index)}
+
     def save(self, folder: str | Path, **extra: Any) -> dict[str, Any]:
         """Write a verified snapshot (safetensors + JSON + hnswlib graph) atomically to `folder`.
 
         `extra` entries (JSON-serialisable) are kept in the manifest, e.g. a job's progress."""
-        files = {**self.adapter_files(), **index_files(self.index)}
-        return write_snapshot(folder, files, self.snapshot_meta(**extra))
+        return write_snapshot(folder, self.snapshot_files(), self.snapshot_meta(**extra))
+
+    def publish(self, store: Any, **extra: Any) -> dict[str, Any]:
+        """Publish this editor's state as version `self.version` of a SnapshotStore."""
+        return store.publish(self.version, self.snapshot_files(), self.snapshot_meta(**extra))
 
     @classmethod
     def load(cls, folder: str | Path, backbone: Backbone | None = None) -> "MeloEditor":

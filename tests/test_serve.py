@@ -1,0 +1,163 @@
+"""The Serve app over real HTTP: a local Ray, a tiny model, 2 replicas, a snapshot store on disk."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+openai = pytest.importorskip("openai")
+
+from conftest import UNRELATED, fact_records, tiny_config  # noqa: E402
+from melo_ray.editors.melo import MeloEditor  # noqa: E402
+from melo_ray.serve import ServeSettings, run_http  # noqa: E402
+from melo_ray.store import SnapshotStore  # noqa: E402
+
+TOKEN = "test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    store = SnapshotStore(tmp_path_factory.mktemp("serve") / "store")
+    editor = MeloEditor(tiny_config())
+    editor.edit(fact_records(0, 10))
+    editor.publish(store)
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024)
+    port = free_port()
+    settings = ServeSettings(snapshots=str(store.root), replicas=2, replica_cpus=0.5, poll_interval_s=0.2,
+                             api_token=TOKEN, max_prompts=4, max_new_tokens=32, max_body_bytes=4096)
+    run_http(settings, port=port, blocking=False)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=60)
+    yield {"client": client, "editor": editor, "store": store, "port": port}
+    client.close()
+    serve.shutdown()
+    ray.shutdown()
+
+
+def generate(client: httpx.Client, prompts: list[str], **extra) -> httpx.Response:
+    return client.post("/v1/generate", json={"prompts": prompts, "max_new_tokens": 8, **extra})
+
+
+def test_edited_prompts_get_their_targets_and_unrelated_ones_the_base_output(app):
+    records = fact_records(0, 10)
+    response = generate(app["client"], [records[2]["prompt"], UNRELATED[0], records[5]["prompt"], UNRELATED[1]])
+    assert response.status_code == 200, response.text
+    outputs = response.json()["outputs"]
+    assert outputs[0]["output"].startswith(records[2]["target"]) and outputs[0]["block"] == 0
+    assert outputs[2]["output"].startswith(records[5]["target"]) and outputs[2]["block"] == 0
+    base = app["editor"].generate(UNRELATED[:2], 8, base=True)
+    assert [outputs[1]["output"], outputs[3]["output"]] == [g.output for g in base]
+    assert outputs[1]["block"] is None and outputs[1]["distance"] > 0
+    assert {o["snapshot_version"] for o in outputs} == {1}
+
+
+def test_openai_client_gets_a_correct_completion(app):
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{app['port']}/v1", api_key=TOKEN)
+    record = fact_records(0, 10)[4]
+    completion = client.completions.create(model="melo-ray", prompt=record["prompt"], max_tokens=8, temperature=0)
+    assert completion.choices[0].text.strip().startswith(record["target"])
+    assert completion.usage.completion_tokens >= 1
+    many = client.completions.create(model="melo-ray", prompt=[record["prompt"], UNRELATED[2]], max_tokens=3,
+                                     temperature=0, stop=["\n"])
+    assert len(many.choices) == 2 and many.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("case,status", [
+    ("malformed json", 400), ("not an object", 400), ("missing prompts", 422), ("wrong type", 422),
+    ("empty prompt", 400), ("empty list", 400), ("too many prompts", 413), ("too many tokens", 400),
+    ("oversize body", 413), ("no token", 401), ("wrong token", 401), ("unknown model", 404),
+    ("sampling", 400), ("streaming", 400),
+])
+def test_bad_requests_get_a_4xx_with_a_json_error(app, case, status):
+    client: httpx.Client = app["client"]
+    post = {
+        "malformed json": lambda: client.post("/v1/generate", content=b'{"prompts": [', headers={"content-type": "application/json"}),
+        "not an object": lambda: client.post("/v1/generate", json=["a"]),
+        "missing prompts": lambda: client.post("/v1/generate", json={"max_new_tokens": 3}),
+        "wrong type": lambda: client.post("/v1/generate", json={"prompts": [1, 2]}),
+        "empty prompt": lambda: generate(client, ["ok", "   "]),
+        "empty list": lambda: generate(client, []),
+        "too many prompts": lambda: generate(client, ["a"] * 5),
+        "too many tokens": lambda: client.post("/v1/generate", json={"prompts": ["a"], "max_new_tokens": 33}),
+        "oversize body": lambda: generate(client, ["x" * 5000]),
+        "no token": lambda: httpx.post(f"http://127.0.0.1:{app['port']}/v1/generate", json={"prompts": ["a"]}),
+        "wrong token": lambda: client.post("/v1/version", headers={"Authorization": "Bearer nope"}),
+        "unknown model": lambda: client.post("/v1/completions", json={"model": "gpt-9", "prompt": "a"}),
+        "sampling": lambda: client.post("/v1/completions", json={"prompt": "a", "temperature": 0.7}),
+        "streaming": lambda: client.post("/v1/completions", json={"prompt": "a", "stream": True}),
+    }[case]
+    if case == "wrong token":
+        response = client.get("/v1/version", headers={"Authorization": "Bearer nope"})
+    else:
+        response = post()
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == status and error["message"]
+
+
+def test_health_is_open_and_version_describes_the_snapshot(app):
+    assert httpx.get(f"http://127.0.0.1:{app['port']}/healthz").status_code == 200
+    info = app["client"].get("/v1/version").json()
+    assert info["edits"] >= 10 and info["clusters"] >= 10 and info["backbone"]["family"] == "llama"
+
+
+def test_publishing_under_steady_traffic_switches_every_replica_with_zero_failures(app):
+    client, editor, store = app["client"], app["editor"], app["store"]
+    new = fact_records(10, 10)
+    seen: list[tuple[str, int, str]] = []  # (replica, version, output of the new prompt)
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with httpx.Client(base_url=client.base_url, headers=AUTH, timeout=60) as own:
+            while not stop.is_set():
+                try:
+                    response = generate(own, [new[0]["prompt"], fact_records(0, 1)[0]["prompt"]])
+                    if response.status_code != 200:
+                        failures.append(f"{response.status_code} {response.text}")
+                        continue
+                    body = response.json()
+                    out = body["outputs"][0]
+                    seen.append((body["replica"], out["snapshot_version"], out["output"]))
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=traffic) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    start_version = editor.version
+    editor.edit(new)
+    editor.publish(store)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        replicas_new = {r for r, v, _ in seen if v == editor.version}
+        if len(replicas_new) == 2 and len(seen) > 20:
+            break
+        time.sleep(0.2)
+    time.sleep(0.5)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures[:3]
+    versions_by_replica: dict[str, list[int]] = {}
+    for replica, version, output in seen:
+        versions_by_replica.setdefault(replica, []).append(version)
+        if version == editor.version:
+            assert output.startswith(new[0]["target"])  # the new edit is served with the new version
+    assert len(versions_by_replica) == 2
+    assert any(v == start_version for _, v, _ in seen)  # traffic really ran across the swap
+    for versions in versions_by_replica.values():
+        assert versions[-1] == editor.version
+        assert versions == sorted(versions)  # never back to an older version
