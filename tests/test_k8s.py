@@ -97,3 +97,18 @@ def test_kustomization_lists_files_that_exist():
     for generator in kustomization.get("configMapGenerator", []):
         for item in generator["files"]:
             assert (K8S / item.split("=")[-1]).is_file(), item
+
+
+def test_rayservice_points_at_our_app_builder_with_valid_args():
+    import importlib
+
+    serve_module = pytest.importorskip("melo_ray.serve")
+    doc = next(d for _, d in documents() if d["kind"] == "RayService")
+    config = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    (application,) = config["applications"]
+    module, name = application["import_path"].split(":")
+    assert callable(getattr(importlib.import_module(module), name))
+    settings = serve_module.ServeSettings.model_validate(application["args"])
+    assert settings.config == "/etc/melo-ray/config.yaml"
+    assert [d["name"] for d in application["deployments"]] == [serve_module.MeloServer.name]
+    assert application["deployments"][0]["num_replicas"] == settings.replicas
