@@ -206,5 +206,5 @@ def remove_edit_layers(model: nn.Module) -> None:
     loaded backbone can serve a fresh editor. PEFT layers are not ours to remove."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if type(child).__name__ in ("DynamicLoraLinear", "GraceLayer"):
+            if type(child).__name__ in ("DynamicLoraLinear", "GraceLayer", "ElderLinear"):
                 setattr(module, name, child.base_layer)

@@ -122,6 +122,36 @@ class GraceConfig(_Strict):
     lr: float = Field(0.1, gt=0, description="Adam learning rate for the value.")
 
 
+class ElderConfig(_Strict):
+    """ELDER: mixture-of-LoRA experts with a router per layer, guided loss and deferral."""
+
+    target_modules: list[str] | None = Field(
+        None, description="Linear layers that get experts; default: lora.target_modules."
+    )
+    num_experts: int = Field(4, ge=2, description="LoRA experts per layer (N).")
+    rank: int = Field(8, ge=1, description="Rank of each expert.")
+    alpha: float = Field(16.0, gt=0, description="Scale alpha / rank, as in LoRA.")
+    top_k: int = Field(2, ge=1, description="Experts mixed per input and layer.")
+    guided_lambda: float = Field(1.0, ge=0, description="Weight of the guided (router) loss.")
+    defer_threshold: int = Field(
+        0, ge=0, description="Largest Hamming distance (bits) to a stored edit's allocation code that "
+        "still uses the mixture; farther inputs run on the base model.",
+    )
+    lr: float | None = Field(None, gt=0, description="Adam learning rate; default train.lr.")
+    num_iter: int | None = Field(None, ge=1, description="Steps per batch; default train.num_iter.")
+    replay: int = Field(
+        0, ge=0, description="Earlier edits replayed with each batch (0: the method as published). Shared "
+        "experts forget earlier edits without it; see docs/results.md.",
+    )
+    seed: int = Field(0, description="Seed for expert initialisation and allocations.")
+
+    @model_validator(mode="after")
+    def _check_k(self) -> "ElderConfig":
+        if self.top_k > self.num_experts:
+            raise ValueError("top_k must not exceed num_experts")
+        return self
+
+
 class PipelineConfig(_Strict):
     """The Ray bulk-edit job (pipelines/bulk_edit.py)."""
 
@@ -144,8 +174,8 @@ class PipelineConfig(_Strict):
 
 
 class EditorConfig(_Strict):
-    editor: Literal["melo", "grace", "lora"] = Field(
-        "melo", description="melo; or a baseline: grace (codebook), lora (sequential LoRA fine-tuning)."
+    editor: Literal["melo", "elder", "grace", "lora"] = Field(
+        "melo", description="melo; elder (mixture of LoRA); or a baseline: grace (codebook), lora (sequential LoRA)."
     )
     backbone: BackboneConfig = BackboneConfig()
     lora: LoraConfig
@@ -153,6 +183,7 @@ class EditorConfig(_Strict):
     train: TrainConfig = TrainConfig()
     generate: GenerateConfig = GenerateConfig()
     grace: GraceConfig = GraceConfig()
+    elder: ElderConfig = ElderConfig()
     pipeline: PipelineConfig = PipelineConfig()
 
 

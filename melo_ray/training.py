@@ -180,11 +180,14 @@ def train_block(
     *,
     trained_modules: list[str],
     active: Callable[[], AbstractContextManager],
+    extra_loss: Callable[[], tuple[torch.Tensor, bool]] | None = None,
 ) -> TrainStats:
     """Optimise `params` for cfg.num_iter steps, or until every target is learned.
 
     `trained_modules` names the modules that hold `params` (the frozen prefix below the first of them
     is cached); `active` is the context in which the forward uses them (e.g. a staging route).
+    `extra_loss` (e.g. ELDER's guided loss) returns a loss to add and whether its goal is met; early
+    stopping then waits for both.
     """
     started = time.perf_counter()
     names = trained_modules
@@ -206,7 +209,11 @@ def train_block(
             if step == 0:
                 first_loss = final_loss
             learned = _learned_fraction(logits, targets, cfg.early_stop_margin)
-            if cfg.early_stop and learned >= 1.0:
+            extra_met = True
+            if extra_loss is not None:
+                extra, extra_met = extra_loss()
+                loss = loss + extra
+            if cfg.early_stop and learned >= 1.0 and extra_met:
                 break
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

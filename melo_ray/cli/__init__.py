@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", required=True)
     ev.add_argument("--edits", required=True, help="Parquet or JSONL edit records (see `data convert`)")
     ev.add_argument("--n-edits", type=int, required=True, help="T: edits applied in order")
-    ev.add_argument("--editors", default="melo,grace,lora", help="comma-separated: melo, grace, lora")
+    ev.add_argument("--editors", default="melo,grace,lora", help="comma-separated: melo, elder, grace, lora")
     ev.add_argument("--out", required=True, help="folder for results.json, results.md, curves.png")
     ev.add_argument("--locality", default=None, help="NQ-open JSONL for easy locality (default: shared data)")
     ev.add_argument("--n-locality", type=int, default=100)

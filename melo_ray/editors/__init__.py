@@ -1,10 +1,10 @@
-"""Editors behind one interface: MELO (ours) and the baselines it is compared with."""
+"""Editors behind one interface: MELO (ours), ELDER, and the baselines they are compared with."""
 from __future__ import annotations
 
 from melo_ray.backbones import Backbone
 from melo_ray.config import EditorConfig
 
-EDITOR_NAMES = ("melo", "grace", "lora")
+EDITOR_NAMES = ("melo", "elder", "grace", "lora")
 
 
 def build_editor(name: str, config: EditorConfig, backbone: Backbone | None = None):
@@ -13,6 +13,10 @@ def build_editor(name: str, config: EditorConfig, backbone: Backbone | None = No
         from melo_ray.editors.melo import MeloEditor
 
         return MeloEditor(config, backbone)
+    if name == "elder":
+        from melo_ray.editors.elder import ElderEditor
+
+        return ElderEditor(config, backbone)
     if name == "grace":
         from melo_ray.editors.grace import GraceEditor
 

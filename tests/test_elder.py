@@ -1,0 +1,93 @@
+"""ELDER on a tiny model: deferral is exact, edits take, the guided loss sets the routers, snapshots round-trip."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import UNRELATED, fact_records, tiny_config
+from melo_ray.backbones import load_backbone
+from melo_ray.editors import build_editor
+from melo_ray.editors.elder import ElderEditor
+from melo_ray.inference import next_token_logits
+
+OTHER = UNRELATED + ["Numbers: 1 2 3 4 5 6", "The weather today is", "qwerty uiop asdf", "Once upon a time"]
+
+
+def elder_config(**elder):
+    return tiny_config(elder={"num_experts": 8, "top_k": 2, "replay": 20, **elder})
+
+
+@pytest.fixture(scope="module")
+def edited():
+    editor = ElderEditor(elder_config())
+    records = []
+    for start in (0, 10):
+        batch = fact_records(start, 10, template="Where does the {w} number %d live?" % start)
+        editor.edit(batch)
+        records += batch
+    return editor, records
+
+
+def test_edited_prompts_yield_their_targets(edited):
+    editor, records = edited
+    outputs = editor.generate([r["prompt"] for r in records], 8)
+    hits = sum(o.output.startswith(r["target"]) for o, r in zip(outputs, records))
+    assert hits >= 18, hits  # both batches, the first one after the second was trained
+    assert all(o.block == 0 and o.distance == 0 for o in outputs)
+
+
+def test_the_guided_loss_drives_the_routers_to_the_assigned_allocations(edited):
+    editor, records = edited
+    codes = editor.codes(editor.key_function.keys([r["prompt"] for r in records]))
+    n = editor.cfg.num_experts
+    for code, record in zip(codes, records):
+        chosen = np.stack([np.nonzero(code[i * n : (i + 1) * n])[0] for i in range(len(editor.layers))])
+        np.testing.assert_array_equal(chosen, editor.allocations[record["id"]])
+    assigned = {editor.allocations[r["id"]].tobytes() for r in records}
+    assert len(assigned) == len(records)  # distinct facts got distinct allocations
+
+
+def test_deferred_inputs_are_bit_identical_to_the_base_model(edited):
+    editor, records = edited
+    ids, distance = editor.route(OTHER)
+    deferred = [p for p, i in zip(OTHER, ids) if i < 0]
+    assert len(deferred) >= 3, distance
+    mixed = deferred + [records[0]["prompt"]]  # a batch where one row does use the mixture
+    logits = editor.next_token_logits(mixed)
+    base = load_backbone(editor.config.backbone)
+    expected = next_token_logits(base, mixed)
+    assert torch.equal(logits[:-1], expected[:-1])
+    assert not torch.equal(logits[-1], expected[-1])
+
+
+def test_snapshot_round_trip_is_exact(edited, tmp_path):
+    editor, records = edited
+    editor.save(tmp_path / "snap")
+    loaded = ElderEditor.load(tmp_path / "snap")
+    prompts = [r["prompt"] for r in records[:5]] + OTHER[:3]
+    assert torch.equal(loaded.next_token_logits(prompts), editor.next_token_logits(prompts))
+    assert loaded.stats() == editor.stats()
+    np.testing.assert_array_equal(loaded.route(prompts)[1], editor.route(prompts)[1])
+
+
+def test_a_failed_batch_leaves_experts_and_routers_untouched(monkeypatch):
+    editor = ElderEditor(elder_config())
+    editor.edit(fact_records(0, 5))
+    before = [p.detach().clone() for p in editor.trainable()]
+
+    def broken(*args, **kwargs):
+        for p in editor.trainable():  # the failure happens after some updates
+            p.data.add_(1.0)
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr("melo_ray.editors.elder.train_block", broken)
+    with pytest.raises(RuntimeError, match="device lost"):
+        editor.edit(fact_records(5, 5))
+    assert all(torch.equal(a, b) for a, b in zip(before, editor.trainable()))
+    assert editor.stats()["edits"] == 5 and len(editor.edit_keys) == 5 and len(editor.allocations) == 5
+
+
+def test_the_eval_harness_builds_elder():
+    editor = build_editor("elder", elder_config())
+    assert editor.name == "elder" and editor.stats()["extra_parameters"] > 0
