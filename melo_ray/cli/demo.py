@@ -1,7 +1,9 @@
-"""The README's first command: edit a handful of real zsRE facts into the embedded model, show before/after."""
+"""The README's first command: a real bulk edit of zsRE facts into the embedded model through the Ray
+job (the same code path as `python -m pipelines.bulk_edit`), then queries that show before/after."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -10,7 +12,9 @@ from melo_ray.config import load_config
 from melo_ray.data import convert
 from melo_ray.editors.melo import MeloEditor
 from melo_ray.metrics import starts_with_target as edit_success
+from melo_ray.pipeline.job import BulkEditJob
 from melo_ray.records import write_parquet
+from melo_ray.store import SnapshotStore
 
 ZSRE = "zsre-mend-eval-subsets/zsre_mend_eval_portability_gpt4.json"
 NQ = "nq-open/NQ-open.dev.jsonl"
@@ -28,20 +32,28 @@ def run_demo(data_dir: Path, n: int, config_path: str, out: Path) -> int:
         return 2
     records = convert("zsre", zsre_file, limit=n).records
     unrelated = [json.loads(line)["question"] for line in (data_dir / NQ).read_text().splitlines()[:3]]
+    config = load_config(config_path)
     print(f"loading the embedded model ({config_path}) ...", flush=True)
-    editor = MeloEditor(load_config(config_path))
+    editor = MeloEditor(config)
     prompts = [r.prompt for r in records]
     before = editor.generate(prompts + unrelated)
-    started = time.perf_counter()
-    result = editor.edit(records)
-    seconds = time.perf_counter() - started
-    after = editor.generate(prompts + [r.rephrases[0] for r in records if r.rephrases] + unrelated)
-    out.mkdir(parents=True, exist_ok=True)
-    write_parquet(records, out / "edits.parquet")
-    editor.save(out / "snapshot")
 
-    print(f"\nedited {len(records)} zsRE facts into one block in {seconds:.1f} s "
-          f"({result.steps} steps, clusters={result.clusters}, conflicts={result.conflicts})\n")
+    out.mkdir(parents=True, exist_ok=True)
+    store_dir = out / "store"
+    shutil.rmtree(store_dir, ignore_errors=True)  # a demo starts from the base model every time
+    write_parquet(records, out / "edits.parquet")
+    print("bulk edit on Ray: stream -> trainer actor -> index actor -> snapshot store ...", flush=True)
+    started = time.perf_counter()
+    summary = BulkEditJob(config, str(out / "edits.parquet"), str(store_dir), "demo").run()
+    seconds = time.perf_counter() - started
+    store = SnapshotStore(store_dir)
+    manifest, files = store.read()
+    editor.restore_files(manifest, files, str(store_dir))  # query the published snapshot
+    after = editor.generate(prompts + [r.rephrases[0] for r in records if r.rephrases] + unrelated)
+    stats = manifest["stats"]
+    print(f"\nbulk edit of {summary.state.edits_applied} zsRE facts committed as snapshot v{manifest['version']} "
+          f"in {seconds:.1f} s, Ray start included (blocks={stats['blocks']}, clusters={stats['clusters']}, "
+          f"rejected={summary.state.rejected})\n")
     print(f"{'prompt':40} {'target':14} {'before':24} {'after':24} block")
     successes = 0
     for record, old, new in zip(records, before, after):
@@ -60,6 +72,6 @@ def run_demo(data_dir: Path, n: int, config_path: str, out: Path) -> int:
         print(f"  {_short(old.prompt, 50):50} -> {_short(new.output, 30):30} block={new.block} "
               f"{'unchanged' if same else 'CHANGED'}")
     print(f"\nedit success {successes}/{len(records)}, unrelated unchanged {unchanged}/{len(unrelated)}")
-    print(f"snapshot: {out / 'snapshot'}  (query it: melo-ray generate --snapshot {out / 'snapshot'} "
-          f"--prompts PROMPTS.jsonl --json)")
+    print(f"snapshot store: {store_dir}  (query it: melo-ray generate --snapshot {store_dir} --prompts PROMPTS.jsonl "
+          f"--json; serve it: melo-ray serve --snapshots {store_dir})")
     return 0 if successes == len(records) and unchanged == len(unrelated) else 1
