@@ -70,7 +70,7 @@ class HiddenStateKeys:
         out: list[np.ndarray] = []
         for start in range(0, len(prompts), self.batch_size):
             chunk = [self.backbone.format_prompt(p) for p in prompts[start : start + self.batch_size]]
-            batch = tok(chunk, return_tensors="pt", padding=True)
+            batch = {k: v.to(self.backbone.device) for k, v in tok(chunk, return_tensors="pt", padding=True).items()}
             captured: list[torch.Tensor] = []
 
             def hook(_module: nn.Module, inputs: tuple, output: object) -> None:

@@ -155,7 +155,7 @@ class BlockRouter:
     @contextmanager
     def route(self, block_ids: torch.Tensor | None) -> Iterator[None]:
         for layer in self.layers.values():
-            layer.block_ids = block_ids
+            layer.block_ids = None if block_ids is None else block_ids.to(layer.lora_bank_A.device)
         try:
             yield
         finally:

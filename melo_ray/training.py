@@ -42,7 +42,15 @@ class EditBatch:
 
 
 def build_batch(backbone: Backbone, records: list[EditRecord], append_eos: bool) -> EditBatch:
-    """Tokenise prompts and targets so the loss covers exactly the target tokens."""
+    """Tokenise prompts and targets so the loss covers exactly the target tokens (on the model's device)."""
+    batch = _build_batch(backbone, records, append_eos)
+    device = backbone.device
+    if device.type == "cpu":
+        return batch
+    return EditBatch({k: v.to(device) for k, v in batch.inputs.items()}, batch.labels.to(device))
+
+
+def _build_batch(backbone: Backbone, records: list[EditRecord], append_eos: bool) -> EditBatch:
     tok = backbone.tokenizer
     prompts = [backbone.format_prompt(r.prompt) for r in records]
     eos = [tok.eos_token_id] if append_eos and tok.eos_token_id is not None else []
