@@ -125,7 +125,8 @@ def main() -> None:
     sentences = texts()
     held_out = sentences[-2000:]  # queries come from texts whose keys are not indexed
     started = time.perf_counter()
-    keys = prefix_keys(args.config, sentences[:-2000], int(max(sizes) * 1.05))
+    # many texts share their first words (identical prefix states), so ask for more before de-duplicating
+    keys = prefix_keys(args.config, sentences[:-2000], int(max(sizes) * 1.6))
     queries = prefix_keys(args.config, held_out, args.queries * 3)
     queries = queries[np.random.default_rng(0).choice(len(queries), args.queries, replace=False)]
     print(json.dumps({"measurement": "keys", "keys": len(keys), "queries": len(queries),

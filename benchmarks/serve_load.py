@@ -3,9 +3,10 @@ client concurrencies, and the cost of routing (keys + index + per-row LoRA) agai
 
     python benchmarks/serve_load.py --snapshots runs/scalability-2000/store --edits /tmp/cf-all.parquet
 
-1. Routing ratio, in this process before Serve starts (nothing else on the CPU): ServingEngine.complete
-   on a batch of prompts (half edited, half NQ-open questions) routed, against the same batch with
-   routing off (base). Median of --repeats.
+1. Routing ratio, in this process before Serve starts: ServingEngine.complete on a batch of prompts
+   (half edited, half NQ-open questions) routed, against the same batch with routing off (base), both
+   generating exactly max_new_tokens per row (end-of-sequence held off) so the work compared is the
+   same. Median of --repeats, routed and base alternating.
 2. HTTP load: one replica (all CPUs), @serve.batch up to 32; C client threads each send single-prompt
    /v1/generate requests back to back for --seconds; latency per request, requests/s overall.
 Prints one JSON line per measurement, then a table.
@@ -45,7 +46,7 @@ def routing_ratio(engine: ServingEngine, prompts: list[str], batch: int, max_new
     for _ in range(repeats):
         for mode in ("routed", "base"):
             started = time.perf_counter()
-            out = engine.complete(requests, base=(mode == "base"))
+            out = engine.complete(requests, base=(mode == "base"), full_length=True)  # same tokens either way
             times[mode].append(time.perf_counter() - started)
     routed_blocks = sum(1 for c in engine.complete(requests[: min(batch, 8)]) if c.block is not None)
     routed, base = statistics.median(times["routed"]), statistics.median(times["base"])
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--ratio-batches", default="1,8,32")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--ratio-only", action="store_true", help="skip the HTTP load")
     args = parser.parse_args()
 
     from melo_ray.store import read_any_snapshot
@@ -107,6 +109,10 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     del engine
+    if args.ratio_only:
+        for r in rows:
+            print(f"| {r['batch']} | {r['routed_s']:.3f} | {r['base_s']:.3f} | {r['ratio']:.3f} |")
+        return
 
     import ray
 

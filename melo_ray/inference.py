@@ -78,15 +78,18 @@ def target_token_nlls(backbone: Backbone, batch: EditBatch) -> list[list[float]]
 
 
 @torch.no_grad()
-def generate_token_ids(backbone: Backbone, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
-    """Greedy continuations as token ids, each cut at its first end-of-sequence token (generative models)."""
+def generate_token_ids(backbone: Backbone, prompts: list[str], max_new_tokens: int,
+                       min_new_tokens: int = 0) -> list[list[int]]:
+    """Greedy continuations as token ids, each cut at its first end-of-sequence token (generative models).
+
+    `min_new_tokens` holds off end-of-sequence (benchmarks use it to compare equal-length runs)."""
     if backbone.task == "classification":
         raise ValueError("a classification backbone does not generate tokens")
     model, tok = backbone.model, backbone.tokenizer
     inputs = encode(backbone, prompts, "left")
     out = model.generate(
-        **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        **inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None, do_sample=False,
+        num_beams=1, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
     )
     if backbone.task == "causal_lm":
         out = out[:, inputs["input_ids"].shape[1]:]

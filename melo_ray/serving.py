@@ -64,10 +64,11 @@ class ServingEngine:
         backbone = self.editor.backbone
         return len(backbone.tokenizer(backbone.format_prompt(prompt))["input_ids"])
 
-    def complete(self, requests: list[CompletionRequest], *, base: bool = False) -> list[Completion]:
+    def complete(self, requests: list[CompletionRequest], *, base: bool = False, full_length: bool = False) -> list[Completion]:
         """One routed forward pass per generated token for the whole batch, whatever blocks its rows use.
 
-        Keys are computed once from each prompt and the routing is held fixed while generating."""
+        Keys are computed once from each prompt and the routing is held fixed while generating.
+        `full_length` generates every row to the longest max_new_tokens (for like-for-like timing)."""
         if not requests:
             return []
         editor = self.editor
@@ -78,7 +79,7 @@ class ServingEngine:
             ids, dists = editor.route(prompts)
         longest = max(r.max_new_tokens for r in requests)
         with editor.routed(ids):
-            rows = generate_token_ids(editor.backbone, prompts, longest)
+            rows = generate_token_ids(editor.backbone, prompts, longest, longest if full_length else 0)
         tokenizer = editor.backbone.tokenizer
         out = []
         for request, row, block, distance in zip(requests, rows, ids, dists):
