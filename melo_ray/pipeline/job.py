@@ -247,8 +247,22 @@ class BulkEditJob:
             _save_state(self.store, self.state)
             self.tracker.end("FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED")
             raise
+        finally:
+            self._stop_actors()  # give their CPUs/GPU back, whatever happened
         self._finish()
         return self._summary()
+
+    def _stop_actors(self) -> None:
+        import ray
+
+        if self.actors is None:
+            return
+        for actor in (self.actors.trainer, self.actors.index):
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # already gone
+                pass
+        self.actors = None
 
     def _run_from_latest(self) -> None:
         import ray
