@@ -26,7 +26,6 @@ import numpy as np
 
 from melo_ray.records import read_edit_records
 from melo_ray.serving import CompletionRequest, ServingEngine
-from melo_ray.store import SnapshotStore
 
 ROOT = Path(__file__).resolve().parent.parent
 NQ = ROOT.parent / "shared" / "data" / "nq-open" / "NQ-open.dev.jsonl"

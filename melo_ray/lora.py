@@ -24,7 +24,7 @@ class BlockBankFull(RuntimeError):
     """The configured max_blocks would be exceeded."""
 
 
-def _linear_shape(layer: nn.Module) -> tuple[int, int]:
+def linear_shape(layer: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of an nn.Linear or a GPT-2 style Conv1D."""
     if isinstance(layer, nn.Linear):
         return layer.in_features, layer.out_features
@@ -39,7 +39,7 @@ class DynamicLoraLinear(nn.Module):
     def __init__(self, base_layer: nn.Module, block_rank: int, alpha: float, max_blocks: int) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.in_features, self.out_features = _linear_shape(base_layer)
+        self.in_features, self.out_features = linear_shape(base_layer)
         self.block_rank = block_rank
         self.scale = alpha / block_rank
         self.max_blocks = max_blocks
@@ -122,7 +122,7 @@ class DynamicLoraLinear(nn.Module):
         return out.index_add(0, rows, delta.to(out.dtype))
 
 
-def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
 
@@ -140,7 +140,7 @@ def inject_dynamic_lora(model: nn.Module, cfg: LoraConfig) -> dict[str, DynamicL
             layers[name] = target
             continue
         wrapped = DynamicLoraLinear(target, cfg.block_rank, cfg.alpha, cfg.max_blocks)
-        parent, child = _get_parent(model, name)
+        parent, child = get_parent(model, name)
         setattr(parent, child, wrapped)
         layers[name] = wrapped
     return layers

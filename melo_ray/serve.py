@@ -197,12 +197,15 @@ class MeloServer:
             raise ApiError(413, f"{len(prompts)} prompts; the limit is {limits.max_prompts}", field)
         if max_new < 1 or max_new > limits.max_new_tokens:
             raise ApiError(400, f"max tokens must be 1..{limits.max_new_tokens}, got {max_new}")
+        requests = []
         for i, prompt in enumerate(prompts):
             if not prompt.strip():
                 raise ApiError(400, f"prompt {i} is empty", field)
-            if self.engine.prompt_tokens(prompt) > limits.max_prompt_tokens:
+            count = self.engine.prompt_tokens(prompt)
+            if count > limits.max_prompt_tokens:
                 raise ApiError(400, f"prompt {i} is longer than {limits.max_prompt_tokens} tokens", field)
-        return [CompletionRequest(p, max_new, stop) for p in prompts]
+            requests.append(CompletionRequest(prompt, max_new, stop, count))
+        return requests
 
     async def _run(self, requests: list[CompletionRequest]) -> list[Completion]:
         return list(await asyncio.gather(*(self._generate_batch(r) for r in requests)))

@@ -22,6 +22,7 @@ class CompletionRequest:
     prompt: str
     max_new_tokens: int
     stop: tuple[str, ...] = ()
+    prompt_tokens: int | None = None  # when the caller has counted them already
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,8 @@ class ServingEngine:
             out.append(Completion(
                 text=text, block=int(block) if block >= 0 else None,
                 distance=float(distance) if np.isfinite(distance) else None, version=self.version,
-                prompt_tokens=self.prompt_tokens(request.prompt), completion_tokens=len(tokens),
+                prompt_tokens=request.prompt_tokens if request.prompt_tokens is not None else self.prompt_tokens(request.prompt),
+                completion_tokens=len(tokens),
                 finish_reason="stop" if stopped or ended else "length",
             ))
         return out

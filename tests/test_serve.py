@@ -8,9 +8,9 @@ import time
 import httpx
 import pytest
 
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
-openai = pytest.importorskip("openai")
+import openai  # noqa: E402
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
 
 from conftest import UNRELATED, fact_records, tiny_config  # noqa: E402
 from melo_ray.editors.melo import MeloEditor  # noqa: E402

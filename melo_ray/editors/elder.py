@@ -29,7 +29,7 @@ from melo_ray.config import EditorConfig, load_config
 from melo_ray.editors.base import EditResult, Editor, as_records
 from melo_ray.inference import next_token_logits
 from melo_ray.keys import build_key_function
-from melo_ray.lora import _linear_shape
+from melo_ray.lora import get_parent, linear_shape
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError, read_snapshot, write_snapshot
 from melo_ray.training import EditBatch, build_batch, train_block
@@ -42,7 +42,7 @@ class ElderLinear(nn.Module):
                  top_k: int, generator: torch.Generator) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.in_features, self.out_features = _linear_shape(base_layer)
+        self.in_features, self.out_features = linear_shape(base_layer)
         self.top_k = top_k
         self.scale = alpha / rank
         weight = next(base_layer.parameters())
@@ -101,8 +101,7 @@ class ElderEditor(Editor):
         generator = torch.Generator().manual_seed(self.cfg.seed)
         self.layers: dict[str, ElderLinear] = {}
         for name in self.cfg.target_modules or config.lora.target_modules:
-            parent_name, _, child = name.rpartition(".")
-            parent = self.backbone.model.get_submodule(parent_name)
+            parent, child = get_parent(self.backbone.model, name)
             layer = ElderLinear(getattr(parent, child), self.key_function.dim, self.cfg.num_experts, self.cfg.rank,
                                 self.cfg.alpha, self.cfg.top_k, generator)
             layer.requires_grad_(False)  # trainable only while a batch trains
@@ -144,10 +143,18 @@ class ElderEditor(Editor):
                                     device=query.device).scatter(-1, top, True))
         return torch.cat(bits, dim=1).cpu().numpy() if bits else np.zeros((len(keys), 0), bool)
 
+    def _stored_codes(self) -> np.ndarray:
+        """Codes of every edited prompt under the current routers; they only change when a batch trains."""
+        cached = getattr(self, "_codes_cache", None)
+        if cached is None or cached[0] != (self.version, len(self.edit_keys)):
+            cached = ((self.version, len(self.edit_keys)), self.codes(self.edit_keys).astype(np.int32))
+            self._codes_cache = cached
+        return cached[1]
+
     def _nearest_code_distance(self, keys: np.ndarray) -> np.ndarray:
         if len(self.edit_keys) == 0:
             return np.full(len(keys), np.inf)
-        stored = self.codes(self.edit_keys).astype(np.int32)
+        stored = self._stored_codes()
         query = self.codes(keys).astype(np.int32)
         # Hamming distance = bits that differ; one matrix product instead of a loop over pairs
         differ = query.sum(1)[:, None] + stored.sum(1)[None, :] - 2 * query @ stored.T
@@ -160,21 +167,20 @@ class ElderEditor(Editor):
         keys = self.key_function.keys(prompts)
         distance = self._nearest_code_distance(keys)
         ids = np.where(distance <= self.cfg.defer_threshold, 0, -1).astype(np.int64)
-        self._routed_keys = (tuple(prompts), keys)
+        self._routed_keys = keys  # routed() follows route() (see Editor._ids)
         return ids, distance
 
     def routed(self, ids: np.ndarray, batch: EditBatch | None = None) -> AbstractContextManager:
-        routed = getattr(self, "_routed_keys", None)
-        if routed is None or len(routed[1]) != len(ids):
+        keys = getattr(self, "_routed_keys", None)
+        if keys is None or len(keys) != len(ids):
             raise RuntimeError("routed() needs the keys of the route() call it follows")
-        keys = routed[1]
         device = self.backbone.device
         active = torch.as_tensor(np.nonzero(np.asarray(ids) >= 0)[0], dtype=torch.long, device=device)
         return self._routing(torch.as_tensor(keys, dtype=torch.float32, device=device), active)
 
     def _ids(self, prompts: list[str], base: bool) -> tuple[np.ndarray, np.ndarray]:
         if base or not prompts:
-            self._routed_keys = (tuple(prompts), np.zeros((len(prompts), self.key_function.dim), np.float32))
+            self._routed_keys = np.zeros((len(prompts), self.key_function.dim), np.float32)
             return np.full(len(prompts), -1, np.int64), np.full(len(prompts), np.nan)
         return self.route(prompts)
 

@@ -23,7 +23,7 @@ from melo_ray.config import EditorConfig, TrainConfig, load_config
 from melo_ray.editors.base import EditResult, Editor, as_records
 from melo_ray.index import normalise_label
 from melo_ray.keys import HiddenStateKeys
-from melo_ray.lora import _get_parent, _linear_shape
+from melo_ray.lora import get_parent, linear_shape
 from melo_ray.records import EditRecord
 from melo_ray.training import IGNORE, EditBatch, build_batch, train_block
 
@@ -36,7 +36,7 @@ class GraceLayer(nn.Module):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.in_features, self.out_features = _linear_shape(base_layer)
+        self.in_features, self.out_features = linear_shape(base_layer)
         weight = base_layer.weight
         self.register_buffer("keys", torch.zeros(0, self.in_features, dtype=weight.dtype))
         self.register_buffer("values", torch.zeros(0, self.out_features, dtype=weight.dtype))
@@ -76,7 +76,7 @@ class GraceEditor(Editor):
         self.backbone = backbone or load_backbone(config.backbone)
         if self.backbone.task != "causal_lm":
             raise ValueError("the GRACE baseline is implemented for causal language models only")
-        parent, child = _get_parent(self.backbone.model, config.grace.layer)
+        parent, child = get_parent(self.backbone.model, config.grace.layer)
         self.layer = GraceLayer(getattr(parent, child))
         setattr(parent, child, self.layer)
         self.keys = HiddenStateKeys(self.backbone, config.grace.layer, "last", capture="input")
