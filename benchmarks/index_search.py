@@ -6,7 +6,9 @@ position t is exactly the last-token key of the prompt's first t tokens, so one 
 gives many real keys. Each indexed key is its own cluster (the worst case for search). Queries are
 keys from texts that are not in the index.
 
-    python benchmarks/index_search.py --sizes 10000,100000
+    python benchmarks/index_search.py --sizes 10000,100000 --keys-cache runs/index-keys.npz
+
+Computing the keys takes minutes; --keys-cache keeps them (numpy .npz, arrays only) for reruns.
 
 Per size: latency per query of NeuronIndex.search (HNSW top-`candidates` + exact re-check) one query
 at a time and in a batch of 1000, the naive exact scan over every centre (numpy), and recall@1: our
@@ -76,23 +78,29 @@ def prefix_keys(config_path: Path, sentences: list[str], want: int, layer: int =
     return np.unique(out.round(4), axis=0).astype(np.float32)
 
 
-def build_index(keys: np.ndarray, ef_search: int, candidates: int) -> NeuronIndex:
+def build_index(keys: np.ndarray, ef_search: int, candidates: int, m: int) -> NeuronIndex:
     n, dim = keys.shape
     arrays = {
         "centres": keys, "radii": np.full(n, 1.0), "alive": np.ones(n, np.uint8), "member_keys": keys,
         "member_blocks": np.arange(n), "member_clusters": np.arange(n),
     }
     meta = {"dim": dim, "metric": "l2", "r_init": 1.0, "candidates": candidates,
-            "hnsw": {"M": 16, "ef_construction": 200, "ef_search": ef_search},
+            "hnsw": {"M": m, "ef_construction": 200, "ef_search": ef_search},
             "labels": [str(i) for i in range(n)], "member_ids": [str(i) for i in range(n)],
             "conflicts": 0, "forgotten": 0}
     return NeuronIndex.from_state(arrays, meta)
 
 
-def measure(keys: np.ndarray, queries: np.ndarray, size: int, ef_search: int, candidates: int) -> dict:
+def measure(keys: np.ndarray, queries: np.ndarray, size: int, ef_search: int, candidates: int, m: int,
+            index: NeuronIndex | None = None) -> tuple[dict, NeuronIndex]:
     started = time.perf_counter()
-    index = build_index(keys[:size], ef_search, candidates)
-    build_s = time.perf_counter() - started
+    built = index is None
+    if index is None:
+        index = build_index(keys[:size], ef_search, candidates, m)
+    else:  # same graph, another ef: only the query-time setting changes
+        index._graph.set_ef(ef_search)
+        index.hnsw_params["ef_search"] = ef_search
+    build_s = time.perf_counter() - started if built else None
     centres = keys[:size]
     started = time.perf_counter()
     exact = np.array([distances("l2", q[None], centres)[0].argmin() for q in queries])
@@ -106,11 +114,11 @@ def measure(keys: np.ndarray, queries: np.ndarray, size: int, ef_search: int, ca
     exact_d = np.linalg.norm(centres[exact] - queries, axis=1)
     ours_d = np.linalg.norm(centres[np.asarray(single)] - queries, axis=1)
     recall = float(np.mean(ours_d <= exact_d + 1e-4))  # ties count as found
-    return {"measurement": "index_search", "keys": size, "dim": int(keys.shape[1]), "ef_search": ef_search,
+    return {"measurement": "index_search", "keys": size, "dim": int(keys.shape[1]), "M": m, "ef_search": ef_search,
             "candidates": candidates, "build_s": build_s, "ms_per_query_single": single_ms,
             "ms_per_query_batched": batched_ms, "ms_per_query_exact": exact_ms,
             "speedup_vs_exact_single": exact_ms / single_ms, "recall_at_1": recall,
-            "batched_matches_single": bool(np.array_equal(batched, np.asarray(single)))}
+            "batched_matches_single": bool(np.array_equal(batched, np.asarray(single)))}, index
 
 
 def main() -> None:
@@ -118,16 +126,25 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "smollm2-135m-last-token.yaml")
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--ef", default="64,128")
+    parser.add_argument("--ef", default="64,128,256")
+    parser.add_argument("--m", default="16,32", help="hnswlib M (graph degree) values")
+    parser.add_argument("--keys-cache", type=Path, help="load keys from / save them to this .npz")
     parser.add_argument("--candidates", type=int, default=8)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     sentences = texts()
     held_out = sentences[-2000:]  # queries come from texts whose keys are not indexed
     started = time.perf_counter()
-    # many texts share their first words (identical prefix states), so ask for more before de-duplicating
-    keys = prefix_keys(args.config, sentences[:-2000], int(max(sizes) * 1.6))
-    queries = prefix_keys(args.config, held_out, args.queries * 3)
+    if args.keys_cache and args.keys_cache.exists():
+        with np.load(args.keys_cache, allow_pickle=False) as cached:
+            keys, queries = cached["keys"], cached["queries"]
+    else:
+        # many texts share their first words (identical prefix states), so ask for more before de-duplicating
+        keys = prefix_keys(args.config, sentences[:-2000], int(max(sizes) * 1.6))
+        queries = prefix_keys(args.config, held_out, args.queries * 3)
+        if args.keys_cache:
+            args.keys_cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(args.keys_cache, keys=keys, queries=queries)
     queries = queries[np.random.default_rng(0).choice(len(queries), args.queries, replace=False)]
     print(json.dumps({"measurement": "keys", "keys": len(keys), "queries": len(queries),
                       "seconds": time.perf_counter() - started}), flush=True)
@@ -137,14 +154,16 @@ def main() -> None:
     keys = keys[rng.permutation(len(keys))]
     rows = []
     for size in sizes:
-        for ef in (int(e) for e in args.ef.split(",")):
-            row = measure(keys, queries, size, ef, args.candidates)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    print("\n| keys | ef | ours ms/query (1 at a time) | ours ms/query (batch 1000) | exact ms/query | speed-up | recall@1 |")
-    print("|---|---|---|---|---|---|---|")
+        for m in (int(v) for v in args.m.split(",")):
+            index = None
+            for ef in (int(e) for e in args.ef.split(",")):
+                row, index = measure(keys, queries, size, ef, args.candidates, m, index)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print("\n| keys | M | ef | ours ms/query (1 at a time) | ours ms/query (batch 1000) | exact ms/query | speed-up | recall@1 |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['keys']:,} | {r['ef_search']} | {r['ms_per_query_single']:.3f} | {r['ms_per_query_batched']:.3f} | "
+        print(f"| {r['keys']:,} | {r['M']} | {r['ef_search']} | {r['ms_per_query_single']:.3f} | {r['ms_per_query_batched']:.3f} | "
               f"{r['ms_per_query_exact']:.2f} | {r['speedup_vs_exact_single']:.1f}x | {r['recall_at_1']:.3f} |")
 
 

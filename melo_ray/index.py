@@ -91,6 +91,7 @@ class NeuronIndex:
         self.candidates = candidates
         self.hnsw_params = dict(M=hnsw_m, ef_construction=ef_construction, ef_search=ef_search)
         self.clusters: list[Cluster] = []
+        self._alive = 0  # kept up to date so a search never walks every cluster
         self.conflicts = 0
         self.forgotten = 0
         self._graph = self._new_graph(capacity=1024)
@@ -122,7 +123,7 @@ class NeuronIndex:
 
     @property
     def num_alive(self) -> int:
-        return sum(c.alive for c in self.clusters)
+        return self._alive
 
     @property
     def num_members(self) -> int:
@@ -136,7 +137,7 @@ class NeuronIndex:
             return np.full(n, -1, np.int64), np.full(n, np.inf)
         k = min(self.candidates, alive)
         try:
-            labels, _ = self._graph.knn_query(keys.astype(np.float32), k=k)
+            labels, _ = self._graph.knn_query(np.ascontiguousarray(keys, dtype=np.float32), k=k)
             labels = labels.astype(np.int64)
         except RuntimeError:  # HNSW could not return k alive items: search exactly instead
             ids = np.array([i for i, c in enumerate(self.clusters) if c.alive])
@@ -169,6 +170,7 @@ class NeuronIndex:
         cluster.member_blocks.append(block)
         cluster.member_ids.append(edit_id)
         self.clusters.append(cluster)
+        self._alive += 1
         cluster_id = len(self.clusters) - 1
         self._graph_add(cluster_id, key)
         return cluster_id
@@ -208,6 +210,7 @@ class NeuronIndex:
         cluster.member_ids = [m for m, k in zip(cluster.member_ids, keep) if k]
         if not cluster.member_keys:
             cluster.alive = False
+            self._alive -= 1
             self._graph.mark_deleted(cid)
         self.forgotten += len(forgotten)
         new_id = self._new_cluster(key, d / 2.0, label, block, edit_id)
@@ -222,9 +225,12 @@ class NeuronIndex:
         radii = np.array([self.clusters[c].radius if c >= 0 else -1.0 for c in ids])
         inside = (ids >= 0) & (dists <= radii)
         # one pass per distinct cluster hit in this batch, not per row
-        for cid in np.unique(ids[inside]):
+        for cid in sorted(set(ids[inside].tolist())):  # a set beats np.unique for the usual 1-row query
             rows = np.nonzero(inside & (ids == cid))[0]
             cluster = self.clusters[cid]
+            if len(cluster.member_blocks) == 1:  # the usual case: no member to choose between
+                blocks[rows] = cluster.member_blocks[0]
+                continue
             md = distances(self.metric, keys[rows], np.stack(cluster.member_keys))  # (rows, members)
             nearest = md.min(axis=1, keepdims=True)
             latest = np.where(md == nearest, np.arange(md.shape[1])[None, :], -1).max(axis=1)  # ties: latest
@@ -291,6 +297,7 @@ class NeuronIndex:
             cluster.member_blocks.append(int(block))
             cluster.member_ids.append(edit_id)
         index.conflicts, index.forgotten = int(meta["conflicts"]), int(meta["forgotten"])
+        index._alive = sum(c.alive for c in index.clusters)
         index._centre_matrix = np.zeros((max(1024, n), index.dim), np.float32)
         index._centre_matrix[:n] = arrays["centres"]
         if graph_path is not None and n:

@@ -13,8 +13,12 @@ import numpy as np
 
 from melo_ray.backbones import Backbone, load_backbone
 from melo_ray.config import EditorConfig, load_config
+from melo_ray.editors.elder import ElderEditor
 from melo_ray.editors.melo import MeloEditor
 from melo_ray.inference import generate_token_ids
+from melo_ray.snapshots import SnapshotError
+
+SERVED_EDITORS = {"melo": MeloEditor, "elder": ElderEditor}
 
 
 @dataclass(frozen=True)
@@ -28,8 +32,8 @@ class CompletionRequest:
 @dataclass(frozen=True)
 class Completion:
     text: str
-    block: int | None
-    distance: float | None
+    block: int | None  # MELO: the LoRA block used; ELDER: 0 = the expert mixture; None: the base model
+    distance: float | None  # MELO: to the nearest cluster centre; ELDER: Hamming to the nearest stored code
     version: int | None
     prompt_tokens: int
     completion_tokens: int
@@ -45,18 +49,26 @@ class ServingEngine:
     """An editor in serving mode. `version` is None while the base model is served (empty store)."""
 
     def __init__(self, config: EditorConfig, backbone: Backbone | None = None) -> None:
-        self.editor = MeloEditor(config, backbone or load_backbone(config.backbone))
+        if config.editor not in SERVED_EDITORS:
+            raise ValueError(f"editor '{config.editor}': the server runs {', '.join(SERVED_EDITORS)}")
+        self.editor: MeloEditor | ElderEditor = SERVED_EDITORS[config.editor](
+            config, backbone or load_backbone(config.backbone))
         self.version: int | None = None
         self.stats: dict[str, Any] = {}
 
     @classmethod
     def from_snapshot(cls, manifest: Mapping[str, Any], files: Mapping[str, bytes]) -> "ServingEngine":
-        engine = cls(load_config(manifest["config"]))
+        config = load_config(manifest["config"])
+        # The manifest names the editor that made it (an eval run may use any editor on one config).
+        engine = cls(config.model_copy(update={"editor": manifest.get("editor", config.editor)}))
         engine.install(manifest, files)
         return engine
 
     def install(self, manifest: Mapping[str, Any], files: Mapping[str, bytes]) -> None:
         """Swap in a verified snapshot (raises, keeping the current one, if it does not fit)."""
+        if manifest.get("editor") != self.editor.name:
+            raise SnapshotError(f"snapshot v{manifest.get('version')} is for editor '{manifest.get('editor')}'; "
+                                f"this replica serves '{self.editor.name}'")
         self.editor.restore_files(manifest, files, f"snapshot v{manifest.get('version')}")
         self.version = int(manifest["version"])
         self.stats = dict(manifest.get("stats", {}))

@@ -91,3 +91,28 @@ def test_a_failed_batch_leaves_experts_and_routers_untouched(monkeypatch):
 def test_the_eval_harness_builds_elder():
     editor = build_editor("elder", elder_config())
     assert editor.name == "elder" and editor.stats()["extra_parameters"] > 0
+
+
+def test_a_published_elder_snapshot_serves_and_refuses_a_melo_one(edited, tmp_path):
+    from melo_ray.editors.melo import MeloEditor
+    from melo_ray.serving import CompletionRequest, ServingEngine
+    from melo_ray.snapshots import SnapshotError
+    from melo_ray.store import SnapshotStore
+
+    editor, records = edited
+    store = SnapshotStore(tmp_path / "store")
+    editor.publish(store)
+    engine = ServingEngine.from_snapshot(*store.read())
+    assert engine.editor.name == "elder" and engine.version == editor.version
+    prompts = [records[0]["prompt"], OTHER[1], records[15]["prompt"]]
+    out = engine.complete([CompletionRequest(p, 8) for p in prompts])
+    expected = editor.generate(prompts, 8)
+    assert [o.text.strip() for o in out] == [g.output for g in expected]
+    assert [o.block for o in out] == [g.block for g in expected]
+
+    melo = MeloEditor(tiny_config())
+    melo.edit(fact_records(0, 3))
+    melo.publish(other := SnapshotStore(tmp_path / "melo"))
+    with pytest.raises(SnapshotError, match="editor 'melo'"):
+        engine.install(*other.read())
+    assert engine.version == editor.version  # still serving the ELDER snapshot

@@ -226,3 +226,43 @@ def test_a_second_job_builds_on_the_first_and_mlflow_has_its_metrics(ray_session
     assert [m.step for m in client.get_metric_history(run.info.run_id, "clusters")] == [3, 4]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"snapshot_manifest.json", "job_metrics.png", "job_state.json"} <= artifacts
+
+
+def test_an_elder_job_equals_the_single_process_editor_and_resumes_after_a_trainer_kill(ray_session, tmp_path):
+    from melo_ray.editors.elder import ElderEditor
+    from melo_ray.serving import CompletionRequest, ServingEngine
+
+    config = tiny_config(elder={"num_experts": 8, "replay": 10}, pipeline={"keep_versions": 3})
+    config = config.model_copy(update={"editor": "elder"})
+    rows = stream_rows(40)
+    edits = write_stream(tmp_path / "edits.parquet", rows)
+    killed = []
+
+    def kill_trainer(job, version):
+        if version == 2 and not killed:
+            killed.append(version)
+            ray.kill(job.actors.trainer, no_restart=False)
+
+    summary = BulkEditJob(config, str(edits), str(tmp_path / "store"), "elder", progress=False,
+                          on_commit=kill_trainer).run()
+    assert summary.state.status == "completed" and summary.state.edits_applied == 40
+    assert killed and summary.state.recoveries >= 1
+    manifest, files = SnapshotStore(tmp_path / "store").read()
+    assert manifest["editor"] == "elder" and manifest["version"] == 4 and manifest["stats"]["stored_codes"] == 40
+
+    single = ElderEditor(config)
+    for start in range(0, 40, 10):
+        single.edit(rows[start : start + 10])
+    job_editor = ElderEditor.from_files(manifest, files)
+    assert job_editor.stats() == single.stats()
+    assert job_editor.allocations.keys() == single.allocations.keys()
+    for fact, allocation in single.allocations.items():
+        np.testing.assert_array_equal(job_editor.allocations[fact], allocation)
+    for a, b in zip(job_editor.trainable(), single.trainable()):
+        np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-3, atol=1e-4)
+
+    engine = ServingEngine.from_snapshot(manifest, files)
+    latest = {r["prompt"]: r["target"] for r in rows}
+    out = engine.complete([CompletionRequest(p, 8) for p in latest])
+    hits = sum(o.text.strip().startswith(t) for o, t in zip(out, latest.values()))
+    assert hits >= 0.8 * len(latest), hits

@@ -31,7 +31,7 @@ from melo_ray.inference import next_token_logits
 from melo_ray.keys import build_key_function
 from melo_ray.lora import get_parent, linear_shape
 from melo_ray.records import EditRecord
-from melo_ray.snapshots import SnapshotError, read_snapshot, write_snapshot
+from melo_ray.snapshots import SnapshotError, write_snapshot
 from melo_ray.training import EditBatch, build_batch, train_block
 
 
@@ -92,10 +92,12 @@ class ElderLinear(nn.Module):
 class ElderEditor(Editor):
     name = "elder"
 
-    def __init__(self, config: EditorConfig, backbone: Backbone | None = None) -> None:
+    def __init__(self, config: EditorConfig, backbone: Backbone | None = None, device: str | None = None) -> None:
         self.config = config
         self.cfg = config.elder
         self.backbone = backbone or load_backbone(config.backbone)
+        if device is not None:
+            self.backbone.model.to(device)
         self.base_checksum = weights_checksum(self.backbone.model)
         self.key_function = build_key_function(self.backbone, config.index)
         generator = torch.Generator().manual_seed(self.cfg.seed)
@@ -113,6 +115,8 @@ class ElderEditor(Editor):
         self.allocations: dict[str, np.ndarray] = {}  # fact id -> (layers, top_k) expert ids
         self.version = 0
         self.edits_applied = 0
+        self._codes_cache: tuple[tuple[int, int], np.ndarray] | None = None
+        self._routed_keys: np.ndarray | None = None  # set by route(), read by the routed() that follows
 
     @classmethod
     def from_config(cls, source: Any) -> "ElderEditor":
@@ -145,7 +149,7 @@ class ElderEditor(Editor):
 
     def _stored_codes(self) -> np.ndarray:
         """Codes of every edited prompt under the current routers; they only change when a batch trains."""
-        cached = getattr(self, "_codes_cache", None)
+        cached = self._codes_cache
         if cached is None or cached[0] != (self.version, len(self.edit_keys)):
             cached = ((self.version, len(self.edit_keys)), self.codes(self.edit_keys).astype(np.int32))
             self._codes_cache = cached
@@ -171,7 +175,7 @@ class ElderEditor(Editor):
         return ids, distance
 
     def routed(self, ids: np.ndarray, batch: EditBatch | None = None) -> AbstractContextManager:
-        keys = getattr(self, "_routed_keys", None)
+        keys = self._routed_keys
         if keys is None or len(keys) != len(ids):
             raise RuntimeError("routed() needs the keys of the route() call it follows")
         device = self.backbone.device
@@ -279,7 +283,8 @@ class ElderEditor(Editor):
         }
 
     # -- snapshots ---------------------------------------------------------------------------------
-    def save(self, folder: str | Path, **extra: Any) -> dict[str, Any]:
+    def snapshot_files(self) -> dict[str, bytes]:
+        """Experts and routers (safetensors), stored keys and allocations (safetensors), records (JSON)."""
         tensors = {}
         for name, layer in self.layers.items():
             tensors[f"{name}.experts_A"] = layer.experts_A.detach().cpu().contiguous()
@@ -292,43 +297,76 @@ class ElderEditor(Editor):
             "allocations": (np.stack([self.allocations[f] for f in facts]) if facts
                             else np.zeros((0, len(self.layers), self.cfg.top_k), np.int64)),
         }
-        files = {
+        return {
             "experts.safetensors": safetensors.torch.save(tensors),
             "codes.safetensors": safetensors.numpy.save(arrays),
             "codes.json": json.dumps({"edit_records": [r.to_dict() for r in self.edit_records], "facts": facts,
                                       "rng": self.rng.bit_generator.state}, sort_keys=True).encode(),
         }
-        meta = {"editor": self.name, "version": self.version, "config": self.config.model_dump(mode="json"),
-                "base_checksum": self.base_checksum, "stats": self.stats(), **extra}
-        return write_snapshot(folder, files, meta)
+
+    def snapshot_meta(self, stats: Mapping[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+        return {"editor": self.name, "version": self.version, "config": self.config.model_dump(mode="json"),
+                "base_checksum": self.base_checksum, "stats": dict(stats if stats is not None else self.stats()),
+                **extra}
+
+    def save(self, folder: str | Path, **extra: Any) -> dict[str, Any]:
+        return write_snapshot(folder, self.snapshot_files(), self.snapshot_meta(**extra))
+
+    def publish(self, store: Any, **extra: Any) -> dict[str, Any]:
+        """Publish this editor's state as version `self.version` of a SnapshotStore."""
+        return store.publish(self.version, self.snapshot_files(), self.snapshot_meta(**extra))
 
     @classmethod
     def load(cls, folder: str | Path, backbone: Backbone | None = None) -> "ElderEditor":
-        manifest, files = read_snapshot(folder)
+        """Rebuild an editor from a snapshot folder, or a store root (its latest version), local or URI."""
+        from melo_ray.store import read_any_snapshot
+
+        manifest, files, where = read_any_snapshot(folder)
+        return cls.from_files(manifest, files, where, backbone)
+
+    @classmethod
+    def from_files(cls, manifest: Mapping[str, Any], files: Mapping[str, bytes], where: str = "snapshot",
+                   backbone: Backbone | None = None) -> "ElderEditor":
         if manifest.get("editor") != cls.name:
-            raise SnapshotError(f"{folder}: snapshot is for editor '{manifest.get('editor')}', not '{cls.name}'")
+            raise SnapshotError(f"{where}: snapshot is for editor '{manifest.get('editor')}', not '{cls.name}'")
         editor = cls(load_config(manifest["config"]), backbone)
-        editor._restore(manifest, files, str(folder))
+        editor.restore_files(manifest, files, where)
         return editor
 
-    def _restore(self, manifest: Mapping[str, Any], files: Mapping[str, bytes], where: str) -> None:
+    def restore_files(self, manifest: Mapping[str, Any], files: Mapping[str, bytes], where: str = "snapshot") -> None:
+        """Replace experts, routers and stored codes with a verified snapshot's; all checks before any change."""
+        if manifest.get("editor") != self.name:
+            raise SnapshotError(f"{where}: snapshot is for editor '{manifest.get('editor')}', not '{self.name}'")
         if manifest.get("base_checksum") != self.base_checksum:
             raise SnapshotError(f"{where}: snapshot was made on other base weights (checksum differs)")
-        tensors = safetensors.torch.load(files["experts.safetensors"])
-        arrays = safetensors.numpy.load(files["codes.safetensors"])
-        meta = json.loads(files["codes.json"])
-        with torch.no_grad():
+        try:
+            tensors = safetensors.torch.load(files["experts.safetensors"])
+            arrays = safetensors.numpy.load(files["codes.safetensors"])
+            meta = json.loads(files["codes.json"])
+            records = [EditRecord(**{**r, "rephrases": tuple(r["rephrases"])}) for r in meta["edit_records"]]
+            allocations = {f: a for f, a in zip(meta["facts"], arrays["allocations"], strict=True)}
+            edit_keys = arrays["edit_keys"].astype(np.float32)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SnapshotError(f"{where}: ELDER snapshot files are incomplete or malformed ({exc})") from exc
+        if edit_keys.shape != (len(records), self.key_function.dim):
+            raise SnapshotError(f"{where}: {edit_keys.shape} stored keys for {len(records)} records of "
+                                f"{self.key_function.dim} dims")
+        for name, layer in self.layers.items():
+            for part, param in (("experts_A", layer.experts_A), ("experts_B", layer.experts_B),
+                                ("router.weight", layer.router.weight), ("router.bias", layer.router.bias)):
+                saved = tensors.get(f"{name}.{part}")
+                if saved is None or saved.shape != param.shape:
+                    raise SnapshotError(f"{where}: experts for '{name}' missing or of the wrong shape")
+        with torch.no_grad():  # all checks passed: swap in
             for name, layer in self.layers.items():
-                try:
-                    layer.experts_A.copy_(tensors[f"{name}.experts_A"])
-                    layer.experts_B.copy_(tensors[f"{name}.experts_B"])
-                    layer.router.weight.copy_(tensors[f"{name}.router.weight"])
-                    layer.router.bias.copy_(tensors[f"{name}.router.bias"])
-                except (KeyError, RuntimeError) as exc:
-                    raise SnapshotError(f"{where}: experts for '{name}' missing or of the wrong shape") from exc
-        self.edit_keys = arrays["edit_keys"].astype(np.float32)
-        self.edit_records = [EditRecord(**{**r, "rephrases": tuple(r["rephrases"])}) for r in meta["edit_records"]]
-        self.allocations = {f: a for f, a in zip(meta["facts"], arrays["allocations"])}
+                layer.experts_A.copy_(tensors[f"{name}.experts_A"])
+                layer.experts_B.copy_(tensors[f"{name}.experts_B"])
+                layer.router.weight.copy_(tensors[f"{name}.router.weight"])
+                layer.router.bias.copy_(tensors[f"{name}.router.bias"])
+        self.edit_keys = edit_keys
+        self.edit_records = records
+        self.allocations = allocations
         self.rng.bit_generator.state = meta["rng"]
         self.version = int(manifest["version"])
         self.edits_applied = int(manifest["stats"]["edits"])
+        self._codes_cache = None

@@ -1,7 +1,8 @@
 """The job's two stateful actors. Plain classes here; the job wraps them with ray.remote options.
 
 The trainer holds the backbone and the LoRA bank and trains one block per edit batch. The index
-actor is the single writer of the neuron index. Both check that a call continues from the state the
+actor is the single writer of the neuron index. ELDER has no separate index: its stored codes are
+computed by the routers it trains, so its trainer holds (and is the single writer of) all its state. Both check that a call continues from the state the
 driver expects, so a restarted (blank) actor is noticed instead of silently training on nothing.
 """
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from melo_ray.backbones import remove_edit_layers
 from melo_ray.config import load_config
+from melo_ray.editors.elder import ElderEditor
 from melo_ray.editors.melo import MeloEditor, index_batch, index_files, load_index_files
 from melo_ray.records import EditRecord
 
@@ -23,15 +26,26 @@ class StaleActorError(RuntimeError):
     """An actor's state is not the one the driver expects (it was restarted, or a call repeated)."""
 
 
+PIPELINE_EDITORS = ("melo", "elder")
+
+
 class TrainerActor:
     def __init__(self, config: Mapping[str, Any], device: str | None = None, threads: int | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
-        self.editor = MeloEditor(load_config(dict(config)), device=device)
-        self.editor.index = None  # type: ignore[assignment]  # the index actor owns the index
+        self.config = load_config(dict(config))
+        if self.config.editor not in PIPELINE_EDITORS:
+            raise ValueError(f"editor '{self.config.editor}': the pipeline runs {', '.join(PIPELINE_EDITORS)}")
+        self.editor: MeloEditor | ElderEditor
+        if self.config.editor == "melo":
+            self.editor = MeloEditor(self.config, device=device)
+            self.editor.index = None  # type: ignore[assignment]  # the index actor owns the index
+        else:
+            self.editor = ElderEditor(self.config, device=device)
 
     def info(self) -> dict[str, Any]:
         return {
+            "editor": self.editor.name,
             "version": self.editor.version,
             "base_checksum": self.editor.base_checksum,
             "key_dim": self.editor.key_function.dim,
@@ -41,7 +55,12 @@ class TrainerActor:
         }
 
     def reset(self) -> int:
-        """Back to the base model: no blocks, version 0."""
+        """Back to the base model: no blocks (or fresh experts), version 0."""
+        if isinstance(self.editor, ElderEditor):
+            backbone = self.editor.backbone
+            remove_edit_layers(backbone.model)
+            self.editor = ElderEditor(self.config, backbone)
+            return self.editor.version
         for layer in self.editor.layers.values():
             layer.load_bank(layer.lora_bank_A[:0], layer.lora_bank_B[:0])
         self.editor.version = 0
@@ -49,15 +68,27 @@ class TrainerActor:
         return self.editor.version
 
     def restore(self, manifest: Mapping[str, Any], files: Mapping[str, bytes]) -> int:
-        self.editor.restore_files(manifest, files, f"snapshot v{manifest.get('version')}", with_index=False)
+        where = f"snapshot v{manifest.get('version')}"
+        if isinstance(self.editor, ElderEditor):
+            self.editor.restore_files(manifest, files, where)
+            return self.editor.version
+        self.editor.restore_files(manifest, files, where, with_index=False)
         self.editor.index = None  # type: ignore[assignment]
         return self.editor.version
 
     def train(self, records: list[dict[str, Any]], expected_version: int) -> dict[str, Any]:
-        """Train and commit one block; returns the batch's keys and what the index needs."""
+        """Train and commit one batch; returns the batch's keys and what the index needs."""
         if self.editor.version != expected_version:
             raise StaleActorError(f"trainer holds version {self.editor.version}, the job expects {expected_version}")
-        kept, keys, block, stats = self.editor.train_batch([EditRecord(**r) for r in records])
+        batch = [EditRecord(**r) for r in records]
+        if isinstance(self.editor, ElderEditor):
+            result = self.editor.edit(batch)  # experts, routers and stored codes in one step
+            return {
+                "keys": np.zeros((0, self.editor.key_function.dim), np.float32), "targets": [], "ids": [],
+                "block": None, "version": self.editor.version, "edits": result.edits, "steps": result.steps,
+                "loss": result.final_loss, "learned": result.learned, "seconds": result.seconds,
+            }
+        kept, keys, block, stats = self.editor.train_batch(batch)
         return {
             "keys": keys.astype(np.float32),
             "targets": [r.target for r in kept],
@@ -71,10 +102,15 @@ class TrainerActor:
             "seconds": stats.seconds,
         }
 
-    def adapter_files(self) -> dict[str, bytes]:
+    def files(self) -> dict[str, bytes]:
+        """This actor's part of a snapshot: MELO's adapters, or all of ELDER's state."""
+        if isinstance(self.editor, ElderEditor):
+            return self.editor.snapshot_files()
         return self.editor.adapter_files()
 
     def stats(self) -> dict[str, int]:
+        if isinstance(self.editor, ElderEditor):
+            return self.editor.stats()
         return {
             "edits": self.editor.edits_applied,
             "blocks": self.editor.router.num_blocks,

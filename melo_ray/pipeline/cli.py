@@ -16,19 +16,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--edits", required=True, help="Parquet file or folder: a local path or a pyarrow.fs URI")
     parser.add_argument("--out", required=True, help="snapshot store root (local path or URI); job state and rejects live here")
     parser.add_argument("--job-id", required=True, help="run the same id again to resume it")
+    parser.add_argument("--editor", choices=("melo", "elder"), help="override the config's `editor`")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     from melo_ray.pipeline.job import BulkEditJob
 
-    job = BulkEditJob(load_config(args.config), args.edits, args.out, args.job_id, progress=not args.quiet)
+    config = load_config(args.config)
+    if args.editor:
+        config = config.model_copy(update={"editor": args.editor})
+    job = BulkEditJob(config, args.edits, args.out, args.job_id, progress=not args.quiet)
     summary = job.run()
     state = summary.state
     print(json.dumps({
         "job_id": state.job_id, "status": state.status, "edits_applied": state.edits_applied,
         "rejected": state.rejected, "rejects": summary.rejects_path, "snapshot_version": summary.snapshot_version,
-        "clusters": summary.stats.get("clusters"), "recoveries": state.recoveries,
+        "editor": job.config.editor,
+        "clusters": summary.stats.get("clusters", summary.stats.get("facts")), "recoveries": state.recoveries,
         "edits_per_min": round(state.edits_per_min, 1), "mlflow_run_id": state.mlflow_run_id,
     }))
     return 0

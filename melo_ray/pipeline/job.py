@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from melo_ray.config import EditorConfig
-from melo_ray.pipeline.actors import IndexActor, StaleActorError, TrainerActor
+from melo_ray.pipeline.actors import PIPELINE_EDITORS, IndexActor, StaleActorError, TrainerActor
 from melo_ray.pipeline.source import EditSource
 from melo_ray.records import RecordError, parse_record
 from melo_ray.snapshots import SnapshotError
@@ -109,8 +109,11 @@ def init_ray(num_cpus: int | None = None) -> None:
 @dataclass
 class _Actors:
     trainer: Any
-    index: Any
+    index: Any  # None for ELDER, whose trainer holds all its state
     info: dict[str, Any]
+
+    def all(self) -> list[Any]:
+        return [a for a in (self.trainer, self.index) if a is not None]
 
 
 class BulkEditJob:
@@ -119,8 +122,8 @@ class BulkEditJob:
     def __init__(self, config: EditorConfig, edits_uri: str, out_uri: str, job_id: str, *,
                  progress: bool = True, on_commit: Callable[["BulkEditJob", int], None] | None = None) -> None:
         _check_job_id(job_id)
-        if config.editor != "melo":
-            raise JobError(f"editor '{config.editor}': the bulk-edit job runs melo")
+        if config.editor not in PIPELINE_EDITORS:
+            raise JobError(f"editor '{config.editor}': the bulk-edit job runs {', '.join(PIPELINE_EDITORS)}")
         self.config = config
         self.cfg = config.pipeline
         self.job_id = job_id
@@ -177,9 +180,11 @@ class BulkEditJob:
             num_cpus=self.cfg.trainer_cpus, num_gpus=gpus, max_restarts=self.cfg.max_actor_restarts,
         ).remote(config, "cuda" if gpus else None, max(1, int(self.cfg.trainer_cpus)))
         info = ray.get(trainer.info.remote())
-        index = ray.remote(IndexActor).options(
-            num_cpus=0, max_restarts=self.cfg.max_actor_restarts,
-        ).remote(config, info["key_dim"])
+        index = None
+        if self.config.editor == "melo":
+            index = ray.remote(IndexActor).options(
+                num_cpus=0, max_restarts=self.cfg.max_actor_restarts,
+            ).remote(config, info["key_dim"])
         log.info("trainer on %s (pid %s)", info["device"], info["pid"])
         return _Actors(trainer, index, info)
 
@@ -189,7 +194,8 @@ class BulkEditJob:
         if self.actors is None:
             return False
         try:
-            ray.get([self.actors.trainer.info.remote(), self.actors.index.stats.remote()], timeout=600)
+            ray.get([self.actors.trainer.info.remote()] + [a.stats.remote() for a in self.actors.all()[1:]],
+                    timeout=600)
             return True
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             return False
@@ -199,18 +205,20 @@ class BulkEditJob:
         import ray
 
         assert self.actors is not None
+        index = self.actors.index
         if version is None:
-            trainer_version, _ = ray.get([self.actors.trainer.reset.remote(), self.actors.index.reset.remote()])
-            return trainer_version
+            return ray.get([a.reset.remote() for a in self.actors.all()])[0]
         manifest, files = self.store.read(version)
         if manifest.get("base_checksum") != self.actors.info["base_checksum"]:
             raise SnapshotError(f"{self.store.uri} v{version}: made on other base weights than this job's backbone")
+        if manifest.get("editor") != self.config.editor:
+            raise JobError(f"{self.store.uri} v{version} holds a '{manifest.get('editor')}' snapshot; "
+                           f"this job runs '{self.config.editor}': use another --out")
         files_ref = ray.put(files)
-        trainer_version, _ = ray.get([
-            self.actors.trainer.restore.remote(manifest, files_ref),
-            self.actors.index.restore.remote(files_ref, int(manifest["stats"]["blocks"])),
-        ])
-        return trainer_version
+        calls = [self.actors.trainer.restore.remote(manifest, files_ref)]
+        if index is not None:
+            calls.append(index.restore.remote(files_ref, int(manifest["stats"]["blocks"])))
+        return ray.get(calls)[0]
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> JobSummary:
@@ -257,7 +265,7 @@ class BulkEditJob:
 
         if self.actors is None:
             return
-        for actor in (self.actors.trainer, self.actors.index):
+        for actor in self.actors.all():
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:  # already gone
@@ -284,8 +292,14 @@ class BulkEditJob:
             nonlocal expected, unpublished
             records = [r for _, r in pending]
             trained = self.actors.trainer.train.remote(records, expected)
-            indexed = self.actors.index.add_batch.remote(trained)  # the index waits on the trainer's result
-            trained, indexed = ray.get([trained, indexed])
+            if self.actors.index is not None:
+                indexed = self.actors.index.add_batch.remote(trained)  # the index waits on the trainer's result
+                trained, indexed = ray.get([trained, indexed])
+            else:  # ELDER: the trainer's own counters stand in for the index's
+                trained = ray.get(trained)
+                counters = ray.get(self.actors.trainer.stats.remote())
+                indexed = {"clusters": counters["facts"], "conflicts": 0, "forgotten": 0,
+                           "members": counters["stored_codes"]}
             expected = trained["version"]
             unpublished += 1
             pending.clear()
@@ -332,21 +346,21 @@ class BulkEditJob:
         import ray
 
         _save_rejects(self.store, self.job_id, [r for r in rejects if r["row"] < rows_done])
-        adapter_files, index_files, trainer_stats, index_stats = ray.get([
-            self.actors.trainer.adapter_files.remote(), self.actors.index.files.remote(),
-            self.actors.trainer.stats.remote(), self.actors.index.stats.remote(),
-        ])
+        actors = self.actors.all()
+        parts = ray.get([a.files.remote() for a in actors] + [a.stats.remote() for a in actors])
+        files = {k: v for part in parts[: len(actors)] for k, v in part.items()}
+        stats = {k: v for part in parts[len(actors):] for k, v in part.items()}
         meta = {
-            "editor": "melo",
+            "editor": self.config.editor,
             "version": version,
             "config": self.config.model_dump(mode="json"),
             "base_checksum": self.actors.info["base_checksum"],
-            "stats": {**trainer_stats, **index_stats},
+            "stats": stats,
             "job": {"id": self.job_id, "rows_done": rows_done, "final": final,
                     "edits_uri": self.source.uri, "fingerprint": self.source.fingerprint},
         }
-        self.store.publish(version, {**adapter_files, **index_files}, meta)
-        self.state.edits_applied = trainer_stats["edits"] - self.state.edits_before
+        self.store.publish(version, files, meta)
+        self.state.edits_applied = stats["edits"] - self.state.edits_before
         self.state.last_version = version
         self.state.published += 1
         self._record_progress(rows_done, rejects)
