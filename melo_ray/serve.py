@@ -224,7 +224,8 @@ class MeloServer:
         self._check_auth(request)
         backbone = self.engine.editor.config.backbone
         return {
-            "snapshot_version": self.engine.version, "edits": self.engine.stats.get("edits", 0),
+            "snapshot_version": self.engine.version, "editor": self.engine.editor.name,
+            "edits": self.engine.stats.get("edits", 0), "stats": self.engine.stats,
             "clusters": self.engine.stats.get("clusters", 0), "blocks": self.engine.stats.get("blocks", 0),
             "backbone": {"source": backbone.source, "family": backbone.family, "path": backbone.path},
             "model": self.settings.model_name, "replica": self.replica,

@@ -116,3 +116,25 @@ def test_an_interrupted_edit_resumes_without_losing_or_repeating_edits(tmp_path,
     assert resumed.stats() == whole.stats() and resumed.version == whole.version == 3
     prompts = [r["prompt"] for r in fact_records(0, 12)] + UNRELATED
     assert [g.output for g in resumed.generate(prompts)] == [g.output for g in whole.generate(prompts)]
+
+
+def test_edit_and_generate_with_the_elder_editor(tmp_path, capsys):
+    records = fact_records(0, 10)
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "edits.parquet")
+    assert main(["edit", "--config", TINY, "--editor", "elder", "--edits", str(tmp_path / "edits.parquet"),
+                 "--out", str(tmp_path / "snap"), "--batch-size", "5", "--quiet"]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "editor=elder edits=10" in summary and "facts=10" in summary
+    assert json.loads((tmp_path / "snap" / "manifest.json").read_text())["editor"] == "elder"
+    prompts = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in records])
+    assert main(["generate", "--snapshot", str(tmp_path / "snap"), "--prompts", str(prompts), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert all(row["block"] == 0 for row in rows)  # every edited prompt uses the expert mixture
+    # the last batch holds (the tiny default config has no replay, so ELDER may forget the first one)
+    assert all(edit_success(row["output"], r["target"]) for row, r in zip(rows[5:], records[5:]))
+    # resuming an ELDER snapshot as a MELO run is refused, and the snapshot stays as it was
+    before = (tmp_path / "snap" / "manifest.json").read_bytes()
+    assert main(["edit", "--config", TINY, "--edits", str(tmp_path / "edits.parquet"), "--out",
+                 str(tmp_path / "other"), "--resume-from", str(tmp_path / "snap"), "--quiet"]) != 0
+    assert "holds a 'elder' editor" in capsys.readouterr().err
+    assert (tmp_path / "snap" / "manifest.json").read_bytes() == before

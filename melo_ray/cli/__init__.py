@@ -19,12 +19,23 @@ DEFAULT_CONFIG = ROOT / "configs" / "smollm2-135m.yaml"
 DEFAULT_NQ = ROOT.parent / "shared" / "data" / "nq-open" / "NQ-open.dev.jsonl"
 
 
+SNAPSHOT_EDITORS = ("melo", "elder")  # the editors whose state is a snapshot (edit, generate, serve)
+
+
+def _fresh_editor(config):
+    from melo_ray.editors import build_editor
+
+    if config.editor not in SNAPSHOT_EDITORS:
+        raise ConfigError(f"editor '{config.editor}': edit and generate run {', '.join(SNAPSHOT_EDITORS)}")
+    return build_editor(config.editor, config)
+
+
 def _editor_from(args: argparse.Namespace):
-    from melo_ray.editors.melo import MeloEditor
+    from melo_ray.editors import load_editor
 
     if getattr(args, "snapshot", None):
-        return MeloEditor.load(args.snapshot)
-    return MeloEditor(load_config(args.config))
+        return load_editor(args.snapshot)
+    return _fresh_editor(load_config(args.config))
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -32,10 +43,12 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from melo_ray.editors.melo import MeloEditor
+    from melo_ray.editors import load_editor
     from melo_ray.snapshots import read_manifest
 
     config = load_config(args.config)
+    if args.editor:
+        config = config.model_copy(update={"editor": args.editor})
     records = read_edit_records(args.edits)  # the whole file is validated before any training
     if not records:
         raise RecordError(str(args.edits), None, None, "no records")
@@ -47,13 +60,15 @@ def cmd_edit(args: argparse.Namespace) -> int:
         job = read_manifest(out).get("job") or {}
         if job.get("edits_sha256") != digest or job.get("batch_size") != size:
             raise SnapshotError(f"{out}: was written from another edit file or batch size; cannot resume it")
-        editor = MeloEditor.load(out)
+        editor = load_editor(out)
         done = int(job["records_done"])
         print(f"resuming {out}: {done} of {len(records)} edits already applied", file=sys.stderr)
     elif args.resume_from:
-        editor = MeloEditor.load(args.resume_from)
+        editor = load_editor(args.resume_from)
     else:
-        editor = MeloEditor(config)
+        editor = _fresh_editor(config)
+    if editor.name != config.editor:
+        raise SnapshotError(f"the snapshot holds a '{editor.name}' editor; this run asks for '{config.editor}'")
     batches = [records[i : i + size] for i in range(done, len(records), size)]
     started = time.perf_counter()
     for batch in tqdm(batches, desc="edit batches", unit="batch", disable=args.quiet):
@@ -64,9 +79,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
     minutes = (time.perf_counter() - started) / 60
     applied = sum(len(b) for b in batches)
     stats = editor.stats()
+    counters = " ".join(f"{k}={v}" for k, v in stats.items() if k not in ("edits", "extra_parameters"))
     print(
-        f"edits={applied} blocks={stats['blocks']} clusters={stats['clusters']} "
-        f"conflicts={stats['conflicts']} forgotten={stats['forgotten']} "
+        f"editor={editor.name} edits={applied} {counters} "
         f"edits_per_min={applied / max(minutes, 1e-9):.1f} snapshot={out} version={editor.version}"
     )
     return 0
@@ -174,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--edits", required=True, help="Parquet or JSONL with prompt, target, ...")
     edit.add_argument("--out", required=True, help="snapshot folder to write (replaced atomically)")
     edit.add_argument("--batch-size", type=int, default=None, help="edits per block (default: config)")
+    edit.add_argument("--editor", choices=SNAPSHOT_EDITORS, help="override the config's `editor`")
     edit.add_argument("--resume-from", default=None, help="start from this snapshot instead of the base")
     edit.add_argument("--resume", action="store_true",
                       help="continue an interrupted run: skip the edits --out already holds from this file")

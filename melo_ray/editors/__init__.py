@@ -26,3 +26,19 @@ def build_editor(name: str, config: EditorConfig, backbone: Backbone | None = No
 
         return SequentialLoraEditor(config, backbone)
     raise ValueError(f"unknown editor '{name}'; choose from {', '.join(EDITOR_NAMES)}")
+
+
+def load_editor(source, backbone: Backbone | None = None):
+    """The MELO or ELDER editor a snapshot folder (or store root, local or URI) was written by."""
+    from melo_ray.editors.elder import ElderEditor
+    from melo_ray.editors.melo import MeloEditor
+    from melo_ray.snapshots import SnapshotError
+    from melo_ray.store import read_any_snapshot
+
+    manifest, files, where = read_any_snapshot(source)
+    kinds = {"melo": MeloEditor, "elder": ElderEditor}
+    kind = kinds.get(manifest.get("editor"))
+    if kind is None:
+        raise SnapshotError(f"{where}: snapshots of editor '{manifest.get('editor')}' cannot be loaded; "
+                            f"only {', '.join(kinds)}")
+    return kind.from_files(manifest, files, where, backbone)
