@@ -80,9 +80,9 @@ class NeuronIndex:
         metric: Metric = "l2",
         r_init: float = 1.0,
         *,
-        hnsw_m: int = 16,
+        hnsw_m: int = 32,
         ef_construction: int = 200,
-        ef_search: int = 64,
+        ef_search: int = 128,
         candidates: int = 8,
     ) -> None:
         self.dim = dim
