@@ -13,12 +13,11 @@ import numpy as np
 
 from melo_ray.backbones import Backbone, load_backbone
 from melo_ray.config import EditorConfig, load_config
+from melo_ray.editors import SNAPSHOT_EDITORS, build_editor
 from melo_ray.editors.elder import ElderEditor
 from melo_ray.editors.melo import MeloEditor
 from melo_ray.inference import generate_token_ids
 from melo_ray.snapshots import SnapshotError
-
-SERVED_EDITORS = {"melo": MeloEditor, "elder": ElderEditor}
 
 
 @dataclass(frozen=True)
@@ -49,10 +48,9 @@ class ServingEngine:
     """An editor in serving mode. `version` is None while the base model is served (empty store)."""
 
     def __init__(self, config: EditorConfig, backbone: Backbone | None = None) -> None:
-        if config.editor not in SERVED_EDITORS:
-            raise ValueError(f"editor '{config.editor}': the server runs {', '.join(SERVED_EDITORS)}")
-        self.editor: MeloEditor | ElderEditor = SERVED_EDITORS[config.editor](
-            config, backbone or load_backbone(config.backbone))
+        if config.editor not in SNAPSHOT_EDITORS:
+            raise ValueError(f"editor '{config.editor}': the server runs {', '.join(SNAPSHOT_EDITORS)}")
+        self.editor: MeloEditor | ElderEditor = build_editor(config.editor, config, backbone or load_backbone(config.backbone))
         self.version: int | None = None
         self.stats: dict[str, Any] = {}
 

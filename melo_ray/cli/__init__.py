@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from melo_ray.config import ConfigError, load_config
+from melo_ray.editors import SNAPSHOT_EDITORS
 from melo_ray.records import RecordError, read_edit_records, read_prompts, write_parquet
 from melo_ray.snapshots import SnapshotError
 
@@ -17,9 +18,6 @@ log = logging.getLogger("melo_ray.cli")
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "smollm2-135m.yaml"
 DEFAULT_NQ = ROOT.parent / "shared" / "data" / "nq-open" / "NQ-open.dev.jsonl"
-
-
-SNAPSHOT_EDITORS = ("melo", "elder")  # the editors whose state is a snapshot (edit, generate, serve)
 
 
 def _fresh_editor(config):

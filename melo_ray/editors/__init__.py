@@ -5,6 +5,7 @@ from melo_ray.backbones import Backbone
 from melo_ray.config import EditorConfig
 
 EDITOR_NAMES = ("melo", "elder", "grace", "lora")
+SNAPSHOT_EDITORS = ("melo", "elder")  # those whose state is a snapshot: edit, generate, the job, the server
 
 
 def build_editor(name: str, config: EditorConfig, backbone: Backbone | None = None):
@@ -36,9 +37,8 @@ def load_editor(source, backbone: Backbone | None = None):
     from melo_ray.store import read_any_snapshot
 
     manifest, files, where = read_any_snapshot(source)
-    kinds = {"melo": MeloEditor, "elder": ElderEditor}
-    kind = kinds.get(manifest.get("editor"))
+    kind = {"melo": MeloEditor, "elder": ElderEditor}.get(manifest.get("editor"))
     if kind is None:
         raise SnapshotError(f"{where}: snapshots of editor '{manifest.get('editor')}' cannot be loaded; "
-                            f"only {', '.join(kinds)}")
+                            f"only {', '.join(SNAPSHOT_EDITORS)}")
     return kind.from_files(manifest, files, where, backbone)

@@ -17,6 +17,7 @@ import torch
 
 from melo_ray.backbones import remove_edit_layers
 from melo_ray.config import load_config
+from melo_ray.editors import SNAPSHOT_EDITORS
 from melo_ray.editors.elder import ElderEditor
 from melo_ray.editors.melo import MeloEditor, index_batch, index_files, load_index_files
 from melo_ray.records import EditRecord
@@ -26,7 +27,7 @@ class StaleActorError(RuntimeError):
     """An actor's state is not the one the driver expects (it was restarted, or a call repeated)."""
 
 
-PIPELINE_EDITORS = ("melo", "elder")
+PIPELINE_EDITORS = SNAPSHOT_EDITORS
 
 
 class TrainerActor:
@@ -87,6 +88,7 @@ class TrainerActor:
                 "keys": np.zeros((0, self.editor.key_function.dim), np.float32), "targets": [], "ids": [],
                 "block": None, "version": self.editor.version, "edits": result.edits, "steps": result.steps,
                 "loss": result.final_loss, "learned": result.learned, "seconds": result.seconds,
+                "counters": self.editor.stats(),  # stands in for the index's counters, no second call
             }
         kept, keys, block, stats = self.editor.train_batch(batch)
         return {

@@ -297,7 +297,7 @@ class BulkEditJob:
                 trained, indexed = ray.get([trained, indexed])
             else:  # ELDER: the trainer's own counters stand in for the index's
                 trained = ray.get(trained)
-                counters = ray.get(self.actors.trainer.stats.remote())
+                counters = trained["counters"]
                 indexed = {"clusters": counters["facts"], "conflicts": 0, "forgotten": 0,
                            "members": counters["stored_codes"]}
             expected = trained["version"]
