@@ -3,27 +3,35 @@ not a stored code), how many get their own prompt's allocation code, and how oft
 edited prompts succeed (greedy output starts with the target). Prints one JSON line.
 
     melo-ray data convert --format zsre --in ../shared/data/zsre-mend-eval-subsets/zsre_mend_eval_portability_gpt4.json --out /tmp/zsre.parquet
-    OMP_NUM_THREADS=1 python benchmarks/elder_routing.py 100 [/tmp/zsre.parquet]
+    OMP_NUM_THREADS=1 python benchmarks/elder_routing.py 100 [/tmp/zsre.parquet] [--set elder.replay=50 ...]
+
+`--set section.field=value` overrides one config field (the value is read as YAML), to compare levers.
 """
+import argparse
 import json
-import sys
 import time
 
 import numpy as np
 import pyarrow.parquet as pq
-from melo_ray.config import load_config
+from melo_ray.config import load_config, with_overrides
 from melo_ray.editors import build_editor
 from melo_ray.editors.base import as_records
 from melo_ray.metrics import starts_with_target
 
-T = int(sys.argv[1]) if len(sys.argv) > 1 else 100
-EDITS = sys.argv[2] if len(sys.argv) > 2 else "/tmp/zsre.parquet"
-ed = build_editor("elder", load_config("configs/smollm2-135m.yaml"))
+parser = argparse.ArgumentParser()
+parser.add_argument("T", type=int, nargs="?", default=100)
+parser.add_argument("edits", nargs="?", default="/tmp/zsre.parquet")
+parser.add_argument("--config", default="configs/smollm2-135m.yaml")
+parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+args = parser.parse_args()
+T, EDITS = args.T, args.edits
+ed = build_editor("elder", with_overrides(load_config(args.config), args.set))
 recs = as_records(pq.read_table(EDITS).to_pylist()[:T])
 t = time.perf_counter()
 for s in range(0, T, 10):
     ed.edit(recs[s:s + 10])
-print("edit seconds", round(time.perf_counter() - t, 1), flush=True)
+edit_seconds = time.perf_counter() - t
+print("edit seconds", round(edit_seconds, 1), flush=True)
 reph = [(r, r.rephrases[0]) for r in recs if r.rephrases]
 prompts = [p for _, p in reph]
 ids, dist = ed.route(prompts)
@@ -31,18 +39,29 @@ keys = ed.key_function.keys(prompts)
 codes = ed.codes(keys).astype(np.int32)
 own = ed.codes(ed.key_function.keys([r.prompt for r, _ in reph])).astype(np.int32)
 same_code = (codes == own).all(1)
+# does each edited prompt still get the allocation it was assigned (router drift)?
+layers, k = len(ed.layers), ed.cfg.top_k
+assigned_bits = np.zeros((T, layers * ed.cfg.num_experts), np.int32)
+for row, r in enumerate(recs):
+    for layer, experts in enumerate(ed.allocations[r.id]):
+        assigned_bits[row, layer * ed.cfg.num_experts + experts] = 1
+prompt_codes = ed.codes(ed.key_function.keys([r.prompt for r in recs])).astype(np.int32)
+on_assigned = (prompt_codes == assigned_bits).all(1)
 out_r = [g.output for g in ed.generate(prompts)]
 ok_r = np.array([starts_with_target(o, r.target) for o, (r, _) in zip(out_r, reph)])
 out_e = [g.output for g in ed.generate([r.prompt for r in recs])]
 ok_e = np.array([starts_with_target(o, r.target) for o, r in zip(out_e, recs)])
 res = {
-    "T": T, "rephrasings": len(reph),
+    "T": T, "overrides": args.set, "edit_seconds": round(edit_seconds, 1), "rephrasings": len(reph),
     "rephrasing_deferred": float((ids < 0).mean()),
     "rephrasing_same_code_as_its_prompt": float(same_code.mean()),
     "generality": float(ok_r.mean()),
     "generality_when_same_code": float(ok_r[same_code].mean()) if same_code.any() else None,
     "reliability": float(ok_e.mean()),
     "reliability_first_half": float(ok_e[: T // 2].mean()), "reliability_last_batch": float(ok_e[-10:].mean()),
+    "prompt_on_assigned_allocation": float(on_assigned.mean()),
+    "prompt_on_assigned_first_half": float(on_assigned[: T // 2].mean()),
+    "reliability_when_on_assigned": float(ok_e[on_assigned].mean()) if on_assigned.any() else None,
     "mean_hamming_rephrasing": float(dist[np.isfinite(dist)].mean()),
 }
 print(json.dumps(res))

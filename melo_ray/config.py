@@ -145,6 +145,10 @@ class ElderConfig(_Strict):
         0, ge=0, description="Earlier edits replayed with each batch (0: the method as published). Shared "
         "experts forget earlier edits without it; see docs/results.md.",
     )
+    guide_stored: bool = Field(
+        False, description="Also keep every earlier edit's key on its allocation in the guided loss (router "
+        "only, no model forward). Off: the method as published, where routers drift from older facts.",
+    )
     seed: int = Field(0, description="Seed for expert initialisation and allocations.")
 
     @model_validator(mode="after")
@@ -219,3 +223,26 @@ def load_config(source: str | Path | dict[str, Any] | EditorConfig) -> EditorCon
         return EditorConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_error(exc, where)) from exc
+
+
+def with_overrides(config: EditorConfig, items: list[str]) -> EditorConfig:
+    """Apply `section.field=value` overrides (values read as YAML), validated like a config file."""
+    data = config.model_dump(mode="json")
+    for item in items:
+        dotted, sep, value = item.partition("=")
+        if not sep or not dotted.strip():
+            raise ConfigError(f"--set '{item}': expected section.field=value")
+        *path, field = dotted.strip().split(".")
+        node = data
+        for part in path:
+            child = node.get(part) if isinstance(node, dict) else None
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set '{item}': '{part}' is not a section")
+            node = child
+        try:
+            node[field] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set '{item}': value is not valid YAML: {exc}") from exc
+    return load_config(data) if items else config

@@ -25,3 +25,20 @@ def test_unreadable_yaml(tmp_path):
     (tmp_path / "c.yaml").write_text("lora: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_overrides_are_typed_and_validated():
+    from melo_ray.config import with_overrides
+
+    base = load_config(CONFIGS / "smollm2-135m.yaml")
+    changed = with_overrides(base, ["elder.replay=50", "elder.guide_stored=true", "train.lr=0.003"])
+    assert (changed.elder.replay, changed.elder.guide_stored, changed.train.lr) == (50, True, 0.003)
+    assert base.elder.replay != 50 and with_overrides(base, []) is base  # the original is untouched
+    with pytest.raises(ConfigError, match=r"field 'elder.replay'"):
+        with_overrides(base, ["elder.replay=-1"])
+    with pytest.raises(ConfigError, match=r"field 'elder.replya'"):
+        with_overrides(base, ["elder.replya=3"])
+    with pytest.raises(ConfigError, match="expected section.field=value"):
+        with_overrides(base, ["elder.replay"])
+    with pytest.raises(ConfigError, match="'editor' is not a section"):
+        with_overrides(base, ["editor.x=1"])

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from melo_ray.config import ConfigError, load_config
+from melo_ray.config import ConfigError, load_config, with_overrides
 from melo_ray.editors import SNAPSHOT_EDITORS
 from melo_ray.records import RecordError, read_edit_records, read_prompts, write_parquet
 from melo_ray.snapshots import SnapshotError
@@ -44,7 +44,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from melo_ray.editors import load_editor
     from melo_ray.snapshots import read_manifest
 
-    config = load_config(args.config)
+    config = with_overrides(load_config(args.config), args.set)
     if args.editor:
         config = config.model_copy(update={"editor": args.editor})
     records = read_edit_records(args.edits)  # the whole file is validated before any training
@@ -120,7 +120,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from melo_ray.editors import EDITOR_NAMES, build_editor
     from melo_ray.evaluation import EvalPlan, evaluate, results_table, write_results
 
-    config = load_config(args.config)
+    config = with_overrides(load_config(args.config), args.set)
     names = [n.strip() for n in args.editors.split(",") if n.strip()]
     unknown = [n for n in names if n not in EDITOR_NAMES]
     if unknown:
@@ -141,7 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name in names:
         editor = build_editor(name, config, load_backbone(config.backbone))  # a fresh backbone each
         rows.append(evaluate(editor, records, nq, plan, progress=not args.quiet))
-    meta = {"config": str(args.config), "data": str(args.edits), "n_edits": len(records),
+    meta = {"config": str(args.config), "overrides": list(args.set), "data": str(args.edits), "n_edits": len(records),
             "batch_size": plan.batch_size, "locality": str(locality) if nq else None, "n_locality": len(nq)}
     write_results(rows, Path(args.out), meta)
     print(results_table(rows), end="")
@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     edit = sub.add_parser("edit", help="apply an edit file (Parquet or JSONL) and write a snapshot")
     edit.add_argument("--config", required=True)
+    edit.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                      help="override one config field (value read as YAML), e.g. elder.replay=50; repeatable")
     edit.add_argument("--edits", required=True, help="Parquet or JSONL with prompt, target, ...")
     edit.add_argument("--out", required=True, help="snapshot folder to write (replaced atomically)")
     edit.add_argument("--batch-size", type=int, default=None, help="edits per block (default: config)")
@@ -214,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="lifelong-editing evaluation of several editors on one edit stream")
     ev.add_argument("--config", required=True)
+    ev.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                      help="override one config field (value read as YAML), e.g. elder.replay=50; repeatable")
     ev.add_argument("--edits", required=True, help="Parquet or JSONL edit records (see `data convert`)")
     ev.add_argument("--n-edits", type=int, required=True, help="T: edits applied in order")
     ev.add_argument("--editors", default="melo,grace,lora", help="comma-separated: melo, elder, grace, lora")

@@ -233,6 +233,14 @@ class ElderEditor(Editor):
         batch = build_batch(self.backbone, batch_records, self.config.train.append_eos)
         layers = list(self.layers.values())
 
+        # Earlier edits' keys keep their allocations in the router loss: a router step costs nothing next
+        # to a model step, and without it the routers drift away from older facts' allocations.
+        held = [i for i in range(len(self.edit_records)) if i not in set(replayed)] if self.cfg.guide_stored else []
+        held_query = torch.as_tensor(self.edit_keys[held], dtype=torch.float32, device=device)
+        held_assigned = torch.as_tensor(
+            np.stack([self.allocations[self.edit_records[i].id] for i in held]) if held
+            else np.zeros((0, len(layers), self.cfg.top_k), np.int64), device=device)
+
         def guided() -> tuple[torch.Tensor, bool]:
             loss = query.new_zeros(())
             met = True
@@ -242,6 +250,9 @@ class ElderEditor(Editor):
                 loss = loss - torch.log(scores.gather(1, chosen).clamp_min(1e-9)).sum(1).mean()
                 top = scores.topk(layer.top_k, dim=-1).indices.sort(dim=1).values
                 met = met and bool((top == chosen).all())
+                if held:
+                    held_scores = layer.scores(held_query)
+                    loss = loss - torch.log(held_scores.gather(1, held_assigned[:, i, :]).clamp_min(1e-9)).sum(1).mean()
             return self.cfg.guided_lambda * loss, met
 
         train_cfg = self.config.train.model_copy(update={
