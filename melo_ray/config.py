@@ -149,6 +149,11 @@ class ElderConfig(_Strict):
         False, description="Also keep every earlier edit's key on its allocation in the guided loss (router "
         "only, no model forward). Off: the method as published, where routers drift from older facts.",
     )
+    guide_noise: float = Field(
+        0.0, ge=0, description="Also teach each guided key's allocation at noisy copies of it (noise norm = "
+        "this x the key's norm), so rephrasings near a prompt's key share its code. 0: off (as published).",
+    )
+    guide_copies: int = Field(4, ge=0, description="Noisy copies per guided key when guide_noise > 0.")
     seed: int = Field(0, description="Seed for expert initialisation and allocations.")
 
     @model_validator(mode="after")

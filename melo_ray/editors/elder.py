@@ -214,6 +214,33 @@ class ElderEditor(Editor):
             return []
         return sorted(self.rng.choice(n, min(n, self.cfg.replay), replace=False).tolist())
 
+    def _guide_rows(self, replayed: list[int], keys: np.ndarray, assigned: torch.Tensor,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router-only rows for the guided loss (no model forward): earlier edits' keys (guide_stored)
+        and noisy copies of every guided key (guide_noise), each with its fact's allocation."""
+        rows, allocations = [keys], [assigned.numpy()]
+        if self.cfg.guide_stored:
+            skip = set(replayed)
+            held = [i for i in range(len(self.edit_records)) if i not in skip]
+            if held:
+                rows.append(self.edit_keys[held])
+                allocations.append(np.stack([self.allocations[self.edit_records[i].id] for i in held]))
+        clean = np.concatenate(rows).astype(np.float32)
+        assigned_all = np.concatenate(allocations)
+        extra_rows, extra_assigned = clean[len(keys):], assigned_all[len(keys):]
+        if self.cfg.guide_noise > 0 and self.cfg.guide_copies > 0:
+            # Rephrasings sit near their prompt's key: teach the routers the same allocation in a
+            # neighbourhood of each key (noise norm = guide_noise x key norm), seeded for exact resumes.
+            gen = np.random.default_rng([self.cfg.seed, self.version])
+            copies = np.repeat(clean, self.cfg.guide_copies, axis=0)
+            noise = gen.standard_normal(copies.shape).astype(np.float32)
+            noise *= (self.cfg.guide_noise * np.linalg.norm(copies, axis=1, keepdims=True)
+                      / np.linalg.norm(noise, axis=1, keepdims=True).clip(1e-12))
+            extra_rows = np.concatenate([extra_rows, copies + noise])
+            extra_assigned = np.concatenate([extra_assigned, np.repeat(assigned_all, self.cfg.guide_copies, axis=0)])
+        return (torch.as_tensor(extra_rows, dtype=torch.float32, device=device),
+                torch.as_tensor(extra_assigned, dtype=torch.long, device=device))
+
     def edit(self, records: Iterable[EditRecord | Mapping[str, Any]]) -> EditResult:
         new_records = as_records(records)
         if not new_records:
@@ -233,13 +260,7 @@ class ElderEditor(Editor):
         batch = build_batch(self.backbone, batch_records, self.config.train.append_eos)
         layers = list(self.layers.values())
 
-        # Earlier edits' keys keep their allocations in the router loss: a router step costs nothing next
-        # to a model step, and without it the routers drift away from older facts' allocations.
-        held = [i for i in range(len(self.edit_records)) if i not in set(replayed)] if self.cfg.guide_stored else []
-        held_query = torch.as_tensor(self.edit_keys[held], dtype=torch.float32, device=device)
-        held_assigned = torch.as_tensor(
-            np.stack([self.allocations[self.edit_records[i].id] for i in held]) if held
-            else np.zeros((0, len(layers), self.cfg.top_k), np.int64), device=device)
+        extra_query, extra_assigned = self._guide_rows(replayed, keys, assigned, device)
 
         def guided() -> tuple[torch.Tensor, bool]:
             loss = query.new_zeros(())
@@ -250,9 +271,9 @@ class ElderEditor(Editor):
                 loss = loss - torch.log(scores.gather(1, chosen).clamp_min(1e-9)).sum(1).mean()
                 top = scores.topk(layer.top_k, dim=-1).indices.sort(dim=1).values
                 met = met and bool((top == chosen).all())
-                if held:
-                    held_scores = layer.scores(held_query)
-                    loss = loss - torch.log(held_scores.gather(1, held_assigned[:, i, :]).clamp_min(1e-9)).sum(1).mean()
+                if len(extra_query):
+                    extra = layer.scores(extra_query).gather(1, extra_assigned[:, i, :])
+                    loss = loss - torch.log(extra.clamp_min(1e-9)).sum(1).mean()
             return self.cfg.guided_lambda * loss, met
 
         train_cfg = self.config.train.model_copy(update={
