@@ -118,6 +118,17 @@ def test_an_interrupted_edit_resumes_without_losing_or_repeating_edits(tmp_path,
     assert [g.output for g in resumed.generate(prompts)] == [g.output for g in whole.generate(prompts)]
 
 
+def test_set_overrides_reach_the_snapshot_and_bad_ones_name_the_field(tmp_path, capsys):
+    edits = _jsonl(tmp_path / "e.jsonl", fact_records(0, 4))
+    assert main(["edit", "--config", TINY, "--editor", "elder", "--set", "elder.guide_stored=true",
+                 "--set", "elder.replay=2", "--edits", str(edits), "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    elder = json.loads((tmp_path / "s" / "manifest.json").read_text())["config"]["elder"]
+    assert (elder["guide_stored"], elder["replay"]) == (True, 2)
+    assert main(["edit", "--config", TINY, "--set", "elder.replay=-1", "--edits", str(edits),
+                 "--out", str(tmp_path / "t"), "--quiet"]) == 2
+    assert "elder.replay" in capsys.readouterr().err and not (tmp_path / "t").exists()
+
+
 def test_edit_and_generate_with_the_elder_editor(tmp_path, capsys):
     records = fact_records(0, 10)
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "edits.parquet")
