@@ -23,6 +23,8 @@ parser.add_argument("T", type=int, nargs="?", default=100)
 parser.add_argument("edits", nargs="?", default="/tmp/zsre.parquet")
 parser.add_argument("--config", default="configs/smollm2-135m.yaml")
 parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+parser.add_argument("--thresholds", default="", help="also measure at these deferral thresholds, e.g. 1,2")
+parser.add_argument("--nq", default="../shared/data/nq-open/NQ-open.dev.jsonl", help="unrelated questions")
 args = parser.parse_args()
 T, EDITS = args.T, args.edits
 ed = build_editor("elder", with_overrides(load_config(args.config), args.set))
@@ -51,6 +53,9 @@ out_r = [g.output for g in ed.generate(prompts)]
 ok_r = np.array([starts_with_target(o, r.target) for o, (r, _) in zip(out_r, reph)])
 out_e = [g.output for g in ed.generate([r.prompt for r in recs])]
 ok_e = np.array([starts_with_target(o, r.target) for o, r in zip(out_e, recs)])
+# unrelated inputs: a deferred one runs on the exact base model, so this is an upper bound on locality
+nq = [json.loads(line)["question"] for line in open(args.nq).read().splitlines()[:100] if line.strip()]
+nq_ids, _ = ed.route(nq)
 res = {
     "T": T, "overrides": args.set, "edit_seconds": round(edit_seconds, 1), "rephrasings": len(reph),
     "rephrasing_deferred": float((ids < 0).mean()),
@@ -62,6 +67,17 @@ res = {
     "prompt_on_assigned_allocation": float(on_assigned.mean()),
     "prompt_on_assigned_first_half": float(on_assigned[: T // 2].mean()),
     "reliability_when_on_assigned": float(ok_e[on_assigned].mean()) if on_assigned.any() else None,
+    "nq_deferred": float((nq_ids < 0).mean()),
     "mean_hamming_rephrasing": float(dist[np.isfinite(dist)].mean()),
 }
+# the same edited state at other deferral thresholds (inference only): rephrasings admitted vs NQ admitted
+res["at_threshold"] = {}
+for threshold in [int(t) for t in args.thresholds.split(",") if t.strip()]:
+    ed.cfg = ed.cfg.model_copy(update={"defer_threshold": threshold})
+    out_t = [g.output for g in ed.generate(prompts)]
+    res["at_threshold"][threshold] = {
+        "rephrasing_deferred": float((ed.route(prompts)[0] < 0).mean()),
+        "generality": float(np.mean([starts_with_target(o, r.target) for o, (r, _) in zip(out_t, reph)])),
+        "nq_deferred": float((ed.route(nq)[0] < 0).mean()),
+    }
 print(json.dumps(res))
