@@ -37,18 +37,12 @@ print("edit seconds", round(edit_seconds, 1), flush=True)
 reph = [(r, r.rephrases[0]) for r in recs if r.rephrases]
 prompts = [p for _, p in reph]
 ids, dist = ed.route(prompts)
-keys = ed.key_function.keys(prompts)
-codes = ed.codes(keys).astype(np.int32)
-own = ed.codes(ed.key_function.keys([r.prompt for r, _ in reph])).astype(np.int32)
-same_code = (codes == own).all(1)
-# does each edited prompt still get the allocation it was assigned (router drift)?
-layers, k = len(ed.layers), ed.cfg.top_k
-assigned_bits = np.zeros((T, layers * ed.cfg.num_experts), np.int32)
-for row, r in enumerate(recs):
-    for layer, experts in enumerate(ed.allocations[r.id]):
-        assigned_bits[row, layer * ed.cfg.num_experts + experts] = 1
+codes = ed.codes(ed.key_function.keys(prompts)).astype(np.int32)
 prompt_codes = ed.codes(ed.key_function.keys([r.prompt for r in recs])).astype(np.int32)
-on_assigned = (prompt_codes == assigned_bits).all(1)
+with_rephrasing = [i for i, r in enumerate(recs) if r.rephrases]
+same_code = (codes == prompt_codes[with_rephrasing]).all(1)
+# does each edited prompt still get the allocation it was assigned (router drift)?
+on_assigned = (prompt_codes == ed.allocation_bits([r.id for r in recs])).all(1)
 out_r = [g.output for g in ed.generate(prompts)]
 ok_r = np.array([starts_with_target(o, r.target) for o, (r, _) in zip(out_r, reph)])
 out_e = [g.output for g in ed.generate([r.prompt for r in recs])]

@@ -153,7 +153,7 @@ class ElderConfig(_Strict):
         0.0, ge=0, description="Also teach each guided key's allocation at noisy copies of it (noise norm = "
         "this x the key's norm), so rephrasings near a prompt's key share its code. 0: off (as published).",
     )
-    guide_copies: int = Field(4, ge=0, description="Noisy copies per guided key when guide_noise > 0.")
+    guide_copies: int = Field(4, ge=1, description="Noisy copies per guided key when guide_noise > 0.")
     seed: int = Field(0, description="Seed for expert initialisation and allocations.")
 
     @model_validator(mode="after")
@@ -240,8 +240,8 @@ def with_overrides(config: EditorConfig, items: list[str]) -> EditorConfig:
         *path, field = dotted.strip().split(".")
         node = data
         for part in path:
-            child = node.get(part) if isinstance(node, dict) else None
-            if child is None:
+            child = node.get(part)
+            if child is None:  # an unset optional section
                 child = node[part] = {}
             if not isinstance(child, dict):
                 raise ConfigError(f"--set '{item}': '{part}' is not a section")

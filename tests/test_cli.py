@@ -127,6 +127,10 @@ def test_set_overrides_reach_the_snapshot_and_bad_ones_name_the_field(tmp_path, 
     assert main(["edit", "--config", TINY, "--set", "elder.replay=-1", "--edits", str(edits),
                  "--out", str(tmp_path / "t"), "--quiet"]) == 2
     assert "elder.replay" in capsys.readouterr().err and not (tmp_path / "t").exists()
+    # a resumed snapshot keeps its own config: an override there is refused, not silently dropped
+    assert main(["edit", "--config", TINY, "--editor", "elder", "--set", "elder.replay=5", "--edits", str(edits),
+                 "--out", str(tmp_path / "u"), "--resume-from", str(tmp_path / "s"), "--quiet"]) == 2
+    assert "--set applies to a fresh run" in capsys.readouterr().err and not (tmp_path / "u").exists()
 
 
 def test_edit_and_generate_with_the_elder_editor(tmp_path, capsys):

@@ -120,12 +120,7 @@ def test_a_published_elder_snapshot_serves_and_refuses_a_melo_one(edited, tmp_pa
 
 def _on_assigned(editor, records) -> int:
     codes = editor.codes(editor.key_function.keys([r["prompt"] for r in records]))
-    n = editor.cfg.num_experts
-    return sum(
-        np.array_equal(np.stack([np.nonzero(code[i * n : (i + 1) * n])[0] for i in range(len(editor.layers))]),
-                       editor.allocations[r["id"]])
-        for code, r in zip(codes, records)
-    )
+    return int((codes == editor.allocation_bits([r["id"] for r in records])).all(1).sum())
 
 
 def test_guide_stored_keeps_earlier_prompts_on_their_allocations():

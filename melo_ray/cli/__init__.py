@@ -54,6 +54,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     size = args.batch_size or config.train.batch_size
     done = 0
     out = Path(args.out)
+    if args.set and (args.resume or args.resume_from):
+        raise ConfigError("--set applies to a fresh run; a resumed snapshot keeps the config it was written with")
     if args.resume and (out / "manifest.json").is_file():
         job = read_manifest(out).get("job") or {}
         if job.get("edits_sha256") != digest or job.get("batch_size") != size:
@@ -177,6 +179,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.data), args.n, args.config, Path(args.out))
 
 
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override one config field (value read as YAML), e.g. elder.replay=50; repeatable")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="melo-ray", description="Lifelong model editing with MELO.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -184,8 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     edit = sub.add_parser("edit", help="apply an edit file (Parquet or JSONL) and write a snapshot")
     edit.add_argument("--config", required=True)
-    edit.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                      help="override one config field (value read as YAML), e.g. elder.replay=50; repeatable")
+    _add_overrides(edit)
     edit.add_argument("--edits", required=True, help="Parquet or JSONL with prompt, target, ...")
     edit.add_argument("--out", required=True, help="snapshot folder to write (replaced atomically)")
     edit.add_argument("--batch-size", type=int, default=None, help="edits per block (default: config)")
@@ -216,8 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="lifelong-editing evaluation of several editors on one edit stream")
     ev.add_argument("--config", required=True)
-    ev.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                      help="override one config field (value read as YAML), e.g. elder.replay=50; repeatable")
+    _add_overrides(ev)
     ev.add_argument("--edits", required=True, help="Parquet or JSONL edit records (see `data convert`)")
     ev.add_argument("--n-edits", type=int, required=True, help="T: edits applied in order")
     ev.add_argument("--editors", default="melo,grace,lora", help="comma-separated: melo, elder, grace, lora")

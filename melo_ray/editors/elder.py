@@ -147,6 +147,15 @@ class ElderEditor(Editor):
                                     device=query.device).scatter(-1, top, True))
         return torch.cat(bits, dim=1).cpu().numpy() if bits else np.zeros((len(keys), 0), bool)
 
+    def allocation_bits(self, fact_ids: list[str]) -> np.ndarray:
+        """The codes the facts were assigned, (n, layers * N) bits as codes() returns them."""
+        n = self.cfg.num_experts
+        bits = np.zeros((len(fact_ids), len(self.layers) * n), bool)
+        for row, fact in enumerate(fact_ids):
+            for layer, experts in enumerate(self.allocations[fact]):
+                bits[row, layer * n + experts] = True
+        return bits
+
     def _stored_codes(self) -> np.ndarray:
         """Codes of every edited prompt under the current routers; they only change when a batch trains."""
         cached = self._codes_cache
@@ -228,7 +237,7 @@ class ElderEditor(Editor):
         clean = np.concatenate(rows).astype(np.float32)
         assigned_all = np.concatenate(allocations)
         extra_rows, extra_assigned = clean[len(keys):], assigned_all[len(keys):]
-        if self.cfg.guide_noise > 0 and self.cfg.guide_copies > 0:
+        if self.cfg.guide_noise > 0:
             # Rephrasings sit near their prompt's key: teach the routers the same allocation in a
             # neighbourhood of each key (noise norm = guide_noise x key norm), seeded for exact resumes.
             gen = np.random.default_rng([self.cfg.seed, self.version])
