@@ -11,7 +11,8 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -63,6 +64,13 @@ class Backbone:
     family: FamilySpec
     config: BackboneConfig
     labels: list[str] | None  # class names, classification only
+    # A fast tokenizer keeps padding settings in shared state that each call rewrites: two threads
+    # (a replica's request handler and its generation worker) must not tokenize at once.
+    tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def tokenize(self, texts: str | list[str], **kwargs):
+        with self.tokenizer_lock:
+            return self.tokenizer(texts, **kwargs)
 
     @property
     def task(self) -> Task:

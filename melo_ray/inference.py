@@ -9,7 +9,7 @@ from melo_ray.training import IGNORE, EditBatch
 
 def encode(backbone: Backbone, prompts: list[str], padding_side: str) -> dict[str, torch.Tensor]:
     texts = [backbone.format_prompt(p) for p in prompts]
-    encoded = backbone.tokenizer(texts, return_tensors="pt", padding=True, padding_side=padding_side)
+    encoded = backbone.tokenize(texts, return_tensors="pt", padding=True, padding_side=padding_side)
     return {k: v.to(backbone.device) for k, v in encoded.items()}
 
 

@@ -66,11 +66,10 @@ class HiddenStateKeys:
 
     @torch.no_grad()
     def keys(self, prompts: list[str]) -> np.ndarray:
-        tok = self.backbone.tokenizer
         out: list[np.ndarray] = []
         for start in range(0, len(prompts), self.batch_size):
             chunk = [self.backbone.format_prompt(p) for p in prompts[start : start + self.batch_size]]
-            batch = {k: v.to(self.backbone.device) for k, v in tok(chunk, return_tensors="pt", padding=True).items()}
+            batch = {k: v.to(self.backbone.device) for k, v in self.backbone.tokenize(chunk, return_tensors="pt", padding=True).items()}
             captured: list[torch.Tensor] = []
 
             def hook(_module: nn.Module, inputs: tuple, output: object) -> None:

@@ -73,7 +73,7 @@ class ServingEngine:
 
     def prompt_tokens(self, prompt: str) -> int:
         backbone = self.editor.backbone
-        return len(backbone.tokenizer(backbone.format_prompt(prompt))["input_ids"])
+        return len(backbone.tokenize(backbone.format_prompt(prompt))["input_ids"])
 
     def complete(self, requests: list[CompletionRequest], *, base: bool = False, full_length: bool = False) -> list[Completion]:
         """One routed forward pass per generated token for the whole batch, whatever blocks its rows use.

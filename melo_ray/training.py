@@ -59,11 +59,11 @@ def _build_batch(backbone: Backbone, records: list[EditRecord], append_eos: bool
         for row, record in enumerate(records):
             if record.target not in labels:
                 raise RecordError("edit batch", row, "target", f"'{record.target}' is not one of the labels {labels}")
-        inputs = dict(tok(prompts, return_tensors="pt", padding=True))
+        inputs = dict(backbone.tokenize(prompts, return_tensors="pt", padding=True))
         return EditBatch(inputs, torch.tensor([labels.index(r.target) for r in records]))
     if backbone.task == "seq2seq":
-        inputs = dict(tok(prompts, return_tensors="pt", padding=True))
-        targets = [tok(r.target, add_special_tokens=False).input_ids + eos for r in records]
+        inputs = dict(backbone.tokenize(prompts, return_tensors="pt", padding=True))
+        targets = [backbone.tokenize(r.target, add_special_tokens=False).input_ids + eos for r in records]
         width = max(len(t) for t in targets)
         labels = torch.full((len(records), width), IGNORE)
         for row, ids in enumerate(targets):
@@ -71,10 +71,10 @@ def _build_batch(backbone: Backbone, records: list[EditRecord], append_eos: bool
         return EditBatch(inputs, labels)
     sequences, label_rows = [], []
     for prompt, record in zip(prompts, records):
-        prompt_ids = tok(prompt).input_ids
+        prompt_ids = backbone.tokenize(prompt).input_ids
         # The target follows the prompt after one space, the way a reader would write it.
         text = record.target if prompt.endswith((" ", "\n")) or record.target.startswith(" ") else " " + record.target
-        target_ids = tok(text, add_special_tokens=False).input_ids + eos
+        target_ids = backbone.tokenize(text, add_special_tokens=False).input_ids + eos
         sequences.append(prompt_ids + target_ids)
         label_rows.append([IGNORE] * len(prompt_ids) + target_ids)
     width = max(len(s) for s in sequences)
