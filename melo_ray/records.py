@@ -1,10 +1,12 @@
 """Edit records: the schema every editor, converter and pipeline speaks, and its validation.
 
-Columns: prompt (str, required), target (str, required), id (str, optional), rephrases (list of str,
+Columns: prompt (str, required), target (str, required), id (str, optional; unique across a store's
+whole history, so a missing one is derived from prompt and target, never from a row number), rephrases (list of str,
 optional), locality_prompt / locality_answer (str, optional).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -31,14 +33,25 @@ class RecordError(ValueError):
         super().__init__(f"{where}: {reason}")
 
 
+def content_id(prompt: str, target: str) -> str:
+    """An id derived from what the edit says, so it is the same in every job and file that holds it
+    and differs between different edits (a row number would repeat across jobs)."""
+    digest = hashlib.sha256(f"{prompt}\x00{target}".encode("utf-8", "surrogatepass")).hexdigest()
+    return f"edit-{digest[:20]}"
+
+
 @dataclass(frozen=True)
 class EditRecord:
     prompt: str
     target: str
-    id: str = ""
+    id: str = ""  # empty: derived from prompt and target (content_id)
     rephrases: tuple[str, ...] = field(default_factory=tuple)
     locality_prompt: str | None = None
     locality_answer: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            object.__setattr__(self, "id", content_id(self.prompt, self.target))
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -75,7 +88,7 @@ def parse_record(raw: Mapping[str, Any], source: str, row: int) -> EditRecord:
     return EditRecord(
         prompt=prompt or "",
         target=target or "",
-        id=str(raw_id) if raw_id is not None else f"{row}",
+        id=str(raw_id) if raw_id is not None else "",  # "" -> derived from the content
         rephrases=tuple(rephrases),
         locality_prompt=_string(raw.get("locality_prompt"), source, row, "locality_prompt", required=False),
         locality_answer=_string(raw.get("locality_answer"), source, row, "locality_answer", required=False),
