@@ -24,10 +24,11 @@ import json
 import time
 from pathlib import Path
 
-from melo_ray.backbones import load_backbone, remove_edit_layers
+from melo_ray.backbones import load_backbone
+from melo_ray.editors.layers import remove_edit_layers
 from melo_ray.config import load_config
 from melo_ray.data import convert
-from melo_ray.editors import build_editor
+from melo_ray.editors.registry import build_editor
 from melo_ray.metrics import success_rate
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,8 +14,8 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 from melo_ray.config import load_config, with_overrides
-from melo_ray.editors import build_editor
-from melo_ray.editors.base import as_records
+from melo_ray.editors.registry import build_editor
+from melo_ray.editors.protocol import as_records
 from melo_ray.metrics import starts_with_target
 
 parser = argparse.ArgumentParser()
@@ -36,7 +36,7 @@ edit_seconds = time.perf_counter() - t
 print("edit seconds", round(edit_seconds, 1), flush=True)
 reph = [(r, r.rephrases[0]) for r in recs if r.rephrases]
 prompts = [p for _, p in reph]
-ids, dist = ed.route(prompts)
+routing = ed.route(prompts); ids, dist = routing.ids, routing.distances
 codes = ed.codes(ed.key_function.keys(prompts)).astype(np.int32)
 prompt_codes = ed.codes(ed.key_function.keys([r.prompt for r in recs])).astype(np.int32)
 with_rephrasing = [i for i, r in enumerate(recs) if r.rephrases]
@@ -49,7 +49,7 @@ out_e = [g.output for g in ed.generate([r.prompt for r in recs])]
 ok_e = np.array([starts_with_target(o, r.target) for o, r in zip(out_e, recs)])
 # unrelated inputs: a deferred one runs on the exact base model, so this is an upper bound on locality
 nq = [json.loads(line)["question"] for line in open(args.nq).read().splitlines()[:100] if line.strip()]
-nq_ids, _ = ed.route(nq)
+nq_ids = ed.route(nq).ids
 res = {
     "T": T, "overrides": args.set, "edit_seconds": round(edit_seconds, 1), "rephrasings": len(reph),
     "rephrasing_deferred": float((ids < 0).mean()),
@@ -70,8 +70,8 @@ for threshold in [int(t) for t in args.thresholds.split(",") if t.strip()]:
     ed.cfg = ed.cfg.model_copy(update={"defer_threshold": threshold})
     out_t = [g.output for g in ed.generate(prompts)]
     res["at_threshold"][threshold] = {
-        "rephrasing_deferred": float((ed.route(prompts)[0] < 0).mean()),
+        "rephrasing_deferred": float((ed.route(prompts).ids < 0).mean()),
         "generality": float(np.mean([starts_with_target(o, r.target) for o, (r, _) in zip(out_t, reph)])),
-        "nq_deferred": float((ed.route(nq)[0] < 0).mean()),
+        "nq_deferred": float((ed.route(nq).ids < 0).mean()),
     }
 print(json.dumps(res))

@@ -15,7 +15,7 @@ import statistics
 import time
 from pathlib import Path
 
-from melo_ray.editors.melo import MeloEditor
+from melo_ray.editors.melo.editor import MeloEditor
 from melo_ray.records import read_edit_records
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 
 from melo_ray.records import read_edit_records
-from melo_ray.serving import CompletionRequest, ServingEngine
+from melo_ray.serving.engine import CompletionRequest, ServingEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 NQ = ROOT.parent / "shared" / "data" / "nq-open" / "NQ-open.dev.jsonl"
@@ -115,7 +115,7 @@ def main() -> None:
 
     import ray
 
-    from melo_ray.serve import ServeSettings, run_http
+    from melo_ray.serving.app import ServeSettings, run_http
 
     ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, object_store_memory=256 * 1024 * 1024)
     settings = ServeSettings(snapshots=args.snapshots, replicas=1, replica_cpus=os.cpu_count() or 2,

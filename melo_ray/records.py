@@ -1,8 +1,16 @@
 """Edit records: the schema every editor, converter and pipeline speaks, and its validation.
 
 Columns: prompt (str, required), target (str, required), id (str, optional; unique across a store's
-whole history, so a missing one is derived from prompt and target, never from a row number), rephrases (list of str,
+whole history, so a missing one is derived from prompt and target, never from a row number), subject (str,
+optional), rephrases (list of str, optional; evaluation only), train_rephrases (list of str, optional; an editor
+may train on them), alias_rephrases (list of str, optional; the prompt asked with an alias of the subject,
+evaluation only), locality (list of {prompt, answer, kind}, optional), portability (list of {prompt, answer},
 optional), locality_prompt / locality_answer (str, optional).
+
+Locality probes are inputs whose output the edit must leave as the base model gave it, one of three kinds:
+"neighbour" (same relation, another subject), "subject" (same subject, another relation) and "nq" (an
+unrelated question). The older single-probe columns locality_prompt / locality_answer still parse, as one
+"neighbour" probe; on every record they mirror its first probe, so code and files that only know them still work.
 """
 from __future__ import annotations
 
@@ -17,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 REQUIRED = ("prompt", "target")
-OPTIONAL_STR = ("id", "locality_prompt", "locality_answer")
+LOCALITY_KINDS = ("neighbour", "subject", "nq")
 
 
 class RecordError(ValueError):
@@ -41,21 +49,66 @@ def content_id(prompt: str, target: str) -> str:
 
 
 @dataclass(frozen=True)
+class LocalityProbe:
+    """An input the edit must not change: `kind` says how it relates to the edited fact (LOCALITY_KINDS);
+    `answer`, where known, is its true answer (for perplexity)."""
+
+    prompt: str
+    answer: str | None = None
+    kind: str = "neighbour"
+
+    def __post_init__(self) -> None:
+        if self.kind not in LOCALITY_KINDS:
+            raise ValueError(f"locality kind '{self.kind}' is not one of {LOCALITY_KINDS}")
+
+
+@dataclass(frozen=True)
+class PortabilityProbe:
+    """A question whose answer follows from the edited fact (reasoning over it, or a related fact)."""
+
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
 class EditRecord:
     prompt: str
     target: str
     id: str = ""  # empty: derived from prompt and target (content_id)
     rephrases: tuple[str, ...] = field(default_factory=tuple)
-    locality_prompt: str | None = None
+    locality_prompt: str | None = None  # mirrors locality[0] (older single-probe column)
     locality_answer: str | None = None
+    subject: str | None = None
+    train_rephrases: tuple[str, ...] = field(default_factory=tuple)
+    alias_rephrases: tuple[str, ...] = field(default_factory=tuple)
+    locality: tuple[LocalityProbe, ...] = field(default_factory=tuple)
+    portability: tuple[PortabilityProbe, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if not self.id:
             object.__setattr__(self, "id", content_id(self.prompt, self.target))
+        # Lists and dicts (from to_dict, JSON, Parquet) become tuples and probes, so EditRecord(**r.to_dict()) == r.
+        for name in ("rephrases", "train_rephrases", "alias_rephrases"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        probes = tuple(p if isinstance(p, LocalityProbe) else LocalityProbe(**p) for p in self.locality)
+        if self.locality_prompt and all(p.prompt != self.locality_prompt for p in probes):
+            probes = (LocalityProbe(self.locality_prompt, self.locality_answer, "neighbour"), *probes)
+        object.__setattr__(self, "locality", probes)
+        if probes:
+            object.__setattr__(self, "locality_prompt", probes[0].prompt)
+            object.__setattr__(self, "locality_answer", probes[0].answer)
+        object.__setattr__(self, "portability", tuple(
+            p if isinstance(p, PortabilityProbe) else PortabilityProbe(**p) for p in self.portability))
+
+    def probes(self, kind: str) -> tuple[LocalityProbe, ...]:
+        """This record's locality probes of one kind."""
+        return tuple(p for p in self.locality if p.kind == kind)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain lists and dicts (JSON- and Parquet-ready); parse_record(to_dict()) gives the record back."""
         out = asdict(self)
-        out["rephrases"] = list(self.rephrases)
+        for name in ("rephrases", "train_rephrases", "alias_rephrases", "locality", "portability"):
+            out[name] = list(out[name])
         return out
 
 
@@ -71,6 +124,51 @@ def _string(value: Any, source: str, row: int, name: str, *, required: bool) -> 
     return value
 
 
+def _strings(value: Any, source: str, row: int, name: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise RecordError(source, row, name, "must be a list of strings")
+    return tuple(value)
+
+
+def _probe_list(value: Any, source: str, row: int, name: str) -> list[Mapping[str, Any]]:
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise RecordError(source, row, name, f"must be a list of objects, got {type(value).__name__}")
+    for i, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            raise RecordError(source, row, f"{name}[{i}]", f"must be an object, got {type(item).__name__}")
+    return list(value)
+
+
+def _locality(value: Any, source: str, row: int) -> tuple[LocalityProbe, ...]:
+    probes = []
+    for i, item in enumerate(_probe_list(value, source, row, "locality")):
+        where = f"locality[{i}]"
+        kind = item.get("kind")
+        if kind is None:
+            kind = "neighbour"
+        if kind not in LOCALITY_KINDS:
+            raise RecordError(source, row, f"{where}.kind", f"must be one of {list(LOCALITY_KINDS)}, got {kind!r}")
+        probes.append(LocalityProbe(
+            prompt=_string(item.get("prompt"), source, row, f"{where}.prompt", required=True) or "",
+            answer=_string(item.get("answer"), source, row, f"{where}.answer", required=False), kind=kind,
+        ))
+    return tuple(probes)
+
+
+def _portability(value: Any, source: str, row: int) -> tuple[PortabilityProbe, ...]:
+    return tuple(
+        PortabilityProbe(
+            prompt=_string(item.get("prompt"), source, row, f"portability[{i}].prompt", required=True) or "",
+            answer=_string(item.get("answer"), source, row, f"portability[{i}].answer", required=True) or "",
+        )
+        for i, item in enumerate(_probe_list(value, source, row, "portability"))
+    )
+
+
 def parse_record(raw: Mapping[str, Any], source: str, row: int) -> EditRecord:
     """Validate one raw mapping into an EditRecord, or raise RecordError naming row and field."""
     if not isinstance(raw, Mapping):
@@ -80,18 +178,18 @@ def parse_record(raw: Mapping[str, Any], source: str, row: int) -> EditRecord:
     raw_id = raw.get("id")
     if raw_id is not None and not isinstance(raw_id, (str, int)):
         raise RecordError(source, row, "id", f"must be a string, got {type(raw_id).__name__}")
-    rephrases = raw.get("rephrases")
-    if rephrases is None:
-        rephrases = []
-    if not isinstance(rephrases, (list, tuple)) or not all(isinstance(r, str) for r in rephrases):
-        raise RecordError(source, row, "rephrases", "must be a list of strings")
     return EditRecord(
         prompt=prompt or "",
         target=target or "",
         id=str(raw_id) if raw_id is not None else "",  # "" -> derived from the content
-        rephrases=tuple(rephrases),
+        rephrases=_strings(raw.get("rephrases"), source, row, "rephrases"),
         locality_prompt=_string(raw.get("locality_prompt"), source, row, "locality_prompt", required=False),
         locality_answer=_string(raw.get("locality_answer"), source, row, "locality_answer", required=False),
+        subject=_string(raw.get("subject"), source, row, "subject", required=False),
+        train_rephrases=_strings(raw.get("train_rephrases"), source, row, "train_rephrases"),
+        alias_rephrases=_strings(raw.get("alias_rephrases"), source, row, "alias_rephrases"),
+        locality=_locality(raw.get("locality"), source, row),
+        portability=_portability(raw.get("portability"), source, row),
     )
 
 
@@ -145,11 +243,16 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+PARQUET_SCHEMA = pa.schema([
+    ("id", pa.string()), ("prompt", pa.string()), ("target", pa.string()),
+    ("rephrases", pa.list_(pa.string())), ("locality_prompt", pa.string()),
+    ("locality_answer", pa.string()), ("subject", pa.string()),
+    ("train_rephrases", pa.list_(pa.string())), ("alias_rephrases", pa.list_(pa.string())),
+    ("locality", pa.list_(pa.struct([("prompt", pa.string()), ("answer", pa.string()), ("kind", pa.string())]))),
+    ("portability", pa.list_(pa.struct([("prompt", pa.string()), ("answer", pa.string())]))),
+])
+
+
 def write_parquet(records: Iterable[EditRecord], path: str | Path) -> None:
-    schema = pa.schema([
-        ("id", pa.string()), ("prompt", pa.string()), ("target", pa.string()),
-        ("rephrases", pa.list_(pa.string())), ("locality_prompt", pa.string()),
-        ("locality_answer", pa.string()),
-    ])
-    table = pa.Table.from_pylist([r.to_dict() for r in records], schema=schema)
+    table = pa.Table.from_pylist([r.to_dict() for r in records], schema=PARQUET_SCHEMA)
     pq.write_table(table, str(path))

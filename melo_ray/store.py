@@ -189,20 +189,62 @@ class SnapshotStore:
         return removed
 
 
+class SnapshotFolder:
+    """One snapshot folder (as `melo-ray edit --out` writes it) read like a store with one version:
+    the version its manifest names. The folder is replaced atomically on each write, so a reader
+    that polls `latest_version` follows it the way it follows a store."""
+
+    def __init__(self, uri: str | Path) -> None:
+        self.uri = str(uri)
+        self.fs, self.root = resolve_uri(uri)
+
+    def _get(self, name: str) -> bytes | None:
+        path = f"{self.root.rstrip('/')}/{name}"
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as stream:
+            return stream.read()
+
+    def read_manifest(self, version: int | None = None) -> dict[str, Any]:
+        data = self._get(MANIFEST)
+        if data is None:
+            raise SnapshotError(f"{self.uri}: no {MANIFEST}; not a snapshot folder")
+        manifest = parse_manifest(data, f"{self.uri}/{MANIFEST}")
+        if version is not None and manifest.get("version") != version:
+            raise SnapshotError(f"{self.uri}: holds version {manifest.get('version')}, not {version}")
+        return manifest
+
+    def latest_version(self) -> int | None:
+        try:
+            return int(self.read_manifest()["version"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SnapshotError(f"{self.uri}: manifest has no usable version: {exc}") from exc
+
+    def read(self, version: int | None = None) -> tuple[dict[str, Any], dict[str, bytes]]:
+        manifest = self.read_manifest(version)
+
+        def read(name: str) -> bytes:
+            data = self._get(name)
+            if data is None:
+                raise FileNotFoundError(name)
+            return data
+
+        return manifest, read_verified_files(manifest, read, self.uri)
+
+
+def open_snapshots(uri: str | Path) -> SnapshotStore | SnapshotFolder:
+    """A store root (it has LATEST.json, or nothing yet) or a single snapshot folder (manifest.json)."""
+    store = SnapshotStore(uri)
+    if store.get_bytes(LATEST) is None and store.get_bytes(MANIFEST) is not None:
+        return SnapshotFolder(uri)
+    return store
+
+
 def read_any_snapshot(uri: str | Path) -> tuple[dict[str, Any], dict[str, bytes], str]:
     """A verified snapshot from a store root (its latest version) or a single snapshot folder."""
-    store = SnapshotStore(uri)
-    if store.get_bytes(LATEST) is not None:
-        manifest, files = store.read()
-        return manifest, files, f"{store.uri} v{manifest['version']}"
-    if store.get_bytes(MANIFEST) is None:
+    source = open_snapshots(uri)
+    if isinstance(source, SnapshotStore) and source.latest_version() is None:
         raise SnapshotError(f"{uri}: neither a snapshot store (no {LATEST}) nor a snapshot folder (no {MANIFEST})")
-    manifest = parse_manifest(store.get_bytes(MANIFEST) or b"", f"{uri}/{MANIFEST}")
-
-    def read(name: str) -> bytes:
-        data = store.get_bytes(name)
-        if data is None:
-            raise FileNotFoundError(name)
-        return data
-
-    return manifest, read_verified_files(manifest, read, str(uri)), str(uri)
+    manifest, files = source.read()
+    where = f"{source.uri} v{manifest['version']}" if isinstance(source, SnapshotStore) else source.uri
+    return manifest, files, where

@@ -41,6 +41,14 @@ class EditBatch:
     labels: torch.Tensor  # causal / seq2seq: (B, T) token ids with IGNORE; classification: (B,)
 
 
+def label_error(labels: list[str] | tuple[str, ...], target: str) -> str | None:
+    """Why a classification backbone cannot learn `target` (None: it can)."""
+    if target in labels:
+        return None
+    shown = list(labels[:20]) + (["..."] if len(labels) > 20 else [])
+    return f"'{target}' is not one of the backbone's labels {shown}"
+
+
 def build_batch(backbone: Backbone, records: list[EditRecord], append_eos: bool) -> EditBatch:
     """Tokenise prompts and targets so the loss covers exactly the target tokens (on the model's device)."""
     batch = _build_batch(backbone, records, append_eos)
@@ -57,8 +65,8 @@ def _build_batch(backbone: Backbone, records: list[EditRecord], append_eos: bool
     if backbone.task == "classification":
         labels = backbone.labels or []
         for row, record in enumerate(records):
-            if record.target not in labels:
-                raise RecordError("edit batch", row, "target", f"'{record.target}' is not one of the labels {labels}")
+            if problem := label_error(labels, record.target):
+                raise RecordError("edit batch", row, "target", problem)
         inputs = dict(backbone.tokenize(prompts, return_tensors="pt", padding=True))
         return EditBatch(inputs, torch.tensor([labels.index(r.target) for r in records]))
     if backbone.task == "seq2seq":

@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 
 from melo_ray.config import load_config
-from melo_ray.editors.melo import MeloEditor, load_index_files
+from melo_ray.editors.melo.block_index import BlockIndex
+from melo_ray.editors.melo.editor import MeloEditor
 from melo_ray.evaluation import base_outputs, measure
-from melo_ray.index import distances
-from melo_ray.pipeline.job import BulkEditJob
+from melo_ray.editors.melo.index import distances
+from pipelines.bulk_edit.job import BulkEditJob
 from melo_ray.records import read_edit_records, write_parquet
 
 log = logging.getLogger("pipelines.scalability")
@@ -79,7 +80,7 @@ class Checkpoints:
         wall = job.state.seconds - self.paused  # the job's own clock (stream start on), minus our pauses
         segment = wall - last_wall
         manifest, files = job.store.read(version)
-        index = load_index_files(files, self.evaluator.key_function.dim)
+        index = BlockIndex.from_files(self.evaluator.config, self.evaluator.key_dim(), files, f"v{version}").index
         keys = np.asarray(np.stack([k for c in index.clusters for k in c.member_keys]), np.float32)
         rng = np.random.default_rng(0)
         queries = keys[rng.choice(len(keys), size=min(1000, len(keys)), replace=False)]
@@ -97,7 +98,7 @@ class Checkpoints:
             "segment_edits_per_min": (edits - last_edits) / (segment / 60),
             "index_members": int(manifest["stats"]["members"]), "clusters": int(manifest["stats"]["clusters"]),
             "snapshot_mb": sum(f["bytes"] for f in manifest["files"].values()) / 2**20,
-            "trainer_peak_rss_mb": info["peak_rss_bytes"] / 2**20,
+            "trainer_peak_rss_mb": info.peak_rss_bytes / 2**20,
             **search_latency(index, queries),
             **{k: quality[k] for k in ("reliability", "generality", "locality_nq", "locality_neighbours")},
         }
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 def _reopen(job: BulkEditJob, summary: Any) -> Any:
     import mlflow
 
-    from melo_ray.pipeline.tracking import tracking_uri
+    from pipelines.bulk_edit.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri(job.config, job.store))
     return mlflow.start_run(run_id=summary.state.mlflow_run_id)

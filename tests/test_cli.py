@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import CONFIGS, UNRELATED, fact_records
-from melo_ray.cli import main
+from melo_ray.cli.main import main
 from melo_ray.metrics import starts_with_target as edit_success
 
 TINY = str(CONFIGS / "tiny-llama.yaml")
@@ -89,7 +89,7 @@ def test_config_errors_name_the_file_and_field(tmp_path, capsys):
 
 
 def test_an_interrupted_edit_resumes_without_losing_or_repeating_edits(tmp_path, capsys, monkeypatch):
-    from melo_ray.editors.melo import MeloEditor
+    from melo_ray.editors.melo.editor import MeloEditor
 
     edits = _jsonl(tmp_path / "edits.jsonl", fact_records(0, 12))
     args = ["edit", "--config", TINY, "--edits", str(edits), "--batch-size", "4", "--quiet"]

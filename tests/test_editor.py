@@ -8,7 +8,7 @@ import torch
 
 from conftest import UNRELATED, fact_records, tiny_config
 from melo_ray.backbones import load_backbone, weights_checksum
-from melo_ray.editors.melo import MeloEditor
+from melo_ray.editors.melo.editor import MeloEditor
 from melo_ray.metrics import starts_with_target as edit_success
 from melo_ray.records import RecordError
 from melo_ray.snapshots import SnapshotError
@@ -45,7 +45,7 @@ def test_property4_first_batch_still_holds_after_five_batches(edited):
 
 def test_property2_prompts_outside_every_cluster_give_bit_identical_base_logits(edited):
     editor, batches, _ = edited
-    blocks, _ = editor.route(UNRELATED)
+    blocks = editor.route(UNRELATED).ids
     assert (blocks == -1).all()
     fresh = load_backbone(editor.config.backbone)  # a never-edited model with the same weights
     inputs = fresh.tokenizer(UNRELATED, return_tensors="pt", padding=True, padding_side="right")
@@ -117,7 +117,7 @@ def test_a_failed_batch_leaves_blocks_and_index_untouched(monkeypatch):
     def explode(*args, **kwargs):
         raise RuntimeError("trainer died")
 
-    monkeypatch.setattr("melo_ray.editors.melo.train_block", explode)
+    monkeypatch.setattr("melo_ray.editors.melo.editor.train_block", explode)
     with pytest.raises(RuntimeError, match="trainer died"):
         editor.edit(fact_records(5, 5))
     assert editor.stats() == before[0] and editor.version == before[1]

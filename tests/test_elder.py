@@ -7,8 +7,8 @@ import torch
 
 from conftest import UNRELATED, fact_records, tiny_config
 from melo_ray.backbones import load_backbone
-from melo_ray.editors import build_editor
-from melo_ray.editors.elder import ElderEditor
+from melo_ray.editors.registry import build_editor
+from melo_ray.editors.elder.editor import ElderEditor
 from melo_ray.inference import next_token_logits
 
 OTHER = UNRELATED + ["Numbers: 1 2 3 4 5 6", "The weather today is", "qwerty uiop asdf", "Once upon a time"]
@@ -50,7 +50,7 @@ def test_the_guided_loss_drives_the_routers_to_the_assigned_allocations(edited):
 
 def test_deferred_inputs_are_bit_identical_to_the_base_model(edited):
     editor, records = edited
-    ids, distance = editor.route(OTHER)
+    routing = editor.route(OTHER); ids, distance = routing.ids, routing.distances
     deferred = [p for p, i in zip(OTHER, ids) if i < 0]
     assert len(deferred) >= 3, distance
     mixed = deferred + [records[0]["prompt"]]  # a batch where one row does use the mixture
@@ -68,7 +68,7 @@ def test_snapshot_round_trip_is_exact(edited, tmp_path):
     prompts = [r["prompt"] for r in records[:5]] + OTHER[:3]
     assert torch.equal(loaded.next_token_logits(prompts), editor.next_token_logits(prompts))
     assert loaded.stats() == editor.stats()
-    np.testing.assert_array_equal(loaded.route(prompts)[1], editor.route(prompts)[1])
+    np.testing.assert_array_equal(loaded.route(prompts).distances, editor.route(prompts).distances)
 
 
 def test_a_failed_batch_leaves_experts_and_routers_untouched(monkeypatch):
@@ -81,7 +81,7 @@ def test_a_failed_batch_leaves_experts_and_routers_untouched(monkeypatch):
             p.data.add_(1.0)
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr("melo_ray.editors.elder.train_block", broken)
+    monkeypatch.setattr("melo_ray.editors.elder.editor.train_block", broken)
     with pytest.raises(RuntimeError, match="device lost"):
         editor.edit(fact_records(5, 5))
     assert all(torch.equal(a, b) for a, b in zip(before, editor.trainable()))
@@ -94,8 +94,8 @@ def test_the_eval_harness_builds_elder():
 
 
 def test_a_published_elder_snapshot_serves_and_refuses_a_melo_one(edited, tmp_path):
-    from melo_ray.editors.melo import MeloEditor
-    from melo_ray.serving import CompletionRequest, ServingEngine
+    from melo_ray.editors.melo.editor import MeloEditor
+    from melo_ray.serving.engine import CompletionRequest, ServingEngine
     from melo_ray.snapshots import SnapshotError
     from melo_ray.store import SnapshotStore
 

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import json
+import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import CONFIGS, UNRELATED, fact_records, tiny_config
-from melo_ray.cli import main
-from melo_ray.editors.grace import GraceEditor
-from melo_ray.editors.lora_ft import SequentialLoraEditor
+from melo_ray.editors.grace.editor import GraceEditor
+from melo_ray.editors.lora.editor import SequentialLoraEditor
+from melo_ray.evaluation import EvalPlan, base_outputs, evaluate, measure, results_table
 from melo_ray.metrics import success_rate
+from melo_ray.records import EditRecord, LocalityProbe, PortabilityProbe
 
 
 def _jsonl(path, rows):
@@ -19,6 +22,8 @@ def _jsonl(path, rows):
 
 
 def test_eval_cli_writes_results_for_every_editor(tmp_path, capsys):
+    from melo_ray.cli.main import main
+
     records = [{**r, "rephrases": [r["prompt"].replace("Where", "where")], "locality_prompt": UNRELATED[i % 3],
                 "locality_answer": "Nothing"}
                for i, r in enumerate(fact_records(0, 20))]
@@ -43,6 +48,72 @@ def test_eval_cli_writes_results_for_every_editor(tmp_path, capsys):
     assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
     assert "| melo | 20 |" in (tmp_path / "out" / "results.md").read_text()
     assert "| melo | 20 |" in capsys.readouterr().out
+
+
+class _SubjectLeakingEditor:
+    """Stands in for an editor whose key is dominated by the subject: besides its own prompt, an edit fires
+    on every prompt that names its subject, whatever the relation. Answers' likelihood drops (NLL 3
+    instead of 1) wherever the output moved."""
+
+    name = "leaky"
+
+    def __init__(self) -> None:
+        self.targets: dict[str, str] = {}  # edited prompt -> target
+        self.facts: dict[str, str] = {}  # subject -> latest target
+
+    def edit(self, batch: list[EditRecord]) -> None:
+        self.targets.update({r.prompt: r.target for r in batch})
+        self.facts.update({r.subject: r.target for r in batch})
+
+    def _output(self, prompt: str, base: bool) -> str:
+        if base:
+            return f"(base answer to {prompt})"
+        leaked = [t for s, t in self.facts.items() if s in prompt]
+        return self.targets.get(prompt) or (leaked[-1] if leaked else self._output(prompt, True))
+
+    def generate(self, prompts, max_new=16, *, base=False):
+        return [SimpleNamespace(output=self._output(p, base)) for p in prompts]
+
+    def target_token_hits(self, records, *, base=False):
+        return [[self._output(r.prompt, base).startswith(r.target)] for r in records]
+
+    def target_token_nlls(self, records, *, base=False):
+        return [[1.0 if self._output(r.prompt, base) == self._output(r.prompt, True) else 3.0] for r in records]
+
+    def stats(self):
+        return {"extra_parameters": 0}
+
+
+def test_locality_is_measured_apart_for_each_kind_of_probe():
+    records = [
+        EditRecord(prompt="The gender of Tom Ash is", target="female", subject="Tom Ash",
+                   alias_rephrases=("The gender of Tom Ash, the luger, is", "The gender of T. Ash is"),
+                   portability=(PortabilityProbe("Tom Ash identifies as", "female"),),
+                   locality=(LocalityProbe("The place of birth of Tom Ash is", "Cesis", "subject"),  # leaks
+                             LocalityProbe("The birth name of T. Ash is", None, "subject"),  # alias: stays
+                             LocalityProbe("The gender of Kim Poe is", "male", "neighbour"),
+                             LocalityProbe("who wrote hamlet", "Shakespeare", "nq"))),
+        EditRecord(prompt="The occupation of Lee Orr is", target="luger", subject="Lee Orr",
+                   locality=(LocalityProbe("The place of birth of Lee Orr is", "Riga", "subject"),  # leaks
+                             # another edit below changes this prompt on purpose: not a locality probe then
+                             LocalityProbe("The employer of Lee Orr is", "NASA", "subject"),
+                             LocalityProbe("what did Lee Orr win in 1999", None, "nq"))),  # leaks
+        EditRecord(prompt="The employer of Lee Orr is", target="IBM", subject="Lee Orr"),
+    ]
+    nq = ["who is the king of spain"]
+    editor = _SubjectLeakingEditor()
+    result = evaluate(editor, records, nq, EvalPlan(batch_size=1), progress=False)
+    assert result["reliability"] == 1.0 and math.isnan(result["generality"])
+    assert result["locality_subject"] == pytest.approx(1 / 3)  # 2 of 3 same-subject probes moved
+    assert result["locality_neighbours"] == 1.0
+    assert result["locality_nq"] == pytest.approx(2 / 3)  # the NQ list and the records' own "nq" probes pooled
+    assert result["ppl_subject"] == pytest.approx(math.exp(3.0)) and result["ppl_subject_base"] == pytest.approx(math.e)
+    assert result["ppl_locality"] == result["ppl_locality_base"] == pytest.approx(math.e)  # Kim Poe, hamlet
+    assert result["generality_alias"] == 0.5 and result["portability"] == 1.0
+    # a baseline made without the records (pipelines/scalability.py) gets the probes' base outputs on demand
+    assert measure(editor, records, nq, base_outputs(editor, [], nq, 16), 16)["locality_subject"] == pytest.approx(1 / 3)
+    header = results_table([result]).splitlines()[0]
+    assert "locality_subject" in header and "ppl_subject_base" in header and "generality_alias" in header
 
 
 def test_sequential_lora_forgets_and_its_base_mode_is_exact():
@@ -76,14 +147,14 @@ def test_grace_codebook_adds_expands_and_splits(monkeypatch):
     assert editor.layer.eps.tolist() == pytest.approx([1.1, 1.1]) and editor.splits == 1
     editor.edit([{"prompt": "far", "target": "Z"}])  # out of range: new entry of radius eps_init
     assert editor.layer.eps.tolist() == pytest.approx([1.1, 1.1, 1.0])
-    assert editor.route(["a", "c", "far"])[0].tolist() == [0, 1, 2]
+    assert editor.route(["a", "c", "far"]).ids.tolist() == [0, 1, 2]
 
 
 def test_grace_leaves_inputs_outside_every_entry_bit_identical():
     editor = GraceEditor(tiny_config("tiny-llama", grace={"num_iter": 5}))
     before = editor.backbone.model(**editor.backbone.tokenizer(UNRELATED, return_tensors="pt", padding=True)).logits
     editor.edit(fact_records(0, 3))
-    assert (editor.route(UNRELATED)[0] == -1).all()
+    assert (editor.route(UNRELATED).ids == -1).all()
     generations = editor.generate(UNRELATED)
     assert [g.output for g in generations] == [g.output for g in editor.generate(UNRELATED, base=True)]
     after = editor.backbone.model(**editor.backbone.tokenizer(UNRELATED, return_tensors="pt", padding=True)).logits

@@ -77,7 +77,7 @@ def test_bulk_edit_config_map_holds_a_valid_config_matching_the_default():
 def test_rayjob_entrypoint_is_our_job_with_valid_flags():
     import argparse
 
-    from melo_ray.pipeline.cli import add_arguments
+    from pipelines.bulk_edit.cli import add_arguments
 
     doc = next(d for _, d in documents() if d["kind"] == "RayJob")
     argv = shlex.split(doc["spec"]["entrypoint"])
@@ -102,7 +102,7 @@ def test_kustomization_lists_files_that_exist():
 def test_rayservice_points_at_our_app_builder_with_valid_args():
     import importlib
 
-    import melo_ray.serve as serve_module
+    import melo_ray.serving.app as serve_module
     doc = next(d for _, d in documents() if d["kind"] == "RayService")
     config = yaml.safe_load(doc["spec"]["serveConfigV2"])
     (application,) = config["applications"]

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import tiny_config
 from melo_ray.backbones import load_backbone
-from melo_ray.keys import HiddenStateKeys, SentenceEncoderKeys, encoder_folder
+from melo_ray.editors.melo.keys import HiddenStateKeys, SentenceEncoderKeys, encoder_folder
 
 
 @pytest.fixture(scope="module")

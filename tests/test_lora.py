@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from melo_ray.config import LoraConfig
-from melo_ray.lora import NO_BLOCK, BlockBankFull, BlockRouter, DynamicLoraLinear, inject_dynamic_lora
+from melo_ray.editors.melo.layer import NO_BLOCK, BlockBankFull, BlockRouter, DynamicLoraLinear, inject_dynamic_lora
 
 
 def _layer(blocks: int = 3, max_blocks: int = 10) -> DynamicLoraLinear:
@@ -80,7 +80,7 @@ def test_injection_names_a_missing_module():
 
 
 def test_editor_wrappers_come_off_a_shared_backbone():
-    from melo_ray.backbones import remove_edit_layers
+    from melo_ray.editors.layers import remove_edit_layers
 
     model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4)))
     originals = [model[0], model[1][0]]

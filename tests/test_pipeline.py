@@ -24,8 +24,8 @@ import mlflow  # noqa: E402
 import ray  # noqa: E402
 
 from conftest import CITIES, WORDS, tiny_config  # noqa: E402
-from melo_ray.editors.melo import MeloEditor  # noqa: E402
-from melo_ray.pipeline.job import BulkEditJob  # noqa: E402
+from melo_ray.editors.melo.editor import MeloEditor  # noqa: E402
+from pipelines.bulk_edit.job import BulkEditJob  # noqa: E402
 from melo_ray.records import RecordError  # noqa: E402
 from melo_ray.store import SnapshotStore  # noqa: E402
 
@@ -109,8 +109,8 @@ def test_job_equals_the_single_process_editor(reference):
     for start in range(0, N_EDITS, 10):
         editor.edit(rows[start : start + 10])
     local = editor.snapshot_meta()
-    arrays, meta = editor.index.state()
-    adapters = {k: v.numpy() for k, v in safetensors.torch.load(editor.adapter_files()["adapters.safetensors"]).items()}
+    arrays, meta = editor.index.index.state()
+    adapters = {k: v.numpy() for k, v in safetensors.torch.load(editor.state_files()["adapters.safetensors"]).items()}
     single = {"manifest": local, "arrays": arrays, "meta": meta, "adapters": adapters}
     # the actor runs in another process (other thread count), so floats may differ in the last bits
     assert_same_state(reference["state"], single, exact=False)
@@ -130,10 +130,10 @@ def test_killing_the_trainer_actor_mid_run_recovers_to_the_same_state(reference,
 
     def kill_trainer(job, version):
         if version == 12 and not killed:
-            killed.append(ray.get(job.actors.trainer.info.remote())["pid"])
+            killed.append(ray.get(job.actors.trainer.info.remote()).pid)
             ray.kill(job.actors.trainer, no_restart=False)  # Ray restarts it blank
         elif version == 20:
-            later.append(ray.get(job.actors.trainer.info.remote())["pid"])
+            later.append(ray.get(job.actors.trainer.info.remote()).pid)
 
     job = BulkEditJob(job_config(), str(reference["edits"]), str(tmp_path / "store"), "ref",
                       progress=False, on_commit=kill_trainer)
@@ -229,8 +229,8 @@ def test_a_second_job_builds_on_the_first_and_mlflow_has_its_metrics(ray_session
 
 
 def test_an_elder_job_equals_the_single_process_editor_and_resumes_after_a_trainer_kill(ray_session, tmp_path):
-    from melo_ray.editors.elder import ElderEditor
-    from melo_ray.serving import CompletionRequest, ServingEngine
+    from melo_ray.editors.elder.editor import ElderEditor
+    from melo_ray.serving.engine import CompletionRequest, ServingEngine
 
     config = tiny_config(elder={"num_experts": 8, "replay": 10}, pipeline={"keep_versions": 3})
     config = config.model_copy(update={"editor": "elder"})

@@ -13,8 +13,8 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from conftest import UNRELATED, fact_records, tiny_config  # noqa: E402
-from melo_ray.editors.melo import MeloEditor  # noqa: E402
-from melo_ray.serve import ServeSettings, run_http  # noqa: E402
+from melo_ray.editors.melo.editor import MeloEditor  # noqa: E402
+from melo_ray.serving.app import ServeSettings, run_http  # noqa: E402
 from melo_ray.store import SnapshotStore  # noqa: E402
 
 TOKEN = "test-token"

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import UNRELATED, fact_records, tiny_config
-from melo_ray.editors.melo import MeloEditor
-from melo_ray.serving import CompletionRequest, ServingEngine
+from melo_ray.editors.melo.editor import MeloEditor
+from melo_ray.serving.engine import CompletionRequest, ServingEngine
 from melo_ray.snapshots import SnapshotError
 from melo_ray.store import SnapshotStore
 

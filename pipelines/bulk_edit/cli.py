@@ -7,6 +7,7 @@ import logging
 import sys
 
 from melo_ray.config import ConfigError, load_config
+from melo_ray.editors.registry import editor_names
 from melo_ray.records import RecordError
 from melo_ray.snapshots import SnapshotError
 
@@ -16,12 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--edits", required=True, help="Parquet file or folder: a local path or a pyarrow.fs URI")
     parser.add_argument("--out", required=True, help="snapshot store root (local path or URI); job state and rejects live here")
     parser.add_argument("--job-id", required=True, help="run the same id again to resume it")
-    parser.add_argument("--editor", choices=("melo", "elder"), help="override the config's `editor`")
+    parser.add_argument("--editor", choices=editor_names(), help="override the config's `editor`")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    from melo_ray.pipeline.job import BulkEditJob
+    from pipelines.bulk_edit.job import BulkEditJob
 
     config = load_config(args.config)
     if args.editor:
@@ -33,14 +34,14 @@ def run(args: argparse.Namespace) -> int:
         "job_id": state.job_id, "status": state.status, "edits_applied": state.edits_applied,
         "rejected": state.rejected, "rejects": summary.rejects_path, "snapshot_version": summary.snapshot_version,
         "editor": job.config.editor,
-        "clusters": summary.stats.get("clusters", summary.stats.get("facts")), "recoveries": state.recoveries,
+        "stats": summary.stats, "recoveries": state.recoveries,
         "edits_per_min": round(state.edits_per_min, 1), "mlflow_run_id": state.mlflow_run_id,
     }))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    from melo_ray.pipeline.job import JobError
+    from pipelines.bulk_edit.job import JobError
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.bulk_edit", description="Bulk-edit job on Ray.")
     add_arguments(parser)

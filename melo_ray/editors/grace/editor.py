@@ -8,72 +8,35 @@ far from every entry -> new entry (value trained so the target follows); same la
 """
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
-from pathlib import Path
 from typing import Any
 
-import numpy as np
+import safetensors.torch
 import torch
 from torch import nn
 
-from melo_ray.backbones import Backbone, load_backbone
-from melo_ray.config import EditorConfig, TrainConfig, load_config
-from melo_ray.editors.base import EditResult, Editor, as_records
-from melo_ray.index import normalise_label
-from melo_ray.keys import HiddenStateKeys
-from melo_ray.lora import get_parent, linear_shape
+from melo_ray.backbones import Backbone
+from melo_ray.config import EditorConfig, TrainConfig
+from melo_ray.editors.grace.layer import STAGING_ENTRY, GraceLayer
+from melo_ray.editors.layers import get_parent
+from melo_ray.editors.melo.index import normalise_label
+from melo_ray.editors.melo.keys import HiddenStateKeys
+from melo_ray.editors.protocol import Editor, IndexUpdate, Routing, TrainedBatch
 from melo_ray.records import EditRecord
+from melo_ray.snapshots import SnapshotError
 from melo_ray.training import IGNORE, EditBatch, build_batch, train_block
-
-STAGING_ENTRY = -2
-
-
-class GraceLayer(nn.Module):
-    """Wraps one linear layer; rows routed to a codebook entry get their output replaced."""
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.in_features, self.out_features = linear_shape(base_layer)
-        weight = base_layer.weight
-        self.register_buffer("keys", torch.zeros(0, self.in_features, dtype=weight.dtype))
-        self.register_buffer("values", torch.zeros(0, self.out_features, dtype=weight.dtype))
-        self.register_buffer("eps", torch.zeros(0, dtype=torch.float64))
-        self.labels: list[str] = []
-        self.staging_value: nn.Parameter | None = None
-        self.entry_ids: torch.Tensor | None = None  # per row: entry, -1 none, -2 staging
-        self.replace_from: torch.Tensor | None = None  # per row: first replaced position; None = last
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        ids = self.entry_ids
-        if ids is None or not bool((ids != -1).any()):
-            return out
-        staging = self.staging_value if self.staging_value is not None else torch.zeros(self.out_features)
-        stored = self.values[ids.clamp(min=0)] if len(self.values) else torch.zeros(len(ids), self.out_features)
-        values = torch.where((ids == STAGING_ENTRY)[:, None], staging[None, :], stored)  # (B, out)
-        positions = torch.arange(x.shape[1], device=x.device)[None, :]
-        start = self.replace_from if self.replace_from is not None else torch.full_like(ids, x.shape[1] - 1)
-        if x.shape[1] == 1:  # a generation step: the new token is past the prompt
-            start = torch.zeros_like(ids)
-        mask = (positions >= start[:, None]) & (ids != -1)[:, None]
-        return torch.where(mask[..., None], values[:, None, :].to(out.dtype), out)
 
 
 class GraceEditor(Editor):
     name = "grace"
 
-    def __init__(self, config: EditorConfig, backbone: Backbone | None = None) -> None:
+    def __init__(self, config: EditorConfig, backbone: Backbone | None = None, device: str | None = None) -> None:
         if not config.grace.layer:
             raise ValueError("grace.layer: the GRACE editor needs the module whose output it replaces")
-        self.config = config
-        self.backbone = backbone or load_backbone(config.backbone)
+        super().__init__(config, backbone, device)
         if self.backbone.task != "causal_lm":
             raise ValueError("the GRACE baseline is implemented for causal language models only")
         parent, child = get_parent(self.backbone.model, config.grace.layer)
@@ -83,13 +46,7 @@ class GraceEditor(Editor):
         self.train_config = TrainConfig(
             **{**config.train.model_dump(), "num_iter": config.grace.num_iter, "lr": config.grace.lr}
         )
-        self.version = 0
-        self.edits_applied = 0
         self.splits = 0
-
-    @classmethod
-    def from_config(cls, source: str | Path | Mapping[str, Any] | EditorConfig) -> "GraceEditor":
-        return cls(load_config(source))  # type: ignore[arg-type]
 
     @contextmanager
     def _replace(self, entry_ids: torch.Tensor, replace_from: torch.Tensor | None = None) -> Iterator[None]:
@@ -99,36 +56,43 @@ class GraceEditor(Editor):
         finally:
             self.layer.entry_ids, self.layer.replace_from = None, None
 
-    def routed(self, ids: np.ndarray, batch: EditBatch | None = None) -> AbstractContextManager:
+    def routed(self, routing: Routing, batch: EditBatch | None = None) -> AbstractContextManager:
         starts = None
         if batch is not None:  # teacher-forced: replace from each prompt's last token on
             starts = torch.tensor([int((row != IGNORE).nonzero().min()) - 1 for row in batch.labels])
-        return self._replace(torch.as_tensor(ids, dtype=torch.long), starts)
+        return self._replace(torch.as_tensor(routing.ids, dtype=torch.long), starts)
 
-    def route(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def route(self, prompts: list[str]) -> Routing:
         """Entry per prompt (-1: none) by the nearest key within its epsilon, and that distance."""
-        if not len(self.layer.keys) or not prompts:
-            return np.full(len(prompts), -1, np.int64), np.full(len(prompts), np.nan)
+        if not len(self.layer.keys):
+            return Routing.base(len(prompts))
         keys = torch.from_numpy(self.keys.keys(prompts)).to(self.layer.keys.dtype)
         dist = torch.cdist(keys.double(), self.layer.keys.double())
         nearest = dist.argmin(1)
         nearest_d = dist[torch.arange(len(prompts)), nearest]
         inside = nearest_d <= self.layer.eps[nearest]
-        return torch.where(inside, nearest, -1).numpy(), nearest_d.numpy()
+        return Routing(torch.where(inside, nearest, -1).numpy(), nearest_d.numpy())
 
-    def edit(self, records: Iterable[EditRecord | Mapping[str, Any]]) -> EditResult:
-        """GRACE edits one record at a time; the batch only groups them."""
-        batch = as_records(records)
+    def train_batch(self, records: list[EditRecord]) -> TrainedBatch:
+        """GRACE edits one record at a time; the batch only groups them. All or nothing: a failure
+        puts the codebook back as it was before the batch."""
+        batch = records
+        saved = (self.layer.keys, self.layer.values, self.layer.eps.clone(), list(self.layer.labels), self.splits)
         started = time.perf_counter()
         steps, loss, learned = 0, float("nan"), 1.0
-        for record in batch:
-            s, loss, learned = self._edit_one(record)
-            steps += s
+        try:
+            for record in batch:
+                s, loss, learned = self._edit_one(record)
+                steps += s
+        except BaseException:
+            self.layer.keys, self.layer.values, self.layer.eps, self.layer.labels, self.splits = saved
+            raise
         self.version += 1
         self.edits_applied += len(batch)
-        return EditResult(
-            edits=len(batch), block=-1, clusters=len(self.layer.labels), conflicts=self.splits, forgotten=(),
-            steps=steps, final_loss=loss, learned=learned, seconds=time.perf_counter() - started,
+        return TrainedBatch(
+            version=self.version, edits=len(batch), steps=steps, final_loss=loss, learned=learned,
+            seconds=time.perf_counter() - started,
+            update=IndexUpdate(clusters=len(self.layer.labels), members=len(self.layer.labels), conflicts=self.splits),
         )
 
     def _edit_one(self, record: EditRecord) -> tuple[int, float, float]:
@@ -167,10 +131,41 @@ class GraceEditor(Editor):
         self.layer.labels.append(label)
         return stats.steps, stats.final_loss, stats.learned
 
-    def stats(self) -> dict[str, int]:
+    def state_stats(self) -> dict[str, int]:
         return {
-            "edits": self.edits_applied,
             "entries": len(self.layer.labels),
             "splits": self.splits,
             "extra_parameters": self.layer.keys.numel() + self.layer.values.numel() + self.layer.eps.numel(),
         }
+
+    def state_files(self) -> dict[str, bytes]:
+        """The codebook: keys, values, radii (safetensors) and labels (JSON)."""
+        tensors = {"keys": self.layer.keys.contiguous(), "values": self.layer.values.contiguous(),
+                   "eps": self.layer.eps.contiguous()}
+        return {"codebook.safetensors": safetensors.torch.save(tensors),
+                "codebook.json": json.dumps({"labels": self.layer.labels, "splits": self.splits}).encode()}
+
+    def restore_state(self, manifest: Mapping[str, Any], files: Mapping[str, bytes], where: str) -> Callable[[], None]:
+        try:
+            tensors = safetensors.torch.load(files["codebook.safetensors"])
+            meta = json.loads(files["codebook.json"])
+            keys, values, eps = tensors["keys"], tensors["values"], tensors["eps"]
+            labels, splits = [str(x) for x in meta["labels"]], int(meta["splits"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise SnapshotError(f"{where}: GRACE codebook files are incomplete or malformed ({exc})") from exc
+        n = len(labels)
+        if (keys.shape != (n, self.layer.in_features) or values.shape != (n, self.layer.out_features)
+                or eps.shape != (n,)):
+            raise SnapshotError(f"{where}: GRACE codebook arrays do not fit {n} entries of this layer")
+
+        def swap() -> None:
+            self.layer.keys = keys.to(self.layer.keys)
+            self.layer.values = values.to(self.layer.values)
+            self.layer.eps = eps.to(torch.float64)
+            self.layer.labels, self.splits = labels, splits
+
+        return swap
+
+    def reset_state(self) -> None:
+        self.layer.keys, self.layer.values = self.layer.keys[:0], self.layer.values[:0]
+        self.layer.eps, self.layer.labels, self.splits = self.layer.eps[:0], [], 0

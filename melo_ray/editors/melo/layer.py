@@ -14,7 +14,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from melo_ray.config import LoraConfig
+from melo_ray.editors.layers import EditLayer, get_parent, linear_shape
+from melo_ray.editors.melo.config import LoraConfig
 
 NO_BLOCK = -1
 STAGING_BLOCK = -2
@@ -24,21 +25,11 @@ class BlockBankFull(RuntimeError):
     """The configured max_blocks would be exceeded."""
 
 
-def linear_shape(layer: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of an nn.Linear or a GPT-2 style Conv1D."""
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features
-    if type(layer).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D stores W as (in, out)
-        return layer.weight.shape[0], layer.weight.shape[1]
-    raise TypeError(f"{type(layer).__name__} is not a linear layer")
-
-
-class DynamicLoraLinear(nn.Module):
+class DynamicLoraLinear(EditLayer):
     """Wraps one linear layer with a growing bank of LoRA blocks selected per batch row."""
 
     def __init__(self, base_layer: nn.Module, block_rank: int, alpha: float, max_blocks: int) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.in_features, self.out_features = linear_shape(base_layer)
         self.block_rank = block_rank
         self.scale = alpha / block_rank
@@ -55,11 +46,6 @@ class DynamicLoraLinear(nn.Module):
     @property
     def num_blocks(self) -> int:
         return self.lora_bank_A.shape[0]
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The frozen base weight; some models (T5) read it to pick a dtype."""
-        return self.base_layer.weight
 
     def start_block(self, generator: torch.Generator) -> None:
         """Create fresh staging parameters: A random (as PEFT's kaiming init), B zero."""
@@ -120,11 +106,6 @@ class DynamicLoraLinear(nn.Module):
         delta = (self.scale * delta).reshape(*xs.shape[:-1], self.out_features)
         # Rows without a block are not touched, so they stay bit-identical to the base layer.
         return out.index_add(0, rows, delta.to(out.dtype))
-
-
-def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
 
 
 def inject_dynamic_lora(model: nn.Module, cfg: LoraConfig) -> dict[str, DynamicLoraLinear]:

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,83 +21,24 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from melo_ray.backbones import Backbone, load_backbone, weights_checksum
-from melo_ray.config import EditorConfig, load_config
-from melo_ray.editors.base import EditResult, Editor, as_records
-from melo_ray.inference import next_token_logits
-from melo_ray.keys import build_key_function
-from melo_ray.lora import get_parent, linear_shape
+from melo_ray.backbones import Backbone
+from melo_ray.config import EditorConfig
+from melo_ray.editors.elder.layer import ElderLinear
+from melo_ray.editors.layers import get_parent
+from melo_ray.editors.melo.keys import build_key_function
+from melo_ray.editors.protocol import Editor, IndexUpdate, Routing, TrainedBatch
 from melo_ray.records import EditRecord
-from melo_ray.snapshots import SnapshotError, write_snapshot
+from melo_ray.snapshots import SnapshotError
 from melo_ray.training import EditBatch, build_batch, train_block
-
-
-class ElderLinear(nn.Module):
-    """A linear layer plus N routed LoRA experts; rows without a query (or deferred) are exactly W0·x."""
-
-    def __init__(self, base_layer: nn.Module, query_dim: int, num_experts: int, rank: int, alpha: float,
-                 top_k: int, generator: torch.Generator) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.in_features, self.out_features = linear_shape(base_layer)
-        self.top_k = top_k
-        self.scale = alpha / rank
-        weight = next(base_layer.parameters())
-        bound = 1.0 / math.sqrt(self.in_features)
-        a = torch.empty(num_experts, rank, self.in_features).uniform_(-bound, bound, generator=generator)
-        self.experts_A = nn.Parameter(a.to(weight))
-        self.experts_B = nn.Parameter(torch.zeros(num_experts, self.out_features, rank).to(weight))
-        self.router = nn.Linear(query_dim, num_experts).to(weight)
-        nn.init.normal_(self.router.weight, std=0.02, generator=generator)
-        nn.init.zeros_(self.router.bias)
-        # Per-row routing for the current forward, set by ElderEditor: query vectors and which rows
-        # use the mixture. None: the whole batch runs on the base layer.
-        self.query: torch.Tensor | None = None
-        self.active_rows: torch.Tensor | None = None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    def scores(self, query: torch.Tensor) -> torch.Tensor:
-        # Keys can be large (hidden states): normalise them so the softmax starts soft and trainable.
-        return torch.softmax(self.router(F.layer_norm(query, query.shape[-1:])), dim=-1)
-
-    def mixture_weights(self, query: torch.Tensor) -> torch.Tensor:
-        """(rows, N): the top-k scores in place, zero elsewhere."""
-        scores = self.scores(query)
-        top = scores.topk(self.top_k, dim=-1)
-        return torch.zeros_like(scores).scatter(-1, top.indices, top.values)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        if self.query is None or self.active_rows is None:
-            return out
-        rows = self.active_rows
-        if rows.numel() == 0:
-            return out
-        if x.shape[0] != self.query.shape[0]:
-            raise RuntimeError(f"routing has {self.query.shape[0]} rows but the input has {x.shape[0]}")
-        weights = self.mixture_weights(self.query[rows])  # (r, N)
-        xs = x[rows]
-        flat = xs.reshape(xs.shape[0], -1, xs.shape[-1])  # (r, tokens, in)
-        hidden = torch.einsum("rti,npi->rtnp", flat, self.experts_A) * weights[:, None, :, None]
-        delta = torch.einsum("rtnp,nop->rto", hidden, self.experts_B) * self.scale
-        return out.index_add(0, rows, delta.reshape(*xs.shape[:-1], self.out_features).to(out.dtype))
 
 
 class ElderEditor(Editor):
     name = "elder"
 
     def __init__(self, config: EditorConfig, backbone: Backbone | None = None, device: str | None = None) -> None:
-        self.config = config
+        super().__init__(config, backbone, device)
         self.cfg = config.elder
-        self.backbone = backbone or load_backbone(config.backbone)
-        if device is not None:
-            self.backbone.model.to(device)
-        self.base_checksum = weights_checksum(self.backbone.model)
         self.key_function = build_key_function(self.backbone, config.index)
         generator = torch.Generator().manual_seed(self.cfg.seed)
         self.layers: dict[str, ElderLinear] = {}
@@ -113,14 +53,8 @@ class ElderEditor(Editor):
         self.edit_keys = np.zeros((0, self.key_function.dim), np.float32)  # one per edited prompt
         self.edit_records: list[EditRecord] = []  # kept for deferral codes (their keys) and replay
         self.allocations: dict[str, np.ndarray] = {}  # fact id -> (layers, top_k) expert ids
-        self.version = 0
-        self.edits_applied = 0
         self._codes_cache: tuple[tuple[int, int], np.ndarray] | None = None
-        self._routed_keys: np.ndarray | None = None  # set by route(), read by the routed() that follows
-
-    @classmethod
-    def from_config(cls, source: Any) -> "ElderEditor":
-        return cls(load_config(source))
+        self._initial = [p.detach().clone() for p in self.trainable()]  # for reset_state
 
     # -- routing -----------------------------------------------------------------------------------
     def trainable(self) -> list[nn.Parameter]:
@@ -173,34 +107,20 @@ class ElderEditor(Editor):
         differ = query.sum(1)[:, None] + stored.sum(1)[None, :] - 2 * query @ stored.T
         return differ.min(axis=1).astype(np.float64)
 
-    def route(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """0 where the mixture is used, -1 where the input is deferred to the base model; Hamming distance."""
-        if not prompts:
-            return np.zeros(0, np.int64), np.zeros(0)
+    def route(self, prompts: list[str]) -> Routing:
+        """0 where the mixture is used, -1 where the input is deferred to the base model; Hamming
+        distance to the nearest stored code. The routing carries the keys the mixture is fed."""
         keys = self.key_function.keys(prompts)
         distance = self._nearest_code_distance(keys)
         ids = np.where(distance <= self.cfg.defer_threshold, 0, -1).astype(np.int64)
-        self._routed_keys = keys  # routed() follows route() (see Editor._ids)
-        return ids, distance
+        return Routing(ids, distance, payload=keys)
 
-    def routed(self, ids: np.ndarray, batch: EditBatch | None = None) -> AbstractContextManager:
-        keys = self._routed_keys
-        if keys is None or len(keys) != len(ids):
-            raise RuntimeError("routed() needs the keys of the route() call it follows")
+    def routed(self, routing: Routing, batch: EditBatch | None = None) -> AbstractContextManager:
+        if routing.payload is None or not bool((routing.ids >= 0).any()):
+            return self._routing(None, None)  # every row on the exact base model
         device = self.backbone.device
-        active = torch.as_tensor(np.nonzero(np.asarray(ids) >= 0)[0], dtype=torch.long, device=device)
-        return self._routing(torch.as_tensor(keys, dtype=torch.float32, device=device), active)
-
-    def _ids(self, prompts: list[str], base: bool) -> tuple[np.ndarray, np.ndarray]:
-        if base or not prompts:
-            self._routed_keys = np.zeros((len(prompts), self.key_function.dim), np.float32)
-            return np.full(len(prompts), -1, np.int64), np.full(len(prompts), np.nan)
-        return self.route(prompts)
-
-    def next_token_logits(self, prompts: list[str], *, base: bool = False) -> torch.Tensor:
-        """Logits after each prompt's last real token, routed (or deferred) as generate() would."""
-        with self.routed(self._ids(prompts, base)[0]):
-            return next_token_logits(self.backbone, prompts)
+        active = torch.as_tensor(np.nonzero(routing.ids >= 0)[0], dtype=torch.long, device=device)
+        return self._routing(torch.as_tensor(routing.payload, dtype=torch.float32, device=device), active)
 
     # -- editing -----------------------------------------------------------------------------------
     def _allocate(self, fact: str) -> np.ndarray:
@@ -250,10 +170,9 @@ class ElderEditor(Editor):
         return (torch.as_tensor(extra_rows, dtype=torch.float32, device=device),
                 torch.as_tensor(extra_assigned, dtype=torch.long, device=device))
 
-    def edit(self, records: Iterable[EditRecord | Mapping[str, Any]]) -> EditResult:
-        new_records = as_records(records)
-        if not new_records:
-            raise ValueError("edit batch is empty")
+    def train_batch(self, records: list[EditRecord]) -> TrainedBatch:
+        """Experts, routers, allocations and stored codes in one step (ELDER has no separate index)."""
+        new_records = records
         new_keys = self.key_function.keys([r.prompt for r in new_records])
         if not np.all(np.isfinite(new_keys)):
             raise ValueError("edit batch: a prompt produced a non-finite key")
@@ -310,21 +229,21 @@ class ElderEditor(Editor):
         self.edit_records += new_records
         self.version += 1
         self.edits_applied += len(new_records)
-        return EditResult(
-            edits=len(new_records), block=None, clusters=len(self.allocations), conflicts=0, forgotten=(),
-            steps=stats.steps, final_loss=stats.final_loss, learned=stats.learned, seconds=stats.seconds,
+        return TrainedBatch(
+            version=self.version, edits=len(new_records), steps=stats.steps, final_loss=stats.final_loss,
+            learned=stats.learned, seconds=stats.seconds,
+            update=IndexUpdate(clusters=len(self.allocations), members=len(self.edit_keys)),
         )
 
-    def stats(self) -> dict[str, int]:
+    def state_stats(self) -> dict[str, int]:
         return {
-            "edits": self.edits_applied,
             "facts": len(self.allocations),
             "stored_codes": len(self.edit_keys),
             "extra_parameters": sum(p.numel() for p in self.trainable()),
         }
 
     # -- snapshots ---------------------------------------------------------------------------------
-    def snapshot_files(self) -> dict[str, bytes]:
+    def state_files(self) -> dict[str, bytes]:
         """Experts and routers (safetensors), stored keys and allocations (safetensors), records (JSON)."""
         tensors = {}
         for name, layer in self.layers.items():
@@ -345,41 +264,8 @@ class ElderEditor(Editor):
                                       "rng": self.rng.bit_generator.state}, sort_keys=True).encode(),
         }
 
-    def snapshot_meta(self, stats: Mapping[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
-        return {"editor": self.name, "version": self.version, "config": self.config.model_dump(mode="json"),
-                "base_checksum": self.base_checksum, "stats": dict(stats if stats is not None else self.stats()),
-                **extra}
-
-    def save(self, folder: str | Path, **extra: Any) -> dict[str, Any]:
-        return write_snapshot(folder, self.snapshot_files(), self.snapshot_meta(**extra))
-
-    def publish(self, store: Any, **extra: Any) -> dict[str, Any]:
-        """Publish this editor's state as version `self.version` of a SnapshotStore."""
-        return store.publish(self.version, self.snapshot_files(), self.snapshot_meta(**extra))
-
-    @classmethod
-    def load(cls, folder: str | Path, backbone: Backbone | None = None) -> "ElderEditor":
-        """Rebuild an editor from a snapshot folder, or a store root (its latest version), local or URI."""
-        from melo_ray.store import read_any_snapshot
-
-        manifest, files, where = read_any_snapshot(folder)
-        return cls.from_files(manifest, files, where, backbone)
-
-    @classmethod
-    def from_files(cls, manifest: Mapping[str, Any], files: Mapping[str, bytes], where: str = "snapshot",
-                   backbone: Backbone | None = None) -> "ElderEditor":
-        if manifest.get("editor") != cls.name:
-            raise SnapshotError(f"{where}: snapshot is for editor '{manifest.get('editor')}', not '{cls.name}'")
-        editor = cls(load_config(manifest["config"]), backbone)
-        editor.restore_files(manifest, files, where)
-        return editor
-
-    def restore_files(self, manifest: Mapping[str, Any], files: Mapping[str, bytes], where: str = "snapshot") -> None:
-        """Replace experts, routers and stored codes with a verified snapshot's; all checks before any change."""
-        if manifest.get("editor") != self.name:
-            raise SnapshotError(f"{where}: snapshot is for editor '{manifest.get('editor')}', not '{self.name}'")
-        if manifest.get("base_checksum") != self.base_checksum:
-            raise SnapshotError(f"{where}: snapshot was made on other base weights (checksum differs)")
+    def restore_state(self, manifest: Mapping[str, Any], files: Mapping[str, bytes], where: str) -> Callable[[], None]:
+        """Experts, routers and stored codes of a verified snapshot; all checks before the swap."""
         try:
             tensors = safetensors.torch.load(files["experts.safetensors"])
             arrays = safetensors.numpy.load(files["codes.safetensors"])
@@ -387,7 +273,7 @@ class ElderEditor(Editor):
             records = [EditRecord(**{**r, "rephrases": tuple(r["rephrases"])}) for r in meta["edit_records"]]
             allocations = {f: a for f, a in zip(meta["facts"], arrays["allocations"], strict=True)}
             edit_keys = arrays["edit_keys"].astype(np.float32)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise SnapshotError(f"{where}: ELDER snapshot files are incomplete or malformed ({exc})") from exc
         if edit_keys.shape != (len(records), self.key_function.dim):
             raise SnapshotError(f"{where}: {edit_keys.shape} stored keys for {len(records)} records of "
@@ -398,16 +284,29 @@ class ElderEditor(Editor):
                 saved = tensors.get(f"{name}.{part}")
                 if saved is None or saved.shape != param.shape:
                     raise SnapshotError(f"{where}: experts for '{name}' missing or of the wrong shape")
-        with torch.no_grad():  # all checks passed: swap in
-            for name, layer in self.layers.items():
-                layer.experts_A.copy_(tensors[f"{name}.experts_A"])
-                layer.experts_B.copy_(tensors[f"{name}.experts_B"])
-                layer.router.weight.copy_(tensors[f"{name}.router.weight"])
-                layer.router.bias.copy_(tensors[f"{name}.router.bias"])
-        self.edit_keys = edit_keys
-        self.edit_records = records
-        self.allocations = allocations
-        self.rng.bit_generator.state = meta["rng"]
-        self.version = int(manifest["version"])
-        self.edits_applied = int(manifest["stats"]["edits"])
-        self._codes_cache = None
+        rng = np.random.default_rng()
+        try:
+            rng.bit_generator.state = meta["rng"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SnapshotError(f"{where}: ELDER random state is malformed ({exc})") from exc
+
+        def swap() -> None:
+            with torch.no_grad():
+                for name, layer in self.layers.items():
+                    layer.experts_A.copy_(tensors[f"{name}.experts_A"])
+                    layer.experts_B.copy_(tensors[f"{name}.experts_B"])
+                    layer.router.weight.copy_(tensors[f"{name}.router.weight"])
+                    layer.router.bias.copy_(tensors[f"{name}.router.bias"])
+            self.edit_keys, self.edit_records, self.allocations = edit_keys, records, allocations
+            self.rng = rng
+            self._codes_cache = None
+
+        return swap
+
+    def reset_state(self) -> None:
+        with torch.no_grad():
+            for p, initial in zip(self.trainable(), self._initial):
+                p.copy_(initial)
+        self.rng = np.random.default_rng(self.cfg.seed)
+        self.edit_keys = np.zeros((0, self.key_function.dim), np.float32)
+        self.edit_records, self.allocations, self._codes_cache = [], {}, None

@@ -1,5 +1,7 @@
 """The bulk-edit job's driver: stream → trainer actor → index actor → snapshot store, exactly once.
 
+Any registered editor runs here; an editor with a separate index (MELO) gets an index actor.
+
 A batch is committed when a snapshot version holding it is published; the manifest of that version
 records how far into the stream the job got (`job.rows_done`). Whatever happens (driver killed,
 actor killed), the job restarts from the latest published version: both actors are restored from
@@ -10,18 +12,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from melo_ray.cluster import init_ray
 from melo_ray.config import EditorConfig
-from melo_ray.pipeline.actors import PIPELINE_EDITORS, IndexActor, StaleActorError, TrainerActor
-from melo_ray.pipeline.source import EditSource
-from melo_ray.records import RecordError, parse_record
+from melo_ray.editors.protocol import IndexUpdate, StaleStateError, TrainedBatch
+from melo_ray.records import EditRecord, RecordError, parse_record
 from melo_ray.snapshots import SnapshotError
 from melo_ray.store import SnapshotStore
+from melo_ray.training import label_error
+from pipelines.bulk_edit.actors import IndexActor, TrainerActor, TrainerInfo
+from pipelines.bulk_edit.source import EditSource
 
 log = logging.getLogger(__name__)
 
@@ -93,24 +97,11 @@ def _save_rejects(store: SnapshotStore, job_id: str, rejects: list[dict[str, Any
     store.put_bytes(_rejects_path(job_id), text.encode())
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS (a RayJob sets it), else start a small local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 2, include_dashboard=False,
-                 object_store_memory=512 * 1024 * 1024)
-
-
 @dataclass
 class _Actors:
     trainer: Any
-    index: Any  # None for ELDER, whose trainer holds all its state
-    info: dict[str, Any]
+    index: Any  # None for an editor without a separate index: its trainer holds all its state
+    info: TrainerInfo
 
     def all(self) -> list[Any]:
         return [a for a in (self.trainer, self.index) if a is not None]
@@ -122,8 +113,6 @@ class BulkEditJob:
     def __init__(self, config: EditorConfig, edits_uri: str, out_uri: str, job_id: str, *,
                  progress: bool = True, on_commit: Callable[["BulkEditJob", int], None] | None = None) -> None:
         _check_job_id(job_id)
-        if config.editor not in PIPELINE_EDITORS:
-            raise JobError(f"editor '{config.editor}': the bulk-edit job runs {', '.join(PIPELINE_EDITORS)}")
         self.config = config
         self.cfg = config.pipeline
         self.job_id = job_id
@@ -179,13 +168,13 @@ class BulkEditJob:
         trainer = ray.remote(TrainerActor).options(
             num_cpus=self.cfg.trainer_cpus, num_gpus=gpus, max_restarts=self.cfg.max_actor_restarts,
         ).remote(config, "cuda" if gpus else None, max(1, int(self.cfg.trainer_cpus)))
-        info = ray.get(trainer.info.remote())
+        info: TrainerInfo = ray.get(trainer.info.remote())
         index = None
-        if self.config.editor == "melo":
+        if info.has_index:
             index = ray.remote(IndexActor).options(
                 num_cpus=0, max_restarts=self.cfg.max_actor_restarts,
-            ).remote(config, info["key_dim"])
-        log.info("trainer on %s (pid %s)", info["device"], info["pid"])
+            ).remote(config, info.key_dim)
+        log.info("%s trainer on %s (pid %s)", info.editor, info.device, info.pid)
         return _Actors(trainer, index, info)
 
     def _actors_alive(self) -> bool:
@@ -209,7 +198,7 @@ class BulkEditJob:
         if version is None:
             return ray.get([a.reset.remote() for a in self.actors.all()])[0]
         manifest, files = self.store.read(version)
-        if manifest.get("base_checksum") != self.actors.info["base_checksum"]:
+        if manifest.get("base_checksum") != self.actors.info.base_checksum:
             raise SnapshotError(f"{self.store.uri} v{version}: made on other base weights than this job's backbone")
         if manifest.get("editor") != self.config.editor:
             raise JobError(f"{self.store.uri} v{version} holds a '{manifest.get('editor')}' snapshot; "
@@ -217,7 +206,7 @@ class BulkEditJob:
         files_ref = ray.put(files)
         calls = [self.actors.trainer.restore.remote(manifest, files_ref)]
         if index is not None:
-            calls.append(index.restore.remote(files_ref, int(manifest["stats"]["blocks"])))
+            calls.append(index.restore.remote(files_ref, f"{self.store.uri} v{version}"))
         return ray.get(calls)[0]
 
     # -- the run ---------------------------------------------------------------------------------
@@ -228,7 +217,7 @@ class BulkEditJob:
             log.info("job %s already completed; nothing to do", self.job_id)
             return self._summary()
         init_ray()
-        from melo_ray.pipeline.tracking import JobTracker
+        from pipelines.bulk_edit.tracking import JobTracker
 
         self.tracker = JobTracker(self.config, self.store, self.job_id, self.state.mlflow_run_id)
         self.state.mlflow_run_id = self.tracker.run_id
@@ -241,7 +230,7 @@ class BulkEditJob:
                 try:
                     self._run_from_latest()
                     break
-                except (ray.exceptions.RayActorError, StaleActorError) as exc:
+                except (ray.exceptions.RayActorError, StaleStateError) as exc:
                     self.state.recoveries += 1
                     log.warning("actor failure (%s); recovering from the last snapshot (attempt %d)",
                                 type(exc).__name__, attempt + 1)
@@ -283,31 +272,31 @@ class BulkEditJob:
         self.state.rejected = len(rejects)
         started = time.perf_counter()
         seconds_before = self.state.seconds
-        pending: list[tuple[int, dict[str, Any]]] = []
+        pending: list[EditRecord] = []
+        labels = self.actors.info.labels
         unpublished = 0  # batches trained since the last published version
         bar = tqdm(total=self.source.num_rows, initial=rows_done, desc=f"job {self.job_id}", unit="row",
                    disable=not self.progress)
 
         def commit(last_row: int, final: bool) -> None:
             nonlocal expected, unpublished
-            records = [r for _, r in pending]
-            trained = self.actors.trainer.train.remote(records, expected)
+            trained_ref = self.actors.trainer.train.remote(list(pending), expected)
+            indexed: IndexUpdate
             if self.actors.index is not None:
-                indexed = self.actors.index.add_batch.remote(trained)  # the index waits on the trainer's result
-                trained, indexed = ray.get([trained, indexed])
-            else:  # ELDER: the trainer's own counters stand in for the index's
-                trained = ray.get(trained)
-                counters = trained["counters"]
-                indexed = {"clusters": counters["facts"], "conflicts": 0, "forgotten": 0,
-                           "members": counters["stored_codes"]}
-            expected = trained["version"]
+                indexed_ref = self.actors.index.add_batch.remote(trained_ref)  # waits on the trainer's result
+                trained, indexed = ray.get([trained_ref, indexed_ref])
+            else:  # the trainer applied everything; its counters stand in for an index's
+                trained = ray.get(trained_ref)
+                indexed = trained.update or IndexUpdate()
+            assert isinstance(trained, TrainedBatch)
+            expected = trained.version
             unpublished += 1
             pending.clear()
             self.state.batches = expected - self.state.version_before
             metrics = {
-                "loss": trained["loss"], "train_seconds": trained["seconds"], "steps": trained["steps"],
-                "learned": trained["learned"], "clusters": indexed["clusters"], "conflicts": indexed["conflicts"],
-                "forgotten": indexed["forgotten"], "index_size": indexed["members"],
+                "loss": trained.final_loss, "train_seconds": trained.seconds, "steps": trained.steps,
+                "learned": trained.learned, "clusters": indexed.clusters, "conflicts": indexed.conflicts,
+                "forgotten": indexed.forgotten_total, "index_size": indexed.members,
             }
             if unpublished >= self.cfg.snapshot_every or final:
                 self._publish(expected, last_row + 1, rejects, final)
@@ -317,7 +306,7 @@ class BulkEditJob:
                 metrics["rejected_total"] = self.state.rejected
             self.tracker.log_metrics(metrics, step=expected)
             bar.n = last_row + 1
-            bar.set_postfix(edits=self.state.edits_applied, clusters=indexed["clusters"], rejected=len(rejects))
+            bar.set_postfix(edits=self.state.edits_applied, clusters=indexed.clusters, rejected=len(rejects))
             if unpublished == 0 and self.on_commit is not None:
                 self.on_commit(self, expected)
 
@@ -326,10 +315,12 @@ class BulkEditJob:
             last_row = row
             try:
                 record = parse_record(raw, self.source.uri, row)
+                if labels is not None and (problem := label_error(labels, record.target)):
+                    raise RecordError(self.source.uri, row, "target", problem)
             except RecordError as exc:
                 rejects.append({"row": row, "field": exc.field, "reason": exc.reason, "record": raw})
                 continue
-            pending.append((row, record.to_dict()))
+            pending.append(record)
             if len(pending) == self.batch_size:
                 commit(row, final=False)
         if pending:
@@ -354,7 +345,7 @@ class BulkEditJob:
             "editor": self.config.editor,
             "version": version,
             "config": self.config.model_dump(mode="json"),
-            "base_checksum": self.actors.info["base_checksum"],
+            "base_checksum": self.actors.info.base_checksum,
             "stats": stats,
             "job": {"id": self.job_id, "rows_done": rows_done, "final": final,
                     "edits_uri": self.source.uri, "fingerprint": self.source.fingerprint},

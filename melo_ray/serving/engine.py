@@ -1,6 +1,6 @@
 """What one serving replica does, without Ray: route, generate a mixed-block batch, swap snapshots.
 
-The Serve deployment (melo_ray/serve.py) owns concurrency; this class is plain and synchronous so it
+The Serve deployment (melo_ray/serving/app.py) owns concurrency; this class is plain and synchronous so it
 can be tested and benchmarked on its own.
 """
 from __future__ import annotations
@@ -13,9 +13,8 @@ import numpy as np
 
 from melo_ray.backbones import Backbone, load_backbone
 from melo_ray.config import EditorConfig, load_config
-from melo_ray.editors import SNAPSHOT_EDITORS, build_editor
-from melo_ray.editors.elder import ElderEditor
-from melo_ray.editors.melo import MeloEditor
+from melo_ray.editors.protocol import Editor, Routing
+from melo_ray.editors.registry import build_editor
 from melo_ray.inference import generate_token_ids
 from melo_ray.snapshots import SnapshotError
 
@@ -31,8 +30,8 @@ class CompletionRequest:
 @dataclass(frozen=True)
 class Completion:
     text: str
-    block: int | None  # MELO: the LoRA block used; ELDER: 0 = the expert mixture; None: the base model
-    distance: float | None  # MELO: to the nearest cluster centre; ELDER: Hamming to the nearest stored code
+    block: int | None  # the edit the editor's routing chose (MELO: LoRA block; ELDER: 0 = the mixture); None: base
+    distance: float | None  # behind that choice (MELO: to the nearest cluster centre; ELDER: Hamming distance)
     version: int | None
     prompt_tokens: int
     completion_tokens: int
@@ -48,9 +47,7 @@ class ServingEngine:
     """An editor in serving mode. `version` is None while the base model is served (empty store)."""
 
     def __init__(self, config: EditorConfig, backbone: Backbone | None = None) -> None:
-        if config.editor not in SNAPSHOT_EDITORS:
-            raise ValueError(f"editor '{config.editor}': the server runs {', '.join(SNAPSHOT_EDITORS)}")
-        self.editor: MeloEditor | ElderEditor = build_editor(config.editor, config, backbone or load_backbone(config.backbone))
+        self.editor: Editor = build_editor(config.editor, config, backbone or load_backbone(config.backbone))
         self.version: int | None = None
         self.stats: dict[str, Any] = {}
 
@@ -67,7 +64,7 @@ class ServingEngine:
         if manifest.get("editor") != self.editor.name:
             raise SnapshotError(f"snapshot v{manifest.get('version')} is for editor '{manifest.get('editor')}'; "
                                 f"this replica serves '{self.editor.name}'")
-        self.editor.restore_files(manifest, files, f"snapshot v{manifest.get('version')}")
+        self.editor.restore_files(manifest, files, f"snapshot v{manifest.get('version')}")  # raises before any change
         self.version = int(manifest["version"])
         self.stats = dict(manifest.get("stats", {}))
 
@@ -84,16 +81,13 @@ class ServingEngine:
             return []
         editor = self.editor
         prompts = [r.prompt for r in requests]
-        if base or self.version is None:
-            ids, dists = np.full(len(prompts), -1, np.int64), np.full(len(prompts), np.nan)
-        else:
-            ids, dists = editor.route(prompts)
+        routing = Routing.base(len(prompts)) if base or self.version is None else editor.routing(prompts)
         longest = max(r.max_new_tokens for r in requests)
-        with editor.routed(ids):
+        with editor.routed(routing):
             rows = generate_token_ids(editor.backbone, prompts, longest, longest if full_length else 0)
         tokenizer = editor.backbone.tokenizer
         out = []
-        for request, row, block, distance in zip(requests, rows, ids, dists):
+        for request, row, block, distance in zip(requests, rows, routing.ids, routing.distances):
             # greedy decoding is prefix-consistent, so a shorter request is the longer run cut short
             tokens = row[: request.max_new_tokens]
             text, stopped = _apply_stops(tokenizer.decode(tokens, skip_special_tokens=True), request.stop)

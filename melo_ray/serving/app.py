@@ -1,6 +1,7 @@
 """Ray Serve app: the edited model behind HTTP, following a snapshot store.
 
-Each replica loads the backbone once, installs the store's latest snapshot, and keeps a polling task
+Each replica loads the backbone once, installs the latest snapshot of a store (or of one snapshot
+folder, as `melo-ray edit --out` writes it), and keeps a polling task
 (started from `reconfigure`, Serve's hook for the deployment's user_config) that installs newer
 versions as they are published. Generation and installation take the same asyncio lock, and a batch
 holds it from routing to its last token, so a request always finishes on the version it started with
@@ -9,7 +10,7 @@ outside the lock.
 
 Routes: POST /v1/generate, POST /v1/completions (OpenAI-compatible), GET /v1/models, GET /v1/version,
 GET /healthz. Start it with `melo-ray serve`, or as a RayService with import path
-`melo_ray.serve:app_builder`.
+`melo_ray.serving.app:app_builder`.
 """
 
 import asyncio
@@ -26,11 +27,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from ray import serve
 
 from melo_ray.config import load_config
-from melo_ray.serving import Completion, CompletionRequest, ServingEngine
+from melo_ray.serving.engine import Completion, CompletionRequest, ServingEngine
 from melo_ray.snapshots import SnapshotError
-from melo_ray.store import SnapshotStore
+from melo_ray.store import open_snapshots
 
-log = logging.getLogger("melo_ray.serve")
+log = logging.getLogger(__name__)
 TOKEN_ENV = "MELO_RAY_API_TOKEN"
 
 
@@ -39,7 +40,7 @@ class ServeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    snapshots: str = Field(..., description="Snapshot store root (local path or pyarrow.fs URI).")
+    snapshots: str = Field(..., description="Snapshot store root or one snapshot folder (local path or pyarrow.fs URI).")
     config: str | None = Field(None, description="Editor YAML; needed while the store has no snapshot yet.")
     model_name: str = "melo-ray"
     poll_interval_s: float = Field(1.0, gt=0, description="How often a replica looks for a newer version.")
@@ -125,15 +126,20 @@ class MeloServer:
     def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = ServeSettings.model_validate(settings)
         self.token = self.settings.api_token or os.environ.get(TOKEN_ENV) or None
-        self.store = SnapshotStore(self.settings.snapshots)
+        self.store = open_snapshots(self.settings.snapshots)
         latest = self.store.latest_version()
         if latest is not None:
             manifest, files = self.store.read(latest)
             self.engine = ServingEngine.from_snapshot(manifest, files)
         elif self.settings.config:
+            # Said loudly and in every answer (snapshot_version null, /v1/version "serving"): until a
+            # job publishes into this store, requests run on the unedited model.
+            log.warning("%s has no published snapshot yet: serving the BASE model of %s until one appears",
+                        self.settings.snapshots, self.settings.config)
             self.engine = ServingEngine(load_config(self.settings.config))
         else:
-            raise SnapshotError(f"{self.settings.snapshots}: no snapshot yet, and no config to serve the base model")
+            raise SnapshotError(f"{self.settings.snapshots}: no snapshot yet (neither a store with LATEST.json nor "
+                                "a snapshot folder with manifest.json), and no config to serve the base model")
         self.replica = uuid.uuid4().hex[:8]
         self.lock = asyncio.Lock()
         self.poll_interval = self.settings.poll_interval_s
@@ -223,8 +229,10 @@ class MeloServer:
     async def version(self, request: Request) -> dict[str, Any]:
         self._check_auth(request)
         backbone = self.engine.editor.config.backbone
+        serving = (f"snapshot v{self.engine.version}" if self.engine.version is not None
+                   else f"base model: {self.settings.snapshots} has no published snapshot yet")
         return {
-            "snapshot_version": self.engine.version, "editor": self.engine.editor.name,
+            "snapshot_version": self.engine.version, "serving": serving, "editor": self.engine.editor.name,
             "edits": self.engine.stats.get("edits", 0), "stats": self.engine.stats,
             "clusters": self.engine.stats.get("clusters", 0), "blocks": self.engine.stats.get("blocks", 0),
             "backbone": {"source": backbone.source, "family": backbone.family, "path": backbone.path},
@@ -295,7 +303,7 @@ def build_app(settings: ServeSettings) -> Any:
 
 
 def app_builder(args: dict[str, Any]) -> Any:
-    """Import path for `serve run` / RayService: melo_ray.serve:app_builder."""
+    """Import path for `serve run` / RayService: melo_ray.serving.app:app_builder."""
     return build_app(ServeSettings.model_validate(args))
 
 

@@ -1,0 +1,271 @@
+"""The `melo-ray` command line: edit, generate, eval, serve, data convert, job bulk-edit, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from melo_ray.config import ConfigError, load_config, with_overrides
+from melo_ray.data import CONVERTERS
+from melo_ray.editors.registry import build_editor, editor_names, load_editor
+from melo_ray.records import RecordError, read_edit_records, read_prompts, write_parquet
+from melo_ray.snapshots import SnapshotError
+
+log = logging.getLogger("melo_ray.cli")
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+DEFAULT_CONFIG = ROOT / "configs" / "smollm2-135m.yaml"
+DEFAULT_NQ = ROOT.parent / "shared" / "data" / "nq-open" / "NQ-open.dev.jsonl"
+
+
+def _editor_from(args: argparse.Namespace):
+    if getattr(args, "snapshot", None):
+        return load_editor(args.snapshot)
+    config = load_config(args.config)
+    return build_editor(config.editor, config)
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from tqdm import tqdm
+
+    from melo_ray.snapshots import read_manifest
+
+    config = with_overrides(load_config(args.config), args.set)
+    if args.editor:
+        config = config.model_copy(update={"editor": args.editor})
+    records = read_edit_records(args.edits)  # the whole file is validated before any training
+    if not records:
+        raise RecordError(str(args.edits), None, None, "no records")
+    digest = hashlib.sha256(Path(args.edits).read_bytes()).hexdigest()
+    size = args.batch_size or config.train.batch_size
+    done = 0
+    out = Path(args.out)
+    if args.set and (args.resume or args.resume_from):
+        raise ConfigError("--set applies to a fresh run; a resumed snapshot keeps the config it was written with")
+    if args.resume and (out / "manifest.json").is_file():
+        job = read_manifest(out).get("job") or {}
+        if job.get("edits_sha256") != digest or job.get("batch_size") != size:
+            raise SnapshotError(f"{out}: was written from another edit file or batch size; cannot resume it")
+        editor = load_editor(out)
+        done = int(job["records_done"])
+        print(f"resuming {out}: {done} of {len(records)} edits already applied", file=sys.stderr)
+    elif args.resume_from:
+        editor = load_editor(args.resume_from)
+    else:
+        editor = build_editor(config.editor, config)
+    if editor.name != config.editor:
+        raise SnapshotError(f"the snapshot holds a '{editor.name}' editor; this run asks for '{config.editor}'")
+    batches = [records[i : i + size] for i in range(done, len(records), size)]
+    started = time.perf_counter()
+    for batch in tqdm(batches, desc="edit batches", unit="batch", disable=args.quiet):
+        editor.edit(batch)
+        done += len(batch)
+        # atomic: a crash leaves the last whole batch published, with how far the job got
+        editor.save(out, job={"edits_sha256": digest, "batch_size": size, "records_done": done})
+    minutes = (time.perf_counter() - started) / 60
+    applied = sum(len(b) for b in batches)
+    stats = editor.stats()
+    counters = " ".join(f"{k}={v}" for k, v in stats.items() if k not in ("edits", "extra_parameters"))
+    print(
+        f"editor={editor.name} edits={applied} {counters} "
+        f"edits_per_min={applied / max(minutes, 1e-9):.1f} snapshot={out} version={editor.version}"
+    )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if not args.snapshot and not (args.base and args.config):
+        raise ConfigError("generate needs --snapshot DIR, or --base with --config CONFIG")
+    prompts = read_prompts(args.prompts)
+    editor = _editor_from(args)
+    results = editor.generate(prompts, args.max_new_tokens, base=args.base)
+    for item in results:
+        row = {
+            "prompt": item.prompt,
+            "output": item.output,
+            "block": item.block,
+            "snapshot_version": None if args.base else editor.version,
+        }
+        print(json.dumps(row) if args.json else f"{item.prompt!r} -> {item.output!r} (block {item.block})")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from melo_ray.data import convert
+
+    result = convert(args.format, args.input, limit=args.limit)
+    write_parquet(result.records, args.out)
+    for index, reason in result.skipped:
+        print(f"skipped record {index}: {reason}", file=sys.stderr)
+    print(f"converted={len(result.records)} skipped={len(result.skipped)} out={args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from melo_ray.backbones import load_backbone
+    from melo_ray.evaluation import EvalPlan, evaluate, results_table, write_results
+
+    config = with_overrides(load_config(args.config), args.set)
+    names = [n.strip() for n in args.editors.split(",") if n.strip()]
+    unknown = [n for n in names if n not in editor_names()]
+    if unknown:
+        raise ConfigError(f"--editors: unknown editor(s) {unknown}; choose from {list(editor_names())}")
+    records = read_edit_records(args.edits)[: args.n_edits]
+    if len(records) < args.n_edits:
+        log.warning("only %d records in %s (asked for %d)", len(records), args.edits, args.n_edits)
+    nq: list[str] = []
+    locality = Path(args.locality) if args.locality else DEFAULT_NQ
+    if locality.is_file():
+        nq = [_json.loads(line)["question"] for line in locality.read_text().splitlines() if line.strip()]
+        nq = nq[: args.n_locality]
+    elif args.locality:
+        raise FileNotFoundError(f"--locality: {locality} not found")
+    plan = EvalPlan(batch_size=args.batch_size or config.train.batch_size, every=args.every,
+                    max_new_tokens=args.max_new_tokens or config.generate.max_new_tokens)
+    rows = []
+    for name in names:
+        editor = build_editor(name, config, load_backbone(config.backbone))  # a fresh backbone each
+        rows.append(evaluate(editor, records, nq, plan, progress=not args.quiet))
+    meta = {"config": str(args.config), "overrides": list(args.set), "data": str(args.edits), "n_edits": len(records),
+            "batch_size": plan.batch_size, "locality": str(locality) if nq else None, "n_locality": len(nq)}
+    write_results(rows, Path(args.out), meta)
+    print(results_table(rows), end="")
+    print(f"results: {Path(args.out) / 'results.json'}, {Path(args.out) / 'results.md'}, {Path(args.out) / 'curves.png'}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ray
+
+    from melo_ray.cluster import init_ray
+    from melo_ray.serving.app import ServeSettings, run_http
+
+    settings = ServeSettings(
+        snapshots=args.snapshots, config=args.config, replicas=args.replicas, replica_cpus=args.replica_cpus,
+        poll_interval_s=args.poll_interval, model_name=args.model_name,
+    )
+    init_ray()
+    print(f"serving {args.snapshots} on http://{args.host}:{args.port} ({args.replicas} replicas); Ctrl-C stops",
+          file=sys.stderr)
+    try:
+        run_http(settings, args.host, args.port, blocking=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ray.shutdown()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from melo_ray.cli.demo import run_demo
+
+    return run_demo(Path(args.data), args.n, args.config, Path(args.out))
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override one config field (value read as YAML), e.g. elder.replay=50; repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="melo-ray", description="Lifelong model editing with MELO.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    edit = sub.add_parser("edit", help="apply an edit file (Parquet or JSONL) and write a snapshot")
+    edit.add_argument("--config", required=True)
+    _add_overrides(edit)
+    edit.add_argument("--edits", required=True, help="Parquet or JSONL with prompt, target, ...")
+    edit.add_argument("--out", required=True, help="snapshot folder to write (replaced atomically)")
+    edit.add_argument("--batch-size", type=int, default=None, help="edits per block (default: config)")
+    edit.add_argument("--editor", choices=editor_names(), help="override the config's `editor`")
+    edit.add_argument("--resume-from", default=None, help="start from this snapshot instead of the base")
+    edit.add_argument("--resume", action="store_true",
+                      help="continue an interrupted run: skip the edits --out already holds from this file")
+    edit.add_argument("--quiet", action="store_true", help="no progress bar")
+    edit.set_defaults(func=cmd_edit)
+
+    gen = sub.add_parser("generate", help="greedy outputs for prompts, routed by the neuron index")
+    gen.add_argument("--snapshot", default=None)
+    gen.add_argument("--config", default=None, help="with --base: the backbone to run")
+    gen.add_argument("--base", action="store_true", help="run the unedited model")
+    gen.add_argument("--prompts", required=True, help="JSONL of {\"prompt\": ...} (or Parquet)")
+    gen.add_argument("--max-new-tokens", type=int, default=None)
+    gen.add_argument("--json", action="store_true", help="one JSON object per line")
+    gen.set_defaults(func=cmd_generate)
+
+    data = sub.add_parser("data", help="data tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    conv = data_sub.add_parser("convert", help="convert a public data set into an edit stream")
+    conv.add_argument("--format", required=True, choices=sorted(CONVERTERS))
+    conv.add_argument("--in", dest="input", required=True)
+    conv.add_argument("--out", required=True, help="Parquet file to write")
+    conv.add_argument("--limit", type=int, default=None)
+    conv.set_defaults(func=cmd_convert)
+
+    ev = sub.add_parser("eval", help="lifelong-editing evaluation of several editors on one edit stream")
+    ev.add_argument("--config", required=True)
+    _add_overrides(ev)
+    ev.add_argument("--edits", required=True, help="Parquet or JSONL edit records (see `data convert`)")
+    ev.add_argument("--n-edits", type=int, required=True, help="T: edits applied in order")
+    ev.add_argument("--editors", default="melo,grace,lora", help=f"comma-separated: {', '.join(editor_names())}")
+    ev.add_argument("--out", required=True, help="folder for results.json, results.md, curves.png")
+    ev.add_argument("--locality", default=None, help="NQ-open JSONL for easy locality (default: shared data)")
+    ev.add_argument("--n-locality", type=int, default=100)
+    ev.add_argument("--batch-size", type=int, default=None)
+    ev.add_argument("--every", type=int, default=None, help="also measure every K edits (curves)")
+    ev.add_argument("--max-new-tokens", type=int, default=None)
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=cmd_eval)
+
+    demo = sub.add_parser("demo", help="edit real zsRE facts into the embedded model and show before/after")
+    demo.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="the shared data folder")
+    demo.add_argument("--n", type=int, default=8, help="number of zsRE facts to edit")
+    demo.add_argument("--config", default=str(DEFAULT_CONFIG))
+    demo.add_argument("--out", default="runs/demo")
+    demo.set_defaults(func=cmd_demo)
+
+    srv = sub.add_parser("serve", help="serve a snapshot store over HTTP with Ray Serve (hot-swaps new versions)")
+    srv.add_argument("--snapshots", required=True,
+                     help="snapshot store root, or one snapshot folder from `melo-ray edit --out` (local path or URI)")
+    srv.add_argument("--config", default=None, help="editor YAML, to serve the base model until a snapshot exists")
+    srv.add_argument("--replicas", type=int, default=1)
+    srv.add_argument("--replica-cpus", type=float, default=1.0)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--poll-interval", type=float, default=1.0, help="seconds between checks for a new version")
+    srv.add_argument("--model-name", default="melo-ray", help="the `model` the OpenAI-compatible route answers to")
+    srv.set_defaults(func=cmd_serve)
+
+    job = sub.add_parser("job", help="distributed jobs on Ray")
+    job_sub = job.add_subparsers(dest="job_command", required=True)
+    bulk = job_sub.add_parser("bulk-edit", help="stream an edit file through the Ray bulk-edit job (resumable)")
+    from pipelines.bulk_edit.cli import add_arguments, run as run_bulk_edit
+
+    add_arguments(bulk)
+    bulk.set_defaults(func=run_bulk_edit)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipelines.bulk_edit.job import JobError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (RecordError, ConfigError, SnapshotError, JobError, FileNotFoundError, KeyError, ValueError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"melo-ray: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""ELDER: mixture of LoRA experts with a learned router. config, layer (experts + router), editor."""

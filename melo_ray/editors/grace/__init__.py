@@ -1,0 +1,1 @@
+"""GRACE baseline: a key/value codebook at one layer. config, layer, editor."""

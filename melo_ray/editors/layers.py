@@ -1,0 +1,59 @@
+"""What every edit layer shares: it wraps one base linear layer and adds an editor's state beside it.
+
+`EditLayer` marks such modules so that removal (one backbone reused by a fresh editor) and the
+base-weights checksum find them by type, never by class name.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+
+class EditLayer(nn.Module):
+    """A module that wraps `base_layer` (the untouched linear) and adds an editor's parameters."""
+
+    base_layer: nn.Module
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+
+    @property
+    def weight(self):
+        """The frozen base weight; some models (T5) read it to pick a dtype."""
+        return self.base_layer.weight
+
+
+def linear_shape(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a GPT-2 style Conv1D."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(layer, Conv1D):  # stores W as (in, out)
+        return layer.weight.shape[0], layer.weight.shape[1]
+    raise TypeError(f"{type(layer).__name__} is not a linear layer")
+
+
+def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def remove_edit_layers(model: nn.Module) -> None:
+    """Put back the plain layers that editors wrapped, so one loaded backbone can serve a fresh
+    editor. PEFT layers are not ours to remove."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, EditLayer):
+                setattr(module, name, child.base_layer)
+
+
+def edit_layer_state_names(model: nn.Module) -> set[str]:
+    """state_dict names owned by edit layers themselves (not by their wrapped base layer)."""
+    owned: set[str] = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, EditLayer):
+            for name in module.state_dict():
+                if not name.startswith("base_layer."):
+                    owned.add(f"{prefix}.{name}" if prefix else name)
+    return owned

@@ -1,0 +1,1 @@
+"""Sequential LoRA fine-tuning baseline (one PEFT adapter, no routing)."""

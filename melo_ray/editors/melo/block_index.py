@@ -1,0 +1,84 @@
+"""MELO's index as an EditIndex: the neuron index of prompt keys -> LoRA blocks, with its snapshot
+files. It holds no model, so the bulk-edit job runs it in its own actor (the single writer)."""
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import safetensors.numpy
+
+from melo_ray.config import EditorConfig
+from melo_ray.editors.melo.index import NeuronIndex
+from melo_ray.editors.protocol import EditIndex, IndexUpdate, StaleStateError, TrainedBatch
+from melo_ray.snapshots import SnapshotError
+
+class BlockIndex(EditIndex):
+    """The neuron index plus how many blocks it has indexed (blocks arrive in order, each once)."""
+
+    def __init__(self, index: NeuronIndex, blocks_indexed: int = 0) -> None:
+        self.index = index
+        self.blocks_indexed = blocks_indexed
+
+    @classmethod
+    def create(cls, config: EditorConfig, dim: int) -> "BlockIndex":
+        cfg = config.index
+        return cls(NeuronIndex(
+            dim, cfg.distance, cfg.r_init, hnsw_m=cfg.hnsw_m, ef_construction=cfg.hnsw_ef_construction,
+            ef_search=cfg.hnsw_ef_search, candidates=cfg.candidates,
+        ))
+
+    @classmethod
+    def from_files(cls, config: EditorConfig, dim: int, files: Mapping[str, bytes], where: str) -> "BlockIndex":
+        try:
+            arrays = safetensors.numpy.load(files["index.safetensors"])
+            meta = json.loads(files["index.json"])
+            graph_bytes = files["index.hnsw"]
+            if int(meta["dim"]) != dim:
+                raise SnapshotError(f"{where}: index keys have {meta['dim']} dims, the key function {dim}")
+            with tempfile.TemporaryDirectory() as tmp:
+                graph = Path(tmp) / "index.hnsw"
+                graph.write_bytes(graph_bytes)
+                index = NeuronIndex.from_state(arrays, meta, graph)
+        except SnapshotError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise SnapshotError(f"{where}: index files are incomplete or malformed ({exc})") from exc
+        if "blocks_indexed" in meta:
+            return cls(index, int(meta["blocks_indexed"]))
+        # snapshots written before the count was stored: the newest block with a member
+        return cls(index, max((b for c in index.clusters for b in c.member_blocks), default=-1) + 1)
+
+    def add(self, trained: TrainedBatch) -> IndexUpdate:
+        if trained.block != self.blocks_indexed:
+            raise StaleStateError(f"index has {self.blocks_indexed} blocks indexed, got block {trained.block}")
+        forgotten: list[str] = []
+        for key, target, edit_id in zip(np.asarray(trained.keys), trained.targets, trained.ids, strict=True):
+            forgotten.extend(self.index.add(key, target, trained.block, edit_id).forgotten)
+        self.blocks_indexed += 1
+        return IndexUpdate(clusters=self.index.num_alive, members=self.index.num_members,
+                           conflicts=self.index.conflicts, forgotten=tuple(forgotten),
+                           forgotten_total=self.index.forgotten)
+
+    def search(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        result = self.index.search(np.asarray(keys, dtype=np.float32))
+        return result.block_ids, result.distances
+
+    def files(self) -> dict[str, bytes]:
+        arrays, meta = self.index.state()
+        meta = {**meta, "blocks_indexed": self.blocks_indexed}
+        with tempfile.TemporaryDirectory() as tmp:
+            graph = Path(tmp) / "index.hnsw"
+            self.index.save_graph(graph)
+            graph_bytes = graph.read_bytes()
+        return {
+            "index.safetensors": safetensors.numpy.save(arrays),
+            "index.json": json.dumps(meta, sort_keys=True).encode(),
+            "index.hnsw": graph_bytes,
+        }
+
+    def stats(self) -> dict[str, int]:
+        return {"clusters": self.index.num_alive, "members": self.index.num_members,
+                "conflicts": self.index.conflicts, "forgotten": self.index.forgotten}

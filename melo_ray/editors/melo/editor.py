@@ -1,0 +1,150 @@
+"""MELO: neuron-indexed dynamic LoRA (Yu et al., AAAI 2024).
+
+One edit batch trains one new LoRA block; the neuron index maps the batch's prompt keys to that
+block. At inference each prompt's key picks its block (or none: the exact base model).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from melo_ray.backbones import Backbone
+from melo_ray.config import EditorConfig
+from melo_ray.editors.melo.block_index import BlockIndex
+from melo_ray.editors.melo.keys import build_key_function
+from melo_ray.editors.melo.layer import BlockRouter, inject_dynamic_lora
+from melo_ray.editors.protocol import Editor, Routing, TrainedBatch
+from melo_ray.records import EditRecord
+from melo_ray.snapshots import SnapshotError
+from melo_ray.training import EditBatch, build_batch, train_block
+
+log = logging.getLogger(__name__)
+
+
+def _latest_per_prompt(records: list[EditRecord]) -> list[EditRecord]:
+    """Within one batch a prompt edited twice keeps only its latest target."""
+    latest: dict[str, int] = {}
+    for i, record in enumerate(records):
+        latest[record.prompt] = i
+    kept = sorted(latest.values())
+    if len(kept) < len(records):
+        log.info("batch: %d records superseded by a later record with the same prompt", len(records) - len(kept))
+    return [records[i] for i in kept]
+
+
+class MeloEditor(Editor):
+    """A backbone with a dynamic LoRA bank and a neuron index."""
+
+    name = "melo"
+    index_type = BlockIndex
+    index: BlockIndex | None
+
+    def __init__(self, config: EditorConfig, backbone: Backbone | None = None, device: str | None = None) -> None:
+        super().__init__(config, backbone, device)
+        self.key_function = build_key_function(self.backbone, config.index)
+        self.layers = inject_dynamic_lora(self.backbone.model, config.lora)
+        self._check_key_precedes_lora()
+        self.router = BlockRouter(self.layers)
+        self.index = BlockIndex.create(config, self.key_function.dim)
+
+    def key_dim(self) -> int:
+        return self.key_function.dim
+
+    def _check_key_precedes_lora(self) -> None:
+        key = self.config.index.key_module
+        if self.config.index.key_function == "sentence_encoder" or not key:
+            return
+        order = {name: i for i, (name, _) in enumerate(self.backbone.model.named_modules())}
+        for name in self.layers:
+            if name.startswith(key + ".") or order.get(name, -1) < order.get(key, -1):
+                raise ValueError(
+                    f"index.key_module '{key}' must run before every LoRA layer, but '{name}' does not follow it"
+                )
+
+    # -- editing -----------------------------------------------------------------------------------
+    def train_batch(self, records: list[EditRecord]) -> TrainedBatch:
+        """The trainer's half of an edit: keys of the batch's prompts and one committed block.
+
+        The index is not touched (the pipeline's index actor may own it). On any failure nothing of
+        this batch stays behind."""
+        batch_records = _latest_per_prompt(records)
+        if not batch_records:
+            raise ValueError("edit batch is empty")
+        keys = self.key_function.keys([r.prompt for r in batch_records])
+        if not np.all(np.isfinite(keys)):
+            raise ValueError("edit batch: a prompt produced a non-finite key")
+        batch = build_batch(self.backbone, batch_records, self.config.train.append_eos)
+        params = self.router.start_block(seed=self.config.train.seed + self.version)
+        try:
+            stats = train_block(
+                self.backbone, batch, params, self.config.train, trained_modules=list(self.layers),
+                active=lambda: self.router.staging(len(batch_records), self.backbone.device),
+            )
+            block = self.router.commit_block()
+        except BaseException:
+            self.router.discard_block()  # nothing of this batch stays behind
+            raise
+        self.version += 1
+        self.edits_applied += len(batch_records)
+        return TrainedBatch(
+            version=self.version, edits=len(batch_records), steps=stats.steps, final_loss=stats.final_loss,
+            learned=stats.learned, seconds=stats.seconds, block=block,
+            ids=tuple(r.id for r in batch_records), targets=tuple(r.target for r in batch_records),
+            keys=keys.astype(np.float32),
+        )
+
+    # -- inference ---------------------------------------------------------------------------------
+    def route(self, prompts: list[str]) -> Routing:
+        """Block id (-1 for none) and nearest-centre distance for each prompt."""
+        if self.index is None:
+            raise RuntimeError("this editor's index lives in another process (detach_index)")
+        ids, dists = self.index.search(self.key_function.keys(prompts))
+        return Routing(ids, dists)
+
+    def routed(self, routing: Routing, batch: EditBatch | None = None) -> AbstractContextManager:
+        return self.router.route(torch.as_tensor(routing.ids, dtype=torch.long))
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_stats(self) -> dict[str, int]:
+        return {"blocks": self.router.num_blocks, "extra_parameters": self.router.extra_parameters()}
+
+    def state_files(self) -> dict[str, bytes]:
+        adapters = {}
+        for name, layer in self.layers.items():
+            adapters[f"{name}.lora_bank_A"] = layer.lora_bank_A.detach().cpu().contiguous()
+            adapters[f"{name}.lora_bank_B"] = layer.lora_bank_B.detach().cpu().contiguous()
+        return {"adapters.safetensors": safetensors.torch.save(adapters)}
+
+    def restore_state(self, manifest: Mapping[str, Any], files: Mapping[str, bytes], where: str) -> Callable[[], None]:
+        if manifest.get("config", {}).get("lora") != self.config.lora.model_dump(mode="json"):
+            raise SnapshotError(f"{where}: snapshot's lora config differs from this editor's")
+        try:
+            adapters = safetensors.torch.load(files["adapters.safetensors"])
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise SnapshotError(f"{where}: adapters missing or unreadable ({exc})") from exc
+        banks = {}
+        for name, layer in self.layers.items():
+            try:
+                bank_a, bank_b = adapters[f"{name}.lora_bank_A"], adapters[f"{name}.lora_bank_B"]
+            except KeyError as exc:
+                raise SnapshotError(f"{where}: adapters have no bank for '{name}'") from exc
+            if (bank_a.shape[1:] != layer.lora_bank_A.shape[1:] or bank_b.shape[1:] != layer.lora_bank_B.shape[1:]
+                    or bank_a.shape[0] != bank_b.shape[0]):
+                raise SnapshotError(f"{where}: bank for '{name}' has the wrong shape")
+            banks[name] = (bank_a, bank_b)
+
+        def swap() -> None:
+            for name, layer in self.layers.items():
+                layer.load_bank(*banks[name])
+
+        return swap
+
+    def reset_state(self) -> None:
+        for layer in self.layers.values():
+            layer.load_bank(layer.lora_bank_A[:0], layer.lora_bank_B[:0])

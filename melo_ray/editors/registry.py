@@ -1,0 +1,81 @@
+"""The editor registry: name -> editor class and what it supports.
+
+The eval harness, the bulk-edit job, the server and the CLI look editors up here, so adding an
+editor is its package plus one line in `EDITORS`. Classes are imported on first use: the config
+module validates `editor:` against these names without importing torch-heavy code.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from melo_ray.backbones import Backbone
+    from melo_ray.config import EditorConfig
+    from melo_ray.editors.protocol import Editor
+
+
+@dataclass(frozen=True)
+class EditorSpec:
+    """One registered editor. `shared_state`: every batch edits state earlier batches trained (so a
+    job cannot train batches in parallel); otherwise each batch trains a state of its own."""
+
+    name: str
+    target: str  # "module:Class"
+    summary: str
+    shared_state: bool
+
+    def load_class(self) -> type["Editor"]:
+        module, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+EDITORS: dict[str, EditorSpec] = {spec.name: spec for spec in (
+    EditorSpec("melo", "melo_ray.editors.melo.editor:MeloEditor", "neuron-indexed dynamic LoRA (ours)", False),
+    EditorSpec("elder", "melo_ray.editors.elder.editor:ElderEditor", "mixture of LoRA experts, learned router", True),
+    EditorSpec("grace", "melo_ray.editors.grace.editor:GraceEditor", "codebook at one layer (baseline)", True),
+    EditorSpec("lora", "melo_ray.editors.lora.editor:SequentialLoraEditor", "sequential LoRA fine-tuning (baseline)", True),
+)}
+
+
+def editor_names() -> tuple[str, ...]:
+    return tuple(EDITORS)
+
+
+def editor_spec(name: str) -> EditorSpec:
+    try:
+        return EDITORS[name]
+    except KeyError:
+        raise ValueError(f"unknown editor '{name}'; choose from {', '.join(EDITORS)}") from None
+
+
+def editor_class(name: str) -> type["Editor"]:
+    return editor_spec(name).load_class()
+
+
+def build_editor(name: str, config: "EditorConfig", backbone: "Backbone | None" = None,
+                 device: str | None = None) -> "Editor":
+    """A fresh editor of the named kind on `backbone` (loaded from the config when None)."""
+    return editor_class(name)(config, backbone, device)
+
+
+def editor_from_snapshot(manifest: Mapping[str, Any], files: Mapping[str, bytes], where: str,
+                         backbone: "Backbone | None" = None) -> "Editor":
+    """The editor a verified snapshot was written by, restored from it."""
+    from melo_ray.snapshots import SnapshotError
+
+    name = manifest.get("editor")
+    if not isinstance(name, str) or name not in EDITORS:
+        raise SnapshotError(f"{where}: snapshot of unknown editor '{name}'; this build knows {', '.join(EDITORS)}")
+    return editor_class(name).from_files(manifest, files, where, backbone)
+
+
+def load_editor(source: str | Path, backbone: "Backbone | None" = None) -> "Editor":
+    """The editor a snapshot folder (or store root, local or URI) was written by."""
+    from melo_ray.store import read_any_snapshot
+
+    manifest, files, where = read_any_snapshot(source)
+    return editor_from_snapshot(manifest, files, where, backbone)
