@@ -16,7 +16,7 @@ from melo_ray.config_base import StrictConfig
 from melo_ray.editors.elder.config import ElderConfig
 from melo_ray.editors.grace.config import GraceConfig
 from melo_ray.editors.melo.config import IndexConfig, LoraConfig
-from melo_ray.editors.registry import editor_names
+from melo_ray.editors.registry import editor_names, editor_specs
 
 
 class BackboneConfig(StrictConfig):
@@ -107,6 +107,40 @@ class EditorConfig(StrictConfig):
     grace: GraceConfig = GraceConfig()
     elder: ElderConfig = ElderConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    sections: dict[str, Any] = Field(
+        default_factory=dict, description="Sections of editors registered with a config class of their own "
+        "(EditorSpec.config); written at the top level of a YAML file like any other section.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_sections(cls, data: Any) -> Any:
+        """Top-level keys that name a registered editor's own section move into `sections`, typed."""
+        if not isinstance(data, dict):
+            return data
+        specs = {spec.section: spec for spec in editor_specs() if spec.section}
+        found = {k: v for k, v in data.items() if k in specs and k not in cls.model_fields}
+        if not found and not data.get("sections"):
+            return data
+        sections = dict(data.get("sections") or {})
+        for name, value in found.items():  # a top-level key (or a --set override) updates its section
+            before = sections.get(name)
+            sections[name] = {**before, **value} if isinstance(before, dict) and isinstance(value, dict) else value
+        typed = {}
+        for name, value in sections.items():
+            if name not in specs:
+                raise ValueError(f"sections: no registered editor has a section '{name}'")
+            typed[name] = specs[name].load_config_class().model_validate(value or {})
+        return {**{k: v for k, v in data.items() if k not in found}, "sections": typed}
+
+    def section(self, name: str) -> Any:
+        """A registered editor's own config section (its defaults when the file has none)."""
+        if name in self.sections:
+            return self.sections[name]
+        spec = next((s for s in editor_specs() if s.section == name), None)
+        if spec is None:
+            raise KeyError(f"no registered editor has a config section '{name}'")
+        return spec.load_config_class()()
 
     @field_validator("editor")
     @classmethod

@@ -40,6 +40,11 @@ class RecordError(ValueError):
             where += f": field '{field_name}'"
         super().__init__(f"{where}: {reason}")
 
+    def __reduce__(self):
+        # Rebuilt from its fields when it crosses a process (a Ray actor -> the driver); the default
+        # would call __init__ with the message alone and fail to deserialise.
+        return (type(self), (self.source, self.row, self.field, self.reason))
+
 
 def content_id(prompt: str, target: str) -> str:
     """An id derived from what the edit says, so it is the same in every job and file that holds it

@@ -270,3 +270,52 @@ def test_an_elder_job_equals_the_single_process_editor_and_resumes_after_a_train
     last = rows[30:]
     hits = sum(o.text.strip().startswith(r["target"]) for o, r in zip(out[30:], last))
     assert hits >= 8, hits
+
+
+class _RaisesRecordError:
+    def fail(self) -> None:
+        raise RecordError("edits.parquet", 4, "target", "is empty")
+
+
+def test_a_record_error_crosses_ray_intact(ray_session):
+    """Bug: it reached the driver as "UnserializableException: Failed to deserialize exception"."""
+    actor = ray.remote(_RaisesRecordError).remote()
+    with pytest.raises(RecordError) as caught:
+        ray.get(actor.fail.remote())
+    assert (caught.value.row, caught.value.field, caught.value.reason) == (4, "target", "is empty")
+    ray.kill(actor)
+
+
+def test_a_target_outside_a_classifiers_labels_is_rejected_and_the_job_goes_on(ray_session, tmp_path):
+    """Bug: one such row stopped the whole job with a traceback."""
+    from conftest import tiny_config as config_of
+
+    config = config_of("tiny-bert", train={"batch_size": 4, "num_iter": 20}, pipeline={"keep_versions": 2})
+    labels = ["affirmed", "reversed", "remanded"]
+    rows = [{"prompt": f"Case {i}: the court heard the {WORDS[i]} appeal.", "target": labels[i % 3]} for i in range(8)]
+    rows[5]["target"] = "dismissed"
+    summary = BulkEditJob(config, str(write_stream(tmp_path / "cases.parquet", rows)), str(tmp_path / "store"),
+                          "cases", progress=False).run()
+    assert summary.state.status == "completed" and summary.state.edits_applied == 7
+    rejects = [json.loads(line) for line in Path(summary.rejects_path).read_text().splitlines()]
+    assert [(r["row"], r["field"]) for r in rejects] == [(5, "target")] and "dismissed" in rejects[0]["reason"]
+
+
+@pytest.mark.parametrize("name", ["grace", "lora"])
+def test_the_baselines_run_in_the_job_and_equal_the_single_process_editor(name, ray_session, tmp_path):
+    from melo_ray.editors.registry import build_editor, editor_from_snapshot
+
+    config = tiny_config(grace={"num_iter": 20}, pipeline={"keep_versions": 2}).model_copy(update={"editor": name})
+    rows = stream_rows(20)
+    summary = BulkEditJob(config, str(write_stream(tmp_path / "e.parquet", rows)), str(tmp_path / "store"), name,
+                          progress=False).run()
+    assert summary.state.status == "completed" and summary.state.edits_applied == 20
+    manifest, files = SnapshotStore(tmp_path / "store").read()
+    assert manifest["editor"] == name and manifest["version"] == 2
+    single = build_editor(name, config)
+    for start in range(0, 20, 10):
+        single.edit(rows[start : start + 10])
+    served = editor_from_snapshot(manifest, files, "job")
+    assert served.stats() == single.stats()
+    prompts = [r["prompt"] for r in rows]
+    assert [g.output for g in served.generate(prompts, 6)] == [g.output for g in single.generate(prompts, 6)]

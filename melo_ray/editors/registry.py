@@ -27,10 +27,21 @@ class EditorSpec:
     target: str  # "module:Class"
     summary: str
     shared_state: bool
+    section: str | None = None  # a config section of its own (top-level YAML key), if any
+    config: str | None = None  # "module:Class" of that section (a pydantic model)
 
     def load_class(self) -> type["Editor"]:
-        module, _, attr = self.target.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        return _load(self.target)
+
+    def load_config_class(self) -> Any:
+        if self.config is None:
+            raise ValueError(f"editor '{self.name}' declares no config class")
+        return _load(self.config)
+
+
+def _load(target: str) -> Any:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 EDITORS: dict[str, EditorSpec] = {spec.name: spec for spec in (
@@ -43,6 +54,10 @@ EDITORS: dict[str, EditorSpec] = {spec.name: spec for spec in (
 
 def editor_names() -> tuple[str, ...]:
     return tuple(EDITORS)
+
+
+def editor_specs() -> tuple[EditorSpec, ...]:
+    return tuple(EDITORS.values())
 
 
 def editor_spec(name: str) -> EditorSpec:

@@ -29,7 +29,7 @@ from ray import serve
 from melo_ray.config import load_config
 from melo_ray.serving.engine import Completion, CompletionRequest, ServingEngine
 from melo_ray.snapshots import SnapshotError
-from melo_ray.store import open_snapshots
+from melo_ray.store import SnapshotFolder, SnapshotStore, open_snapshots
 
 log = logging.getLogger(__name__)
 TOKEN_ENV = "MELO_RAY_API_TOKEN"
@@ -60,6 +60,9 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
+
+    def __reduce__(self):
+        return (type(self), (self.status, self.message, self.param))
 
 
 class _Strict(BaseModel):
@@ -120,26 +123,37 @@ async def _parse(request: Request, model: type[BaseModel], limit: int) -> Any:
         raise ApiError(422, f"field '{field}': {first['msg']}", field) from exc
 
 
+def start_engine(settings: ServeSettings) -> tuple[SnapshotStore | SnapshotFolder, ServingEngine]:
+    """The snapshot source a replica follows (a store, or one snapshot folder) and its engine on the
+    latest version there; the base model only while a store is still empty and a config is given."""
+    source = open_snapshots(settings.snapshots)
+    latest = source.latest_version()
+    if latest is not None:
+        manifest, files = source.read(latest)
+        return source, ServingEngine.from_snapshot(manifest, files)
+    if not settings.config:
+        raise SnapshotError(f"{settings.snapshots}: no snapshot yet (neither a store with LATEST.json nor a "
+                            "snapshot folder with manifest.json), and no config to serve the base model")
+    # Said loudly and in every answer (snapshot_version null, /v1/version "serving"): until a job
+    # publishes into this store, requests run on the unedited model.
+    log.warning("%s has no published snapshot yet: serving the BASE model of %s until one appears",
+                settings.snapshots, settings.config)
+    return source, ServingEngine(load_config(settings.config))
+
+
+def describe_serving(settings: ServeSettings, version: int | None) -> str:
+    if version is not None:
+        return f"snapshot v{version}"
+    return f"base model: {settings.snapshots} has no published snapshot yet"
+
+
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10)
 @serve.ingress(api)
 class MeloServer:
     def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = ServeSettings.model_validate(settings)
         self.token = self.settings.api_token or os.environ.get(TOKEN_ENV) or None
-        self.store = open_snapshots(self.settings.snapshots)
-        latest = self.store.latest_version()
-        if latest is not None:
-            manifest, files = self.store.read(latest)
-            self.engine = ServingEngine.from_snapshot(manifest, files)
-        elif self.settings.config:
-            # Said loudly and in every answer (snapshot_version null, /v1/version "serving"): until a
-            # job publishes into this store, requests run on the unedited model.
-            log.warning("%s has no published snapshot yet: serving the BASE model of %s until one appears",
-                        self.settings.snapshots, self.settings.config)
-            self.engine = ServingEngine(load_config(self.settings.config))
-        else:
-            raise SnapshotError(f"{self.settings.snapshots}: no snapshot yet (neither a store with LATEST.json nor "
-                                "a snapshot folder with manifest.json), and no config to serve the base model")
+        self.store, self.engine = start_engine(self.settings)
         self.replica = uuid.uuid4().hex[:8]
         self.lock = asyncio.Lock()
         self.poll_interval = self.settings.poll_interval_s
@@ -229,10 +243,8 @@ class MeloServer:
     async def version(self, request: Request) -> dict[str, Any]:
         self._check_auth(request)
         backbone = self.engine.editor.config.backbone
-        serving = (f"snapshot v{self.engine.version}" if self.engine.version is not None
-                   else f"base model: {self.settings.snapshots} has no published snapshot yet")
         return {
-            "snapshot_version": self.engine.version, "serving": serving, "editor": self.engine.editor.name,
+            "snapshot_version": self.engine.version, "serving": describe_serving(self.settings, self.engine.version), "editor": self.engine.editor.name,
             "edits": self.engine.stats.get("edits", 0), "stats": self.engine.stats,
             "clusters": self.engine.stats.get("clusters", 0), "blocks": self.engine.stats.get("blocks", 0),
             "backbone": {"source": backbone.source, "family": backbone.family, "path": backbone.path},
