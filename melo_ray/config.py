@@ -167,10 +167,12 @@ def load_config(source: str | Path | dict[str, Any] | EditorConfig) -> EditorCon
         path = Path(source)
         where = str(path)
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"{where}: cannot read: {exc.strerror or exc}") from exc
-        except yaml.YAMLError as exc:
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{where}: not UTF-8 text: {exc}") from exc
+        except (yaml.YAMLError, RecursionError) as exc:
             raise ConfigError(f"{where}: not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: expected a mapping at the top level")

@@ -1,12 +1,17 @@
 """Snapshot folders: written atomically, verified on load, no pickle anywhere.
 
 A snapshot is a folder of plain files (safetensors, JSON, hnswlib's graph) plus `manifest.json`,
-which records every file's SHA-256 and a checksum over the manifest itself. Writing goes to a hidden
+which records every file's SHA-256 and a checksum over the manifest itself. With a signing key
+(MELO_RAY_SIGNING_KEY, or a file named by MELO_RAY_SIGNING_KEY_FILE) the manifest also carries an
+HMAC-SHA256 over everything else in it, and every reader refuses a version that is unsigned or
+signed with another key. Checksums catch corruption; only the signature stops someone who can
+write to the store but does not hold the key. Writing goes to a hidden
 temporary folder beside the target, is read back and verified, and only then renamed into place.
 """
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -18,6 +23,8 @@ from typing import Any
 FORMAT = "melo-ray-snapshot"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+SIGNING_KEY_ENV = "MELO_RAY_SIGNING_KEY"
+SIGNING_KEY_FILE_ENV = "MELO_RAY_SIGNING_KEY_FILE"
 
 
 class SnapshotError(RuntimeError):
@@ -28,9 +35,29 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _canonical(manifest: dict[str, Any], *leave_out: str) -> bytes:
+    body = {k: v for k, v in manifest.items() if k not in leave_out}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
 def _manifest_checksum(manifest: dict[str, Any]) -> str:
-    body = {k: v for k, v in manifest.items() if k != "checksum"}
-    return _sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    return _sha256(_canonical(manifest, "checksum", "signature"))
+
+
+def signing_key() -> bytes | None:
+    """The snapshot signing key from the environment (None: signing is off)."""
+    key = os.environ.get(SIGNING_KEY_ENV)
+    if not key and os.environ.get(SIGNING_KEY_FILE_ENV):
+        path = Path(os.environ[SIGNING_KEY_FILE_ENV])
+        try:
+            key = path.read_text().strip()
+        except OSError as exc:
+            raise SnapshotError(f"{SIGNING_KEY_FILE_ENV}={path}: cannot read the signing key: {exc}") from exc
+    return key.encode() if key else None
+
+
+def _signature(manifest: dict[str, Any], key: bytes) -> str:
+    return hmac.new(key, _canonical(manifest, "signature"), hashlib.sha256).hexdigest()
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -43,7 +70,7 @@ def _write_file(path: Path, data: bytes) -> None:
 def build_manifest(files: dict[str, bytes], meta: dict[str, Any]) -> dict[str, Any]:
     """The manifest for these files: format, `meta`, each file's SHA-256, and its own checksum."""
     for name in files:
-        if Path(name).name != name or name == MANIFEST:
+        if not _plain_name(name):
             raise SnapshotError(f"snapshot file name '{name}' is not allowed")
     manifest = {
         "format": FORMAT,
@@ -52,6 +79,9 @@ def build_manifest(files: dict[str, bytes], meta: dict[str, Any]) -> dict[str, A
         "files": {name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in files.items()},
     }
     manifest["checksum"] = _manifest_checksum(manifest)
+    key = signing_key()
+    if key is not None:
+        manifest["signature"] = _signature(manifest, key)
     return manifest
 
 
@@ -87,23 +117,56 @@ def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
     """Decode and check a manifest's format and self-checksum."""
     try:
         manifest = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, absurd nesting
         raise SnapshotError(f"{where}: unreadable manifest: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise SnapshotError(f"{where}: not a {FORMAT} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise SnapshotError(f"{where}: format_version {manifest.get('format_version')} is not supported")
+    _check_shape(manifest, where)
     if manifest.get("checksum") != _manifest_checksum(manifest):
         raise SnapshotError(f"{where}: manifest checksum mismatch (edited or corrupted)")
+    key = signing_key()
+    if key is not None:
+        signature = manifest.get("signature")
+        if not isinstance(signature, str):
+            raise SnapshotError(f"{where}: snapshot is not signed, and signing is on ({SIGNING_KEY_ENV} is set)")
+        if not hmac.compare_digest(signature, _signature(manifest, key)):
+            raise SnapshotError(f"{where}: snapshot signature does not match the configured key (tampered, "
+                                "or signed with another key)")
     return manifest
+
+
+def _plain_name(name: Any) -> bool:
+    return (isinstance(name, str) and name not in ("", ".", "..", MANIFEST) and Path(name).name == name
+            and not any(c in name for c in "/\\\x00"))
+
+
+def _check_shape(manifest: dict[str, Any], where: str) -> None:
+    """The fields every reader relies on have the types it expects (a writer with the store's
+    credentials can recompute checksums, so a well-summed manifest is not yet a sane one)."""
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise SnapshotError(f"{where}: manifest 'files' is not a mapping")
+    for name, info in files.items():
+        if not _plain_name(name):
+            raise SnapshotError(f"{where}: file name {name!r} is not a plain name inside the snapshot folder")
+        if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
+            raise SnapshotError(f"{where}: manifest entry for '{name}' has no sha256")
+    version = manifest.get("version")
+    if "version" in manifest and (not isinstance(version, int) or isinstance(version, bool) or version < 0):
+        raise SnapshotError(f"{where}: manifest 'version' must be a non-negative integer")
+    for field, kind in (("editor", str), ("config", dict), ("stats", dict)):
+        if field in manifest and not isinstance(manifest[field], kind):
+            raise SnapshotError(f"{where}: manifest '{field}' must be a {kind.__name__}")
 
 
 def read_verified_files(manifest: dict[str, Any], read: Callable[[str], bytes], where: str) -> dict[str, bytes]:
     """Every file the manifest lists, read with `read(name)` and checked against its SHA-256."""
     files: dict[str, bytes] = {}
     for name, info in manifest["files"].items():
-        if Path(name).name != name:
-            raise SnapshotError(f"{where}: file name '{name}' is not a plain name")
+        if not _plain_name(name):
+            raise SnapshotError(f"{where}: file name {name!r} is not a plain name")
         try:
             data = read(name)
         except OSError as exc:
@@ -126,8 +189,17 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return parse_manifest(data, str(path))
 
 
+def check_no_strays(manifest: dict[str, Any], present: set[str], where: str) -> None:
+    """A snapshot folder holds its manifest and the files it lists, nothing else."""
+    strays = sorted(present - set(manifest["files"]) - {MANIFEST})
+    if strays:
+        raise SnapshotError(f"{where}: files the manifest does not list: {strays[:5]}")
+
+
 def read_snapshot(folder: str | Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     """Manifest and file contents, after checking every file against its SHA-256."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    return manifest, read_verified_files(manifest, lambda name: (folder / name).read_bytes(), str(folder))
+    files = read_verified_files(manifest, lambda name: (folder / name).read_bytes(), str(folder))
+    check_no_strays(manifest, {p.name for p in folder.iterdir()}, str(folder))
+    return manifest, files

@@ -25,6 +25,7 @@ from melo_ray.snapshots import (
     MANIFEST,
     SnapshotError,
     build_manifest,
+    check_no_strays,
     manifest_bytes,
     parse_manifest,
     read_verified_files,
@@ -103,8 +104,11 @@ class SnapshotStore:
         if data is None:
             return None
         try:
-            return int(json.loads(data)["version"])
-        except (ValueError, KeyError, TypeError) as exc:
+            version = json.loads(data)["version"]
+            if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+                raise ValueError(f"version {version!r} is not a non-negative integer")
+            return version
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise SnapshotError(f"{self._path(LATEST)}: unreadable: {exc}") from exc
 
     def versions(self) -> list[int]:
@@ -158,7 +162,9 @@ class SnapshotStore:
             with self.fs.open_input_stream(f"{folder}/{name}") as stream:
                 return stream.read()
 
-        return manifest, read_verified_files(manifest, read, folder)
+        files = read_verified_files(manifest, read, folder)
+        check_no_strays(manifest, _names_in(self.fs, folder), folder)
+        return manifest, files
 
     def _pick(self, version: int | None) -> int:
         if version is not None:
@@ -229,7 +235,13 @@ class SnapshotFolder:
                 raise FileNotFoundError(name)
             return data
 
-        return manifest, read_verified_files(manifest, read, self.uri)
+        files = read_verified_files(manifest, read, self.uri)
+        check_no_strays(manifest, _names_in(self.fs, self.root), self.uri)
+        return manifest, files
+
+
+def _names_in(fs: pafs.FileSystem, folder: str) -> set[str]:
+    return {info.base_name for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))}
 
 
 def open_snapshots(uri: str | Path) -> SnapshotStore | SnapshotFolder:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,14 @@ UNRELATED = ["A completely unrelated sentence about numbers.", "zzzz qqqq xxxx",
 @pytest.fixture()
 def tiny_llama_config() -> EditorConfig:
     return tiny_config("tiny-llama")
+
+
+# Property-based fuzzing (hypothesis): a few examples per property in the suite; the long profile
+# (HYPOTHESIS_PROFILE=long, see docs/results.md) is the benchmark-style run.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.register_profile("long", max_examples=1000, deadline=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

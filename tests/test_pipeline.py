@@ -319,3 +319,26 @@ def test_the_baselines_run_in_the_job_and_equal_the_single_process_editor(name, 
     assert served.stats() == single.stats()
     prompts = [r["prompt"] for r in rows]
     assert [g.output for g in served.generate(prompts, 6)] == [g.output for g in single.generate(prompts, 6)]
+
+
+def test_a_hostile_stream_is_rejected_row_by_row_and_the_job_goes_on(ray_session, tmp_path):
+    """Schema drift between the files of one stream, nested values, nulls, huge strings, repeated ids."""
+    folder = tmp_path / "stream"
+    folder.mkdir()
+    good = stream_rows(8)
+    pq.write_table(pa.Table.from_pylist(good[:4]), folder / "part-0.parquet")
+    pq.write_table(pa.Table.from_pylist([  # drift: target is an integer column here
+        {"id": "e90", "prompt": "Where does the comet 90 live?", "target": 7}]), folder / "part-1.parquet")
+    pq.write_table(pa.Table.from_pylist([{"id": "e91", "prompt": {"nested": ["value"]}, "target": "Oslo"}]),
+                   folder / "part-2.parquet")
+    pq.write_table(pa.Table.from_pylist([
+        {"id": "e92", "prompt": None, "target": "Lima"},
+        {"id": "e93", "prompt": "Where does the huge " + "x" * 200_000 + " live?", "target": "Rome"},
+        {"id": "e4", "prompt": good[4]["prompt"], "target": good[4]["target"]},
+        {"id": "e4", "prompt": good[5]["prompt"], "target": good[5]["target"]},  # a repeated id is kept
+    ]), folder / "part-3.parquet")
+    summary = BulkEditJob(job_config(), str(folder), str(tmp_path / "store"), "hostile", progress=False).run()
+    assert summary.state.status == "completed" and summary.state.edits_applied == 7
+    rejects = [json.loads(line) for line in Path(summary.rejects_path).read_text().splitlines()]
+    assert [(r["row"], r["field"]) for r in rejects] == [(4, "target"), (5, "prompt"), (6, "prompt")]
+    assert all(r["reason"] for r in rejects)

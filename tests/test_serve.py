@@ -1,6 +1,7 @@
 """The Serve app over real HTTP: a local Ray, a tiny model, 2 replicas, a snapshot store on disk."""
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -161,3 +162,59 @@ def test_publishing_under_steady_traffic_switches_every_replica_with_zero_failur
     for versions in versions_by_replica.values():
         assert versions[-1] == editor.version
         assert versions == sorted(versions)  # never back to an older version
+
+
+# -- hostile input: fuzzed requests against the running app --------------------------------------
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+ANY_TEXT = st.text(st.characters(codec=None, categories=None), max_size=40)  # surrogates and NULs included
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False) | ANY_TEXT,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(ANY_TEXT, inner, max_size=5), max_leaves=12,
+)
+FIELDS = ["prompts", "prompt", "max_new_tokens", "max_tokens", "model", "temperature", "top_p", "n", "stop",
+          "stream", "logprobs", "echo", "user"]
+SHAPED = st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=5)  # near-valid bodies
+BODIES = st.one_of(
+    JSON_VALUES.map(lambda v: json.dumps(v).encode()),  # ensure_ascii: lone surrogates become \udXXX escapes
+    SHAPED.map(lambda v: json.dumps(v).encode()),
+    st.binary(max_size=300),
+    st.integers(1, 3000).map(lambda depth: b"[" * depth + b"]" * depth),
+    st.integers(1, 2000).map(lambda depth: b'{"prompts": ' + b"[" * depth + b"]" * depth + b"}"),
+)
+HEADER_TEXT = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=30)
+ROUTES = st.sampled_from([("POST", "/v1/generate"), ("POST", "/v1/completions"), ("GET", "/v1/version"),
+                          ("GET", "/v1/models"), ("POST", "/v1/version"), ("GET", "/v1/generate")])
+FUZZ_COUNT: dict[str, int] = {"requests": 0}
+
+
+@given(route=ROUTES, body=BODIES, content_type=HEADER_TEXT, extra=st.dictionaries(
+    st.sampled_from(["x-custom", "accept", "user-agent", "x-forwarded-for", "content-encoding"]), HEADER_TEXT,
+    max_size=2))
+def test_fuzzed_requests_never_get_a_5xx(app, route, body, content_type, extra):
+    method, path = route
+    response = app["client"].request(method, path, content=body, headers={"content-type": content_type, **extra})
+    FUZZ_COUNT["requests"] += 1
+    assert response.status_code < 500, (route, body[:200], response.status_code, response.text[:300])
+    if response.status_code >= 400 and response.status_code != 405:  # 405: Starlette's own, for a wrong method
+        error = response.json()["error"]
+        assert error["message"] and error["code"] == response.status_code
+
+
+def test_the_two_reported_500s_are_4xx_naming_the_problem(app):
+    client = app["client"]
+    response = client.post("/v1/generate", content=b'{"prompts": ["\\udcff"], "max_new_tokens": 3}',
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompts.0"
+    deep = b'{"prompts": ' + b"[" * 1500 + b"]" * 1500 + b"}"  # within the app's 4 KB body limit
+    response = client.post("/v1/generate", content=deep)
+    assert response.status_code == 400 and "nested" in response.json()["error"]["message"]
+
+
+def test_the_replica_keeps_serving_after_the_fuzzing(app):
+    record = fact_records(0, 10)[3]
+    response = generate(app["client"], [record["prompt"]])
+    assert response.status_code == 200 and response.json()["outputs"][0]["output"].startswith(record["target"])
+    if FUZZ_COUNT["requests"]:
+        print(f"\nfuzzed requests sent: {FUZZ_COUNT['requests']}")

@@ -14,7 +14,6 @@ GET /healthz. Start it with `melo-ray serve`, or as a RayService with import pat
 """
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -23,10 +22,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from melo_ray.config import load_config
+from melo_ray.serving.requests import ApiError, CompletionsBody, GenerateBody, parse_body
 from melo_ray.serving.engine import Completion, CompletionRequest, ServingEngine
 from melo_ray.snapshots import SnapshotError
 from melo_ray.store import SnapshotFolder, SnapshotStore, open_snapshots
@@ -56,39 +56,6 @@ class ServeSettings(BaseModel):
     replica_gpus: float = Field(0.0, ge=0)
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-
-    def __reduce__(self):
-        return (type(self), (self.status, self.message, self.param))
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class GenerateBody(_Strict):
-    prompts: list[StrictStr]
-    max_new_tokens: StrictInt | None = None
-
-
-class CompletionsBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, ...)
-
-    model: StrictStr | None = None
-    prompt: StrictStr | list[StrictStr]
-    max_tokens: StrictInt | None = 16
-    temperature: float | None = 0.0
-    top_p: float | None = 1.0
-    n: StrictInt | None = 1
-    stream: bool | None = False
-    stop: StrictStr | list[StrictStr] | None = None
-    logprobs: StrictInt | None = None
-    echo: bool | None = False
-
-
 def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
     kind = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large"}.get(status, "invalid_request_error")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status_code=status)
@@ -106,21 +73,7 @@ async def _parse(request: Request, model: type[BaseModel], limit: int) -> Any:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body is {declared} bytes; the limit is {limit}")
-    body = await request.body()
-    if len(body) > limit:
-        raise ApiError(413, f"request body is {len(body)} bytes; the limit is {limit}")
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or None
-        raise ApiError(422, f"field '{field}': {first['msg']}", field) from exc
+    return parse_body(await request.body(), model, limit)
 
 
 def start_engine(settings: ServeSettings) -> tuple[SnapshotStore | SnapshotFolder, ServingEngine]:
