@@ -122,6 +122,8 @@ class EditorConfig(StrictConfig):
         found = {k: v for k, v in data.items() if k in specs and k not in cls.model_fields}
         if not found and not data.get("sections"):
             return data
+        if not isinstance(data.get("sections") or {}, dict):
+            raise ValueError("sections: must be a mapping of section name to settings")
         sections = dict(data.get("sections") or {})
         for name, value in found.items():  # a top-level key (or a --set override) updates its section
             before = sections.get(name)

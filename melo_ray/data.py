@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+import re
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -166,6 +168,51 @@ def zsre_subject_probes(rows: list[Any]) -> dict[int, tuple[LocalityProbe, ...]]
     return probes
 
 
+_STOPWORDS = frozenset(
+    "a an the of in on at to for by with from and or is are was were be been being does do did has have had "
+    "what which who whom whose when where why how that this it its it's as into than then there their his her "
+    "name called belong belongs belonged".split()
+)
+
+
+def _content_words(template: str) -> set[str]:
+    words = re.findall(r"[a-z]+", template.replace("{}", " ").lower())
+    return {w.rstrip("s") for w in words if w not in _STOPWORDS and len(w) > 2}
+
+
+def relation_template(prompt: str, subject: str | None) -> str | None:
+    """The prompt with its subject replaced by "{}" (None unless the subject occurs exactly once)."""
+    if not subject or prompt.count(subject) != 1 or "{" in prompt or "}" in prompt:
+        return None
+    return prompt.replace(subject, "{}")
+
+
+def synthetic_subject_probes(records: list[EditRecord], per_record: int = 2, seed: int = 0) -> list[EditRecord]:
+    """Add same-subject, other-relation probes to records that have none: the record's subject put into
+    the relation templates of other records of the same list ("{} was born in" -> "Ada Lovelace was
+    born in"). A template sharing a content word with the record's own template ("architect") is
+    skipped, so a probe never asks the edited relation in other words. Answers are unknown (None)."""
+    rng = random.Random(seed)
+    templates = [(relation_template(r.prompt, r.subject), r) for r in records]
+    pool = sorted({t for t, _ in templates if t})
+    out = []
+    for template, record in templates:
+        if template is None or record.probes("subject") or not pool:
+            out.append(record)
+            continue
+        own = _content_words(template)
+        chosen: list[str] = []
+        for _ in range(20 * per_record):
+            if len(chosen) >= per_record:
+                break
+            other = rng.choice(pool)
+            if other != template and other not in chosen and not (_content_words(other) & own):
+                chosen.append(other)
+        probes = tuple(LocalityProbe(t.format(record.subject), None, "subject") for t in chosen)
+        out.append(replace(record, locality=record.locality + probes))
+    return out
+
+
 def _load_rows(path: Path) -> list[Any]:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
@@ -176,8 +223,11 @@ def _load_rows(path: Path) -> list[Any]:
     return data
 
 
-def convert(fmt: str, path: str | Path, limit: int | None = None) -> Conversion:
-    """Convert a source file of a known format; bad rows go to `skipped` with their reason."""
+def convert(fmt: str, path: str | Path, limit: int | None = None, *, subject_probes: int = 0) -> Conversion:
+    """Convert a source file of a known format; bad rows go to `skipped` with their reason.
+
+    `subject_probes` > 0 adds that many synthetic same-subject probes to each record that has none
+    (`synthetic_subject_probes`, templates from the converted records themselves)."""
     if fmt not in CONVERTERS:
         raise ValueError(f"unknown format '{fmt}'; choose from {sorted(CONVERTERS)}")
     converter = CONVERTERS[fmt]
@@ -197,6 +247,8 @@ def convert(fmt: str, path: str | Path, limit: int | None = None) -> Conversion:
         if index in extra:
             record = replace(record, locality=record.locality + extra[index])
         result.records.append(record)
+    if subject_probes > 0:
+        result.records = synthetic_subject_probes(result.records, subject_probes)
     for index, reason in result.skipped:
         log.warning("%s record %d skipped: %s", path, index, reason)
     log.info("%s: %s", path, result.counts())

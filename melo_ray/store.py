@@ -3,6 +3,8 @@
 Layout under the root:
     versions/v00000042/{manifest.json, adapters.safetensors, index.*}   one verified snapshot each
     LATEST.json                                                       {"version": 42, "checksum": ...}
+    PIN.json                                                          optional: replicas serve this version
+    WRITER.json                                                       who writes now (a job, a revert)
     jobs/<job id>/...                                                 job state and rejects
 
 Publishing writes the version's files, the manifest last, reads them back and verifies them, and only
@@ -15,7 +17,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,12 @@ from melo_ray.snapshots import (
 )
 
 LATEST = "LATEST.json"
+PIN = "PIN.json"
+WRITER = "WRITER.json"
+
+
+class StoreBusyError(SnapshotError):
+    """Another writer (a running job, another operation) holds the store."""
 _VERSION_DIR = re.compile(r"^v(\d{8})$")
 _LEFTOVER = re.compile(r"^\.v\d{8}\.(tmp|old)-[0-9a-f]{32}$")
 
@@ -142,6 +154,76 @@ class SnapshotStore:
         self.prune()
         return manifest
 
+    # -- one writer at a time -----------------------------------------------------------------------
+    def writer(self) -> dict[str, Any] | None:
+        data = self.get_bytes(WRITER)
+        if data is None:
+            return None
+        try:
+            holder = json.loads(data)
+        except (ValueError, RecursionError):
+            return {"owner": "unreadable WRITER.json"}
+        return holder if isinstance(holder, dict) else {"owner": "unreadable WRITER.json"}
+
+    @contextmanager
+    def writing(self, owner: str, *, take_over: bool = False) -> Iterator[None]:
+        """Hold the store's writer lease for `owner` (e.g. "job:day-1", "revert"). Another owner's
+        lease is an error naming it; `take_over` lets the same owner resume after a crash, and an
+        operator break a dead writer's lease. On a local store the lease is created exclusively;
+        object stores have no exclusive create, so there it guards against mistakes, not races."""
+        holder = self.writer()
+        if holder is not None and not (take_over or holder.get("owner") == owner):
+            raise StoreBusyError(
+                f"{self.uri}: '{holder.get('owner')}' is writing to this store (since {holder.get('since')}, "
+                f"pid {holder.get('pid')} on {holder.get('host')}); wait for it to end, or pass --break-lock "
+                "if it is dead")
+        lease = json.dumps({"owner": owner, "pid": os.getpid(), "host": socket.gethostname(),
+                            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
+        path = self._path(WRITER)
+        if self.is_local and holder is None:
+            self.fs.create_dir(self.root, recursive=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                raise StoreBusyError(f"{self.uri}: another writer took the store just now") from None
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(lease)
+        else:
+            self.put_bytes(WRITER, lease)
+        try:
+            yield
+        finally:
+            current = self.writer()
+            if current is not None and current.get("owner") == owner and current.get("pid") == os.getpid():
+                self.fs.delete_file(path)
+
+    # -- pinning ------------------------------------------------------------------------------------
+    def pinned_version(self) -> int | None:
+        data = self.get_bytes(PIN)
+        if data is None:
+            return None
+        try:
+            version = json.loads(data)["version"]
+            if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+                raise ValueError(f"version {version!r} is not a non-negative integer")
+            return version
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise SnapshotError(f"{self._path(PIN)}: unreadable: {exc}") from exc
+
+    def pin(self, version: int) -> None:
+        """Replicas serve `version` (verified now) until unpin(), whatever is published meanwhile."""
+        self.read(version)
+        self.put_bytes(PIN, json.dumps({"version": version}).encode())
+
+    def unpin(self) -> None:
+        if self.get_bytes(PIN) is not None:
+            self.fs.delete_file(self._path(PIN))
+
+    def serving_version(self) -> int | None:
+        """What replicas should serve: the pinned version if any, else the latest published."""
+        pinned = self.pinned_version()
+        return pinned if pinned is not None else self.latest_version()
+
     def read_manifest(self, version: int | None = None) -> dict[str, Any]:
         version = self._pick(version)
         path = f"{self.version_path(version)}/{MANIFEST}"
@@ -182,7 +264,8 @@ class SnapshotStore:
         if latest is None:
             return []
         candidates = [v for v in self.versions() if v <= latest]
-        removed = candidates[: max(0, len(candidates) - self.keep)]
+        pinned = self.pinned_version()
+        removed = [v for v in candidates[: max(0, len(candidates) - self.keep)] if v != pinned]
         for version in removed:
             self.fs.delete_dir(self.version_path(version))
         selector = pafs.FileSelector(self._path("versions"), allow_not_found=True)
@@ -219,6 +302,9 @@ class SnapshotFolder:
         if version is not None and manifest.get("version") != version:
             raise SnapshotError(f"{self.uri}: holds version {manifest.get('version')}, not {version}")
         return manifest
+
+    def serving_version(self) -> int | None:
+        return self.latest_version()
 
     def latest_version(self) -> int | None:
         try:

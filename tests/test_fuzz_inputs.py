@@ -165,9 +165,14 @@ def test_a_damaged_snapshot_is_refused_and_a_replica_keeps_its_version(published
     else:
         shutil.copytree(published["root"] / "folder", work / "folder")
         source = folder = work / "folder"
+    original = read_any_snapshot(source)[:2]
     _mutate(folder, source if in_store else None, how, data)
-    with pytest.raises(SnapshotError):
-        read_any_snapshot(source)
+    try:
+        damaged = read_any_snapshot(source)[:2]
+    except SnapshotError:
+        pass
+    else:  # only a change that leaves the content the same reads (e.g. one JSON blank for another)
+        assert damaged == original, how
 
     # a replica that reads a damaged version keeps serving the one it has
     manifest, files, _ = read_any_snapshot(published["root"] / "folder")

@@ -163,6 +163,64 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print(rows, as_json: bool, line) -> None:
+    for row in rows:
+        print(json.dumps(row, ensure_ascii=False) if as_json else line(row))
+
+
+def _ids(args: argparse.Namespace) -> list[str]:
+    ids = [i.strip() for i in (args.ids or "").split(",") if i.strip()]
+    if args.ids_file:
+        ids += [line.strip() for line in Path(args.ids_file).read_text().splitlines() if line.strip()]
+    if not ids:
+        raise ConfigError("give the edits to revert with --ids a,b or --ids-file FILE (one id a line)")
+    return ids
+
+
+def cmd_edits(args: argparse.Namespace) -> int:
+    from melo_ray import operations
+
+    if args.edits_command == "list":
+        _print(operations.list_edits(args.store, args.contains), args.json,
+               lambda e: f"{e['id']}\tv{e['version']}\tblock {e['block']}\t{e['prompt']!r} -> {e['target']!r}")
+    elif args.edits_command == "explain":
+        print(json.dumps(operations.explain(args.store, args.prompt), ensure_ascii=False))
+    else:
+        result = operations.revert(args.store, _ids(args), break_lock=args.break_lock)
+        print(json.dumps(result))
+    return 0
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    from melo_ray import operations
+
+    command = args.store_command
+    if command == "versions":
+        _print(operations.versions(args.store), args.json,
+               lambda v: f"v{v['version']}\tedits={v.get('edits')}\t{'LATEST ' if v.get('latest') else ''}"
+                         f"{'PINNED ' if v.get('pinned') else ''}{v.get('made_by') or ''}")
+    elif command == "diff":
+        print(json.dumps(operations.diff(args.store, args.old, args.new), ensure_ascii=False))
+    elif command == "rollback":
+        print(json.dumps(operations.rollback(args.store, args.to, break_lock=args.break_lock)))
+    elif command == "compact":
+        print(json.dumps(operations.compact(args.store, break_lock=args.break_lock)))
+    elif command == "pin":
+        operations.pin(args.store, args.version)
+        print(json.dumps({"pinned": args.version}))
+    else:
+        operations.unpin(args.store)
+        print(json.dumps({"pinned": None}))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from melo_ray import operations
+
+    print(json.dumps(operations.export(args.store, args.out, args.format)))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from melo_ray.cli.demo import run_demo
 
@@ -244,6 +302,48 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--model-name", default="melo-ray", help="the `model` the OpenAI-compatible route answers to")
     srv.set_defaults(func=cmd_serve)
 
+    edits = sub.add_parser("edits", help="inspect or revert the edits of a snapshot store")
+    edits_sub = edits.add_subparsers(dest="edits_command", required=True)
+    listing = edits_sub.add_parser("list", help="id, prompt, target, block, version added")
+    listing.add_argument("--store", required=True, help="snapshot store (or one snapshot folder)")
+    listing.add_argument("--contains", default=None, help="only edits whose id, prompt or target holds this text")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    why = edits_sub.add_parser("explain", help="which edit would fire for a prompt, and why")
+    why.add_argument("--store", required=True)
+    why.add_argument("--prompt", required=True)
+    undo = edits_sub.add_parser("revert", help="publish a new version without these edits")
+    undo.add_argument("--store", required=True)
+    undo.add_argument("--ids", default=None, help="comma-separated edit ids")
+    undo.add_argument("--ids-file", default=None, help="a file of edit ids, one a line")
+    undo.add_argument("--break-lock", action="store_true", help="take the store from a writer that is dead")
+    for parser_ in (listing, why, undo):
+        parser_.set_defaults(func=cmd_edits)
+
+    store = sub.add_parser("store", help="versions, diff, rollback, pin, compact")
+    store_sub = store.add_subparsers(dest="store_command", required=True)
+    vers = store_sub.add_parser("versions", help="the versions a store holds")
+    vers.add_argument("--json", action="store_true")
+    dif = store_sub.add_parser("diff", help="edits added and removed between two versions")
+    dif.add_argument("--from", dest="old", type=int, required=True)
+    dif.add_argument("--to", dest="new", type=int, required=True)
+    back = store_sub.add_parser("rollback", help="publish a new version equal to an older one")
+    back.add_argument("--to", type=int, required=True)
+    back.add_argument("--break-lock", action="store_true")
+    comp = store_sub.add_parser("compact", help="drop blocks no live edit uses (same outputs, smaller snapshot)")
+    comp.add_argument("--break-lock", action="store_true")
+    pin = store_sub.add_parser("pin", help="replicas serve this version until unpinned")
+    pin.add_argument("--version", type=int, required=True)
+    unpin = store_sub.add_parser("unpin", help="replicas follow the latest version again")
+    for parser_ in (vers, dif, back, comp, pin, unpin):
+        parser_.add_argument("--store", required=True, help="snapshot store root (local path or URI)")
+        parser_.set_defaults(func=cmd_store)
+
+    exp = sub.add_parser("export", help="write a store's blocks as standard PEFT LoRA adapters + a routing file")
+    exp.add_argument("--store", required=True, help="snapshot store (or one snapshot folder)")
+    exp.add_argument("--format", default="peft", choices=["peft"])
+    exp.add_argument("--out", required=True)
+    exp.set_defaults(func=cmd_export)
+
     job = sub.add_parser("job", help="distributed jobs on Ray")
     job_sub = job.add_subparsers(dest="job_command", required=True)
     bulk = job_sub.add_parser("bulk-edit", help="stream an edit file through the Ray bulk-edit job (resumable)")
@@ -261,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (RecordError, ConfigError, SnapshotError, JobError, FileNotFoundError, KeyError, ValueError) as exc:
+    except (RecordError, ConfigError, SnapshotError, JobError, FileNotFoundError, KeyError, ValueError,
+            NotImplementedError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"melo-ray: error: {message}", file=sys.stderr)
         return 2

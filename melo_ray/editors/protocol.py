@@ -13,6 +13,7 @@ An editor
 """
 from __future__ import annotations
 
+import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
@@ -96,6 +97,27 @@ class TrainedBatch:
 
 
 @dataclass(frozen=True)
+class EditEntry:
+    """One applied edit, as `melo-ray edits list` shows it."""
+
+    id: str
+    prompt: str
+    target: str
+    version: int  # the snapshot version that added it
+    block: int | None = None  # MELO: its LoRA block
+
+
+class RevertError(KeyError):
+    """A revert names edits the editor does not hold (nothing is changed)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "revert failed"
+
+
+EDIT_LOG = "edits.json"
+
+
+@dataclass(frozen=True)
 class EditResult:
     edits: int
     block: int | None
@@ -163,6 +185,7 @@ class Editor(ABC):
         self.version = 0
         self.edits_applied = 0
         self.index: EditIndex | None = None
+        self.edit_log: dict[str, EditEntry] = {}  # every applied edit by id, oldest first
 
     @classmethod
     def from_config(cls, source: str | Path | Mapping[str, Any] | EditorConfig) -> "Editor":
@@ -206,17 +229,64 @@ class Editor(ABC):
     def state_stats(self) -> dict[str, int]:
         return {}
 
+    def revert_state(self, ids: set[str]) -> Callable[[], None]:
+        """Check that these edits can be taken out and return the change that does it (no change
+        before it is called). Editors that cannot take single edits out say so."""
+        raise NotImplementedError(f"the '{self.name}' editor cannot revert single edits")
+
+    def explain(self, prompt: str) -> dict[str, Any]:
+        """Which edit would fire for `prompt`, the distance behind the decision, and the decision."""
+        routing = self.routing([prompt])
+        block, distance = int(routing.ids[0]), float(routing.distances[0])
+        fires = block >= 0
+        return {
+            "prompt": prompt, "fires": fires, "block": block if fires else None,
+            "edit_id": self.edit_behind(prompt, routing) if fires else None,
+            "distance": distance if np.isfinite(distance) else None,
+            "decision": "routed to an edit" if fires else "outside every edit's scope: the base model answers",
+        }
+
+    def edit_behind(self, prompt: str, routing: Routing) -> str | None:
+        """The id of the edit that makes `routing` fire for this one prompt (None: not known)."""
+        return None
+
     # -- editing, written once -------------------------------------------------------------------
     def key_dim(self) -> int:
         """Dimension of the keys train_batch hands to the index (0: no separate index)."""
         return 0
+
+    def apply_batch(self, records: list[EditRecord]) -> TrainedBatch:
+        """train_batch, and the applied edits entered in the edit log (what the job's trainer calls)."""
+        trained = self.train_batch(records)
+        kept = set(trained.ids) if trained.ids else {r.id for r in records}
+        for record in records:
+            if record.id in kept:
+                self.edit_log.pop(record.id, None)  # an id edited again moves to the end
+                self.edit_log[record.id] = EditEntry(record.id, record.prompt, record.target, trained.version,
+                                                     trained.block)
+        return trained
+
+    def revert(self, ids: Iterable[str]) -> list[str]:
+        """Take these edits out (every other edit and unrelated prompt answers as before); the version
+        moves on. An id the editor does not hold is an error that names it, and nothing changes."""
+        wanted = list(dict.fromkeys(ids))
+        missing = [i for i in wanted if i not in self.edit_log]
+        if missing:
+            raise RevertError(f"no edit with id {missing[:10]} in this {self.name} editor (version {self.version})")
+        change = self.revert_state(set(wanted))
+        change()
+        for edit_id in wanted:
+            del self.edit_log[edit_id]
+        self.version += 1
+        self.edits_applied -= len(wanted)
+        return wanted
 
     def edit(self, records: Iterable[EditRecord | Mapping[str, Any]]) -> EditResult:
         """Apply one batch of edits, whole or not at all (training, then the index)."""
         batch = as_records(records)
         if not batch:
             raise ValueError("edit batch is empty")
-        trained = self.train_batch(batch)
+        trained = self.apply_batch(batch)
         update = self.index.add(trained) if self.index is not None else (trained.update or IndexUpdate())
         return EditResult(
             edits=trained.edits, block=trained.block, clusters=update.clusters, conflicts=update.conflicts,
@@ -231,6 +301,7 @@ class Editor(ABC):
             self.index = self.index_type.create(self.config, self.key_dim())
         self.version = 0
         self.edits_applied = 0
+        self.edit_log = {}
 
     def detach_index(self) -> None:
         """Drop the in-process index: another process (the job's index actor) owns it."""
@@ -282,9 +353,17 @@ class Editor(ABC):
         return rows
 
     # -- snapshots, written once -----------------------------------------------------------------
+    def log_files(self) -> dict[str, bytes]:
+        entries = [vars(e) for e in self.edit_log.values()]
+        return {EDIT_LOG: json.dumps({"edits": entries}, sort_keys=True, ensure_ascii=False).encode()}
+
+    def trainer_files(self) -> dict[str, bytes]:
+        """What the trainer process holds: trained state and the edit log (not the index)."""
+        return {**self.state_files(), **self.log_files()}
+
     def snapshot_files(self) -> dict[str, bytes]:
         index = self.index.files() if self.index is not None else {}
-        return {**self.state_files(), **index}
+        return {**self.trainer_files(), **index}
 
     def snapshot_meta(self, stats: Mapping[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
         return {
@@ -346,6 +425,7 @@ class Editor(ABC):
             version, edits = int(manifest["version"]), int(manifest["stats"]["edits"])
         except (KeyError, TypeError, ValueError) as exc:
             raise SnapshotError(f"{where}: manifest lacks its version or edit count ({exc})") from exc
+        log = read_edit_log(files, where)
         swap = self.restore_state(manifest, files, where)
         index = None
         if self.index is not None and self.index_type is not None:
@@ -354,3 +434,15 @@ class Editor(ABC):
         if index is not None:
             self.index = index
         self.version, self.edits_applied = version, edits
+        self.edit_log = log
+
+
+def read_edit_log(files: Mapping[str, bytes], where: str) -> dict[str, EditEntry]:
+    """The edit log of a snapshot (empty for snapshots written before it existed)."""
+    if EDIT_LOG not in files:
+        return {}
+    try:
+        entries = [EditEntry(**e) for e in json.loads(files[EDIT_LOG])["edits"]]
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise SnapshotError(f"{where}: {EDIT_LOG} is malformed ({exc})") from exc
+    return {e.id: e for e in entries}

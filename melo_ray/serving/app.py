@@ -80,7 +80,7 @@ def start_engine(settings: ServeSettings) -> tuple[SnapshotStore | SnapshotFolde
     """The snapshot source a replica follows (a store, or one snapshot folder) and its engine on the
     latest version there; the base model only while a store is still empty and a config is given."""
     source = open_snapshots(settings.snapshots)
-    latest = source.latest_version()
+    latest = source.serving_version()
     if latest is not None:
         manifest, files = source.read(latest)
         return source, ServingEngine.from_snapshot(manifest, files)
@@ -133,7 +133,7 @@ class MeloServer:
             if self.pinned is not None:
                 continue
             try:
-                latest = await asyncio.to_thread(self.store.latest_version)
+                latest = await asyncio.to_thread(self.store.serving_version)  # a store's PIN.json wins
                 if latest is not None and latest != self.engine.version and latest not in self.refused:
                     await self._install(latest)
             except Exception:  # a bad version must not stop the replica; keep serving the current one

@@ -66,11 +66,11 @@ class TrainerActor:
         """Train and commit one batch; returns what the index (and the driver) needs."""
         if self.editor.version != expected_version:
             raise StaleStateError(f"trainer holds version {self.editor.version}, the job expects {expected_version}")
-        return self.editor.train_batch(list(records))
+        return self.editor.apply_batch(list(records))
 
     def files(self) -> dict[str, bytes]:
-        """This actor's part of a snapshot: the editor's trained state (not the index)."""
-        return self.editor.state_files()
+        """This actor's part of a snapshot: the editor's trained state and edit log (not the index)."""
+        return self.editor.trainer_files()
 
     def stats(self) -> dict[str, int]:
         return self.editor.stats()

@@ -211,12 +211,16 @@ class BulkEditJob:
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> JobSummary:
-        import ray
-
         if self.state.status == "completed":
             log.info("job %s already completed; nothing to do", self.job_id)
             return self._summary()
         init_ray()
+        with self.store.writing(f"job:{self.job_id}"):  # one writer: a revert or rollback waits for us
+            return self._run_tracked()
+
+    def _run_tracked(self) -> JobSummary:
+        import ray
+
         from pipelines.bulk_edit.tracking import JobTracker
 
         self.tracker = JobTracker(self.config, self.store, self.job_id, self.state.mlflow_run_id)

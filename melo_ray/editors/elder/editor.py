@@ -303,6 +303,28 @@ class ElderEditor(Editor):
 
         return swap
 
+    def edit_behind(self, prompt: str, routing: Routing) -> str | None:
+        """The stored edit whose allocation code is nearest the prompt's."""
+        if not self.edit_records:
+            return None
+        query = self.codes(routing.payload).astype(np.int32)
+        stored = self._stored_codes()
+        differ = query.sum(1)[:, None] + stored.sum(1)[None, :] - 2 * query @ stored.T
+        return self.edit_records[int(differ[0].argmin())].id
+
+    def revert_state(self, ids: set[str]) -> Callable[[], None]:
+        """The facts' allocations and stored codes go, so their inputs defer to the base model."""
+        keep = [i for i, r in enumerate(self.edit_records) if r.id not in ids]
+
+        def change() -> None:
+            self.edit_keys = self.edit_keys[keep]
+            self.edit_records = [self.edit_records[i] for i in keep]
+            for fact in ids:
+                self.allocations.pop(fact, None)
+            self._codes_cache = None
+
+        return change
+
     def reset_state(self) -> None:
         with torch.no_grad():
             for p, initial in zip(self.trainable(), self._initial):

@@ -47,6 +47,7 @@ class GraceEditor(Editor):
             **{**config.train.model_dump(), "num_iter": config.grace.num_iter, "lr": config.grace.lr}
         )
         self.splits = 0
+        self.entry_edits: list[list[str]] = []  # per codebook entry: the ids of the edits it holds
 
     @contextmanager
     def _replace(self, entry_ids: torch.Tensor, replace_from: torch.Tensor | None = None) -> Iterator[None]:
@@ -77,7 +78,8 @@ class GraceEditor(Editor):
         """GRACE edits one record at a time; the batch only groups them. All or nothing: a failure
         puts the codebook back as it was before the batch."""
         batch = records
-        saved = (self.layer.keys, self.layer.values, self.layer.eps.clone(), list(self.layer.labels), self.splits)
+        saved = (self.layer.keys, self.layer.values, self.layer.eps.clone(), list(self.layer.labels), self.splits,
+                 [list(e) for e in self.entry_edits])
         started = time.perf_counter()
         steps, loss, learned = 0, float("nan"), 1.0
         try:
@@ -85,7 +87,8 @@ class GraceEditor(Editor):
                 s, loss, learned = self._edit_one(record)
                 steps += s
         except BaseException:
-            self.layer.keys, self.layer.values, self.layer.eps, self.layer.labels, self.splits = saved
+            (self.layer.keys, self.layer.values, self.layer.eps, self.layer.labels, self.splits,
+             self.entry_edits) = saved
             raise
         self.version += 1
         self.edits_applied += len(batch)
@@ -106,6 +109,7 @@ class GraceEditor(Editor):
             if d <= eps_init + float(self.layer.eps[j]):
                 if self.layer.labels[j] == label:
                     self.layer.eps[j] = max(float(self.layer.eps[j]), d)  # expand to cover the key
+                    self.entry_edits[j].append(record.id)
                     return 0, 0.0, 1.0
                 self.splits += 1
                 self.layer.eps[j] = d / 2.0
@@ -129,6 +133,7 @@ class GraceEditor(Editor):
         self.layer.values = torch.cat([self.layer.values, value.detach()[None]])
         self.layer.eps = torch.cat([self.layer.eps, torch.tensor([eps], dtype=torch.float64)])
         self.layer.labels.append(label)
+        self.entry_edits.append([record.id])
         return stats.steps, stats.final_loss, stats.learned
 
     def state_stats(self) -> dict[str, int]:
@@ -143,7 +148,8 @@ class GraceEditor(Editor):
         tensors = {"keys": self.layer.keys.contiguous(), "values": self.layer.values.contiguous(),
                    "eps": self.layer.eps.contiguous()}
         return {"codebook.safetensors": safetensors.torch.save(tensors),
-                "codebook.json": json.dumps({"labels": self.layer.labels, "splits": self.splits}).encode()}
+                "codebook.json": json.dumps({"labels": self.layer.labels, "splits": self.splits,
+                                             "entry_edits": self.entry_edits}).encode()}
 
     def restore_state(self, manifest: Mapping[str, Any], files: Mapping[str, bytes], where: str) -> Callable[[], None]:
         try:
@@ -151,21 +157,40 @@ class GraceEditor(Editor):
             meta = json.loads(files["codebook.json"])
             keys, values, eps = tensors["keys"], tensors["values"], tensors["eps"]
             labels, splits = [str(x) for x in meta["labels"]], int(meta["splits"])
+            entry_edits = [[str(i) for i in ids] for ids in meta.get("entry_edits", [[] for _ in labels])]
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise SnapshotError(f"{where}: GRACE codebook files are incomplete or malformed ({exc})") from exc
         n = len(labels)
         if (keys.shape != (n, self.layer.in_features) or values.shape != (n, self.layer.out_features)
-                or eps.shape != (n,)):
+                or eps.shape != (n,) or len(entry_edits) != n):
             raise SnapshotError(f"{where}: GRACE codebook arrays do not fit {n} entries of this layer")
 
         def swap() -> None:
             self.layer.keys = keys.to(self.layer.keys)
             self.layer.values = values.to(self.layer.values)
             self.layer.eps = eps.to(torch.float64)
-            self.layer.labels, self.splits = labels, splits
+            self.layer.labels, self.splits, self.entry_edits = labels, splits, entry_edits
 
         return swap
 
+    def edit_behind(self, prompt: str, routing: Routing) -> str | None:
+        entry = int(routing.ids[0])
+        return self.entry_edits[entry][-1] if 0 <= entry < len(self.entry_edits) else None
+
+    def revert_state(self, ids: set[str]) -> Callable[[], None]:
+        """The edits' ids leave their entries; an entry that holds no edit any more is dropped."""
+        kept_ids = [[i for i in entry if i not in ids] for entry in self.entry_edits]
+        keep = [j for j, entry in enumerate(kept_ids) if entry]
+
+        def change() -> None:
+            rows = torch.as_tensor(keep, dtype=torch.long)
+            self.layer.keys, self.layer.values = self.layer.keys[rows], self.layer.values[rows]
+            self.layer.eps = self.layer.eps[rows]
+            self.layer.labels = [self.layer.labels[j] for j in keep]
+            self.entry_edits = [kept_ids[j] for j in keep]
+
+        return change
+
     def reset_state(self) -> None:
         self.layer.keys, self.layer.values = self.layer.keys[:0], self.layer.values[:0]
-        self.layer.eps, self.layer.labels, self.splits = self.layer.eps[:0], [], 0
+        self.layer.eps, self.layer.labels, self.splits, self.entry_edits = self.layer.eps[:0], [], 0, []

@@ -5,6 +5,7 @@ block. At inference each prompt's key picks its block (or none: the exact base m
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
@@ -144,6 +145,41 @@ class MeloEditor(Editor):
                 layer.load_bank(*banks[name])
 
         return swap
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def edit_behind(self, prompt: str, routing: Routing) -> str | None:
+        if self.index is None:
+            return None
+        key = self.key_function.keys([prompt])
+        cluster = int(self.index.index.search(key).clusters[0])
+        return self.index.index.nearest_member(key[0], cluster) if cluster >= 0 else None
+
+    def revert_state(self, ids: set[str]) -> Callable[[], None]:
+        """The edits' members leave the index; a cluster with no members dies. Blocks stay in the
+        bank (shared with other edits of their batch) until compact()."""
+        if self.index is None:
+            raise RuntimeError("revert needs the editor's index (restore a whole snapshot in this process)")
+        index = self.index.index
+        return lambda: index.remove_members(ids)
+
+    def compact(self) -> list[int]:
+        """Drop blocks no live member uses and renumber the rest; outputs stay exactly the same.
+        Returns the dropped block numbers (old numbering)."""
+        if self.index is None:
+            raise RuntimeError("compaction needs the editor's index")
+        live = sorted(self.index.index.live_blocks())
+        dropped = sorted(set(range(self.router.num_blocks)) - set(live))
+        if not dropped:
+            return []
+        mapping = {old: new for new, old in enumerate(live)}
+        rows = torch.as_tensor(live, dtype=torch.long)
+        for layer in self.layers.values():
+            layer.load_bank(layer.lora_bank_A[rows], layer.lora_bank_B[rows])
+        self.index.index.renumber_blocks(mapping)
+        self.index.blocks_indexed = len(live)
+        self.edit_log = {i: dataclasses.replace(e, block=mapping.get(e.block) if e.block is not None else None)
+                         for i, e in self.edit_log.items()}
+        return dropped
 
     def reset_state(self) -> None:
         for layer in self.layers.values():

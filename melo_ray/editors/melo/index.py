@@ -7,6 +7,13 @@ Training-time rules (d = distance to the nearest cluster centre C, R = its radiu
                                       it are evicted (forgotten), new cluster at the key, radius d/2
 Inference: nearest centre (HNSW, re-checked exactly); inside its radius -> the block of the nearest
 member key; otherwise no block. Ties go to the newest cluster / member, so the latest edit wins.
+
+With a scope test (scope.py) the key carries extra views and the rules ask it what the distance cannot
+tell: at inference every candidate cluster whose radius holds the query offers its members, and the
+member the verifier scores highest applies if it passes the threshold (else no block); at training
+time another label within reach is a conflict only for members the verifier calls the same question,
+and those alone are forgotten (superseded), no radius shrinks, and the new key starts its own cluster
+of radius R_init. Clusters then may overlap: the verifier, not the geometry, separates their facts.
 """
 from __future__ import annotations
 
@@ -19,10 +26,12 @@ from typing import Literal
 import hnswlib
 import numpy as np
 
+from melo_ray.editors.melo.scope import ScopeTest
+
 log = logging.getLogger(__name__)
 
 Metric = Literal["l2", "cosine"]
-EventKind = Literal["added", "expanded", "member", "conflict"]
+EventKind = Literal["added", "expanded", "member", "conflict", "separated"]
 
 
 def normalise_label(text: str) -> str:
@@ -84,8 +93,14 @@ class NeuronIndex:
         ef_construction: int = 200,
         ef_search: int = 128,
         candidates: int = 8,
+        scope: ScopeTest | None = None,
     ) -> None:
         self.dim = dim
+        self.scope = scope
+        if scope is not None and scope.key_dim != dim:
+            raise ValueError(f"scope test expects keys of {scope.key_dim} dims, the index {dim}")
+        # centres and the graph live in the routing view (the whole key without a scope test)
+        self.route_dim = scope.route_dim if scope is not None else dim
         self.metric: Metric = metric
         self.r_init = float(r_init)
         self.candidates = candidates
@@ -94,13 +109,14 @@ class NeuronIndex:
         self._alive = 0  # kept up to date so a search never walks every cluster
         self.conflicts = 0
         self.forgotten = 0
+        self.separated = 0  # conflicts the scope test resolved without forgetting anything
         self._graph = self._new_graph(capacity=1024)
         # Centres never move once a cluster exists, so one growing matrix serves every exact re-check.
-        self._centre_matrix = np.zeros((1024, dim), np.float32)
+        self._centre_matrix = np.zeros((1024, self.route_dim), np.float32)
 
     # -- HNSW over centres ---------------------------------------------------------------------
     def _new_graph(self, capacity: int) -> hnswlib.Index:
-        graph = hnswlib.Index(space="cosine" if self.metric == "cosine" else "l2", dim=self.dim)
+        graph = hnswlib.Index(space="cosine" if self.metric == "cosine" else "l2", dim=self.route_dim)
         graph.init_index(
             max_elements=capacity,
             M=self.hnsw_params["M"],
@@ -113,7 +129,7 @@ class NeuronIndex:
 
     def _graph_add(self, cluster_id: int, centre: np.ndarray) -> None:
         if cluster_id >= self._centre_matrix.shape[0]:
-            grown = np.zeros((self._centre_matrix.shape[0] * 2, self.dim), np.float32)
+            grown = np.zeros((self._centre_matrix.shape[0] * 2, self.route_dim), np.float32)
             grown[: self._centre_matrix.shape[0]] = self._centre_matrix
             self._centre_matrix = grown
         self._centre_matrix[cluster_id] = centre
@@ -132,10 +148,18 @@ class NeuronIndex:
     def _candidates(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Nearest alive cluster per key: (cluster ids, exact distances); -1 / inf when empty."""
         n = keys.shape[0]
-        alive = self.num_alive
-        if alive == 0:
+        if self.num_alive == 0:
             return np.full(n, -1, np.int64), np.full(n, np.inf)
-        k = min(self.candidates, alive)
+        labels, dist = self._knn(keys)
+        nearest = dist.min(axis=1)
+        # equal distance -> the newest cluster (largest id), so a re-edited prompt's latest target wins
+        best = np.where(dist == nearest[:, None], labels, -1).max(axis=1)
+        return best, nearest
+
+    def _knn(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The `candidates` nearest alive clusters per routing key (n, k) and their exact distances."""
+        keys = keys[:, : self.route_dim]
+        k = min(self.candidates, self.num_alive)
         try:
             labels, _ = self._graph.knn_query(np.ascontiguousarray(keys, dtype=np.float32), k=k)
             labels = labels.astype(np.int64)
@@ -143,16 +167,12 @@ class NeuronIndex:
             ids = np.array([i for i, c in enumerate(self.clusters) if c.alive])
             order = np.argsort(distances(self.metric, keys, self._centres(ids)), axis=1)[:, :k]
             labels = ids[order]
-        dist = self._distances_to(keys, labels)  # (n, k) exact
-        nearest = dist.min(axis=1)
-        # equal distance -> the newest cluster (largest id), so a re-edited prompt's latest target wins
-        best = np.where(dist == nearest[:, None], labels, -1).max(axis=1)
-        return best, nearest
+        return labels, self._distances_to(keys, labels)  # (n, k) exact
 
     def _distances_to(self, keys: np.ndarray, cluster_ids: np.ndarray) -> np.ndarray:
         """Exact distance from keys[i] to the centres of cluster_ids[i, j], without a loop over rows."""
         centres = self._centre_matrix[cluster_ids]  # (n, k, d)
-        q = keys.astype(np.float64)[:, None, :]
+        q = keys[:, : self.route_dim].astype(np.float64)[:, None, :]
         c = centres.astype(np.float64)
         if self.metric == "cosine":
             qn = q / np.maximum(np.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
@@ -165,14 +185,14 @@ class NeuronIndex:
 
     # -- training-time rules -------------------------------------------------------------------
     def _new_cluster(self, key: np.ndarray, radius: float, label: str, block: int, edit_id: str) -> int:
-        cluster = Cluster(centre=key.copy(), radius=radius, label=label)
+        cluster = Cluster(centre=key[: self.route_dim].copy(), radius=radius, label=label)
         cluster.member_keys.append(key.copy())
         cluster.member_blocks.append(block)
         cluster.member_ids.append(edit_id)
         self.clusters.append(cluster)
         self._alive += 1
         cluster_id = len(self.clusters) - 1
-        self._graph_add(cluster_id, key)
+        self._graph_add(cluster_id, cluster.centre)
         return cluster_id
 
     def add(self, key: np.ndarray, label: str, block: int, edit_id: str = "") -> IndexEvent:
@@ -195,7 +215,38 @@ class NeuronIndex:
             cluster.member_blocks.append(block)
             cluster.member_ids.append(edit_id)
             return IndexEvent(kind, cid, d)
+        if self.scope is not None:
+            return self._scoped_conflict(key, label, block, edit_id)
         return self._conflict(cid, key, d, label, block, edit_id)
+
+    def _scoped_conflict(self, key: np.ndarray, label: str, block: int, edit_id: str) -> IndexEvent:
+        """Another label within reach: members (of any cluster within reach) that the scope test calls
+        the same question with another label are superseded; the rest stay, radii unchanged."""
+        assert self.scope is not None
+        labels, dist = self._knn(key[None])
+        forgotten: list[str] = []
+        for cid, d in zip(labels[0].tolist(), dist[0].tolist()):
+            cluster = self.clusters[cid]
+            if not cluster.alive or cluster.label == label or d > cluster.radius + self.r_init:
+                continue
+            same = self.scope.same_question(key, np.stack(cluster.member_keys))
+            if not same.any():
+                continue
+            forgotten += [i for i, s in zip(cluster.member_ids, same) if s]
+            cluster.member_keys = [m for m, s in zip(cluster.member_keys, same) if not s]
+            cluster.member_blocks = [m for m, s in zip(cluster.member_blocks, same) if not s]
+            cluster.member_ids = [m for m, s in zip(cluster.member_ids, same) if not s]
+            if not cluster.member_keys:
+                cluster.alive = False
+                self._alive -= 1
+                self._graph.mark_deleted(cid)
+        new_id = self._new_cluster(key, self.r_init, label, block, edit_id)
+        if not forgotten:
+            self.separated += 1
+            return IndexEvent("separated", new_id, float(dist[0].min()))
+        self.conflicts += 1
+        self.forgotten += len(forgotten)
+        return IndexEvent("conflict", new_id, float(dist[0].min()), tuple(forgotten))
 
     def _conflict(self, cid: int, key: np.ndarray, d: float, label: str, block: int, edit_id: str) -> IndexEvent:
         cluster = self.clusters[cid]
@@ -220,6 +271,8 @@ class NeuronIndex:
     def search(self, keys: np.ndarray) -> SearchResult:
         """Block per key: the nearest member's block inside the nearest cluster, else -1."""
         keys = np.atleast_2d(np.asarray(keys, dtype=np.float32))
+        if self.scope is not None:
+            return self._scoped_search(keys)
         ids, dists = self._candidates(keys)
         blocks = np.full(keys.shape[0], -1, np.int64)
         radii = np.array([self.clusters[c].radius if c >= 0 else -1.0 for c in ids])
@@ -237,13 +290,48 @@ class NeuronIndex:
             blocks[rows] = np.asarray(cluster.member_blocks)[latest]
         return SearchResult(block_ids=blocks, distances=dists, clusters=ids)
 
+    def nearest_member(self, key: np.ndarray, cluster_id: int) -> str:
+        """The id of the member of `cluster_id` whose key is nearest (ties: the latest), as search picks."""
+        cluster = self.clusters[cluster_id]
+        md = distances(self.metric, np.atleast_2d(np.asarray(key, np.float32)), np.stack(cluster.member_keys))[0]
+        return cluster.member_ids[int(np.flatnonzero(md == md.min())[-1])]
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def remove_members(self, ids: set[str]) -> list[int]:
+        """Drop the members with these edit ids; a cluster left without members dies. Centres and
+        radii stay, so every other key is routed exactly as before. Returns the clusters that died."""
+        died = []
+        for cid, cluster in enumerate(self.clusters):
+            if not cluster.alive or not ids.intersection(cluster.member_ids):
+                continue
+            keep = [i not in ids for i in cluster.member_ids]
+            cluster.member_keys = [m for m, k in zip(cluster.member_keys, keep) if k]
+            cluster.member_blocks = [m for m, k in zip(cluster.member_blocks, keep) if k]
+            cluster.member_ids = [m for m, k in zip(cluster.member_ids, keep) if k]
+            if not cluster.member_ids:
+                cluster.alive = False
+                self._alive -= 1
+                self._graph.mark_deleted(cid)
+                died.append(cid)
+        return died
+
+    def live_blocks(self) -> set[int]:
+        return {b for c in self.clusters if c.alive for b in c.member_blocks}
+
+    def renumber_blocks(self, mapping: dict[int, int]) -> None:
+        """Give every live member its block's new number (compaction)."""
+        for cluster in self.clusters:
+            if cluster.alive:
+                cluster.member_blocks = [mapping[b] for b in cluster.member_blocks]
+
     # -- snapshot ------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
         """Arrays (for safetensors) and metadata (for JSON) that restore this index exactly."""
         n = len(self.clusters)
         owners = [i for i, c in enumerate(self.clusters) for _ in c.member_blocks]
         arrays = {
-            "centres": np.stack([c.centre for c in self.clusters]) if n else np.zeros((0, self.dim), np.float32),
+            "centres": (np.stack([c.centre for c in self.clusters]) if n
+                        else np.zeros((0, self.route_dim), np.float32)),
             "radii": np.array([c.radius for c in self.clusters], np.float64),
             "alive": np.array([c.alive for c in self.clusters], np.uint8),
             "member_keys": (
@@ -264,19 +352,30 @@ class NeuronIndex:
             "conflicts": self.conflicts,
             "forgotten": self.forgotten,
         }
+        if self.scope is not None:  # written only with a scope test, so older snapshots keep their bytes
+            meta.update(route_dim=self.route_dim, separated=self.separated, scope_threshold=self.scope.threshold)
         return arrays, meta
 
     def save_graph(self, path: Path) -> None:
         self._graph.save_index(str(path))
 
     @classmethod
-    def from_state(cls, arrays: dict[str, np.ndarray], meta: dict, graph_path: Path | None = None) -> "NeuronIndex":
+    def from_state(cls, arrays: dict[str, np.ndarray], meta: dict, graph_path: Path | None = None,
+                   scope: ScopeTest | None = None) -> "NeuronIndex":
+        """Restore `state()`; `scope` must be given exactly when the state was written with one."""
         hnsw = meta["hnsw"]
+        if ("route_dim" in meta) != (scope is not None):
+            raise ValueError("index snapshot: written with" + ("" if "route_dim" in meta else "out")
+                             + " a scope test, restored with" + ("" if scope is not None else "out"))
         index = cls(
             int(meta["dim"]), meta["metric"], float(meta["r_init"]), hnsw_m=hnsw["M"],
             ef_construction=hnsw["ef_construction"], ef_search=hnsw["ef_search"],
-            candidates=int(meta["candidates"]),
+            candidates=int(meta["candidates"]), scope=scope,
         )
+        if scope is not None:
+            if int(meta["route_dim"]) != index.route_dim:
+                raise ValueError("index snapshot: routing view differs from the scope test's")
+            index.separated = int(meta["separated"])
         labels, member_ids = meta["labels"], meta["member_ids"]
         n = len(labels)
         if not (arrays["centres"].shape[0] == arrays["radii"].shape[0] == arrays["alive"].shape[0] == n):
@@ -298,10 +397,10 @@ class NeuronIndex:
             cluster.member_ids.append(edit_id)
         index.conflicts, index.forgotten = int(meta["conflicts"]), int(meta["forgotten"])
         index._alive = sum(c.alive for c in index.clusters)
-        index._centre_matrix = np.zeros((max(1024, n), index.dim), np.float32)
+        index._centre_matrix = np.zeros((max(1024, n), index.route_dim), np.float32)
         index._centre_matrix[:n] = arrays["centres"]
         if graph_path is not None and n:
-            index._graph = hnswlib.Index(space="cosine" if index.metric == "cosine" else "l2", dim=index.dim)
+            index._graph = hnswlib.Index(space="cosine" if index.metric == "cosine" else "l2", dim=index.route_dim)
             index._graph.load_index(str(graph_path), max_elements=max(1024, n))
             index._graph.set_ef(hnsw["ef_search"])
             index._graph.set_num_threads(1)

@@ -1,0 +1,147 @@
+"""The scope test: does a prompt ask the *same question* as an indexed edit, or only something about
+the same subject?
+
+A MiniLM sentence key is dominated by the subject: "The taxon rank of X is" sits closer to "Which
+family does X belong to?" than many rewordings of the latter do (docs/results.md, "Scope test"). So
+the index asks two things of a query before it switches a block on:
+
+1. the routing view (the MiniLM key of the prompt) lies inside the cluster's radius: the subject and
+   the topic match, which keeps unrelated questions and other subjects on the base model;
+2. a small learned verifier, given both prompts' key views, says they ask the same question.
+
+The verifier is a one-hidden-layer MLP over symmetric pair features of each view (a*b, |a-b|, cosine).
+Its views are the prompt's MiniLM key and the MiniLM key of its *focus* (the last sentence, so long
+unrelated prefixes do not move it). It is trained only on the public training splits by
+`melo_ray.editors.melo.scope_training`, shipped as `scope_verifier.safetensors` (weights, and its
+settings in the safetensors metadata: no pickle), and copied into every index snapshot so a snapshot
+always routes the way it did when it was written.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import safetensors.numpy
+
+BUILTIN_VERIFIER = Path(__file__).with_name("scope_verifier.safetensors")
+_SENTENCE_END = re.compile(r"(?<=[.!?;:\"])\s+|\s*\n\s*")
+
+
+def focus(prompt: str, min_words: int = 4) -> str:
+    """The prompt's last sentence (joined with the ones before it until it has `min_words` words):
+    CounterFact-style rewordings put the question after unrelated sentences."""
+    parts = [p for p in _SENTENCE_END.split(prompt.strip()) if p]
+    if not parts:
+        return prompt
+    i = len(parts) - 1
+    out = parts[i]
+    while len(out.split()) < min_words and i > 0:
+        i -= 1
+        out = parts[i] + " " + out
+    return out
+
+
+def pair_features(a: np.ndarray, b: np.ndarray, view_dims: list[int]) -> np.ndarray:
+    """Symmetric features of key pairs: per view (a slice of `view_dims[i]` columns) a*b, |a-b| of the
+    unit-length slices and their cosine. a, b: (n, sum(view_dims))."""
+    a = np.atleast_2d(a).astype(np.float32)
+    b = np.atleast_2d(b).astype(np.float32)
+    out = []
+    start = 0
+    for d in view_dims:
+        va, vb = a[:, start : start + d], b[:, start : start + d]
+        start += d
+        na = va / np.maximum(np.linalg.norm(va, axis=1, keepdims=True), 1e-12)
+        nb = vb / np.maximum(np.linalg.norm(vb, axis=1, keepdims=True), 1e-12)
+        prod = na * nb
+        out += [prod, np.abs(na - nb), prod.sum(1, keepdims=True)]
+    return np.concatenate(out, axis=1)
+
+
+class ScopeVerifier:
+    """Pair classifier: logit that two keys (each `views` unit vectors of `view_dim`) ask the same question."""
+
+    def __init__(self, weights: Mapping[str, np.ndarray], meta: Mapping[str, str]) -> None:
+        self.view_names = [v for v in str(meta["views"]).split(",") if v]
+        self.view_dims = [int(d) for d in str(meta["view_dims"]).split(",") if d]
+        if len(self.view_names) != len(self.view_dims) or not self.view_names:
+            raise ValueError("scope verifier: views and view_dims disagree")
+        self.meta = dict(meta)
+        self.w1 = np.asarray(weights["w1"], np.float32)  # (features, hidden)
+        self.b1 = np.asarray(weights["b1"], np.float32)
+        self.w2 = np.asarray(weights["w2"], np.float32)  # (hidden,)
+        self.b2 = float(np.asarray(weights["b2"], np.float32).reshape(-1)[0])
+        features = sum(2 * d + 1 for d in self.view_dims)
+        if self.w1.shape[0] != features or self.w1.shape[1] != self.b1.shape[0] or self.w2.shape != self.b1.shape:
+            raise ValueError(f"scope verifier: weights do not fit views of {self.view_dims} dims")
+
+    @property
+    def key_dim(self) -> int:
+        return sum(self.view_dims)
+
+    def logits(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """(n,) logits for rows a[i], b[i] (a broadcasts when it has one row)."""
+        a, b = np.atleast_2d(a), np.atleast_2d(b)
+        if a.shape[0] == 1 and b.shape[0] > 1:
+            a = np.repeat(a, b.shape[0], axis=0)
+        hidden = np.maximum(pair_features(a, b, self.view_dims) @ self.w1 + self.b1, 0.0)
+        return hidden @ self.w2 + self.b2
+
+    # -- files ---------------------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        weights = {"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": np.array([self.b2], np.float32)}
+        return safetensors.numpy.save(weights, metadata={k: str(v) for k, v in self.meta.items()})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "ScopeVerifier":
+        weights = safetensors.numpy.load(data)
+        return cls(weights, _metadata(data))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ScopeVerifier":
+        return cls.from_bytes(Path(path).read_bytes())
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The string metadata of a safetensors file (its JSON header's __metadata__)."""
+    if len(data) < 8:
+        raise ValueError("scope verifier: file is too short")
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or "views" not in meta or "view_dims" not in meta:
+        raise ValueError("scope verifier: metadata lacks views / view_dims")
+    return meta
+
+
+class ScopeTest:
+    """The verifier plus its decision threshold, as the index applies it.
+
+    Keys are the concatenated views the verifier names (`view_names`); the first view (the MiniLM key
+    of the whole prompt) is the routing view the clusters and the HNSW graph use."""
+
+    def __init__(self, verifier: ScopeVerifier, threshold: float) -> None:
+        self.verifier = verifier
+        self.threshold = float(threshold)
+
+    @property
+    def key_dim(self) -> int:
+        return self.verifier.key_dim
+
+    @property
+    def route_dim(self) -> int:
+        return self.verifier.view_dims[0]
+
+    def logits(self, query: np.ndarray, members: np.ndarray) -> np.ndarray:
+        """Logit per member that it asks what `query` asks; identical keys always pass (+inf)."""
+        members = np.atleast_2d(members)
+        out = self.verifier.logits(np.asarray(query)[None, :], members).astype(np.float64)
+        identical = np.all(members == np.asarray(query)[None, :], axis=1)
+        out[identical] = np.inf
+        return out
+
+    def same_question(self, query: np.ndarray, members: np.ndarray) -> np.ndarray:
+        return self.logits(query, members) >= self.threshold
