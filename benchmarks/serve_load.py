@@ -39,13 +39,13 @@ def prompts_mix(edits: Path | None, n: int) -> list[str]:
 
 
 def routing_ratio(engine: ServingEngine, prompts: list[str], batch: int, max_new: int, repeats: int) -> dict:
-    requests = [CompletionRequest(p, max_new) for p in prompts[:batch]]
+    requests = [CompletionRequest(p, max_new, min_new_tokens=max_new) for p in prompts[:batch]]  # same tokens either way
     engine.complete(requests[:2])  # warm up
     times = {"routed": [], "base": []}
     for _ in range(repeats):
         for mode in ("routed", "base"):
             started = time.perf_counter()
-            out = engine.complete(requests, base=(mode == "base"), full_length=True)  # same tokens either way
+            out = engine.complete(requests, base=(mode == "base"))
             times[mode].append(time.perf_counter() - started)
     routed_blocks = sum(1 for c in engine.complete(requests[: min(batch, 8)]) if c.block is not None)
     routed, base = statistics.median(times["routed"]), statistics.median(times["base"])
@@ -119,7 +119,7 @@ def main() -> None:
 
     ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, object_store_memory=256 * 1024 * 1024)
     settings = ServeSettings(snapshots=args.snapshots, replicas=1, replica_cpus=os.cpu_count() or 2,
-                             max_batch_size=32, batch_wait_timeout_s=0.01, max_prompts=32)
+                             max_batch_size=32, max_prompts=32)
     run_http(settings, port=args.port, blocking=False)
     load(args.port, prompts, 2, 5, args.max_new_tokens)  # warm up
     for concurrency in (int(c) for c in args.concurrency.split(",")):

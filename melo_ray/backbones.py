@@ -129,6 +129,13 @@ def _embedded_folder() -> Path:
     return folder
 
 
+# ChatML, as SmolLM2-Instruct's own template (without its default system prompt)
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer built in memory, for tiny test models (no files, no downloads)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -139,7 +146,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token="<pad>",
         eos_token="</s>",
@@ -148,6 +155,8 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
         sep_token="<sep>",
         mask_token="<mask>",
     )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE  # so tests exercise chat the way SmolLM2 does it
+    return tokenizer
 
 
 def _auto_class(task: Task):

@@ -187,26 +187,58 @@ def relation_template(prompt: str, subject: str | None) -> str | None:
     return prompt.replace(subject, "{}")
 
 
+class RelationGroups:
+    """Relation templates joined when one record's prompt and rephrasing use both (union-find), so two
+    templates count as other relations only if never joined and without a content word in common."""
+
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, t: str) -> str:
+        self.parent.setdefault(t, t)
+        while self.parent[t] != t:
+            self.parent[t] = self.parent[self.parent[t]]
+            t = self.parent[t]
+        return t
+
+    def link(self, a: str | None, b: str | None) -> None:
+        if a and b:
+            self.parent[self.find(a)] = self.find(b)
+
+    def differ(self, a: str, b: str) -> bool:
+        return self.find(a) != self.find(b) and not (_content_words(a) & _content_words(b))
+
+
+def _rephrase_focus(text: str) -> str:
+    from melo_ray.editors.melo.scope import focus  # the same last-sentence rule the scope test uses
+
+    return focus(text)
+
+
 def synthetic_subject_probes(records: list[EditRecord], per_record: int = 2, seed: int = 0) -> list[EditRecord]:
     """Add same-subject, other-relation probes to records that have none: the record's subject put into
     the relation templates of other records of the same list ("{} was born in" -> "Ada Lovelace was
     born in"). A template sharing a content word with the record's own template ("architect") is
-    skipped, so a probe never asks the edited relation in other words. Answers are unknown (None)."""
+    skipped, and so is one joined to it through some record's rephrasing, so a probe does not ask the
+    edited relation in other words. Answers are unknown (None)."""
     rng = random.Random(seed)
     templates = [(relation_template(r.prompt, r.subject), r) for r in records]
     pool = sorted({t for t, _ in templates if t})
+    groups = RelationGroups()
+    for template, record in templates:
+        for rephrase in record.rephrases if template else ():
+            groups.link(template, relation_template(_rephrase_focus(rephrase), record.subject))
     out = []
     for template, record in templates:
         if template is None or record.probes("subject") or not pool:
             out.append(record)
             continue
-        own = _content_words(template)
         chosen: list[str] = []
         for _ in range(20 * per_record):
             if len(chosen) >= per_record:
                 break
             other = rng.choice(pool)
-            if other != template and other not in chosen and not (_content_words(other) & own):
+            if other != template and other not in chosen and groups.differ(template, other):
                 chosen.append(other)
         probes = tuple(LocalityProbe(t.format(record.subject), None, "subject") for t in chosen)
         out.append(replace(record, locality=record.locality + probes))

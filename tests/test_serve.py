@@ -78,7 +78,7 @@ def test_openai_client_gets_a_correct_completion(app):
     ("malformed json", 400), ("not an object", 400), ("missing prompts", 422), ("wrong type", 422),
     ("empty prompt", 400), ("empty list", 400), ("too many prompts", 413), ("too many tokens", 400),
     ("oversize body", 413), ("no token", 401), ("wrong token", 401), ("unknown model", 404),
-    ("sampling", 400), ("streaming", 400),
+    ("temperature out of range", 400), ("stream of several prompts", 400),
 ])
 def test_bad_requests_get_a_4xx_with_a_json_error(app, case, status):
     client: httpx.Client = app["client"]
@@ -95,8 +95,8 @@ def test_bad_requests_get_a_4xx_with_a_json_error(app, case, status):
         "no token": lambda: httpx.post(f"http://127.0.0.1:{app['port']}/v1/generate", json={"prompts": ["a"]}),
         "wrong token": lambda: client.post("/v1/version", headers={"Authorization": "Bearer nope"}),
         "unknown model": lambda: client.post("/v1/completions", json={"model": "gpt-9", "prompt": "a"}),
-        "sampling": lambda: client.post("/v1/completions", json={"prompt": "a", "temperature": 0.7}),
-        "streaming": lambda: client.post("/v1/completions", json={"prompt": "a", "stream": True}),
+        "temperature out of range": lambda: client.post("/v1/completions", json={"prompt": "a", "temperature": 7}),
+        "stream of several prompts": lambda: client.post("/v1/completions", json={"prompt": ["a", "b"], "stream": True}),
     }[case]
     if case == "wrong token":
         response = client.get("/v1/version", headers={"Authorization": "Bearer nope"})
@@ -219,3 +219,119 @@ def test_the_replica_keeps_serving_after_the_fuzzing(app):
     assert response.status_code == 200 and response.json()["outputs"][0]["output"].startswith(record["target"])
     if FUZZ_COUNT["requests"]:
         print(f"\nfuzzed requests sent: {FUZZ_COUNT['requests']}")
+
+
+def test_replicas_follow_a_pin_and_an_unpin(app):
+    """`melo-ray store pin` points every replica at an older version; unpin sends them back."""
+    from melo_ray import operations
+
+    client, store = app["client"], app["store"]
+    latest = store.latest_version()
+    assert latest is not None and latest >= 2  # the steady-traffic test published a second version
+
+    def versions_seen(n: int = 12) -> set[int]:
+        return {generate(client, ["zzzz"]).json()["outputs"][0]["snapshot_version"] for _ in range(n)}
+
+    def wait_for(version: int) -> bool:
+        deadline = time.time() + 60
+        while time.time() < deadline:  # replicas poll every 0.2 s
+            if versions_seen() == {version}:
+                return True
+        return False
+
+    operations.pin(store.uri, 1)
+    try:
+        assert wait_for(1)
+    finally:
+        operations.unpin(store.uri)
+    assert wait_for(latest)
+
+
+# -- chat, streaming, sampling, explanations --------------------------------------------------------
+def _openai(app) -> "openai.OpenAI":
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{app['port']}/v1", api_key=TOKEN, max_retries=0)
+
+
+def test_chat_completions_keep_the_edit_and_say_which_edit_fired(app):
+    record = fact_records(0, 10)[1]
+    chat = _openai(app).chat.completions.create(
+        model="melo-ray", max_tokens=8, temperature=0,
+        messages=[{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": record["prompt"]}])
+    choice = chat.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    melo = choice.model_extra["melo"]  # the extension field; the client keeps it aside
+    assert melo["block"] == 0 and melo["snapshot_version"] >= 1 and melo["distance"] is not None
+    unrelated = _openai(app).chat.completions.create(model="melo-ray", max_tokens=4,
+                                                     messages=[{"role": "user", "content": UNRELATED[1]}])
+    assert unrelated.choices[0].model_extra["melo"]["block"] is None
+
+
+def test_streaming_chat_and_completions_with_the_openai_client(app):
+    client = _openai(app)
+    record = fact_records(0, 10)[5]
+    chunks = list(client.completions.create(model="melo-ray", prompt=record["prompt"], max_tokens=8, stream=True))
+    text = "".join(c.choices[0].text for c in chunks)
+    whole = client.completions.create(model="melo-ray", prompt=record["prompt"], max_tokens=8)
+    assert text == whole.choices[0].text and text.strip().startswith(record["target"])
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length") and len(chunks) >= 2
+    stream = client.chat.completions.create(model="melo-ray", max_tokens=8, stream=True,
+                                            messages=[{"role": "user", "content": record["prompt"]}])
+    parts = list(stream)
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert parts[-1].choices[0].finish_reason in ("stop", "length")
+    assert parts[-1].choices[0].model_extra["melo"]["block"] == 0
+
+
+def test_sampling_is_validated_and_seeded(app):
+    client = _openai(app)
+    prompt = fact_records(0, 10)[7]["prompt"]
+    one = client.completions.create(model="melo-ray", prompt=prompt, max_tokens=10, temperature=1.3, top_p=0.9, seed=3)
+    two = client.completions.create(model="melo-ray", prompt=prompt, max_tokens=10, temperature=1.3, top_p=0.9, seed=3)
+    assert one.choices[0].text == two.choices[0].text and one.choices[0].model_extra["melo"]["block"] == 0
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="melo-ray", prompt=prompt, max_tokens=4, top_p=0)
+
+
+def _decode_stats(app) -> list[dict]:
+    return [app["client"].get("/v1/version").json()["decode"] for _ in range(8)]  # both replicas, by chance
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_row(app):
+    before = sum(s["cancelled"] for s in {json.dumps(s): s for s in _decode_stats(app)}.values())
+    with httpx.stream("POST", f"http://127.0.0.1:{app['port']}/v1/completions", headers=AUTH, timeout=60,
+                      json={"prompt": "zzzz qqqq", "max_tokens": 32, "stream": True}) as response:
+        first = next(response.iter_lines())
+        assert first.startswith("data: ")
+    deadline = time.time() + 30
+    while time.time() < deadline:  # the row leaves at the replica's next decode step
+        stats = _decode_stats(app)
+        if sum(s["cancelled"] for s in {json.dumps(s): s for s in stats}.values()) > before and all(
+                s["running"] == 0 for s in stats):
+            break
+    else:
+        pytest.fail(f"the disconnected row was not freed: {stats}")
+
+
+def test_a_stream_finishes_on_the_version_it_started_on(app):
+    client, editor, store = app["client"], app["editor"], app["store"]
+    started = client.get("/v1/version").json()["snapshot_version"]
+    versions_at_end: list[int] = []
+
+    def stream_one() -> None:
+        with httpx.stream("POST", f"http://127.0.0.1:{app['port']}/v1/completions", headers=AUTH, timeout=60,
+                          json={"prompt": "zzzz", "max_tokens": 32, "stream": True}) as response:
+            events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+        versions_at_end.append(events[-1]["choices"][0]["melo"]["snapshot_version"])
+
+    threads = [threading.Thread(target=stream_one) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    editor.edit(fact_records(30, 2))
+    editor.publish(store)
+    for thread in threads:
+        thread.join()
+    new = store.latest_version()
+    assert all(v in (started, new) for v in versions_at_end) and len(versions_at_end) == 4
+    deadline = time.time() + 30
+    while time.time() < deadline and {o["snapshot_version"] for o in generate(client, ["a"]).json()["outputs"]} != {new}:
+        pass

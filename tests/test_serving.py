@@ -50,3 +50,58 @@ def test_install_refuses_a_snapshot_of_another_base_model(published, tmp_path):
     with pytest.raises(SnapshotError, match="other base weights"):
         engine.install({**manifest, "base_checksum": "0" * 64}, files)
     assert engine.version == 1  # still serving what it had
+
+
+# -- the decode loop: continuous batching, sampling, chat ---------------------------------------
+def test_continuous_batching_equals_greedy_generate_and_drops_finished_rows():
+    from melo_ray.editors.melo.editor import MeloEditor
+    from melo_ray.inference import generate_token_ids
+    from melo_ray.serving.decoding import DecodeLoop, Sequence
+
+    editor = MeloEditor(tiny_config())
+    editor.edit(fact_records(0, 10))
+    prompts = [r["prompt"] for r in fact_records(0, 10)] + UNRELATED
+    routing = editor.routing(prompts)
+    backbone = editor.backbone
+    budgets = [3 + (i * 5) % 11 for i in range(len(prompts))]  # rows of different lengths
+    seqs = [Sequence(backbone.tokenize(backbone.format_prompt(p))["input_ids"], n, routing.take([i]))
+            for i, (p, n) in enumerate(zip(prompts, budgets))]
+    loop = DecodeLoop(editor, max_batch=4)
+    waiting, widths = list(seqs), []
+    while waiting or loop.rows:  # rows join between steps as others finish
+        take = loop.free
+        if waiting and take:
+            loop.admit(waiting[:take])
+            waiting = waiting[take:]
+        widths.append(len(loop.rows))
+        loop.step()
+    with editor.routed(routing):
+        reference = generate_token_ids(backbone, prompts, max(budgets))
+    for seq, ref, budget in zip(seqs, reference, budgets):
+        assert seq.tokens == ref[:budget] and seq.finish_reason in ("length", "stop")
+    assert max(widths) <= 4 and loop.rows == [] and loop.cache is None  # finished rows left the batch
+
+
+def test_sampling_is_seeded_per_request_and_never_moves_the_routing(published):
+    from melo_ray.serving.decoding import SamplingParams
+
+    engine = ServingEngine.from_snapshot(*published[0].read())
+    prompt = fact_records(0, 10)[2]["prompt"]
+    hot = SamplingParams(temperature=1.5, top_p=0.9, seed=7)
+    first = engine.complete([CompletionRequest(prompt, 12, sampling=hot), CompletionRequest(UNRELATED[0], 12, sampling=hot)])
+    again = engine.complete([CompletionRequest(prompt, 12, sampling=hot)])
+    assert first[0].text == again[0].text  # the same seed, the same text, whatever else is in the batch
+    other = engine.complete([CompletionRequest(prompt, 12, sampling=SamplingParams(1.5, 0.9, seed=8))])
+    greedy = engine.complete([CompletionRequest(prompt, 12)])
+    assert {first[0].block, other[0].block, greedy[0].block} == {0} and first[1].block is None
+
+
+def test_chat_routes_on_the_last_user_message_whatever_the_system_prompt(published):
+    engine = ServingEngine.from_snapshot(*published[0].read())
+    record = fact_records(0, 10)[4]
+    outputs = []
+    for system in ("You are terse.", "Answer in French, and think about zzzz qqqq first."):
+        model_input = engine.chat_input([{"role": "system", "content": system}, {"role": "user", "content": record["prompt"]}])
+        assert record["prompt"] in model_input and system in model_input
+        outputs.append(engine.complete([CompletionRequest(record["prompt"], 6, model_input=model_input)])[0])
+    assert [o.block for o in outputs] == [0, 0] and all(o.edit_id is None or o.edit_id == "f4" for o in outputs)

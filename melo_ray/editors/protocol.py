@@ -48,6 +48,7 @@ class Routing:
     ids: np.ndarray
     distances: np.ndarray
     payload: Any = None
+    edit_ids: tuple[str | None, ...] | None = None  # the edit behind each routed row, where the editor can tell
 
     @classmethod
     def base(cls, rows: int) -> "Routing":
@@ -55,6 +56,30 @@ class Routing:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def take(self, rows: list[int] | np.ndarray) -> "Routing":
+        """The routing of some rows, in the given order (a payload is row-aligned, like ids)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        payload = None if self.payload is None else np.asarray(self.payload)[rows]
+        edit_ids = None if self.edit_ids is None else tuple(self.edit_ids[i] for i in rows)
+        return Routing(self.ids[rows], self.distances[rows], payload, edit_ids)
+
+    @classmethod
+    def concat(cls, parts: list["Routing"]) -> "Routing":
+        """Rows of several routings as one batch (rows without a payload get zeros where others have one)."""
+        if not parts:
+            return cls.base(0)
+        with_payload = [p.payload for p in parts if p.payload is not None]
+        payload = None
+        if with_payload:
+            width = np.asarray(with_payload[0]).shape[1:]
+            payload = np.concatenate([np.asarray(p.payload) if p.payload is not None
+                                      else np.zeros((len(p), *width), np.float32) for p in parts])
+        edit_ids = None
+        if any(p.edit_ids is not None for p in parts):
+            edit_ids = tuple(i for p in parts for i in (p.edit_ids if p.edit_ids is not None else (None,) * len(p)))
+        return cls(np.concatenate([p.ids for p in parts]), np.concatenate([p.distances for p in parts]), payload,
+                   edit_ids)
 
 
 @dataclass(frozen=True)

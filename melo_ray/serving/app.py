@@ -1,19 +1,21 @@
 """Ray Serve app: the edited model behind HTTP, following a snapshot store.
 
 Each replica loads the backbone once, installs the latest snapshot of a store (or of one snapshot
-folder, as `melo-ray edit --out` writes it), and keeps a polling task
-(started from `reconfigure`, Serve's hook for the deployment's user_config) that installs newer
-versions as they are published. Generation and installation take the same asyncio lock, and a batch
-holds it from routing to its last token, so a request always finishes on the version it started with
-and no request waits on a half-installed snapshot. Reading and verifying a new version happens
-outside the lock.
+folder, as `melo-ray edit --out` writes it), and keeps a polling task (started from `reconfigure`,
+Serve's hook for the deployment's user_config) that installs newer versions as they are published
+(or the version a store's PIN.json names). A decode thread per replica (serving/batcher.py) runs
+continuous batching: requests join between decode steps and leave when they finish; an install lets
+the running requests finish on the version they started with, then swaps. Reading and verifying a
+new version happens off that thread.
 
-Routes: POST /v1/generate, POST /v1/completions (OpenAI-compatible), GET /v1/models, GET /v1/version,
-GET /healthz. Start it with `melo-ray serve`, or as a RayService with import path
-`melo_ray.serving.app:app_builder`.
+Routes: POST /v1/generate, POST /v1/completions and POST /v1/chat/completions (OpenAI-compatible,
+streaming with server-sent events, sampling), GET /v1/models, GET /v1/version, GET /healthz. Start it
+with `melo-ray serve`, or as a RayService with import path `melo_ray.serving.app:app_builder`.
 """
 
 import asyncio
+import dataclasses
+import json
 import logging
 import os
 import time
@@ -21,13 +23,15 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from melo_ray.config import load_config
-from melo_ray.serving.requests import ApiError, CompletionsBody, GenerateBody, parse_body
+from melo_ray.serving.batcher import Batcher, Ticket, Update
+from melo_ray.serving.decoding import SamplingParams
 from melo_ray.serving.engine import Completion, CompletionRequest, ServingEngine
+from melo_ray.serving.requests import ApiError, ChatBody, CompletionsBody, GenerateBody, parse_body
 from melo_ray.snapshots import SnapshotError
 from melo_ray.store import SnapshotFolder, SnapshotStore, open_snapshots
 
@@ -48,8 +52,7 @@ class ServeSettings(BaseModel):
     max_new_tokens: int = Field(256, ge=1, description="Largest max_new_tokens / max_tokens accepted.")
     max_prompt_tokens: int = Field(1024, ge=1, description="Longest prompt accepted, in tokens.")
     max_body_bytes: int = Field(1_000_000, ge=1, description="Larger request bodies get 413.")
-    max_batch_size: int = Field(32, ge=1, description="@serve.batch: prompts per forward pass.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="@serve.batch: wait to fill a batch.")
+    max_batch_size: int = Field(32, ge=1, description="Rows decoded together (continuous batching).")
     api_token: str | None = Field(None, description=f"Bearer token for every route but /healthz; default ${TOKEN_ENV}.")
     replicas: int = Field(1, ge=1)
     replica_cpus: float = Field(1.0, ge=0)
@@ -100,6 +103,48 @@ def describe_serving(settings: ServeSettings, version: int | None) -> str:
     return f"base model: {settings.snapshots} has no published snapshot yet"
 
 
+def _sampling(temperature: float | None, top_p: float | None, seed: int | None) -> SamplingParams:
+    temperature = 0.0 if temperature is None else temperature
+    top_p = 1.0 if top_p is None else top_p
+    if not 0.0 <= temperature <= 2.0:
+        raise ApiError(400, f"temperature must be 0..2, got {temperature}", "temperature")
+    if not 0.0 < top_p <= 1.0:
+        raise ApiError(400, f"top_p must be in (0, 1], got {top_p}", "top_p")
+    if seed is not None and not -(2**63) <= seed < 2**63:
+        raise ApiError(400, "seed must fit in 64 bits", "seed")
+    return SamplingParams(temperature, top_p, seed)
+
+
+def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if len(stops) > 4:
+        raise ApiError(400, "at most 4 stop sequences", "stop")
+    return stops
+
+
+def explanation(completion: Completion) -> dict[str, Any]:
+    """Why this answer: the edit that fired (null on the base model) and the snapshot version.
+    Sent as the `melo` field of OpenAI responses, which OpenAI clients ignore."""
+    return {"edit_id": completion.edit_id, "block": completion.block, "distance": completion.distance,
+            "snapshot_version": completion.version}
+
+
+def _sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
+
+
+def _usage(results: list[Completion]) -> dict[str, int]:
+    prompt_tokens = sum(r.prompt_tokens for r in results)
+    completion_tokens = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _fingerprint(result: Completion) -> str:
+    return f"snapshot-v{result.version}" if result.version is not None else "base"
+
+
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10)
 @serve.ingress(api)
 class MeloServer:
@@ -108,14 +153,19 @@ class MeloServer:
         self.token = self.settings.api_token or os.environ.get(TOKEN_ENV) or None
         self.store, self.engine = start_engine(self.settings)
         self.replica = uuid.uuid4().hex[:8]
-        self.lock = asyncio.Lock()
+        # Continuous batching (rows join between decode steps, finished rows leave) is ours:
+        # @serve.batch can only hand over whole batches.
+        self.batcher = Batcher(self.engine, self.settings.max_batch_size)
         self.poll_interval = self.settings.poll_interval_s
         self.pinned: int | None = None
         self.refused: set[int] = set()
         self.poller: asyncio.Task | None = None
-        self._generate_batch.set_max_batch_size(self.settings.max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         log.info("replica %s serving version %s", self.replica, self.engine.version)
+
+    def __del__(self) -> None:
+        batcher = getattr(self, "batcher", None)
+        if batcher is not None:
+            batcher.stop()
 
     # -- snapshots -------------------------------------------------------------------------------
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -141,20 +191,15 @@ class MeloServer:
 
     async def _install(self, version: int) -> None:
         try:
-            manifest, files = await asyncio.to_thread(self.store.read, version)  # verified, outside the lock
+            manifest, files = await asyncio.to_thread(self.store.read, version)  # verified, off the decode thread
         except SnapshotError:
             self.refused.add(version)
             raise
-        async with self.lock:  # waits for the running batch; the next batch sees the new version
-            await asyncio.to_thread(self.engine.install, manifest, files)
+        # the batcher lets running requests finish on their version, then swaps, then admits again
+        await asyncio.wrap_future(self.batcher.install(manifest, files))
         log.info("replica %s now serves version %s", self.replica, version)
 
     # -- generation ------------------------------------------------------------------------------
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _generate_batch(self, requests: list[CompletionRequest]) -> list[Completion]:
-        async with self.lock:
-            return await asyncio.to_thread(self.engine.complete, requests)
-
     def _check_auth(self, request: Request) -> None:
         if self.token is None:
             return
@@ -162,26 +207,57 @@ class MeloServer:
         if header != f"Bearer {self.token}":
             raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
 
-    def _requests(self, prompts: list[str], max_new: int, stop: tuple[str, ...], field: str) -> list[CompletionRequest]:
-        limits = self.settings
+    def _max_new(self, max_new: int) -> int:
+        if max_new < 1 or max_new > self.settings.max_new_tokens:
+            raise ApiError(400, f"max tokens must be 1..{self.settings.max_new_tokens}, got {max_new}")
+        return max_new
+
+    def _request(self, prompt: str, max_new: int, stop: tuple[str, ...], field: str, index: int,
+                 sampling: SamplingParams = SamplingParams(), model_input: str | None = None) -> CompletionRequest:
+        if not prompt.strip():
+            raise ApiError(400, f"prompt {index} is empty", field)
+        request = CompletionRequest(prompt, self._max_new(max_new), stop, None, sampling, model_input)
+        count = len(self.engine.model_input_ids(request))
+        if count > self.settings.max_prompt_tokens:
+            raise ApiError(400, f"prompt {index} is longer than {self.settings.max_prompt_tokens} tokens", field)
+        return dataclasses.replace(request, prompt_tokens=count)
+
+    def _requests(self, prompts: list[str], max_new: int, stop: tuple[str, ...], field: str,
+                  sampling: SamplingParams = SamplingParams()) -> list[CompletionRequest]:
         if not prompts:
             raise ApiError(400, f"'{field}' is empty", field)
-        if len(prompts) > limits.max_prompts:
-            raise ApiError(413, f"{len(prompts)} prompts; the limit is {limits.max_prompts}", field)
-        if max_new < 1 or max_new > limits.max_new_tokens:
-            raise ApiError(400, f"max tokens must be 1..{limits.max_new_tokens}, got {max_new}")
-        requests = []
-        for i, prompt in enumerate(prompts):
-            if not prompt.strip():
-                raise ApiError(400, f"prompt {i} is empty", field)
-            count = self.engine.prompt_tokens(prompt)
-            if count > limits.max_prompt_tokens:
-                raise ApiError(400, f"prompt {i} is longer than {limits.max_prompt_tokens} tokens", field)
-            requests.append(CompletionRequest(prompt, max_new, stop, count))
-        return requests
+        if len(prompts) > self.settings.max_prompts:
+            raise ApiError(413, f"{len(prompts)} prompts; the limit is {self.settings.max_prompts}", field)
+        return [self._request(p, max_new, stop, field, i, sampling) for i, p in enumerate(prompts)]
+
+    def _submit(self, request: CompletionRequest) -> tuple[Ticket, asyncio.Queue]:
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        ticket = self.batcher.submit(request, lambda update: loop.call_soon_threadsafe(queue.put_nowait, update))
+        return ticket, queue
+
+    async def _updates(self, request: CompletionRequest):
+        """The request's text as it is decoded; leaving early (a client gone) frees its row."""
+        ticket, queue = self._submit(request)
+        finished = False
+        try:
+            while not finished:
+                update: Update = await queue.get()
+                if update.error is not None:
+                    raise ApiError(500, f"generation failed: {update.error}")
+                finished = update.completion is not None
+                yield update
+        finally:
+            if not finished:
+                ticket.cancel()
+
+    async def _complete(self, request: CompletionRequest) -> Completion:
+        async for update in self._updates(request):
+            if update.completion is not None:
+                return update.completion
+        raise ApiError(500, "generation ended without a result")
 
     async def _run(self, requests: list[CompletionRequest]) -> list[Completion]:
-        return list(await asyncio.gather(*(self._generate_batch(r) for r in requests)))
+        return list(await asyncio.gather(*(self._complete(r) for r in requests)))
 
     # -- routes ----------------------------------------------------------------------------------
     @api.get("/healthz")
@@ -191,17 +267,19 @@ class MeloServer:
     def check_health(self) -> None:  # Serve's replica health check
         if self.poller is not None and self.poller.done() and not self.poller.cancelled():
             raise RuntimeError(f"snapshot poller stopped: {self.poller.exception()}")
+        if not self.batcher.thread.is_alive():
+            raise RuntimeError("the decode thread stopped")
 
     @api.get("/v1/version")
     async def version(self, request: Request) -> dict[str, Any]:
         self._check_auth(request)
         backbone = self.engine.editor.config.backbone
         return {
-            "snapshot_version": self.engine.version, "serving": describe_serving(self.settings, self.engine.version), "editor": self.engine.editor.name,
-            "edits": self.engine.stats.get("edits", 0), "stats": self.engine.stats,
+            "snapshot_version": self.engine.version, "serving": describe_serving(self.settings, self.engine.version),
+            "editor": self.engine.editor.name, "edits": self.engine.stats.get("edits", 0), "stats": self.engine.stats,
             "clusters": self.engine.stats.get("clusters", 0), "blocks": self.engine.stats.get("blocks", 0),
             "backbone": {"source": backbone.source, "family": backbone.family, "path": backbone.path},
-            "model": self.settings.model_name, "replica": self.replica,
+            "model": self.settings.model_name, "replica": self.replica, "decode": self.batcher.stats(),
         }
 
     @api.get("/v1/models")
@@ -218,44 +296,101 @@ class MeloServer:
         return {
             "outputs": [
                 {"prompt": p, "output": r.text.strip(), "block": r.block, "distance": r.distance,
-                 "snapshot_version": r.version, "finish_reason": r.finish_reason}
+                 "edit_id": r.edit_id, "snapshot_version": r.version, "finish_reason": r.finish_reason}
                 for p, r in zip(body.prompts, results)
             ],
             "replica": self.replica,
         }
 
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.settings.model_name:
+            raise ApiError(404, f"model '{model}' is not served here; use '{self.settings.model_name}'", "model")
+
     @api.post("/v1/completions")
-    async def completions(self, request: Request) -> dict[str, Any]:
+    async def completions(self, request: Request) -> Any:
         self._check_auth(request)
         body = await _parse(request, CompletionsBody, self.settings.max_body_bytes)
-        if body.model is not None and body.model != self.settings.model_name:
-            raise ApiError(404, f"model '{body.model}' is not served here; use '{self.settings.model_name}'", "model")
-        if body.temperature not in (None, 0, 0.0):
-            raise ApiError(400, "only greedy decoding is served: temperature must be 0", "temperature")
-        if body.stream:
-            raise ApiError(400, "streaming is not supported", "stream")
+        self._check_model(body.model)
         if body.n not in (None, 1):
             raise ApiError(400, "n must be 1", "n")
         if body.logprobs is not None or body.echo:
             raise ApiError(400, "logprobs and echo are not supported", "logprobs" if body.logprobs is not None else "echo")
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        if len(stop) > 4:
-            raise ApiError(400, "at most 4 stop sequences", "stop")
-        results = await self._run(self._requests(prompts, body.max_tokens or 16, stop, "prompt"))
-        prompt_tokens = sum(r.prompt_tokens for r in results)
-        completion_tokens = sum(r.completion_tokens for r in results)
+        sampling = _sampling(body.temperature, body.top_p, body.seed)
+        requests = self._requests(prompts, 16 if body.max_tokens is None else body.max_tokens, _stops(body.stop),
+                                  "prompt", sampling)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.settings.model_name}
+        if body.stream:
+            if len(requests) != 1:
+                raise ApiError(400, "streaming serves one prompt per request", "prompt")
+            return StreamingResponse(self._stream_completion(requests[0], head), media_type="text/event-stream")
+        results = await self._run(requests)
         return {
-            "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": self.settings.model_name,
-            "choices": [
-                {"text": r.text, "index": i, "logprobs": None, "finish_reason": r.finish_reason}
-                for i, r in enumerate(results)
-            ],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
-            "system_fingerprint": f"snapshot-v{results[0].version}" if results[0].version is not None else "base",
+            **head,
+            "choices": [{"text": r.text, "index": i, "logprobs": None, "finish_reason": r.finish_reason,
+                         "melo": explanation(r)} for i, r in enumerate(results)],
+            "usage": _usage(results), "system_fingerprint": _fingerprint(results[0]),
         }
+
+    async def _stream_completion(self, request: CompletionRequest, head: dict[str, Any]):
+        async for update in self._updates(request):
+            done = update.completion
+            choice = {"text": update.delta, "index": 0, "logprobs": None,
+                      "finish_reason": done.finish_reason if done else None}
+            if done:
+                choice["melo"] = explanation(done)
+            yield _sse({**head, "choices": [choice], **({"usage": _usage([done])} if done else {})})
+        yield _sse("[DONE]")
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        self._check_auth(request)
+        body = await _parse(request, ChatBody, self.settings.max_body_bytes)
+        self._check_model(body.model)
+        if body.n not in (None, 1):
+            raise ApiError(400, "n must be 1", "n")
+        if body.logprobs:
+            raise ApiError(400, "logprobs are not supported", "logprobs")
+        if not body.messages:
+            raise ApiError(400, "'messages' is empty", "messages")
+        users = [m.text() for m in body.messages if m.role == "user"]
+        if not users:
+            raise ApiError(400, "a chat needs at least one user message", "messages")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        try:
+            model_input = self.engine.chat_input(messages)
+        except Exception as exc:  # a template that rejects this conversation (e.g. roles out of order)
+            raise ApiError(400, f"the chat template cannot render these messages: {exc}", "messages") from exc
+        max_new = body.max_completion_tokens or body.max_tokens or self.engine.editor.config.generate.max_new_tokens
+        # routing follows the question (the last user message), never the system prompt or the template
+        chat = self._request(users[-1], max_new, _stops(body.stop), "messages", 0,
+                             _sampling(body.temperature, body.top_p, body.seed), model_input)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.settings.model_name}
+        if body.stream:
+            return StreamingResponse(self._stream_chat(chat, head), media_type="text/event-stream")
+        result = await self._complete(chat)
+        return {
+            **head, "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                         "finish_reason": result.finish_reason, "logprobs": None, "melo": explanation(result)}],
+            "usage": _usage([result]), "system_fingerprint": _fingerprint(result),
+        }
+
+    async def _stream_chat(self, request: CompletionRequest, head: dict[str, Any]):
+        head = {**head, "object": "chat.completion.chunk"}
+        first = True
+        async for update in self._updates(request):
+            done = update.completion
+            delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            if update.delta:
+                delta["content"] = update.delta
+            first = False
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": done.finish_reason if done else None}
+            if done:
+                choice["melo"] = explanation(done)
+            yield _sse({**head, "choices": [choice], **({"usage": _usage([done])} if done else {})})
+        yield _sse("[DONE]")
 
 
 def build_app(settings: ServeSettings) -> Any:

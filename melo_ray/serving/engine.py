@@ -1,4 +1,4 @@
-"""What one serving replica does, without Ray: route, generate a mixed-block batch, swap snapshots.
+"""What one serving replica does, without Ray: route, decode a mixed-edit batch, swap snapshots.
 
 The Serve deployment (melo_ray/serving/app.py) owns concurrency; this class is plain and synchronous so it
 can be tested and benchmarked on its own.
@@ -16,15 +16,19 @@ from melo_ray.config import EditorConfig, load_config
 from melo_ray.editors.protocol import Editor, Routing
 from melo_ray.editors.registry import build_editor
 from melo_ray.inference import generate_token_ids
+from melo_ray.serving.decoding import DecodeLoop, SamplingParams, Sequence, run_to_completion
 from melo_ray.snapshots import SnapshotError
 
 
 @dataclass(frozen=True)
 class CompletionRequest:
-    prompt: str
+    prompt: str  # what routing sees (chat: the last user message); the model sees it through the prompt template
     max_new_tokens: int
     stop: tuple[str, ...] = ()
     prompt_tokens: int | None = None  # when the caller has counted them already
+    sampling: SamplingParams = SamplingParams()
+    model_input: str | None = None  # the exact text the model reads (chat: the rendered template), if not `prompt`
+    min_new_tokens: int = 0  # benchmarks: hold off end-of-sequence for like-for-like timing
 
 
 @dataclass(frozen=True)
@@ -35,12 +39,8 @@ class Completion:
     version: int | None
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
-
-
-def _apply_stops(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
-    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
+    finish_reason: str  # "stop" (end of sequence or a stop string), "length" or "cancelled"
+    edit_id: str | None = None  # the edit that fired, where the editor can tell
 
 
 class ServingEngine:
@@ -68,35 +68,70 @@ class ServingEngine:
         self.version = int(manifest["version"])
         self.stats = dict(manifest.get("stats", {}))
 
-    def prompt_tokens(self, prompt: str) -> int:
+    def model_input_ids(self, request: CompletionRequest) -> list[int]:
         backbone = self.editor.backbone
-        return len(backbone.tokenize(backbone.format_prompt(prompt))["input_ids"])
+        text = request.model_input if request.model_input is not None else backbone.format_prompt(request.prompt)
+        return backbone.tokenize(text)["input_ids"]
 
-    def complete(self, requests: list[CompletionRequest], *, base: bool = False, full_length: bool = False) -> list[Completion]:
-        """One routed forward pass per generated token for the whole batch, whatever blocks its rows use.
+    def prompt_tokens(self, prompt: str) -> int:
+        return len(self.model_input_ids(CompletionRequest(prompt, 1)))
 
-        Keys are computed once from each prompt and the routing is held fixed while generating.
-        `full_length` generates every row to the longest max_new_tokens (for like-for-like timing)."""
+    def chat_input(self, messages: list[dict[str, str]]) -> str:
+        """The backbone's own chat template, ready for the assistant's turn."""
+        tokenizer = self.editor.backbone.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this backbone's tokenizer has no chat template")
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def routing(self, requests: list[CompletionRequest], *, base: bool = False) -> Routing:
+        """One routing call for a batch of requests, fixed for their whole generation."""
+        if base or self.version is None:
+            return Routing.base(len(requests))
+        return self.editor.routing([r.prompt for r in requests])
+
+    def sequences(self, requests: list[CompletionRequest], emit=None, *, base: bool = False) -> list[Sequence]:
+        """Requests as decode-loop rows (routing computed now, in one batch)."""
+        routing = self.routing(requests, base=base)
+        return [Sequence(self.model_input_ids(r), r.max_new_tokens, routing.take([i]), r.sampling, r.stop, emit,
+                         min_new_tokens=r.min_new_tokens)
+                for i, r in enumerate(requests)]
+
+    def completion(self, request: CompletionRequest, seq: Sequence) -> Completion:
+        """What a finished row answers, with which edit fired and the snapshot version."""
+        routing = seq.routing
+        block, distance = int(routing.ids[0]), float(routing.distances[0])
+        return Completion(
+            text=seq.text, block=block if block >= 0 else None,
+            distance=distance if np.isfinite(distance) else None, version=self.version,
+            prompt_tokens=request.prompt_tokens if request.prompt_tokens is not None else len(seq.prompt_ids),
+            completion_tokens=len(seq.tokens), finish_reason=seq.finish_reason or "length",
+            edit_id=routing.edit_ids[0] if routing.edit_ids is not None and block >= 0 else None,
+        )
+
+    def complete(self, requests: list[CompletionRequest], *, base: bool = False, max_batch: int = 32) -> list[Completion]:
+        """Decode a list of requests to the end (continuous batching, `max_batch` rows at a time)."""
         if not requests:
             return []
+        if self.editor.backbone.task != "causal_lm":
+            return self._complete_whole(requests, base=base)
+        seqs = self.sequences(requests, base=base)
+        run_to_completion(DecodeLoop(self.editor, max_batch), seqs)
+        return [self.completion(r, s) for r, s in zip(requests, seqs)]
+
+    def _complete_whole(self, requests: list[CompletionRequest], *, base: bool) -> list[Completion]:
+        """Encoder-decoder backbones: transformers' generate over the whole batch, greedy."""
         editor = self.editor
-        prompts = [r.prompt for r in requests]
-        routing = Routing.base(len(prompts)) if base or self.version is None else editor.routing(prompts)
+        routing = self.routing(requests, base=base)
         longest = max(r.max_new_tokens for r in requests)
         with editor.routed(routing):
-            rows = generate_token_ids(editor.backbone, prompts, longest, longest if full_length else 0)
-        tokenizer = editor.backbone.tokenizer
+            rows = generate_token_ids(editor.backbone, [r.prompt for r in requests], longest)
         out = []
-        for request, row, block, distance in zip(requests, rows, routing.ids, routing.distances):
-            # greedy decoding is prefix-consistent, so a shorter request is the longer run cut short
-            tokens = row[: request.max_new_tokens]
-            text, stopped = _apply_stops(tokenizer.decode(tokens, skip_special_tokens=True), request.stop)
-            ended = len(tokens) < request.max_new_tokens
-            out.append(Completion(
-                text=text, block=int(block) if block >= 0 else None,
-                distance=float(distance) if np.isfinite(distance) else None, version=self.version,
-                prompt_tokens=request.prompt_tokens if request.prompt_tokens is not None else self.prompt_tokens(request.prompt),
-                completion_tokens=len(tokens),
-                finish_reason="stop" if stopped or ended else "length",
-            ))
+        for i, (request, row) in enumerate(zip(requests, rows)):
+            seq = Sequence([], request.max_new_tokens, routing.take([i]), stop=request.stop)
+            seq.tokens = row[: request.max_new_tokens]  # greedy decoding is prefix-consistent
+            text = editor.backbone.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+            cut = min((text.find(s) for s in request.stop if s and s in text), default=-1)
+            seq.text = text[:cut] if cut >= 0 else text
+            seq.finish_reason = "stop" if cut >= 0 or len(seq.tokens) < request.max_new_tokens else "length"
+            out.append(self.completion(request, seq))
         return out

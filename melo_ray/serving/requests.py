@@ -4,7 +4,7 @@ unchecked."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
 
@@ -35,13 +35,51 @@ class CompletionsBody(BaseModel):
     model: StrictStr | None = None
     prompt: StrictStr | list[StrictStr]
     max_tokens: StrictInt | None = 16
-    temperature: float | None = 0.0
+    temperature: float | None = 0.0  # greedy unless asked otherwise
     top_p: float | None = 1.0
+    seed: StrictInt | None = None
     n: StrictInt | None = 1
     stream: bool | None = False
     stop: StrictStr | list[StrictStr] | None = None
     logprobs: StrictInt | None = None
     echo: bool | None = False
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: StrictStr
+    text: StrictStr | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # name, tool_call_id, ...
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: StrictStr | list[TextPart]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        if any(part.type != "text" or part.text is None for part in self.content):
+            raise ApiError(400, "only text content parts are served", "messages")
+        return "".join(part.text or "" for part in self.content)
+
+
+class ChatBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr | None = None
+    messages: list[ChatMessage]
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
+    temperature: float | None = 0.0
+    top_p: float | None = 1.0
+    seed: StrictInt | None = None
+    n: StrictInt | None = 1
+    stream: bool | None = False
+    stop: StrictStr | list[StrictStr] | None = None
+    logprobs: bool | None = False
 
 
 def _first_problem(data: Any) -> tuple[str, str] | None:

@@ -12,6 +12,7 @@ import safetensors.numpy
 
 from melo_ray.config import EditorConfig
 from melo_ray.editors.melo.index import NeuronIndex
+from melo_ray.editors.melo.scope import ScopeTest, ScopeVerifier, load_verifier
 from melo_ray.editors.protocol import EditIndex, IndexUpdate, StaleStateError, TrainedBatch
 from melo_ray.snapshots import SnapshotError
 
@@ -25,9 +26,12 @@ class BlockIndex(EditIndex):
     @classmethod
     def create(cls, config: EditorConfig, dim: int) -> "BlockIndex":
         cfg = config.index
+        scope = None
+        if cfg.scope_verifier is not None:
+            scope = ScopeTest(load_verifier(cfg.scope_verifier), cfg.scope_threshold)
         return cls(NeuronIndex(
             dim, cfg.distance, cfg.r_init, hnsw_m=cfg.hnsw_m, ef_construction=cfg.hnsw_ef_construction,
-            ef_search=cfg.hnsw_ef_search, candidates=cfg.candidates,
+            ef_search=cfg.hnsw_ef_search, candidates=cfg.candidates, scope=scope,
         ))
 
     @classmethod
@@ -38,10 +42,16 @@ class BlockIndex(EditIndex):
             graph_bytes = files["index.hnsw"]
             if int(meta["dim"]) != dim:
                 raise SnapshotError(f"{where}: index keys have {meta['dim']} dims, the key function {dim}")
+            scope = None
+            if (config.index.scope_verifier is not None) != ("route_dim" in meta):
+                raise SnapshotError(f"{where}: the index was written with" + ("" if "route_dim" in meta else "out")
+                                    + " a scope test; this config has " + ("one" if config.index.scope_verifier else "none"))
+            if "route_dim" in meta:  # the snapshot's own verifier and threshold: it routes as it did
+                scope = ScopeTest(ScopeVerifier.from_bytes(files["scope.safetensors"]), float(meta["scope_threshold"]))
             with tempfile.TemporaryDirectory() as tmp:
                 graph = Path(tmp) / "index.hnsw"
                 graph.write_bytes(graph_bytes)
-                index = NeuronIndex.from_state(arrays, meta, graph)
+                index = NeuronIndex.from_state(arrays, meta, graph, scope)
         except SnapshotError:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
@@ -73,12 +83,16 @@ class BlockIndex(EditIndex):
             graph = Path(tmp) / "index.hnsw"
             self.index.save_graph(graph)
             graph_bytes = graph.read_bytes()
-        return {
+        files = {
             "index.safetensors": safetensors.numpy.save(arrays),
             "index.json": json.dumps(meta, sort_keys=True).encode(),
             "index.hnsw": graph_bytes,
         }
+        if self.index.scope is not None:
+            files["scope.safetensors"] = self.index.scope.verifier.to_bytes()
+        return files
 
     def stats(self) -> dict[str, int]:
         return {"clusters": self.index.num_alive, "members": self.index.num_members,
-                "conflicts": self.index.conflicts, "forgotten": self.index.forgotten}
+                "conflicts": self.index.conflicts, "forgotten": self.index.forgotten,
+                "separated": self.index.separated}

@@ -1,7 +1,7 @@
 """MELO's config sections: `lora` (the block bank) and `index` (keys and the neuron index)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -15,6 +15,16 @@ class LoraConfig(StrictConfig):
     block_rank: int = Field(4, ge=1, description="Partial rank p of one block (one edit batch).")
     alpha: float = Field(8.0, gt=0, description="Scale is alpha / block_rank, as in LoRA.")
     max_blocks: int = Field(100_000, ge=1, description="Cap on blocks per layer; exceeding it is an error.")
+    train_rephrases: bool = Field(
+        True, description="Train each block on its records' `train_rephrases` too (same target), not only the prompt."
+    )
+    prefix_augment: int = Field(
+        0, ge=0, description="Extra training copies of each edit behind a short random prefix the backbone "
+        "wrote itself (WISE's augmentation), so rewordings after unrelated text still get the target.",
+    )
+
+    # what a snapshot's adapters must match; the rest only shapes training
+    BANK_FIELDS: ClassVar[tuple[str, ...]] = ("target_modules", "block_rank", "alpha", "max_blocks")
 
 
 class IndexConfig(StrictConfig):
@@ -36,11 +46,22 @@ class IndexConfig(StrictConfig):
     hnsw_ef_construction: int = Field(200, ge=8, description="hnswlib ef at build time.")
     hnsw_ef_search: int = Field(128, ge=8, description="hnswlib ef at query time.")
     candidates: int = Field(8, ge=1, description="Nearest centres fetched from HNSW and re-checked exactly.")
+    scope_verifier: str | None = Field(
+        None,
+        description="Scope test (scope.py): 'builtin' or a path to a verifier file. Keys then carry the "
+        "verifier's views; a query inside a cluster gets a block only if the verifier calls it the same "
+        "question as a member, and conflicts forget only members it calls the same question. None: off.",
+    )
+    scope_threshold: float = Field(
+        0.0, description="Verifier logit at or above which two prompts count as the same question."
+    )
 
     @model_validator(mode="after")
     def _check_key(self) -> "IndexConfig":
         if self.key_function != "sentence_encoder" and not self.key_module:
             raise ValueError(f"key_function '{self.key_function}' needs `key_module`")
+        if self.scope_verifier is not None and self.key_function != "sentence_encoder":
+            raise ValueError("scope_verifier works on sentence_encoder keys only")
         return self
 
     @property

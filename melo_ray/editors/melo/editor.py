@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
@@ -21,11 +22,14 @@ from melo_ray.editors.melo.block_index import BlockIndex
 from melo_ray.editors.melo.keys import build_key_function
 from melo_ray.editors.melo.layer import BlockRouter, inject_dynamic_lora
 from melo_ray.editors.protocol import Editor, Routing, TrainedBatch
+from melo_ray.inference import generate_texts
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError
 from melo_ray.training import EditBatch, build_batch, train_block
 
 log = logging.getLogger(__name__)
+PREFIX_OPENINGS = ("The", "I think", "In the", "It was", "A new", "We", "This is", "There are", "When", "My",
+                   "One day", "After the", "Today", "He said", "She", "They", "Many people", "Some", "If you", "On")
 
 
 def _latest_per_prompt(records: list[EditRecord]) -> list[EditRecord]:
@@ -53,6 +57,7 @@ class MeloEditor(Editor):
         self._check_key_precedes_lora()
         self.router = BlockRouter(self.layers)
         self.index = BlockIndex.create(config, self.key_function.dim)
+        self._prefix_cache: list[str] | None = None
 
     def key_dim(self) -> int:
         return self.key_function.dim
@@ -80,12 +85,13 @@ class MeloEditor(Editor):
         keys = self.key_function.keys([r.prompt for r in batch_records])
         if not np.all(np.isfinite(keys)):
             raise ValueError("edit batch: a prompt produced a non-finite key")
-        batch = build_batch(self.backbone, batch_records, self.config.train.append_eos)
+        trained_on = self._training_rows(batch_records)
+        batch = build_batch(self.backbone, trained_on, self.config.train.append_eos)
         params = self.router.start_block(seed=self.config.train.seed + self.version)
         try:
             stats = train_block(
                 self.backbone, batch, params, self.config.train, trained_modules=list(self.layers),
-                active=lambda: self.router.staging(len(batch_records), self.backbone.device),
+                active=lambda: self.router.staging(len(trained_on), self.backbone.device),
             )
             block = self.router.commit_block()
         except BaseException:
@@ -99,6 +105,29 @@ class MeloEditor(Editor):
             ids=tuple(r.id for r in batch_records), targets=tuple(r.target for r in batch_records),
             keys=keys.astype(np.float32),
         )
+
+    def _training_rows(self, records: list[EditRecord]) -> list[EditRecord]:
+        """The batch's rows: each edit's prompt, its train_rephrases, and prefixed copies (lora section)."""
+        cfg = self.config.lora
+        rows = list(records)
+        if cfg.train_rephrases:
+            rows += [EditRecord(prompt=p, target=r.target, id=r.id) for r in records for p in r.train_rephrases]
+        if cfg.prefix_augment:
+            prefixes = self._prefixes()
+            rng = random.Random(self.config.train.seed + self.version)
+            rows += [EditRecord(prompt=f"{rng.choice(prefixes)} {r.prompt}", target=r.target, id=r.id)
+                     for r in records for _ in range(cfg.prefix_augment)]
+        return rows
+
+    def _prefixes(self) -> list[str]:
+        """Short sentences the backbone writes itself from neutral openings (greedy, so deterministic)."""
+        if self._prefix_cache is None:
+            texts = generate_texts(self.backbone, list(PREFIX_OPENINGS), 10)
+            self._prefix_cache = [
+                " ".join(f"{start} {text}".split()).split(". ")[0].rstrip(".") + "."
+                for start, text in zip(PREFIX_OPENINGS, texts)
+            ]
+        return self._prefix_cache
 
     # -- inference ---------------------------------------------------------------------------------
     def route(self, prompts: list[str]) -> Routing:
@@ -123,7 +152,10 @@ class MeloEditor(Editor):
         return {"adapters.safetensors": safetensors.torch.save(adapters)}
 
     def restore_state(self, manifest: Mapping[str, Any], files: Mapping[str, bytes], where: str) -> Callable[[], None]:
-        if manifest.get("config", {}).get("lora") != self.config.lora.model_dump(mode="json"):
+        lora = manifest.get("config", {}).get("lora")
+        bank = self.config.lora.BANK_FIELDS
+        if not isinstance(lora, dict) or {k: lora.get(k) for k in bank} != self.config.lora.model_dump(
+                mode="json", include=set(bank)):
             raise SnapshotError(f"{where}: snapshot's lora config differs from this editor's")
         try:
             adapters = safetensors.torch.load(files["adapters.safetensors"])

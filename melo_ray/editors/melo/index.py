@@ -290,9 +290,35 @@ class NeuronIndex:
             blocks[rows] = np.asarray(cluster.member_blocks)[latest]
         return SearchResult(block_ids=blocks, distances=dists, clusters=ids)
 
+    def _scoped_search(self, keys: np.ndarray) -> SearchResult:
+        """Every candidate cluster holding the query offers its members; the best-scored member that
+        passes the scope test applies (ties: the latest), else no block."""
+        assert self.scope is not None
+        n = keys.shape[0]
+        blocks = np.full(n, -1, np.int64)
+        if self.num_alive == 0:
+            return SearchResult(blocks, np.full(n, np.inf), np.full(n, -1, np.int64))
+        labels, dist = self._knn(keys)
+        nearest = dist.min(axis=1)
+        clusters = np.where(dist == nearest[:, None], labels, -1).max(axis=1)
+        radii = np.array([[self.clusters[c].radius for c in row] for row in labels.tolist()])
+        for row in np.nonzero((dist <= radii).any(axis=1))[0]:
+            owners = [c for c, d, r in zip(labels[row].tolist(), dist[row], radii[row]) if d <= r
+                      for _ in self.clusters[c].member_blocks]
+            member_keys = np.stack([k for c in dict.fromkeys(owners) for k in self.clusters[c].member_keys])
+            member_blocks = np.array([b for c in dict.fromkeys(owners) for b in self.clusters[c].member_blocks])
+            logits = self.scope.logits(keys[row], member_keys)
+            if logits.max() >= self.scope.threshold:
+                best = int(np.flatnonzero(logits == logits.max())[np.argmax(member_blocks[logits == logits.max()])])
+                blocks[row], clusters[row] = member_blocks[best], owners[best]
+        return SearchResult(block_ids=blocks, distances=nearest, clusters=clusters)
+
     def nearest_member(self, key: np.ndarray, cluster_id: int) -> str:
         """The id of the member of `cluster_id` whose key is nearest (ties: the latest), as search picks."""
         cluster = self.clusters[cluster_id]
+        if self.scope is not None:  # the member the scope test scores highest, as search picks
+            logits = self.scope.logits(np.asarray(key, np.float32), np.stack(cluster.member_keys))
+            return cluster.member_ids[int(np.flatnonzero(logits == logits.max())[-1])]
         md = distances(self.metric, np.atleast_2d(np.asarray(key, np.float32)), np.stack(cluster.member_keys))[0]
         return cluster.member_ids[int(np.flatnonzero(md == md.min())[-1])]
 

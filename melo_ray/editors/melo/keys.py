@@ -124,8 +124,30 @@ class SentenceEncoderKeys:
         return np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.dim), np.float32)
 
 
+class ScopedSentenceKeys:
+    """MiniLM keys of several views of each prompt, concatenated: the first (the whole prompt) is what
+    the index routes on, all of them feed the scope test (scope.py names the views)."""
+
+    def __init__(self, views: list[str], encoder: SentenceEncoderKeys | None = None) -> None:
+        from melo_ray.editors.melo.scope import VIEWS
+
+        unknown = [v for v in views if v not in VIEWS]
+        if unknown or not views or views[0] != "prompt":
+            raise ValueError(f"scope views must start with 'prompt' and be among {sorted(VIEWS)}, got {views}")
+        self.encoder = encoder or SentenceEncoderKeys()
+        self.views = [VIEWS[v] for v in views]
+        self.dim = self.encoder.dim * len(views)
+
+    def keys(self, prompts: list[str]) -> np.ndarray:
+        return np.concatenate([self.encoder.keys([view(p) for p in prompts]) for view in self.views], axis=1)
+
+
 def build_key_function(backbone: Backbone, cfg: IndexConfig) -> KeyFunction:
     if cfg.key_function == "sentence_encoder":
+        if cfg.scope_verifier is not None:
+            from melo_ray.editors.melo.scope import load_verifier
+
+            return ScopedSentenceKeys(load_verifier(cfg.scope_verifier).view_names)
         return SentenceEncoderKeys()
     pooling = "last" if cfg.key_function == "last_token" else "mean"
     return HiddenStateKeys(backbone, cfg.key_module or "", pooling)

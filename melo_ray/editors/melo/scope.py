@@ -44,6 +44,38 @@ def focus(prompt: str, min_words: int = 4) -> str:
     return out
 
 
+# Words that open a sentence without naming anything: kept by `masked`, every other capitalised word
+# (or one with a digit) is taken for part of a name.
+_STARTERS = frozenset(
+    "the a an what which who whom whose when where why how in on at is are was were does do did it its this that "
+    "there to for of by from with as after before during since if they he she his her their we you i".split()
+)
+_TOKEN = re.compile(r"\w[\w'’.-]*|[^\w\s]")
+_NAME_JOINERS = re.compile(r"X (?:of|de|and|the|von|van|der|la|le|du|da|del|di) X")
+
+
+def masked(prompt: str) -> str:
+    """The focus with every name-like run of words replaced by "X": what is asked, not about whom
+    ("The gender of Ingrida Amantova is" -> "The gender of X is")."""
+    out: list[str] = []
+    in_name = False
+    tokens = _TOKEN.findall(focus(prompt))
+    for i, token in enumerate(tokens):
+        starter = (i == 0 or tokens[i - 1] in ".?!") and token.lower() in _STARTERS
+        name_like = token[0].isalnum() and any(c.isupper() or c.isdigit() for c in token) and not starter
+        if name_like:
+            if not in_name:
+                out.append("X")
+            in_name = True
+        else:
+            out.append(token)
+            in_name = False
+    return _NAME_JOINERS.sub("X", " ".join(out))
+
+
+VIEWS = {"prompt": lambda p: p, "focus": focus, "masked": masked}  # verifier view name -> text it embeds
+
+
 def pair_features(a: np.ndarray, b: np.ndarray, view_dims: list[int]) -> np.ndarray:
     """Symmetric features of key pairs: per view (a slice of `view_dims[i]` columns) a*b, |a-b| of the
     unit-length slices and their cosine. a, b: (n, sum(view_dims))."""
@@ -70,6 +102,7 @@ class ScopeVerifier:
         if len(self.view_names) != len(self.view_dims) or not self.view_names:
             raise ValueError("scope verifier: views and view_dims disagree")
         self.meta = dict(meta)
+        self._raw: bytes | None = None
         self.w1 = np.asarray(weights["w1"], np.float32)  # (features, hidden)
         self.b1 = np.asarray(weights["b1"], np.float32)
         self.w2 = np.asarray(weights["w2"], np.float32)  # (hidden,)
@@ -92,13 +125,26 @@ class ScopeVerifier:
 
     # -- files ---------------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
+        """The file's bytes: those it was read from (safetensors orders metadata differently per
+        write, and a snapshot must round-trip byte for byte), else written once and kept."""
+        if self._raw is None:
+            self._raw = self._serialise()
+        return self._raw
+
+    def _serialise(self) -> bytes:
         weights = {"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": np.array([self.b2], np.float32)}
-        return safetensors.numpy.save(weights, metadata={k: str(v) for k, v in self.meta.items()})
+        return safetensors.numpy.save(weights, metadata={k: str(self.meta[k]) for k in sorted(self.meta)})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "ScopeVerifier":
-        weights = safetensors.numpy.load(data)
-        return cls(weights, _metadata(data))
+        meta = _metadata(data)
+        try:
+            weights = safetensors.numpy.load(data)
+        except Exception as exc:  # safetensors raises its own error type
+            raise ValueError(f"scope verifier: unreadable weights ({exc})") from exc
+        verifier = cls(weights, meta)
+        verifier._raw = bytes(data)
+        return verifier
 
     @classmethod
     def load(cls, path: str | Path) -> "ScopeVerifier":
@@ -110,7 +156,10 @@ def _metadata(data: bytes) -> dict[str, str]:
     if len(data) < 8:
         raise ValueError("scope verifier: file is too short")
     size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + size])
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"scope verifier: header is not JSON ({exc})") from exc
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict) or "views" not in meta or "view_dims" not in meta:
         raise ValueError("scope verifier: metadata lacks views / view_dims")
@@ -145,3 +194,12 @@ class ScopeTest:
 
     def same_question(self, query: np.ndarray, members: np.ndarray) -> np.ndarray:
         return self.logits(query, members) >= self.threshold
+
+
+def load_verifier(source: str) -> ScopeVerifier:
+    """`builtin` (the verifier shipped beside this module) or a path to a verifier file."""
+    path = BUILTIN_VERIFIER if source == "builtin" else Path(source)
+    try:
+        return ScopeVerifier.load(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"index.scope_verifier: no verifier file at {path}") from exc

@@ -1,0 +1,125 @@
+"""The scope test: a learned verifier decides whether a query asks an edit's question or only
+something about the same subject (melo_ray/editors/melo/scope.py and its use in the index)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from melo_ray.config import load_config
+from melo_ray.editors.melo.block_index import BlockIndex
+from melo_ray.editors.melo.editor import MeloEditor
+from melo_ray.editors.melo.index import NeuronIndex
+from melo_ray.editors.melo.scope import BUILTIN_VERIFIER, ScopeTest, ScopeVerifier, focus, masked
+from melo_ray.snapshots import SnapshotError
+from tests.conftest import tiny_config
+
+
+def _toy_scope() -> ScopeTest:
+    """Two 2-d views; logit = cosine of the second view - 0.5: same question iff they point alike."""
+    w1 = np.zeros((10, 1), np.float32)
+    w1[9, 0] = 1.0  # the second view's cosine (features per view: a*b, |a-b|, cosine)
+    verifier = ScopeVerifier({"w1": w1, "b1": np.zeros(1, np.float32), "w2": np.ones(1, np.float32),
+                              "b2": np.array([-0.5], np.float32)}, {"views": "prompt,masked", "view_dims": "2,2"})
+    return ScopeTest(verifier, 0.0)
+
+
+def _key(route: tuple[float, float], relation: tuple[float, float]) -> np.ndarray:
+    return np.array([*route, *relation], np.float32)
+
+
+def test_builtin_verifier_is_safetensors_and_round_trips_without_pickle():
+    data = BUILTIN_VERIFIER.read_bytes()
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])  # a safetensors header: JSON
+    assert set(header) >= {"w1", "b1", "w2", "b2", "__metadata__"}
+    verifier = ScopeVerifier.from_bytes(data)
+    assert verifier.view_names[0] == "prompt" and verifier.key_dim == sum(verifier.view_dims)
+    again = ScopeVerifier.from_bytes(verifier.to_bytes())
+    a, b = np.random.default_rng(0).normal(size=(2, 3, verifier.key_dim)).astype(np.float32)
+    np.testing.assert_array_equal(verifier.logits(a, b), again.logits(a, b))
+    with pytest.raises(ValueError):
+        ScopeVerifier.from_bytes(b"\x00" * 4)
+
+
+def test_focus_drops_unrelated_prefixes_and_masked_drops_names():
+    assert focus("Lots of text here. It rained.\nEdwin of Northumbria follows the religion of") == \
+        "Edwin of Northumbria follows the religion of"
+    assert focus("What is the twin city of Wellington? It is") == "What is the twin city of Wellington? It is"
+    assert masked("The gender of Ingrida Amantova is") == "The gender of X is"
+
+
+def test_conflict_the_scope_test_separates_keeps_both_radii_and_both_facts():
+    index = NeuronIndex(4, "cosine", r_init=0.3, scope=_toy_scope())
+    index.add(_key((1, 0), (1, 0)), "Paris", 0, "birthplace")
+    event = index.add(_key((1, 0.05), (0, 1)), "female", 1, "gender")  # same subject, another relation
+    assert event.kind == "separated" and event.forgotten == ()
+    assert [c.radius for c in index.clusters] == [0.3, 0.3] and index.conflicts == 0 and index.forgotten == 0
+    found = index.search(np.stack([_key((1, 0), (1, 0)), _key((1, 0.05), (0, 1)), _key((1, 0.02), (0.9, 0.1))]))
+    assert found.block_ids.tolist() == [0, 1, 0]  # each fact and a rewording of the first
+    assert index.search(_key((1, 0.02), (-1, 0))[None]).block_ids.tolist() == [-1]  # a third relation: base
+
+
+def test_conflict_on_the_same_question_forgets_only_that_member():
+    index = NeuronIndex(4, "cosine", r_init=0.3, scope=_toy_scope())
+    index.add(_key((1, 0), (1, 0)), "Paris", 0, "old")
+    index.add(_key((1, 0.05), (0, 1)), "female", 1, "gender")
+    event = index.add(_key((1, 0.01), (1, 0.1)), "Rome", 2, "new")  # the first question, reworded, re-edited
+    assert event.kind == "conflict" and event.forgotten == ("old",)
+    assert index.search(np.stack([_key((1, 0), (1, 0)), _key((1, 0.05), (0, 1))])).block_ids.tolist() == [2, 1]
+
+
+def test_scoped_index_snapshot_round_trips_exactly():
+    config = tiny_config(index={"key_function": "sentence_encoder", "key_module": None,
+                                "scope_verifier": "builtin", "scope_threshold": 0.5, "r_init": 0.4})
+    verifier = ScopeVerifier.load(BUILTIN_VERIFIER)
+    rng = np.random.default_rng(1)
+    index = BlockIndex.create(config, verifier.key_dim)
+    for block in range(3):
+        from melo_ray.editors.protocol import TrainedBatch
+
+        keys = rng.normal(size=(4, verifier.key_dim)).astype(np.float32)
+        index.add(TrainedBatch(version=block + 1, edits=4, steps=1, final_loss=0.0, learned=1.0, seconds=0.0,
+                               block=block, ids=tuple(f"e{block}-{i}" for i in range(4)),
+                               targets=("a", "b", "a", "c"), keys=keys))
+    files = index.files()
+    assert "scope.safetensors" in files
+    restored = BlockIndex.from_files(config, verifier.key_dim, files, "test")
+    assert restored.files() == files and restored.stats() == index.stats()
+    queries = rng.normal(size=(16, verifier.key_dim)).astype(np.float32)
+    for a, b in zip(index.search(queries), restored.search(queries)):
+        np.testing.assert_array_equal(a, b)
+    plain = tiny_config(index={"key_function": "sentence_encoder", "key_module": None})
+    with pytest.raises(SnapshotError):
+        BlockIndex.from_files(plain, verifier.key_dim, files, "test")
+
+
+@pytest.fixture(scope="module")
+def scoped_editor() -> MeloEditor:
+    config = tiny_config(index={"key_function": "sentence_encoder", "key_module": None,
+                                "scope_verifier": "builtin", "scope_threshold": 0.5, "r_init": 0.35},
+                         train={"num_iter": 80})
+    editor = MeloEditor(config)
+    editor.edit([{"prompt": "The mother tongue of Danielle Darrieux is", "target": "English"}])
+    return editor
+
+
+def test_rewording_routes_to_the_block_and_same_subject_other_relation_runs_on_the_base_model(scoped_editor):
+    prompts = ["The mother tongue of Danielle Darrieux is", "The native language of Danielle Darrieux is",
+               "The place of birth of Danielle Darrieux is", "The name of the employer of Danielle Darrieux is"]
+    routing = scoped_editor.route(prompts)
+    assert routing.ids.tolist()[:2] == [0, 0]
+    assert routing.ids.tolist()[2:] == [-1, -1]
+    assert scoped_editor.generate(prompts[:1], 12)[0].output.strip().startswith("English")
+    other = prompts[2:]
+    np.testing.assert_array_equal(scoped_editor.next_token_logits(other).numpy(),
+                                  scoped_editor.next_token_logits(other, base=True).numpy())
+
+
+def test_scoped_editor_snapshot_round_trip(scoped_editor, tmp_path):
+    scoped_editor.save(tmp_path / "snap")
+    loaded = MeloEditor.load(tmp_path / "snap", backbone=scoped_editor.backbone)
+    prompts = ["The native language of Danielle Darrieux is", "The place of birth of Danielle Darrieux is"]
+    assert loaded.route(prompts).ids.tolist() == scoped_editor.route(prompts).ids.tolist()
+    assert loaded.index.files() == scoped_editor.index.files()
