@@ -59,7 +59,7 @@ def main() -> None:
     nq = [json.loads(x)["question"] for x in (DATA / "nq-open/NQ-open.dev.jsonl").read_text().splitlines()[: args.n_nq]]
     texts = sorted({t for pairs in sets.values() for a, b, _ in pairs for t in (a, b)} | set(nq))
     row = {t: i for i, t in enumerate(texts)}
-    keys = embed(texts, tuple(verifier.view_names))
+    keys, _ = embed(texts, tuple(verifier.view_names))
     route = keys[:, : verifier.view_dims[0]]
     edited = np.array([row[r.prompt] for r in zsre + cf])
     nearest = edited[np.argmax(route[[row[q] for q in nq]] @ route[edited].T, axis=1)]

@@ -183,7 +183,7 @@ def _tiny_model(cfg: BackboneConfig, family: FamilySpec, tokenizer: PreTrainedTo
 
 
 def load_backbone(cfg: BackboneConfig) -> Backbone:
-    """Load the model and tokenizer named by the config, frozen, in eval mode, fp32."""
+    """Load the model and tokenizer named by the config, frozen, in eval mode, in its dtype and device."""
     family = FAMILIES[cfg.family]
     if cfg.source == "tiny":
         tokenizer = byte_tokenizer()
@@ -196,6 +196,10 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
         model = _auto_class(family.task).from_pretrained(folder, dtype=torch.float32)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    model.to(dtype=getattr(torch, cfg.dtype))
+    if cfg.device:
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        model.to(device)
     model.eval()
     model.requires_grad_(False)
     labels = None

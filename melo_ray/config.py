@@ -39,6 +39,14 @@ class BackboneConfig(StrictConfig):
     prompt_template: str = Field(
         "{prompt}", description="How a record's prompt is shown to the model; must contain {prompt}."
     )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights (and LoRA blocks) in this dtype. A snapshot is tied to its base "
+        "weights' checksum, so snapshots of one dtype do not load on another.",
+    )
+    device: str | None = Field(
+        None, description="Where the model runs: cpu, cuda, cuda:1, or auto (cuda when available). "
+        "None: cpu, or what the job or server asks for.",
+    )
 
     @model_validator(mode="after")
     def _check_source(self) -> "BackboneConfig":
@@ -66,6 +74,10 @@ class TrainConfig(StrictConfig):
         True, description="Run the frozen layers below the first LoRA layer once per batch (causal LMs)."
     )
     seed: int = Field(0, description="Seed for block initialisation.")
+    max_text_chars: int = Field(
+        2000, ge=1, description="Longest prompt or target accepted, in characters; longer records are rejected "
+        "(a bulk job writes them to its rejects file) instead of exhausting memory in training.",
+    )
 
 
 class GenerateConfig(StrictConfig):
@@ -82,6 +94,10 @@ class PipelineConfig(StrictConfig):
         "last published one are redone on resume. Raise it for very long jobs: each snapshot holds the whole bank.",
     )
     read_rows: int = Field(256, ge=1, description="Rows per Ray Data block pulled from the edit stream.")
+    inflight_batches: int = Field(
+        2, ge=1, description="Batches queued on the actors before the driver waits for the oldest: the trainer "
+        "trains the next batch while the driver reads the stream and publishes the last one.",
+    )
     max_actor_restarts: int = Field(3, ge=0, description="Ray restarts of a killed trainer or index actor.")
     max_attempts: int = Field(5, ge=1, description="Recoveries from the last snapshot after an actor failure.")
     trainer_gpus: Literal["auto", 0, 1] = Field(

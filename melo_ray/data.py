@@ -175,9 +175,15 @@ _STOPWORDS = frozenset(
 )
 
 
+def content_words(text: str, *, keep_repeats: bool = False) -> list[str]:
+    """Lower-case words of three letters or more that are not stop words, a trailing "s" dropped."""
+    words = [w.rstrip("s") for w in re.findall(r"[a-z]+", text.replace("{}", " ").lower())
+             if w not in _STOPWORDS and len(w) > 2]
+    return words if keep_repeats else sorted(set(words))
+
+
 def _content_words(template: str) -> set[str]:
-    words = re.findall(r"[a-z]+", template.replace("{}", " ").lower())
-    return {w.rstrip("s") for w in words if w not in _STOPWORDS and len(w) > 2}
+    return set(content_words(template))
 
 
 def relation_template(prompt: str, subject: str | None) -> str | None:

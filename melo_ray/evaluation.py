@@ -86,16 +86,28 @@ def _answer_ppl(editor: Any, probes: list[LocalityProbe], *, base: bool) -> floa
     return metrics.perplexity(_flat(editor.target_token_nlls(answered, base=base))) if answered else math.nan
 
 
+def _target_budget(editor: Any, targets: list[str], max_new: int) -> int:
+    """New tokens enough for the longest target: a target longer than `max_new` tokens (KnowEdit's
+    timestamps take 21) could never count as reached otherwise."""
+    tokenizer = getattr(getattr(editor, "backbone", None), "tokenizer", None)
+    if tokenizer is None or not targets:
+        return max_new
+    return max(max_new, max(len(tokenizer(" " + t, add_special_tokens=False).input_ids) for t in targets) + 1)
+
+
 def _success(editor: Any, prompts: list[str], targets: list[str], max_new: int) -> float:
-    return metrics.success_rate(_outputs(editor, prompts, max_new), targets) if prompts else math.nan
+    if not prompts:
+        return math.nan
+    return metrics.success_rate(_outputs(editor, prompts, _target_budget(editor, targets, max_new)), targets)
 
 
 def measure(editor: Any, edited: list[EditRecord], nq: list[str], baseline: _Baseline, max_new: int) -> dict[str, float]:
     """All metrics on the records edited so far, against the pre-edit outputs in `baseline`."""
     targets = [r.target for r in edited]
-    outputs = _outputs(editor, [r.prompt for r in edited], max_new)
+    budget = _target_budget(editor, targets, max_new)
+    outputs = _outputs(editor, [r.prompt for r in edited], budget)
     rephrased = [r for r in edited if r.rephrases]
-    rephrase_outputs = _outputs(editor, [r.rephrases[0] for r in rephrased], max_new)
+    rephrase_outputs = _outputs(editor, [r.rephrases[0] for r in rephrased], budget)
     hits = [h for row in editor.target_token_hits(edited) for h in row]
     scope = _edit_scope(edited)
     neighbours, subject = _probes(edited, "neighbour", scope), _probes(edited, "subject", scope)

@@ -49,6 +49,15 @@ def label_error(labels: list[str] | tuple[str, ...], target: str) -> str | None:
     return f"'{target}' is not one of the backbone's labels {shown}"
 
 
+def length_error(record: EditRecord, max_chars: int) -> tuple[str, str] | None:
+    """(field, why) when a record's prompt or target is longer than training accepts."""
+    for name in ("prompt", "target"):
+        size = len(getattr(record, name))
+        if size > max_chars:
+            return name, f"is {size:,} characters; the limit is {max_chars:,} (train.max_text_chars)"
+    return None
+
+
 def build_batch(backbone: Backbone, records: list[EditRecord], append_eos: bool) -> EditBatch:
     """Tokenise prompts and targets so the loss covers exactly the target tokens (on the model's device)."""
     batch = _build_batch(backbone, records, append_eos)

@@ -6,6 +6,7 @@ import json
 import pickle
 
 import numpy as np
+import torch
 import pytest
 from pydantic import Field
 
@@ -209,3 +210,17 @@ def test_routing_is_a_value_not_hidden_state():
         logits = next_token_logits(editor.backbone, prompts)
     np.testing.assert_allclose(logits.numpy(), editor.next_token_logits(prompts).numpy(), rtol=1e-5, atol=1e-6)
     assert isinstance(first, Routing) and (first.ids >= 0).all()
+
+
+def test_a_backbone_loads_in_its_configured_dtype_and_snapshots_stay_with_it(tmp_path):
+    config = tiny_config(backbone={"dtype": "bfloat16"})
+    editor = MeloEditor(config)
+    assert next(editor.backbone.model.parameters()).dtype == torch.bfloat16
+    records = fact_records(0, 5)
+    editor.edit(records)
+    assert all(layer.lora_bank_A.dtype == torch.bfloat16 for layer in editor.layers.values())
+    outputs = [g.output for g in editor.generate([r["prompt"] for r in records], 6)]
+    assert sum(o.startswith(r["target"]) for o, r in zip(outputs, records)) >= 4
+    editor.save(tmp_path / "bf16")
+    with pytest.raises(SnapshotError, match="other base weights"):
+        MeloEditor(tiny_config()).restore(tmp_path / "bf16")  # fp32 base: another checksum

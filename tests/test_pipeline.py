@@ -296,7 +296,7 @@ def test_a_target_outside_a_classifiers_labels_is_rejected_and_the_job_goes_on(r
     rows[5]["target"] = "dismissed"
     summary = BulkEditJob(config, str(write_stream(tmp_path / "cases.parquet", rows)), str(tmp_path / "store"),
                           "cases", progress=False).run()
-    assert summary.state.status == "completed" and summary.state.edits_applied == 7
+    assert summary.state.status == "completed" and summary.state.edits_applied == 6
     rejects = [json.loads(line) for line in Path(summary.rejects_path).read_text().splitlines()]
     assert [(r["row"], r["field"]) for r in rejects] == [(5, "target")] and "dismissed" in rejects[0]["reason"]
 
@@ -338,7 +338,8 @@ def test_a_hostile_stream_is_rejected_row_by_row_and_the_job_goes_on(ray_session
         {"id": "e4", "prompt": good[5]["prompt"], "target": good[5]["target"]},  # a repeated id is kept
     ]), folder / "part-3.parquet")
     summary = BulkEditJob(job_config(), str(folder), str(tmp_path / "store"), "hostile", progress=False).run()
-    assert summary.state.status == "completed" and summary.state.edits_applied == 7
+    assert summary.state.status == "completed" and summary.state.edits_applied == 6
     rejects = [json.loads(line) for line in Path(summary.rejects_path).read_text().splitlines()]
-    assert [(r["row"], r["field"]) for r in rejects] == [(4, "target"), (5, "prompt"), (6, "prompt")]
+    assert [(r["row"], r["field"]) for r in rejects] == [(4, "target"), (5, "prompt"), (6, "prompt"), (7, "prompt")]
+    assert "train.max_text_chars" in rejects[3]["reason"]
     assert all(r["reason"] for r in rejects)

@@ -41,6 +41,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
     records = read_edit_records(args.edits)  # the whole file is validated before any training
     if not records:
         raise RecordError(str(args.edits), None, None, "no records")
+    from melo_ray.training import length_error
+
+    for row, record in enumerate(records):
+        if too_long := length_error(record, config.train.max_text_chars):
+            raise RecordError(str(args.edits), row, *too_long)
     digest = hashlib.sha256(Path(args.edits).read_bytes()).hexdigest()
     size = args.batch_size or config.train.batch_size
     done = 0

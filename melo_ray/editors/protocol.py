@@ -311,6 +311,9 @@ class Editor(ABC):
         batch = as_records(records)
         if not batch:
             raise ValueError("edit batch is empty")
+        for row, record in enumerate(batch):
+            if problem := length_error(record, self.config.train.max_text_chars):
+                raise RecordError("edit batch", row, *problem)
         trained = self.apply_batch(batch)
         update = self.index.add(trained) if self.index is not None else (trained.update or IndexUpdate())
         return EditResult(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from melo_ray.editors.protocol import IndexUpdate, StaleStateError, TrainedBatch
 from melo_ray.records import EditRecord, RecordError, parse_record
 from melo_ray.snapshots import SnapshotError
 from melo_ray.store import SnapshotStore
-from melo_ray.training import label_error
+from melo_ray.training import label_error, length_error
 from pipelines.bulk_edit.actors import IndexActor, TrainerActor, TrainerInfo
 from pipelines.bulk_edit.source import EditSource
 
@@ -95,6 +96,18 @@ def _load_rejects(store: SnapshotStore, job_id: str, before_row: int) -> list[di
 def _save_rejects(store: SnapshotStore, job_id: str, rejects: list[dict[str, Any]]) -> None:
     text = "".join(json.dumps(r, default=repr) + "\n" for r in rejects)
     store.put_bytes(_rejects_path(job_id), text.encode())
+
+
+@dataclass
+class _InFlight:
+    """A batch queued on the actors and not yet waited for."""
+
+    version: int  # the version it makes
+    last_row: int
+    trained_ref: Any
+    indexed_ref: Any
+    parts: list[Any] | None  # snapshot files and counters, when this batch is a publish point
+    final: bool
 
 
 @dataclass
@@ -278,41 +291,57 @@ class BulkEditJob:
         seconds_before = self.state.seconds
         pending: list[EditRecord] = []
         labels = self.actors.info.labels
-        unpublished = 0  # batches trained since the last published version
+        unpublished = 0  # batches submitted since the last version that will be published
+        inflight: deque[_InFlight] = deque()
         bar = tqdm(total=self.source.num_rows, initial=rows_done, desc=f"job {self.job_id}", unit="row",
                    disable=not self.progress)
 
-        def commit(last_row: int, final: bool) -> None:
+        def submit(last_row: int, final: bool) -> None:
+            """Queue one batch on the actors without waiting: train, index, and (at a publish point) the
+            snapshot files as of this batch, all in each actor's call order. The driver goes on reading
+            the stream while they work."""
             nonlocal expected, unpublished
             trained_ref = self.actors.trainer.train.remote(list(pending), expected)
-            indexed: IndexUpdate
+            indexed_ref = None
             if self.actors.index is not None:
                 indexed_ref = self.actors.index.add_batch.remote(trained_ref)  # waits on the trainer's result
-                trained, indexed = ray.get([trained_ref, indexed_ref])
-            else:  # the trainer applied everything; its counters stand in for an index's
-                trained = ray.get(trained_ref)
-                indexed = trained.update or IndexUpdate()
-            assert isinstance(trained, TrainedBatch)
-            expected = trained.version
+            expected += 1  # every train call moves the version by one
             unpublished += 1
             pending.clear()
-            self.state.batches = expected - self.state.version_before
+            publish = unpublished >= self.cfg.snapshot_every or final
+            parts = self._snapshot_parts() if publish else None
+            if publish:
+                unpublished = 0
+            inflight.append(_InFlight(expected, last_row, trained_ref, indexed_ref, parts, final))
+            while len(inflight) > self.cfg.inflight_batches or (final and inflight):
+                finish(inflight.popleft())
+
+        def finish(item: _InFlight) -> None:
+            """Wait for the oldest batch; publish it when it is a publish point (the commit)."""
+            if item.indexed_ref is not None:
+                trained, indexed = ray.get([item.trained_ref, item.indexed_ref])
+            else:  # the trainer applied everything; its counters stand in for an index's
+                trained = ray.get(item.trained_ref)
+                indexed = trained.update or IndexUpdate()
+            assert isinstance(trained, TrainedBatch) and isinstance(indexed, IndexUpdate)
+            if trained.version != item.version:
+                raise StaleStateError(f"trainer answered version {trained.version}, the job expected {item.version}")
+            self.state.batches = item.version - self.state.version_before
             metrics = {
                 "loss": trained.final_loss, "train_seconds": trained.seconds, "steps": trained.steps,
                 "learned": trained.learned, "clusters": indexed.clusters, "conflicts": indexed.conflicts,
                 "forgotten": indexed.forgotten_total, "index_size": indexed.members,
             }
-            if unpublished >= self.cfg.snapshot_every or final:
-                self._publish(expected, last_row + 1, rejects, final)
-                unpublished = 0
+            if item.parts is not None:
+                self._publish(item.version, item.last_row + 1, rejects, item.final, item.parts)
                 self.state.seconds = seconds_before + time.perf_counter() - started
                 metrics["edits_total"] = self.state.edits_applied
                 metrics["rejected_total"] = self.state.rejected
-            self.tracker.log_metrics(metrics, step=expected)
-            bar.n = last_row + 1
+            self.tracker.log_metrics(metrics, step=item.version)
+            bar.n = item.last_row + 1
             bar.set_postfix(edits=self.state.edits_applied, clusters=indexed.clusters, rejected=len(rejects))
-            if unpublished == 0 and self.on_commit is not None:
-                self.on_commit(self, expected)
+            if item.parts is not None and self.on_commit is not None:
+                self.on_commit(self, item.version)
 
         last_row = rows_done - 1
         for row, raw in self.source.rows(rows_done, self.cfg.read_rows):
@@ -321,28 +350,39 @@ class BulkEditJob:
                 record = parse_record(raw, self.source.uri, row)
                 if labels is not None and (problem := label_error(labels, record.target)):
                     raise RecordError(self.source.uri, row, "target", problem)
+                if too_long := length_error(record, self.config.train.max_text_chars):
+                    raise RecordError(self.source.uri, row, *too_long)
             except RecordError as exc:
                 rejects.append({"row": row, "field": exc.field, "reason": exc.reason, "record": raw})
                 continue
             pending.append(record)
             if len(pending) == self.batch_size:
-                commit(row, final=False)
+                submit(row, final=False)
         if pending:
-            commit(last_row, final=True)
-        elif unpublished:
-            self._publish(expected, last_row + 1, rejects, final=True)
-        else:  # no new block since the last version (e.g. only rejects followed): record progress only
+            submit(last_row, final=True)
+        while inflight:
+            finish(inflight.popleft())
+        if unpublished:  # batches after the last publish point (snapshot_every > 1)
+            self._publish(expected, last_row + 1, rejects, True, self._snapshot_parts())
+        else:  # rows after the last batch (e.g. only rejects) still count as read
             self._record_progress(last_row + 1, rejects)
         bar.close()
         self.state.seconds = seconds_before + time.perf_counter() - started
 
-    def _publish(self, version: int, rows_done: int, rejects: list[dict[str, Any]], final: bool) -> None:
+    def _snapshot_parts(self) -> list[Any]:
+        """Refs to every actor's files and counters, queued now: they hold the state as of the calls
+        already queued on each actor, whatever is queued after them."""
+        actors = self.actors.all()
+        return [a.files.remote() for a in actors] + [a.stats.remote() for a in actors]
+
+    def _publish(self, version: int, rows_done: int, rejects: list[dict[str, Any]], final: bool,
+                 parts_refs: list[Any]) -> None:
         """The commit point: rejects first (idempotent), then the snapshot version, then job state."""
         import ray
 
         _save_rejects(self.store, self.job_id, [r for r in rejects if r["row"] < rows_done])
         actors = self.actors.all()
-        parts = ray.get([a.files.remote() for a in actors] + [a.stats.remote() for a in actors])
+        parts = ray.get(parts_refs)
         files = {k: v for part in parts[: len(actors)] for k, v in part.items()}
         stats = {k: v for part in parts[len(actors):] for k, v in part.items()}
         meta = {

@@ -129,17 +129,27 @@ class ScopedSentenceKeys:
     the index routes on, all of them feed the scope test (scope.py names the views)."""
 
     def __init__(self, views: list[str], encoder: SentenceEncoderKeys | None = None) -> None:
-        from melo_ray.editors.melo.scope import VIEWS
+        from melo_ray.editors.melo.scope import VIEWS, WORDS_DIM
 
         unknown = [v for v in views if v not in VIEWS]
         if unknown or not views or views[0] != "prompt":
-            raise ValueError(f"scope views must start with 'prompt' and be among {sorted(VIEWS)}, got {views}")
+            raise ValueError(f"scope views must start with 'prompt' and be among {list(VIEWS)}, got {views}")
         self.encoder = encoder or SentenceEncoderKeys()
-        self.views = [VIEWS[v] for v in views]
-        self.dim = self.encoder.dim * len(views)
+        self.views = list(views)
+        self.dim = sum(WORDS_DIM if v == "words" else self.encoder.dim for v in views)
 
     def keys(self, prompts: list[str]) -> np.ndarray:
-        return np.concatenate([self.encoder.keys([view(p) for p in prompts]) for view in self.views], axis=1)
+        from melo_ray.editors.melo.scope import TEXT_VIEWS, words
+
+        parts = [
+            np.stack([words(p) for p in prompts]) if view == "words" and prompts
+            else np.zeros((0, 0), np.float32) if view == "words"
+            else self.encoder.keys([TEXT_VIEWS[view](p) for p in prompts])
+            for view in self.views
+        ]
+        if not prompts:
+            return np.zeros((0, self.dim), np.float32)
+        return np.concatenate(parts, axis=1).astype(np.float32)
 
 
 def build_key_function(backbone: Backbone, cfg: IndexConfig) -> KeyFunction:

@@ -10,8 +10,9 @@ the index asks two things of a query before it switches a block on:
 2. a small learned verifier, given both prompts' key views, says they ask the same question.
 
 The verifier is a one-hidden-layer MLP over symmetric pair features of each view (a*b, |a-b|, cosine).
-Its views are the prompt's MiniLM key and the MiniLM key of its *focus* (the last sentence, so long
-unrelated prefixes do not move it). It is trained only on the public training splits by
+Its views are MiniLM keys of the prompt, of its *focus* (the last sentence, so long unrelated prefixes
+do not move it) and of the focus with names masked out (what is asked, not about whom), and a
+token-level view: the hashed bag of the masked focus's content words. It is trained only on the public training splits by
 `melo_ray.editors.melo.scope_training`, shipped as `scope_verifier.safetensors` (weights, and its
 settings in the safetensors metadata: no pickle), and copied into every index snapshot so a snapshot
 always routes the way it did when it was written.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -73,7 +75,24 @@ def masked(prompt: str) -> str:
     return _NAME_JOINERS.sub("X", " ".join(out))
 
 
-VIEWS = {"prompt": lambda p: p, "focus": focus, "masked": masked}  # verifier view name -> text it embeds
+TEXT_VIEWS = {"prompt": lambda p: p, "focus": focus, "masked": masked}  # views the MiniLM encoder embeds
+WORDS_DIM = 256
+
+
+def words(prompt: str, dim: int = WORDS_DIM) -> np.ndarray:
+    """Token-level view: the content words of `masked(prompt)` (what is asked, names removed),
+    hashed into a unit-length bag of `dim` counts; a prompt without any content word gets slot 0."""
+    from melo_ray.data import content_words
+
+    vector = np.zeros(dim, np.float32)
+    for word in content_words(masked(prompt), keep_repeats=True):
+        vector[zlib.crc32(word.encode()) % dim] += 1.0
+    if not vector.any():
+        vector[0] = 1.0
+    return vector / np.linalg.norm(vector)
+
+
+VIEWS = (*TEXT_VIEWS, "words")  # every view a verifier may name
 
 
 def pair_features(a: np.ndarray, b: np.ndarray, view_dims: list[int]) -> np.ndarray:

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from melo_ray.data import RelationGroups, convert, relation_template
-from melo_ray.editors.melo.scope import VIEWS, ScopeVerifier, focus, pair_features
+from melo_ray.editors.melo.scope import ScopeVerifier, focus, pair_features
 
 log = logging.getLogger(__name__)
 DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
-DEFAULT_VIEWS = ("prompt", "focus", "masked")
+DEFAULT_VIEWS = ("prompt", "focus", "masked", "words")
 
 Pair = tuple[str, str, int, str]  # (a, b, label, kind)
 
@@ -80,12 +80,13 @@ def training_pairs(counterfact: Path, zsre: Path, knowedit: Path | None, *, coun
     return pairs
 
 
-def embed(texts: list[str], views: tuple[str, ...]) -> np.ndarray:
-    """(len(texts), views * 384) keys as `ScopedSentenceKeys` computes them."""
-    from melo_ray.editors.melo.keys import SentenceEncoderKeys
+def embed(texts: list[str], views: tuple[str, ...]) -> tuple[np.ndarray, list[int]]:
+    """Keys of `texts` as `ScopedSentenceKeys` computes them, and each view's width."""
+    from melo_ray.editors.melo.keys import ScopedSentenceKeys
+    from melo_ray.editors.melo.scope import WORDS_DIM
 
-    encoder = SentenceEncoderKeys()
-    return np.concatenate([encoder.keys([VIEWS[v](t) for t in texts]) for v in views], axis=1)
+    keys = ScopedSentenceKeys(list(views))
+    return keys.keys(texts), [WORDS_DIM if v == "words" else keys.encoder.dim for v in views]
 
 
 def fit(features: np.ndarray, labels: np.ndarray, hidden: int, epochs: int, seed: int) -> dict[str, np.ndarray]:
@@ -125,8 +126,7 @@ def main(argv: list[str] | None = None) -> None:
                            knowedit_train=args.knowedit_train, seed=args.seed)
     texts = sorted({t for a, b, _, _ in pairs for t in (a, b)})
     row = {t: i for i, t in enumerate(texts)}
-    keys = embed(texts, DEFAULT_VIEWS)
-    dims = [keys.shape[1] // len(DEFAULT_VIEWS)] * len(DEFAULT_VIEWS)
+    keys, dims = embed(texts, DEFAULT_VIEWS)
     # a fifth of the prompts (all their pairs) held out to report and to suggest a threshold
     prompts = sorted({a for a, _, _, _ in pairs})
     random.Random(args.seed).shuffle(prompts)
