@@ -174,18 +174,24 @@ JSON_VALUES = st.recursive(
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(ANY_TEXT, inner, max_size=5), max_leaves=12,
 )
 FIELDS = ["prompts", "prompt", "max_new_tokens", "max_tokens", "model", "temperature", "top_p", "n", "stop",
-          "stream", "logprobs", "echo", "user"]
+          "stream", "logprobs", "echo", "user", "messages", "seed", "max_completion_tokens"]
+MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "x"]) | ANY_TEXT,
+                                           "content": ANY_TEXT | JSON_VALUES}), max_size=4)
 SHAPED = st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=5)  # near-valid bodies
 BODIES = st.one_of(
     JSON_VALUES.map(lambda v: json.dumps(v).encode()),  # ensure_ascii: lone surrogates become \udXXX escapes
     SHAPED.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries({"messages": MESSAGES}, optional={"max_tokens": st.integers(-5, 40), "stream": st.booleans(),
+                                                            "temperature": st.floats(-1, 3), "seed": st.integers()}
+                          ).map(lambda v: json.dumps(v).encode()),
     st.binary(max_size=300),
     st.integers(1, 3000).map(lambda depth: b"[" * depth + b"]" * depth),
     st.integers(1, 2000).map(lambda depth: b'{"prompts": ' + b"[" * depth + b"]" * depth + b"}"),
 )
 # what an HTTP client can send at all (h11 refuses leading or trailing blanks in a header value)
 HEADER_TEXT = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=30).map(str.strip)
-ROUTES = st.sampled_from([("POST", "/v1/generate"), ("POST", "/v1/completions"), ("GET", "/v1/version"),
+ROUTES = st.sampled_from([("POST", "/v1/generate"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
+                          ("GET", "/v1/version"),
                           ("GET", "/v1/models"), ("POST", "/v1/version"), ("GET", "/v1/generate")])
 FUZZ_COUNT: dict[str, int] = {"requests": 0}
 

@@ -28,9 +28,9 @@ import torch
 from melo_ray.backbones import Backbone, load_backbone, weights_checksum
 from melo_ray.config import EditorConfig, load_config
 from melo_ray.inference import generate_texts, next_token_logits, target_token_hits, target_token_nlls
-from melo_ray.records import EditRecord, parse_records
+from melo_ray.records import EditRecord, RecordError, parse_records
 from melo_ray.snapshots import SnapshotError, write_snapshot
-from melo_ray.training import EditBatch, build_batch
+from melo_ray.training import EditBatch, build_batch, length_error
 
 log = logging.getLogger(__name__)
 
