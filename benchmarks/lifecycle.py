@@ -72,6 +72,7 @@ def main() -> None:
     t = time.perf_counter()
     exported = operations.export(store.uri, out / "peft")
     timed["export_seconds"] = time.perf_counter() - t
+    peft_diff = _peft_max_abs_diff(store, out / "peft", blocks=(1, len(exported["adapters"]) // 2))
     manifest = store.read_manifest()
     print(json.dumps({
         "edits": len(records), "blocks": manifest["stats"]["blocks"], "build_seconds": round(build, 1),
@@ -80,8 +81,32 @@ def main() -> None:
         "outputs_checked": len(prompts), "changed_outputs": [prompts[i] for i in changed],
         "reverted_prompt_changed": prompts.index(records[::step][1].prompt) in changed,
         "compaction": {k: compacted[k] for k in ("dropped_blocks", "bytes_before", "bytes_after")},
-        "exported_adapters": len(exported["adapters"]),
+        "exported_adapters": len(exported["adapters"]), "peft_max_abs_logit_diff": peft_diff,
     }))
+
+
+def _peft_max_abs_diff(store: SnapshotStore, folder: Path, blocks: tuple[int, ...]) -> float:
+    """Our block's next-token logits against the exported adapter under real peft, on its edits' prompts."""
+    import numpy as np
+    from peft import PeftModel
+
+    from melo_ray.backbones import load_backbone
+    from melo_ray.editors.protocol import Routing
+    from melo_ray.export import adapter_name
+    from melo_ray.inference import next_token_logits
+
+    editor, _ = operations.load_latest(store.uri)
+    routing = json.loads((folder / "routing.json").read_text())
+    worst = 0.0
+    for block in blocks:
+        ids = [e["id"] for e in routing["edits"] if e["adapter"] == adapter_name(block)][:5]
+        prompts = [editor.edit_log[i].prompt for i in ids]
+        with editor.routed(Routing(np.full(len(prompts), block), np.zeros(len(prompts)))):
+            ours = next_token_logits(editor.backbone, prompts)
+        base = load_backbone(editor.config.backbone)
+        base.model = PeftModel.from_pretrained(base.model, str(folder / adapter_name(block))).eval()
+        worst = max(worst, float((next_token_logits(base, prompts) - ours).abs().max()))
+    return worst
 
 
 if __name__ == "__main__":

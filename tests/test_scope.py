@@ -123,3 +123,17 @@ def test_scoped_editor_snapshot_round_trip(scoped_editor, tmp_path):
     prompts = ["The native language of Danielle Darrieux is", "The place of birth of Danielle Darrieux is"]
     assert loaded.route(prompts).ids.tolist() == scoped_editor.route(prompts).ids.tolist()
     assert loaded.index.files() == scoped_editor.index.files()
+
+
+def test_block_levers_add_train_rephrases_and_prefixed_copies_to_the_batch():
+    from melo_ray.records import EditRecord
+
+    config = tiny_config(lora={"prefix_augment": 2})
+    editor = MeloEditor(config)
+    record = EditRecord(prompt="Where does the apple live?", target="Oslo", train_rephrases=("Apple's home is",))
+    rows = editor._training_rows([record])
+    assert [r.prompt for r in rows[:2]] == ["Where does the apple live?", "Apple's home is"]
+    assert len(rows) == 4 and all(r.target == "Oslo" and r.prompt.endswith(record.prompt) for r in rows[2:])
+    assert all(len(r.prompt) > len(record.prompt) + 1 for r in rows[2:])  # a real prefix before the prompt
+    off = MeloEditor(tiny_config(lora={"train_rephrases": False}), backbone=editor.backbone)
+    assert [r.prompt for r in off._training_rows([record])] == [record.prompt]
