@@ -296,7 +296,7 @@ def test_a_target_outside_a_classifiers_labels_is_rejected_and_the_job_goes_on(r
     rows[5]["target"] = "dismissed"
     summary = BulkEditJob(config, str(write_stream(tmp_path / "cases.parquet", rows)), str(tmp_path / "store"),
                           "cases", progress=False).run()
-    assert summary.state.status == "completed" and summary.state.edits_applied == 6
+    assert summary.state.status == "completed" and summary.state.edits_applied == 7
     rejects = [json.loads(line) for line in Path(summary.rejects_path).read_text().splitlines()]
     assert [(r["row"], r["field"]) for r in rejects] == [(5, "target")] and "dismissed" in rejects[0]["reason"]
 
