@@ -67,6 +67,9 @@ class Backbone:
     # A fast tokenizer keeps padding settings in shared state that each call rewrites: two threads
     # (a replica's request handler and its generation worker) must not tokenize at once.
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # "raw": prompts go through config.prompt_template; "chat": through the chat template (an
+    # evaluation of how edits hold for chat clients sets it; training picks formats explicitly)
+    prompt_view: str = "raw"
 
     def tokenize(self, texts: str | list[str], **kwargs):
         with self.tokenizer_lock:
@@ -81,7 +84,21 @@ class Backbone:
         return next(self.model.parameters()).device
 
     def format_prompt(self, prompt: str) -> str:
+        """How the model reads a prompt: the config's template, or (prompt_view "chat") the chat template."""
+        if self.prompt_view == "chat":
+            return self.chat_prompt(prompt)
+        return self.template_prompt(prompt)
+
+    def template_prompt(self, prompt: str) -> str:
+        """The prompt through the config's template, whatever the view (keys are defined on it)."""
         return self.config.prompt_template.format(prompt=prompt)
+
+    def chat_prompt(self, prompt: str) -> str:
+        """The prompt as a user turn of the backbone's own chat template, ready for the answer."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this backbone's tokenizer has no chat template")
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=False)
 
 
 def cache_root() -> Path:

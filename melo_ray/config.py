@@ -74,6 +74,10 @@ class TrainConfig(StrictConfig):
         True, description="Run the frozen layers below the first LoRA layer once per batch (causal LMs)."
     )
     seed: int = Field(0, description="Seed for block initialisation.")
+    formats: list[Literal["raw", "chat"]] = Field(
+        ["raw"], min_length=1, description="How each edit is shown to the model in training: raw (the prompt "
+        "template) and/or chat (a user turn of the backbone's chat template), the formats the deployment serves.",
+    )
     max_text_chars: int = Field(
         2000, ge=1, description="Longest prompt or target accepted, in characters; longer records are rejected "
         "(a bulk job writes them to its rejects file) instead of exhausting memory in training.",

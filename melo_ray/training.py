@@ -7,6 +7,7 @@ forward with the model's own loss inputs.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -49,6 +50,21 @@ def label_error(labels: list[str] | tuple[str, ...], target: str) -> str | None:
     return f"'{target}' is not one of the backbone's labels {shown}"
 
 
+def in_formats(backbone: Backbone, records: list[EditRecord], formats: list[str] | tuple[str, ...]) -> list[EditRecord]:
+    """Training rows of `records` in each format, their prompts rendered as the model will read them
+    (pass them to build_batch with rendered=True): raw through the prompt template, chat as a user
+    turn of the backbone's chat template, so an edit holds when a chat client asks the question."""
+    rows: list[EditRecord] = []
+    for fmt in formats:
+        if fmt == "raw":
+            rows += [dataclasses.replace(r, prompt=backbone.template_prompt(r.prompt)) for r in records]
+        elif fmt == "chat":
+            rows += [dataclasses.replace(r, prompt=backbone.chat_prompt(r.prompt)) for r in records]
+        else:
+            raise ValueError(f"train.formats: unknown format '{fmt}'")
+    return rows
+
+
 def length_error(record: EditRecord, max_chars: int) -> tuple[str, str] | None:
     """(field, why) when a record's prompt or target is longer than training accepts."""
     for name in ("prompt", "target"):
@@ -58,18 +74,20 @@ def length_error(record: EditRecord, max_chars: int) -> tuple[str, str] | None:
     return None
 
 
-def build_batch(backbone: Backbone, records: list[EditRecord], append_eos: bool) -> EditBatch:
-    """Tokenise prompts and targets so the loss covers exactly the target tokens (on the model's device)."""
-    batch = _build_batch(backbone, records, append_eos)
+def build_batch(backbone: Backbone, records: list[EditRecord], append_eos: bool, *, rendered: bool = False) -> EditBatch:
+    """Tokenise prompts and targets so the loss covers exactly the target tokens (on the model's device).
+
+    `rendered`: the prompts are already as the model reads them (in_formats); else format_prompt."""
+    batch = _build_batch(backbone, records, append_eos, rendered)
     device = backbone.device
     if device.type == "cpu":
         return batch
     return EditBatch({k: v.to(device) for k, v in batch.inputs.items()}, batch.labels.to(device))
 
 
-def _build_batch(backbone: Backbone, records: list[EditRecord], append_eos: bool) -> EditBatch:
+def _build_batch(backbone: Backbone, records: list[EditRecord], append_eos: bool, rendered: bool) -> EditBatch:
     tok = backbone.tokenizer
-    prompts = [backbone.format_prompt(r.prompt) for r in records]
+    prompts = [r.prompt if rendered else backbone.format_prompt(r.prompt) for r in records]
     eos = [tok.eos_token_id] if append_eos and tok.eos_token_id is not None else []
     if backbone.task == "classification":
         labels = backbone.labels or []

@@ -17,13 +17,13 @@ from melo_ray.snapshots import SnapshotError
 from tests.conftest import tiny_config
 
 
-def _toy_scope() -> ScopeTest:
+def _toy_scope(conflict_threshold: float | None = 0.0) -> ScopeTest:
     """Two 2-d views; logit = cosine of the second view - 0.5: same question iff they point alike."""
     w1 = np.zeros((10, 1), np.float32)
     w1[9, 0] = 1.0  # the second view's cosine (features per view: a*b, |a-b|, cosine)
     verifier = ScopeVerifier({"w1": w1, "b1": np.zeros(1, np.float32), "w2": np.ones(1, np.float32),
                               "b2": np.array([-0.5], np.float32)}, {"views": "prompt,masked", "view_dims": "2,2"})
-    return ScopeTest(verifier, 0.0)
+    return ScopeTest(verifier, 0.0, conflict_threshold)
 
 
 def _key(route: tuple[float, float], relation: tuple[float, float]) -> np.ndarray:
@@ -68,6 +68,16 @@ def test_conflict_on_the_same_question_forgets_only_that_member():
     event = index.add(_key((1, 0.01), (1, 0.1)), "Rome", 2, "new")  # the first question, reworded, re-edited
     assert event.kind == "conflict" and event.forgotten == ("old",)
     assert index.search(np.stack([_key((1, 0), (1, 0)), _key((1, 0.05), (0, 1))])).block_ids.tolist() == [2, 1]
+
+
+def test_by_default_only_the_same_prompt_supersedes_and_each_wording_keeps_its_target():
+    index = NeuronIndex(4, "cosine", r_init=0.3, scope=_toy_scope(conflict_threshold=None))
+    index.add(_key((1, 0), (1, 0)), "Paris", 0, "old")
+    assert index.add(_key((1, 0.01), (1, 0.1)), "Rome", 1, "reworded").kind == "separated"
+    assert index.search(np.stack([_key((1, 0), (1, 0)), _key((1, 0.01), (1, 0.1))])).block_ids.tolist() == [0, 1]
+    event = index.add(_key((1, 0), (1, 0)), "Oslo", 2, "again")  # the same prompt edited again: latest wins
+    assert event.kind == "conflict" and event.forgotten == ("old",)
+    assert index.search(_key((1, 0), (1, 0))[None]).block_ids.tolist() == [2]
 
 
 def test_scoped_index_snapshot_round_trips_exactly():

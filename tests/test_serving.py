@@ -105,3 +105,18 @@ def test_chat_routes_on_the_last_user_message_whatever_the_system_prompt(publish
         assert record["prompt"] in model_input and system in model_input
         outputs.append(engine.complete([CompletionRequest(record["prompt"], 6, model_input=model_input)])[0])
     assert [o.block for o in outputs] == [0, 0] and all(o.edit_id is None or o.edit_id == "f4" for o in outputs)
+
+
+def test_edits_trained_in_chat_format_hold_through_the_chat_template():
+    """train.formats [raw, chat]: one block learns each edit both ways; a chat client gets the target."""
+    from melo_ray.editors.melo.editor import MeloEditor
+
+    records = fact_records(0, 6)
+    editor = MeloEditor(tiny_config(train={"formats": ["raw", "chat"]}))
+    editor.edit(records)
+    editor.backbone.prompt_view = "chat"  # how a chat client asks: a user turn of the template
+    chat = [g.output for g in editor.generate([r["prompt"] for r in records], 6)]
+    editor.backbone.prompt_view = "raw"
+    raw = [g.output for g in editor.generate([r["prompt"] for r in records], 6)]
+    assert sum(o.startswith(r["target"]) for o, r in zip(chat, records)) >= 5
+    assert sum(o.startswith(r["target"]) for o, r in zip(raw, records)) >= 5

@@ -137,8 +137,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rows = []
     for name in names:
         editor = build_editor(name, config, load_backbone(config.backbone))  # a fresh backbone each
+        if args.chat:  # every metric through the chat template; routing still reads the raw question
+            editor.backbone.prompt_view = "chat"
         rows.append(evaluate(editor, records, nq, plan, progress=not args.quiet))
-    meta = {"config": str(args.config), "overrides": list(args.set), "data": str(args.edits), "n_edits": len(records),
+    meta = {"config": str(args.config), "overrides": list(args.set), "chat": args.chat, "data": str(args.edits), "n_edits": len(records),
             "batch_size": plan.batch_size, "locality": str(locality) if nq else None, "n_locality": len(nq)}
     write_results(rows, Path(args.out), meta)
     print(results_table(rows), end="")
@@ -285,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=None)
     ev.add_argument("--every", type=int, default=None, help="also measure every K edits (curves)")
     ev.add_argument("--max-new-tokens", type=int, default=None)
+    ev.add_argument("--chat", action="store_true",
+                    help="ask every prompt (edits, rephrasings, locality) as a user turn of the chat template")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_eval)
 

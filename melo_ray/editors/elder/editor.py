@@ -30,7 +30,7 @@ from melo_ray.editors.melo.keys import build_key_function
 from melo_ray.editors.protocol import Editor, IndexUpdate, Routing, TrainedBatch
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError
-from melo_ray.training import EditBatch, build_batch, train_block
+from melo_ray.training import EditBatch, build_batch, in_formats, train_block
 
 
 class ElderEditor(Editor):
@@ -184,8 +184,11 @@ class ElderEditor(Editor):
         assigned = torch.as_tensor(np.stack([allocations[r.id] for r in batch_records]))  # (rows, layers, k)
         device = self.backbone.device
         query = torch.as_tensor(keys, dtype=torch.float32, device=device)
-        rows = torch.arange(len(batch_records), device=device)
-        batch = build_batch(self.backbone, batch_records, self.config.train.append_eos)
+        formats = self.config.train.formats  # every format's rows use the record's own key
+        model_query = query.repeat(len(formats), 1)
+        rows = torch.arange(len(batch_records) * len(formats), device=device)
+        batch = build_batch(self.backbone, in_formats(self.backbone, batch_records, formats), self.config.train.append_eos,
+                            rendered=True)
         layers = list(self.layers.values())
 
         extra_query, extra_assigned = self._guide_rows(replayed, keys, assigned, device)
@@ -212,7 +215,7 @@ class ElderEditor(Editor):
                 p.requires_grad_(True)
             stats = train_block(
                 self.backbone, batch, self.trainable(), train_cfg, trained_modules=list(self.layers),
-                active=lambda: self._routing(query, rows), extra_loss=guided,
+                active=lambda: self._routing(model_query, rows), extra_loss=guided,
             )
         except BaseException:
             with torch.no_grad():  # all or nothing: put every expert, router and allocation back

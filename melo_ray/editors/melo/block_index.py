@@ -28,7 +28,7 @@ class BlockIndex(EditIndex):
         cfg = config.index
         scope = None
         if cfg.scope_verifier is not None:
-            scope = ScopeTest(load_verifier(cfg.scope_verifier), cfg.scope_threshold)
+            scope = ScopeTest(load_verifier(cfg.scope_verifier), cfg.scope_threshold, cfg.scope_conflict_threshold)
         return cls(NeuronIndex(
             dim, cfg.distance, cfg.r_init, hnsw_m=cfg.hnsw_m, ef_construction=cfg.hnsw_ef_construction,
             ef_search=cfg.hnsw_ef_search, candidates=cfg.candidates, scope=scope,
@@ -47,7 +47,9 @@ class BlockIndex(EditIndex):
                 raise SnapshotError(f"{where}: the index was written with" + ("" if "route_dim" in meta else "out")
                                     + " a scope test; this config has " + ("one" if config.index.scope_verifier else "none"))
             if "route_dim" in meta:  # the snapshot's own verifier and threshold: it routes as it did
-                scope = ScopeTest(ScopeVerifier.from_bytes(files["scope.safetensors"]), float(meta["scope_threshold"]))
+                conflict = meta["scope_conflict_threshold"]
+                scope = ScopeTest(ScopeVerifier.from_bytes(files["scope.safetensors"]), float(meta["scope_threshold"]),
+                                  None if conflict is None else float(conflict))
             with tempfile.TemporaryDirectory() as tmp:
                 graph = Path(tmp) / "index.hnsw"
                 graph.write_bytes(graph_bytes)

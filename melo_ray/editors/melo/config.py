@@ -55,6 +55,11 @@ class IndexConfig(StrictConfig):
     scope_threshold: float = Field(
         0.0, description="Verifier logit at or above which two prompts count as the same question."
     )
+    scope_conflict_threshold: float | None = Field(
+        None, description="Verifier logit at or above which an earlier edit with another target is superseded "
+        "(forgotten) by a new one; None: only the same prompt supersedes, and reworded edits of one question "
+        "each keep their member (a query gets the best-scoring one).",
+    )
 
     @model_validator(mode="after")
     def _check_key(self) -> "IndexConfig":

@@ -25,7 +25,7 @@ from melo_ray.editors.protocol import Editor, Routing, TrainedBatch
 from melo_ray.inference import generate_texts
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError
-from melo_ray.training import EditBatch, build_batch, train_block
+from melo_ray.training import EditBatch, build_batch, in_formats, train_block
 
 log = logging.getLogger(__name__)
 PREFIX_OPENINGS = ("The", "I think", "In the", "It was", "A new", "We", "This is", "There are", "When", "My",
@@ -85,8 +85,8 @@ class MeloEditor(Editor):
         keys = self.key_function.keys([r.prompt for r in batch_records])
         if not np.all(np.isfinite(keys)):
             raise ValueError("edit batch: a prompt produced a non-finite key")
-        trained_on = self._training_rows(batch_records)
-        batch = build_batch(self.backbone, trained_on, self.config.train.append_eos)
+        trained_on = in_formats(self.backbone, self._training_rows(batch_records), self.config.train.formats)
+        batch = build_batch(self.backbone, trained_on, self.config.train.append_eos, rendered=True)
         params = self.router.start_block(seed=self.config.train.seed + self.version)
         try:
             stats = train_block(

@@ -11,9 +11,9 @@ member key; otherwise no block. Ties go to the newest cluster / member, so the l
 With a scope test (scope.py) the key carries extra views and the rules ask it what the distance cannot
 tell: at inference every candidate cluster whose radius holds the query offers its members, and the
 member the verifier scores highest applies if it passes the threshold (else no block); at training
-time another label within reach is a conflict only for members the verifier calls the same question,
-and those alone are forgotten (superseded), no radius shrinks, and the new key starts its own cluster
-of radius R_init. Clusters then may overlap: the verifier, not the geometry, separates their facts.
+time another label within reach forgets only the members it supersedes (the same prompt, or with
+`scope_conflict_threshold` set, whatever the verifier scores at least that high), no radius shrinks,
+and the new key starts its own cluster of radius R_init. Clusters then may overlap: the verifier, not the geometry, separates their facts.
 """
 from __future__ import annotations
 
@@ -229,7 +229,7 @@ class NeuronIndex:
             cluster = self.clusters[cid]
             if not cluster.alive or cluster.label == label or d > cluster.radius + self.r_init:
                 continue
-            same = self.scope.same_question(key, np.stack(cluster.member_keys))
+            same = self.scope.supersedes(key, np.stack(cluster.member_keys))
             if not same.any():
                 continue
             forgotten += [i for i, s in zip(cluster.member_ids, same) if s]
@@ -379,7 +379,8 @@ class NeuronIndex:
             "forgotten": self.forgotten,
         }
         if self.scope is not None:  # written only with a scope test, so older snapshots keep their bytes
-            meta.update(route_dim=self.route_dim, separated=self.separated, scope_threshold=self.scope.threshold)
+            meta.update(route_dim=self.route_dim, separated=self.separated, scope_threshold=self.scope.threshold,
+                        scope_conflict_threshold=self.scope.conflict_threshold)
         return arrays, meta
 
     def save_graph(self, path: Path) -> None:

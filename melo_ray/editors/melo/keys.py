@@ -68,7 +68,8 @@ class HiddenStateKeys:
     def keys(self, prompts: list[str]) -> np.ndarray:
         out: list[np.ndarray] = []
         for start in range(0, len(prompts), self.batch_size):
-            chunk = [self.backbone.format_prompt(p) for p in prompts[start : start + self.batch_size]]
+            # the key reads the question as the template shows it, whichever view the model is asked in
+            chunk = [self.backbone.template_prompt(p) for p in prompts[start : start + self.batch_size]]
             batch = {k: v.to(self.backbone.device) for k, v in self.backbone.tokenize(chunk, return_tensors="pt", padding=True).items()}
             captured: list[torch.Tensor] = []
 

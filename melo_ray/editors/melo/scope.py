@@ -191,9 +191,11 @@ class ScopeTest:
     Keys are the concatenated views the verifier names (`view_names`); the first view (the MiniLM key
     of the whole prompt) is the routing view the clusters and the HNSW graph use."""
 
-    def __init__(self, verifier: ScopeVerifier, threshold: float) -> None:
+    def __init__(self, verifier: ScopeVerifier, threshold: float, conflict_threshold: float | None = None) -> None:
         self.verifier = verifier
         self.threshold = float(threshold)
+        # None: only an identical prompt supersedes an earlier edit with another target
+        self.conflict_threshold = conflict_threshold
 
     @property
     def key_dim(self) -> int:
@@ -211,8 +213,10 @@ class ScopeTest:
         out[identical] = np.inf
         return out
 
-    def same_question(self, query: np.ndarray, members: np.ndarray) -> np.ndarray:
-        return self.logits(query, members) >= self.threshold
+    def supersedes(self, query: np.ndarray, members: np.ndarray) -> np.ndarray:
+        """Which members an edit of `query` with another target replaces (conflict rule)."""
+        limit = np.inf if self.conflict_threshold is None else self.conflict_threshold
+        return self.logits(query, members) >= limit
 
 
 def load_verifier(source: str) -> ScopeVerifier:
