@@ -58,13 +58,19 @@ def export_peft(editor: MeloEditor, out: str | Path, *, base_model: str | None =
     cfg = editor.config.index
     routing = {
         "key_function": cfg.key_function, "key_module": cfg.key_module, "metric": cfg.distance,
-        "rule": "nearest cluster centre; inside its radius, the adapter of the nearest member key; else the base model",
+        "rule": ("every cluster whose radius holds the query's whole-prompt view offers its members; the member "
+                 "the scope verifier (scope_verifier.safetensors) scores highest applies if its score reaches "
+                 "scope_threshold; else the base model" if editor.index.index.scope is not None else
+                 "nearest cluster centre; inside its radius, the adapter of the nearest member key; else the base model"),
+        "scope_threshold": cfg.scope_threshold if editor.index.index.scope is not None else None,
         "snapshot_version": editor.version,
         "edits": [{"id": edit_id, "adapter": adapter_name(block), "cluster": cluster_id, "key_row": row}
                   for row, (_, block, edit_id, cluster_id) in enumerate(members)],
         "clusters": [{"cluster": i, "radius": c.radius, "label": c.label} for i, c in enumerate(index.clusters) if c.alive],
     }
     (out / "routing.json").write_text(json.dumps(routing, indent=2, ensure_ascii=False))
+    if index.scope is not None:
+        (out / "scope_verifier.safetensors").write_bytes(index.scope.verifier.to_bytes())
     keys = np.stack([k for k, _, _, _ in members]).astype(np.float32) if members else np.zeros((0, index.dim), np.float32)
     alive = [c for c in index.clusters if c.alive]  # rows in the order of routing.json "clusters"
     centres = np.stack([c.centre for c in alive]).astype(np.float32) if alive else np.zeros((0, index.dim), np.float32)

@@ -113,7 +113,7 @@ def pair_features(a: np.ndarray, b: np.ndarray, view_dims: list[int]) -> np.ndar
 
 
 class ScopeVerifier:
-    """Pair classifier: logit that two keys (each `views` unit vectors of `view_dim`) ask the same question."""
+    """Pair classifier: logit that two keys (concatenated views, widths `view_dims`) ask the same question."""
 
     def __init__(self, weights: Mapping[str, np.ndarray], meta: Mapping[str, str]) -> None:
         self.view_names = [v for v in str(meta["views"]).split(",") if v]
