@@ -112,7 +112,11 @@ class SnapshotStore:
         return Path(self.version_path(version))
 
     def latest_version(self) -> int | None:
-        data = self.get_bytes(LATEST)
+        return self._version_file(LATEST)
+
+    def _version_file(self, name: str) -> int | None:
+        """The version a pointer file (LATEST.json, PIN.json) names; None when it does not exist."""
+        data = self.get_bytes(name)
         if data is None:
             return None
         try:
@@ -121,7 +125,7 @@ class SnapshotStore:
                 raise ValueError(f"version {version!r} is not a non-negative integer")
             return version
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
-            raise SnapshotError(f"{self._path(LATEST)}: unreadable: {exc}") from exc
+            raise SnapshotError(f"{self._path(name)}: unreadable: {exc}") from exc
 
     def versions(self) -> list[int]:
         """Version numbers that have a folder (published or not), oldest first."""
@@ -199,16 +203,7 @@ class SnapshotStore:
 
     # -- pinning ------------------------------------------------------------------------------------
     def pinned_version(self) -> int | None:
-        data = self.get_bytes(PIN)
-        if data is None:
-            return None
-        try:
-            version = json.loads(data)["version"]
-            if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-                raise ValueError(f"version {version!r} is not a non-negative integer")
-            return version
-        except (ValueError, KeyError, TypeError, RecursionError) as exc:
-            raise SnapshotError(f"{self._path(PIN)}: unreadable: {exc}") from exc
+        return self._version_file(PIN)
 
     def pin(self, version: int) -> None:
         """Replicas serve `version` (verified now) until unpin(), whatever is published meanwhile."""
