@@ -26,22 +26,26 @@ def _store(uri: str | Path) -> SnapshotStore:
     return store
 
 
-def load_latest(source: str | Path) -> tuple[Editor, dict[str, Any]]:
-    """The editor of a store's serving version (or of one snapshot folder), and its manifest."""
+def _read_serving(source: str | Path) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The verified version replicas serve: a store's pinned or latest one, or one snapshot folder."""
     snapshots = open_snapshots(source)
     version = snapshots.serving_version()
     if version is None:
         raise SnapshotError(f"{source}: no published snapshot yet")
-    manifest, files = snapshots.read(version)
-    return editor_from_snapshot(manifest, files, f"{source} v{version}"), manifest
+    return snapshots.read(version)
+
+
+def load_latest(source: str | Path) -> tuple[Editor, dict[str, Any]]:
+    """The editor of the version replicas serve, and its manifest."""
+    manifest, files = _read_serving(source)
+    return editor_from_snapshot(manifest, files, f"{source} v{manifest['version']}"), manifest
 
 
 # -- inspect -------------------------------------------------------------------------------------
 def list_edits(source: str | Path, contains: str | None = None) -> list[dict[str, Any]]:
     """Every edit of the latest version: id, prompt, target, block, version added (oldest first);
     `contains` keeps those whose id, prompt or target holds the text (case-insensitive)."""
-    snapshots = open_snapshots(source)
-    manifest, files = snapshots.read(snapshots.serving_version())
+    _, files = _read_serving(source)
     entries = [asdict(e) for e in read_edit_log(files, str(source)).values()]
     if contains:
         needle = contains.casefold()
@@ -106,8 +110,7 @@ def revert(uri: str | Path, ids: list[str], *, break_lock: bool = False) -> dict
         manifest, files = store.read()
         editor = editor_from_snapshot(manifest, files, f"{uri} v{manifest['version']}")
         loaded = time.perf_counter()
-        reverted = editor.revert(ids)
-        editor.version = max(editor.version, int(manifest["version"]) + 1)
+        reverted = editor.revert(ids)  # moves the version on by one
         published = _publish(store, editor, manifest, {"revert": reverted, "from_version": manifest["version"]},
                              keep_job=True)
     return {"version": published["version"], "reverted": reverted, "edits": published["stats"]["edits"],

@@ -6,9 +6,8 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
-from melo_ray.config import load_config
+
 from melo_ray.editors.melo.block_index import BlockIndex
 from melo_ray.editors.melo.editor import MeloEditor
 from melo_ray.editors.melo.index import NeuronIndex

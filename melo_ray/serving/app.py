@@ -217,10 +217,10 @@ class MeloServer:
         if not prompt.strip():
             raise ApiError(400, f"prompt {index} is empty", field)
         request = CompletionRequest(prompt, self._max_new(max_new), stop, None, sampling, model_input)
-        count = len(self.engine.model_input_ids(request))
-        if count > self.settings.max_prompt_tokens:
+        ids = tuple(self.engine.model_input_ids(request))
+        if len(ids) > self.settings.max_prompt_tokens:
             raise ApiError(400, f"prompt {index} is longer than {self.settings.max_prompt_tokens} tokens", field)
-        return dataclasses.replace(request, prompt_tokens=count)
+        return dataclasses.replace(request, prompt_tokens=len(ids), input_ids=ids)
 
     def _requests(self, prompts: list[str], max_new: int, stop: tuple[str, ...], field: str,
                   sampling: SamplingParams = SamplingParams()) -> list[CompletionRequest]:

@@ -146,4 +146,4 @@ class Batcher:
         for seq in self.loop.rows:
             ticket: Ticket = seq.owner
             ticket.on_update(Update("", error=error))
-        self.loop.rows, self.loop.cache, self.loop.mask = [], None, None
+        self.loop.clear()

@@ -81,6 +81,7 @@ class DecodeLoop:
         self.rows: list[Sequence] = []
         self.cache = None  # transformers DynamicCache, rows aligned with self.rows
         self.mask: torch.Tensor | None = None  # (rows, cached length) 1 = real token
+        self.routing: Routing = Routing.base(0)  # of self.rows, rebuilt only when rows join or leave
         tok = editor.backbone.tokenizer
         self.eos = tok.eos_token_id
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos
@@ -117,6 +118,7 @@ class DecodeLoop:
     def _merge(self, cache, mask: torch.Tensor, new: list[Sequence]) -> None:
         if self.cache is None or not self.rows:
             self.cache, self.mask, self.rows = cache, mask, list(new)
+            self.routing = self._routing(self.rows)
             return
         assert self.mask is not None
         old_len, new_len = self.mask.shape[1], mask.shape[1]
@@ -127,6 +129,7 @@ class DecodeLoop:
                                      _pad_left(theirs.values, length - new_len, 2)])
         self.mask = torch.cat([_pad_left(self.mask, length - old_len, 1), _pad_left(mask, length - new_len, 1)])
         self.rows += new
+        self.routing = self._routing(self.rows)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -139,17 +142,16 @@ class DecodeLoop:
         last = torch.tensor([[s.tokens[-1]] for s in self.rows], device=device)
         positions = self.mask.sum(-1, keepdim=True)  # real tokens so far = the next position
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
-        with self.editor.routed(self._routing(self.rows)):
+        with self.editor.routed(self.routing):
             out = self.editor.backbone.model(input_ids=last, attention_mask=self.mask, position_ids=positions,
                                              past_key_values=self.cache, use_cache=True)
         self.cache = out.past_key_values
         self._advance(self.rows, out.logits[:, -1])
         self._drop_finished()
 
-    def cancel_all(self) -> None:
-        for seq in self.rows:
-            seq.cancelled = True
-        self._drop_finished()
+    def clear(self) -> None:
+        """Forget every running row (after a failed step; their owners were told)."""
+        self.rows, self.cache, self.mask, self.routing = [], None, None, Routing.base(0)
 
     def _advance(self, rows: list[Sequence], logits: torch.Tensor) -> None:
         tokenizer = self.editor.backbone.tokenizer
@@ -195,6 +197,7 @@ class DecodeLoop:
         if len(keep) == len(self.rows):
             return
         self.rows = [self.rows[i] for i in keep]
+        self.routing = self.routing.take(keep)
         if not self.rows:
             self.cache, self.mask = None, None
             return

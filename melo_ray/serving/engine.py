@@ -29,6 +29,7 @@ class CompletionRequest:
     sampling: SamplingParams = SamplingParams()
     model_input: str | None = None  # the exact text the model reads (chat: the rendered template), if not `prompt`
     min_new_tokens: int = 0  # benchmarks: hold off end-of-sequence for like-for-like timing
+    input_ids: tuple[int, ...] | None = None  # the model input already tokenized (the server counts it anyway)
 
 
 @dataclass(frozen=True)
@@ -69,12 +70,11 @@ class ServingEngine:
         self.stats = dict(manifest.get("stats", {}))
 
     def model_input_ids(self, request: CompletionRequest) -> list[int]:
+        if request.input_ids is not None:
+            return list(request.input_ids)
         backbone = self.editor.backbone
         text = request.model_input if request.model_input is not None else backbone.format_prompt(request.prompt)
         return backbone.tokenize(text)["input_ids"]
-
-    def prompt_tokens(self, prompt: str) -> int:
-        return len(self.model_input_ids(CompletionRequest(prompt, 1)))
 
     def chat_input(self, messages: list[dict[str, str]]) -> str:
         """The backbone's own chat template, ready for the assistant's turn."""

@@ -256,13 +256,7 @@ class NeuronIndex:
         # d == 0: the new key sits on C's centre, so the new label supersedes the whole cluster.
         keep = member_d <= cluster.radius if d > 0 else np.zeros(len(member_d), bool)
         forgotten = tuple(i for i, k in zip(cluster.member_ids, keep) if not k)
-        cluster.member_keys = [m for m, k in zip(cluster.member_keys, keep) if k]
-        cluster.member_blocks = [m for m, k in zip(cluster.member_blocks, keep) if k]
-        cluster.member_ids = [m for m, k in zip(cluster.member_ids, keep) if k]
-        if not cluster.member_keys:
-            cluster.alive = False
-            self._alive -= 1
-            self._graph.mark_deleted(cid)
+        self._keep_members(cid, list(keep))
         self.forgotten += len(forgotten)
         new_id = self._new_cluster(key, d / 2.0, label, block, edit_id)
         return IndexEvent("conflict", new_id, d, forgotten)
@@ -330,16 +324,22 @@ class NeuronIndex:
         for cid, cluster in enumerate(self.clusters):
             if not cluster.alive or not ids.intersection(cluster.member_ids):
                 continue
-            keep = [i not in ids for i in cluster.member_ids]
-            cluster.member_keys = [m for m, k in zip(cluster.member_keys, keep) if k]
-            cluster.member_blocks = [m for m, k in zip(cluster.member_blocks, keep) if k]
-            cluster.member_ids = [m for m, k in zip(cluster.member_ids, keep) if k]
-            if not cluster.member_ids:
-                cluster.alive = False
-                self._alive -= 1
-                self._graph.mark_deleted(cid)
+            if not self._keep_members(cid, [i not in ids for i in cluster.member_ids]):
                 died.append(cid)
         return died
+
+    def _keep_members(self, cid: int, keep: list[bool]) -> bool:
+        """Keep the members of cluster `cid` where `keep` holds; a cluster left empty dies.
+        Returns whether it is still alive."""
+        cluster = self.clusters[cid]
+        cluster.member_keys = [m for m, k in zip(cluster.member_keys, keep) if k]
+        cluster.member_blocks = [m for m, k in zip(cluster.member_blocks, keep) if k]
+        cluster.member_ids = [m for m, k in zip(cluster.member_ids, keep) if k]
+        if not cluster.member_ids:
+            cluster.alive = False
+            self._alive -= 1
+            self._graph.mark_deleted(cid)
+        return cluster.alive
 
     def live_blocks(self) -> set[int]:
         return {b for c in self.clusters if c.alive for b in c.member_blocks}

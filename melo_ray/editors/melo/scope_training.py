@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         if rows.any():
             report[f"held_out_{kind}_accepted"] = float((logits[rows] >= threshold).mean())
     args.out.write_bytes(verifier.to_bytes())
-    print(json.dumps(report))
+    log.info("scope verifier written to %s: %s", args.out, json.dumps(report))
 
 
 if __name__ == "__main__":
