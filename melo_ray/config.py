@@ -102,12 +102,17 @@ class PipelineConfig(StrictConfig):
         2, ge=1, description="Batches queued on the actors before the driver waits for the oldest: the trainer "
         "trains the next batch while the driver reads the stream and publishes the last one.",
     )
-    max_actor_restarts: int = Field(3, ge=0, description="Ray restarts of a killed trainer or index actor.")
+    max_actor_restarts: int = Field(3, ge=0, description="Ray restarts of a killed trainer or writer actor.")
     max_attempts: int = Field(5, ge=1, description="Recoveries from the last snapshot after an actor failure.")
     trainer_gpus: Literal["auto", 0, 1] = Field(
-        "auto", description="GPUs for the trainer actor; auto: 1 when the cluster has a GPU."
+        "auto", description="GPUs for each trainer actor; auto: 1 when the cluster has a GPU."
     )
-    trainer_cpus: float = Field(1.0, gt=0, description="CPUs reserved by the trainer actor.")
+    trainer_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each trainer actor.")
+    trainers: int = Field(
+        1, ge=1, description="Trainer actors training consecutive batches at once (one GPU each on a GPU "
+        "cluster). Only editors whose batches train independently (MELO) use more than one; the writer "
+        "commits them in stream order, so the result equals one trainer's.",
+    )
     mlflow_tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI, else sqlite under the job output."
     )

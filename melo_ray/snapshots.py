@@ -17,7 +17,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 FORMAT = "melo-ray-snapshot"
@@ -89,18 +89,27 @@ def manifest_bytes(manifest: dict[str, Any]) -> bytes:
     return json.dumps(manifest, indent=2, sort_keys=True).encode()
 
 
-def write_snapshot(target: str | Path, files: dict[str, bytes], meta: dict[str, Any]) -> dict[str, Any]:
-    """Write files + manifest to `target` atomically; returns the manifest."""
+def write_snapshot(target: str | Path, files: dict[str, bytes], meta: dict[str, Any],
+                   reuse: Mapping[str, Path] | None = None) -> dict[str, Any]:
+    """Write files + manifest to `target` atomically; returns the manifest.
+
+    `reuse` names files whose bytes already lie, verified, in an earlier snapshot (same SHA-256):
+    they are hard-linked (or copied where links are not possible) instead of written again, which
+    keeps a long job's snapshots of a large, mostly unchanged LoRA bank incremental."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     manifest = build_manifest(files, meta)
+    reuse = dict(reuse or {})
     staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
     staging.mkdir()
     try:
         for name, data in files.items():
-            _write_file(staging / name, data)
+            if name in reuse:
+                _link_or_copy(reuse[name], staging / name)
+            else:
+                _write_file(staging / name, data)
         _write_file(staging / MANIFEST, manifest_bytes(manifest))
-        read_snapshot(staging)  # verify what is on disk before anyone can see it
+        _verify_written(staging, manifest, set(reuse) & set(files))  # before anyone can see it
         if target.exists():
             retired = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
             os.replace(target, retired)
@@ -111,6 +120,27 @@ def write_snapshot(target: str | Path, files: dict[str, bytes], meta: dict[str, 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another filesystem, or links not supported
+        shutil.copyfile(source, target)
+
+
+def _verify_written(folder: Path, manifest: dict[str, Any], reused: set[str]) -> None:
+    """Read back what was just written: every new file against its SHA-256, reused files (links to
+    bytes verified when they were first written) by size, and no file the manifest does not list."""
+    parse_manifest((folder / MANIFEST).read_bytes(), str(folder / MANIFEST))
+    for name, info in manifest["files"].items():
+        path = folder / name
+        if name in reused:
+            if path.stat().st_size != info["bytes"]:
+                raise SnapshotError(f"{folder}/{name}: reused file has the wrong size")
+        elif _sha256(path.read_bytes()) != info["sha256"]:
+            raise SnapshotError(f"{folder}/{name}: checksum mismatch right after writing")
+    check_no_strays(manifest, {p.name for p in folder.iterdir()}, str(folder))
 
 
 def parse_manifest(data: bytes, where: str) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """A versioned snapshot store on a local folder or any URI pyarrow.fs understands (s3://, gs://, ...).
 
 Layout under the root:
-    versions/v00000042/{manifest.json, adapters.safetensors, index.*}   one verified snapshot each
+    versions/v00000042/{manifest.json, adapters-*.safetensors, index.*} one verified snapshot each
     LATEST.json                                                       {"version": 42, "checksum": ...}
     PIN.json                                                          optional: replicas serve this version
     WRITER.json                                                       who writes now (a job, a revert)
@@ -11,9 +11,13 @@ Publishing writes the version's files, the manifest last, reads them back and ve
 then points LATEST.json at the version. On a local folder the version is written to a temporary name
 and renamed (atomic); object stores have no rename, so there a version without a verified manifest is
 simply never pointed at, and is removed by the next prune. Readers go through LATEST.json.
+A file whose name, size and SHA-256 match the previous version's is reused (hard link; server-side
+copy on object stores) rather than written again: a large LoRA bank in segments costs one segment
+per version. Readers verify every file whatever its origin.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -142,13 +146,18 @@ class SnapshotStore:
         latest = self.latest_version()
         if latest is not None and version <= latest:
             raise SnapshotError(f"{self.uri}: version {version} is not newer than the published {latest}")
+        unchanged = self._unchanged_files(latest, files)
         if self.is_local:
-            manifest = write_snapshot(self.version_path(version), files, meta)
+            reuse = {name: Path(self.version_path(latest)) / name for name in unchanged}
+            manifest = write_snapshot(self.version_path(version), files, meta, reuse)
         else:
             manifest = build_manifest(files, meta)
             folder = self.version_path(version)
             self.fs.create_dir(folder, recursive=True)
             for name, data in files.items():
+                if name in unchanged:  # a server-side copy: the bytes do not travel again
+                    self.fs.copy_file(f"{self.version_path(latest)}/{name}", f"{folder}/{name}")
+                    continue
                 with self.fs.open_output_stream(f"{folder}/{name}") as stream:
                     stream.write(data)
             with self.fs.open_output_stream(f"{folder}/{MANIFEST}") as stream:
@@ -157,6 +166,17 @@ class SnapshotStore:
         self.put_bytes(LATEST, json.dumps({"version": version, "checksum": manifest["checksum"]}).encode())
         self.prune()
         return manifest
+
+    def _unchanged_files(self, latest: int | None, files: dict[str, bytes]) -> set[str]:
+        """Files whose bytes the latest version already holds (same name, size and SHA-256)."""
+        if latest is None:
+            return set()
+        try:
+            listed = self.read_manifest(latest)["files"]
+        except SnapshotError:
+            return set()  # nothing reused from a version that does not read back
+        return {name for name, data in files.items() if name in listed and listed[name].get("bytes") == len(data)
+                and listed[name]["sha256"] == hashlib.sha256(data).hexdigest()}
 
     # -- one writer at a time -----------------------------------------------------------------------
     def writer(self) -> dict[str, Any] | None:

@@ -6,8 +6,9 @@
 At each checkpoint (edits applied = a size in --sizes) it logs, to the job's MLflow run with the
 number of edits as the step: edits/min over the segment and overall (checkpoint evaluation time
 excluded), index size (members, clusters), index search latency (HNSW and exact, per query, on real
-keys from the index) and recall@1 of HNSW against exact, the trainer's peak memory, and reliability /
-generality / locality on a sample of the edits applied so far. It writes scalability.json,
+keys from the index) and recall@1 of HNSW against exact, the trainers' and the writer's peak memory, a replica's memory
+(this process with the snapshot loaded), snapshot size and publish time, and reliability /
+generality / every locality kind on a sample of the edits applied so far. It writes scalability.json,
 scalability.md and scalability.png under --out and logs the figure to the run.
 On a KubeRay cluster the same command runs as a RayJob entrypoint (see k8s/README.md).
 """
@@ -35,6 +36,16 @@ from melo_ray.records import read_edit_records, write_parquet
 log = logging.getLogger("pipelines.scalability")
 ROOT = Path(__file__).resolve().parent.parent
 NQ = ROOT.parent / "shared" / "data" / "nq-open" / "NQ-open.dev.jsonl"
+
+
+QUALITY = ("reliability", "generality", "locality_nq", "locality_neighbours", "locality_subject")
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def search_latency(index: Any, queries: np.ndarray) -> dict[str, float]:
@@ -88,19 +99,25 @@ class Checkpoints:
         applied = self.records[:edits]
         step = max(1, len(applied) // self.sample)
         sample = applied[::step][: self.sample]  # spread over the whole history, oldest edits included
-        baseline = dataclasses.replace(self.baseline, neighbours=base_outputs(
-            self.evaluator, sample, [], self.max_new).neighbours)
+        probes = base_outputs(self.evaluator, sample, [], self.max_new)
+        baseline = dataclasses.replace(self.baseline, neighbours=probes.neighbours, subject=probes.subject,
+                                       nq_probes=probes.nq_probes)
         quality = measure(self.evaluator, sample, self.nq, baseline, self.max_new)
-        info = ray.get(job.actors.trainer.info.remote())
+        trainers = [ray.get(t.info.remote()) for t in job.actors.trainers]
+        writer_rss = ray.get(job.actors.writer.peak_rss_bytes.remote()) if job.actors.writer is not None else 0
         row = {
             "size": due[-1], "edits": edits, "version": version,
             "edits_per_min": edits / (wall / 60),
             "segment_edits_per_min": (edits - last_edits) / (segment / 60),
             "index_members": int(manifest["stats"]["members"]), "clusters": int(manifest["stats"]["clusters"]),
             "snapshot_mb": sum(f["bytes"] for f in manifest["files"].values()) / 2**20,
-            "trainer_peak_rss_mb": info.peak_rss_bytes / 2**20,
+            "publish_s": job.last_publish_seconds,
+            "trainer_peak_rss_mb": max(t.peak_rss_bytes for t in trainers) / 2**20,
+            "writer_peak_rss_mb": writer_rss / 2**20,
+            # a replica holds what this process holds for evaluation: the model plus the restored snapshot
+            "replica_rss_mb": _rss_bytes() / 2**20,
             **search_latency(index, queries),
-            **{k: quality[k] for k in ("reliability", "generality", "locality_nq", "locality_neighbours")},
+            **{k: quality[k] for k in QUALITY},
         }
         for size in due:
             self.rows.append({**row, "size": size})
@@ -122,8 +139,9 @@ def figure(rows: list[dict[str, Any]], path: Path) -> Any:
         ("edits/min", ["edits_per_min", "segment_edits_per_min"]),
         ("index size", ["index_members", "clusters"]),
         ("search ms / query", ["search_ms_hnsw", "search_ms_exact"]),
-        ("trainer peak RSS (MiB)", ["trainer_peak_rss_mb"]),
-        ("quality (sample)", ["reliability", "generality", "locality_nq", "locality_neighbours"]),
+        ("memory (MiB)", ["trainer_peak_rss_mb", "writer_peak_rss_mb", "replica_rss_mb"]),
+        ("snapshot", ["snapshot_mb", "publish_s"]),
+        ("quality (sample)", list(QUALITY)),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for ax, (title, keys) in zip(axes, panels):
@@ -147,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample", type=int, default=50, help="edits sampled for quality at each checkpoint")
     parser.add_argument("--n-locality", type=int, default=50)
     parser.add_argument("--snapshot-every", type=int, default=10, help="batches per published snapshot")
+    parser.add_argument("--trainers", type=int, default=1, help="trainer actors (pipeline.trainers)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -160,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if not stream.exists():
         write_parquet(records, stream)
     data = load_config(args.config).model_dump(mode="json")
-    data["pipeline"] = {**data["pipeline"], "snapshot_every": args.snapshot_every}
+    data["pipeline"] = {**data["pipeline"], "snapshot_every": args.snapshot_every, "trainers": args.trainers}
     config = load_config(data)
     nq = []
     if NQ.is_file():
@@ -173,11 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = checkpoints.rows
     (out / "scalability.json").write_text(json.dumps({"rows": rows, "job": summary.state.__dict__}, indent=2))
     header = ["size", "edits_per_min", "segment_edits_per_min", "index_members", "clusters", "search_ms_hnsw",
-              "search_ms_exact", "search_recall_at_1", "trainer_peak_rss_mb", "snapshot_mb", "reliability",
-              "generality", "locality_nq", "locality_neighbours"]
+              "search_ms_exact", "search_recall_at_1", "trainer_peak_rss_mb", "writer_peak_rss_mb",
+              "replica_rss_mb", "snapshot_mb", "publish_s", *QUALITY]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        lines.append("| " + " | ".join(f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k]) for k in header) + " |")
+        lines.append("| " + " | ".join(f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k])
+                                       for k in header) + " |")
     (out / "scalability.md").write_text("\n".join(lines) + "\n")
     if rows:
         fig = figure(rows, out / "scalability.png")

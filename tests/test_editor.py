@@ -89,9 +89,9 @@ def test_snapshot_round_trip_gives_identical_outputs(edited, tmp_path):
 def test_corrupted_snapshot_is_refused(edited, tmp_path):
     editor, _, _ = edited
     editor.save(tmp_path / "snap")
-    blob = bytearray((tmp_path / "snap" / "adapters.safetensors").read_bytes())
+    blob = bytearray((tmp_path / "snap" / "adapters-00000.safetensors").read_bytes())
     blob[-1] ^= 0xFF
-    (tmp_path / "snap" / "adapters.safetensors").write_bytes(bytes(blob))
+    (tmp_path / "snap" / "adapters-00000.safetensors").write_bytes(bytes(blob))
     with pytest.raises(SnapshotError, match="checksum mismatch"):
         MeloEditor.load(tmp_path / "snap")
     manifest = json.loads((tmp_path / "snap" / "manifest.json").read_text())

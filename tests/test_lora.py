@@ -6,7 +6,16 @@ import torch
 from torch import nn
 
 from melo_ray.config import LoraConfig
-from melo_ray.editors.melo.layer import NO_BLOCK, BlockBankFull, BlockRouter, DynamicLoraLinear, inject_dynamic_lora
+from melo_ray.editors.melo.bank import SEGMENT_BLOCKS, GrowingRows, bank_files, read_bank
+from melo_ray.editors.melo.layer import (
+    NO_BLOCK,
+    BlockBankFull,
+    BlockRouter,
+    DynamicLoraLinear,
+    RoutePlan,
+    inject_dynamic_lora,
+)
+from melo_ray.snapshots import SnapshotError
 
 
 def _layer(blocks: int = 3, max_blocks: int = 10) -> DynamicLoraLinear:
@@ -25,7 +34,7 @@ def test_rows_without_a_block_are_bit_identical_to_the_base_layer():
     layer = _layer()
     x = torch.randn(4, 7, 6)
     base = layer.base_layer(x)
-    layer.block_ids = torch.tensor([NO_BLOCK, 2, NO_BLOCK, 0])
+    layer.plan = RoutePlan.build(torch.tensor([NO_BLOCK, 2, NO_BLOCK, 0]), x.device)
     out = layer(x)
     assert torch.equal(out[0], base[0]) and torch.equal(out[2], base[2])
     assert not torch.allclose(out[1], base[1]) and not torch.allclose(out[3], base[3])
@@ -35,7 +44,7 @@ def test_gather_matches_a_per_row_reference():
     layer = _layer()
     x = torch.randn(5, 3, 6)
     ids = torch.tensor([1, 0, NO_BLOCK, 2, 1])
-    layer.block_ids = ids
+    layer.plan = RoutePlan.build(ids, x.device)
     out = layer(x)
     for row, block in enumerate(ids.tolist()):
         expected = layer.base_layer(x[row])
@@ -50,7 +59,7 @@ def test_training_the_staging_block_leaves_committed_blocks_bit_identical():
     frozen_a, frozen_b = layer.lora_bank_A.clone(), layer.lora_bank_B.clone()
     layer.start_block(torch.Generator().manual_seed(5))
     opt = torch.optim.Adam([layer.lora_staging_A, layer.lora_staging_B], lr=0.1)
-    layer.block_ids = torch.full((2,), -2)
+    layer.plan = RoutePlan.build(torch.full((2,), -2), torch.device("cpu"))
     for _ in range(5):
         loss = layer(torch.randn(2, 6)).pow(2).sum()
         opt.zero_grad()
@@ -88,3 +97,47 @@ def test_editor_wrappers_come_off_a_shared_backbone():
     assert isinstance(model[0], DynamicLoraLinear)
     remove_edit_layers(model)
     assert [model[0], model[1][0]] == originals
+
+
+def test_the_bank_grows_without_copying_itself_on_every_commit():
+    layer = _layer(blocks=0, max_blocks=1000)
+    grown, pointer, committed = 0, None, []
+    for i in range(40):
+        layer.start_block(torch.Generator().manual_seed(i))
+        committed.append(layer.lora_staging_A.detach().clone())
+        layer.commit_block()
+        if layer.lora_bank_A.data_ptr() != pointer:
+            grown += 1
+            pointer = layer.lora_bank_A.data_ptr()
+    assert layer.num_blocks == 40
+    assert grown <= 3  # capacity 16, 34, 70: three buffers for 40 blocks, not 40 copies
+    assert torch.equal(layer.lora_bank_A, torch.stack(committed))  # every block, in commit order
+
+
+def test_growing_rows_rebuilds_from_any_other_start():
+    rows = GrowingRows()
+    a = rows.append(torch.zeros(0, 2), torch.ones(1, 2))
+    b = rows.append(a, torch.full((1, 2), 2.0))
+    assert b.tolist() == [[1, 1], [2, 2]] and a.tolist() == [[1, 1]]  # an earlier view is unchanged
+    loaded = torch.full((3, 2), 7.0)  # e.g. a bank loaded from a snapshot
+    c = rows.append(loaded, torch.zeros(1, 2))
+    assert c.tolist() == [[7, 7]] * 3 + [[0, 0]] and loaded.shape[0] == 3
+
+
+def test_a_bank_round_trips_through_segments_and_new_blocks_change_only_the_last():
+    torch.manual_seed(0)
+    n = SEGMENT_BLOCKS + 5
+    banks = {"l0": (torch.randn(n, 2, 6), torch.randn(n, 5, 2)), "l1": (torch.randn(n, 2, 3), torch.randn(n, 4, 2))}
+    files = bank_files(banks)
+    assert sorted(files) == ["adapters-00000.safetensors", "adapters-00001.safetensors"]
+    back = read_bank(files, ["l0", "l1"], "test")
+    for name in banks:
+        assert torch.equal(back[name][0], banks[name][0]) and torch.equal(back[name][1], banks[name][1])
+    more = {k: (torch.cat([a, a[:1]]), torch.cat([b, b[:1]])) for k, (a, b) in banks.items()}
+    files2 = bank_files(more)
+    assert files2["adapters-00000.safetensors"] == files["adapters-00000.safetensors"]
+    assert files2["adapters-00001.safetensors"] != files["adapters-00001.safetensors"]
+    with pytest.raises(SnapshotError, match="numbered"):
+        read_bank({"adapters-00001.safetensors": files["adapters-00001.safetensors"]}, ["l0"], "test")
+    empty = bank_files({"l0": (torch.zeros(0, 2, 6), torch.zeros(0, 5, 2))})
+    assert read_bank(empty, ["l0"], "test")["l0"][0].shape == (0, 2, 6)

@@ -35,7 +35,7 @@ def test_publish_read_and_prune(tmp_path, as_uri):
 def test_a_corrupted_version_is_refused_and_latest_still_points_at_it(tmp_path):
     store = SnapshotStore(tmp_path, keep=3)
     publish(store, 1)
-    publish(store, 2)
+    publish(store, 2, text="y")  # a.bin differs, so v2 holds its own copy (unchanged files are shared)
     (tmp_path / "versions" / "v00000002" / "a.bin").write_bytes(b"tampered")
     with pytest.raises(SnapshotError, match="checksum mismatch"):
         store.read()
@@ -63,3 +63,23 @@ def test_bad_uris_and_folders_are_clear_errors(tmp_path):
         SnapshotStore("nosuchscheme://bucket/x")
     with pytest.raises(SnapshotError, match="neither a snapshot store"):
         read_any_snapshot(tmp_path)
+
+
+def test_unchanged_files_are_reused_not_rewritten(tmp_path):
+    store = SnapshotStore(tmp_path / "store", keep=2)
+    big, small = b"b" * 4096, b"s"
+    store.publish(1, {"big.bin": big, "small.bin": small}, {"version": 1})
+    store.publish(2, {"big.bin": big, "small.bin": b"t"}, {"version": 2})
+    first, second = store.local_folder(1), store.local_folder(2)
+    assert (first / "big.bin").stat().st_ino == (second / "big.bin").stat().st_ino  # one file, two versions
+    assert (first / "small.bin").stat().st_ino != (second / "small.bin").stat().st_ino
+    store.publish(3, {"big.bin": big, "small.bin": b"u"}, {"version": 3})  # prunes v1: v2's link survives
+    assert store.versions() == [2, 3]
+    for version in (2, 3):
+        manifest, files = store.read(version)
+        assert files["big.bin"] == big
+    # a reused file that was damaged after its publish is still caught when read
+    with open(store.local_folder(3) / "big.bin", "r+b") as handle:
+        handle.write(b"X")
+    with pytest.raises(SnapshotError, match="checksum mismatch"):
+        store.read(2)

@@ -42,7 +42,7 @@ def run_demo(data_dir: Path, n: int, config_path: str, out: Path) -> int:
     store_dir = out / "store"
     shutil.rmtree(store_dir, ignore_errors=True)  # a demo starts from the base model every time
     write_parquet(records, out / "edits.parquet")
-    print("bulk edit on Ray: stream -> trainer actor -> index actor -> snapshot store ...", flush=True)
+    print("bulk edit on Ray: stream -> trainer actor -> writer actor -> snapshot store ...", flush=True)
     started = time.perf_counter()
     summary = BulkEditJob(config, str(out / "edits.parquet"), str(store_dir), "demo").run()
     seconds = time.perf_counter() - started

@@ -13,6 +13,7 @@ An editor
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from abc import ABC, abstractmethod
@@ -92,7 +93,7 @@ class Generation:
 
 @dataclass(frozen=True)
 class IndexUpdate:
-    """What indexing one trained batch did (typed message: index actor -> driver)."""
+    """What indexing one trained batch did (typed message: writer actor -> driver)."""
 
     clusters: int = 0
     members: int = 0
@@ -103,7 +104,7 @@ class IndexUpdate:
 
 @dataclass(frozen=True)
 class TrainedBatch:
-    """One trained, committed batch (typed message: trainer actor -> index actor and driver).
+    """One trained, committed batch (typed message: trainer actor -> writer actor and driver).
 
     For an editor with a separate index, `keys`/`targets`/`ids`/`block` are what the index adds;
     an editor without one has already applied everything and reports its counters in `update`."""
@@ -119,6 +120,8 @@ class TrainedBatch:
     targets: tuple[str, ...] = ()
     keys: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     update: IndexUpdate | None = None
+    prompts: tuple[str, ...] = ()  # the edits' prompts (for the writer's edit log)
+    weights: Mapping[str, torch.Tensor] | None = None  # a detached trained block, for the writer to commit
 
 
 @dataclass(frozen=True)
@@ -195,11 +198,60 @@ class EditIndex(ABC):
         """Counters for summaries (clusters, members, ...)."""
 
 
+class BatchWriter(ABC):
+    """The single writer of an editor whose batches train independently (MELO: each batch trains a
+    fresh block). Trainers, as many as the job runs, train batches at once (`Editor.train_detached`);
+    the writer commits them in stream order into the editor's whole state (trained weights, index,
+    edit log) and writes its snapshot files. It holds no model; `layout` (`Editor.writer_layout`)
+    tells it the shapes it needs."""
+
+    version: int
+
+    @classmethod
+    @abstractmethod
+    def create(cls, config: EditorConfig, layout: Mapping[str, Any]) -> "BatchWriter":
+        """The state of an editor with no edits."""
+
+    @classmethod
+    @abstractmethod
+    def from_files(cls, config: EditorConfig, layout: Mapping[str, Any], manifest: Mapping[str, Any],
+                   files: Mapping[str, bytes], where: str) -> "BatchWriter":
+        """Restore from a verified snapshot (raises SnapshotError if it does not fit)."""
+
+    @abstractmethod
+    def commit(self, trained: TrainedBatch) -> IndexUpdate:
+        """Commit the next batch of the stream (whole, or nothing on error)."""
+
+    @abstractmethod
+    def files(self) -> dict[str, bytes]:
+        """The snapshot files of everything committed so far."""
+
+    @abstractmethod
+    def stats(self) -> dict[str, int]:
+        """The same counters the editor's own `stats()` reports."""
+
+
+def edit_log_files(entries: Iterable[EditEntry]) -> dict[str, bytes]:
+    """The snapshot file of an edit log (oldest first)."""
+    return {EDIT_LOG: json.dumps({"edits": [vars(e) for e in entries]}, sort_keys=True, ensure_ascii=False).encode()}
+
+
+def log_batch(edit_log: dict[str, EditEntry], trained: TrainedBatch, records: Iterable[EditRecord] | None = None) -> None:
+    """Enter a committed batch's edits in an edit log (an id edited again moves to the end)."""
+    kept = set(trained.ids)
+    rows = ([(r.id, r.prompt, r.target) for r in records if r.id in kept] if records is not None
+            else list(zip(trained.ids, trained.prompts, trained.targets, strict=True)))
+    for edit_id, prompt, target in rows:
+        edit_log.pop(edit_id, None)
+        edit_log[edit_id] = EditEntry(edit_id, prompt, target, trained.version, trained.block)
+
+
 class Editor(ABC):
     """A backbone plus one editing method's state. Subclasses implement the abstract methods."""
 
     name: ClassVar[str]
     index_type: ClassVar[type[EditIndex] | None] = None  # set when the index can live in another process
+    writer_type: ClassVar[type[BatchWriter] | None] = None  # set when batches train independently (a trainer pool)
 
     def __init__(self, config: EditorConfig, backbone: Backbone | None = None, device: str | None = None) -> None:
         self.config = config
@@ -283,13 +335,19 @@ class Editor(ABC):
     def apply_batch(self, records: list[EditRecord]) -> TrainedBatch:
         """train_batch, and the applied edits entered in the edit log (what the job's trainer calls)."""
         trained = self.train_batch(records)
-        kept = set(trained.ids) if trained.ids else {r.id for r in records}
-        for record in records:
-            if record.id in kept:
-                self.edit_log.pop(record.id, None)  # an id edited again moves to the end
-                self.edit_log[record.id] = EditEntry(record.id, record.prompt, record.target, trained.version,
-                                                     trained.block)
+        if not trained.ids:  # an editor that does not say which records it kept applied them all
+            trained = dataclasses.replace(trained, ids=tuple(r.id for r in records))
+        log_batch(self.edit_log, trained, records)
         return trained
+
+    def train_detached(self, records: list[EditRecord], position: int) -> TrainedBatch:
+        """Train the batch at stream `position` without changing this editor (weights in the result),
+        for the job's trainer pool; only editors with a `writer_type` can."""
+        raise NotImplementedError(f"the '{self.name}' editor's batches edit shared state; it trains in one process")
+
+    def writer_layout(self) -> dict[str, Any]:
+        """What this editor's BatchWriter needs to know without a model (shapes, key size)."""
+        return {}
 
     def revert(self, ids: Iterable[str]) -> list[str]:
         """Take these edits out (every other edit and unrelated prompt answers as before); the version
@@ -332,7 +390,7 @@ class Editor(ABC):
         self.edit_log = {}
 
     def detach_index(self) -> None:
-        """Drop the in-process index: another process (the job's index actor) owns it."""
+        """Drop the in-process index: another process (the job's writer actor) owns it."""
         self.index = None
 
     # -- inference, written once -----------------------------------------------------------------
@@ -382,8 +440,7 @@ class Editor(ABC):
 
     # -- snapshots, written once -----------------------------------------------------------------
     def log_files(self) -> dict[str, bytes]:
-        entries = [vars(e) for e in self.edit_log.values()]
-        return {EDIT_LOG: json.dumps({"edits": entries}, sort_keys=True, ensure_ascii=False).encode()}
+        return edit_log_files(self.edit_log.values())
 
     def trainer_files(self) -> dict[str, bytes]:
         """What the trainer process holds: trained state and the edit log (not the index)."""

@@ -155,15 +155,19 @@ class DecodeLoop:
 
     def _advance(self, rows: list[Sequence], logits: torch.Tensor) -> None:
         tokenizer = self.editor.backbone.tokenizer
-        for seq, row_logits in zip(rows, logits):
+        greedy = logits.argmax(-1).tolist()  # one device round trip for every greedy row of the step
+        for seq, row_logits, best in zip(rows, logits, greedy):
             if seq.cancelled:
                 seq.finish_reason = "cancelled"
                 self._emit(seq)
                 continue
-            if len(seq.tokens) < seq.min_new_tokens:
-                row_logits = row_logits.clone()
-                row_logits[self.eos] = float("-inf")
-            token = sample_next(row_logits, seq.sampling, seq.generator)
+            if seq.sampling.temperature <= 0 and not (best == self.eos and len(seq.tokens) < seq.min_new_tokens):
+                token = best
+            else:
+                if len(seq.tokens) < seq.min_new_tokens:
+                    row_logits = row_logits.clone()
+                    row_logits[self.eos] = float("-inf")
+                token = sample_next(row_logits, seq.sampling, seq.generator)
             if token == self.eos:
                 seq.finish_reason = "stop"
             else:

@@ -1,26 +1,37 @@
-"""The job's two stateful actors. Plain classes here; the job wraps them with ray.remote options.
+"""The job's stateful actors. Plain classes here; the job wraps them with ray.remote options.
 
-The trainer holds the backbone and the editor's trained state; it trains one batch per call. An
-editor whose index can live apart (its `index_type`, e.g. MELO's neuron index) gets an index actor,
-the index's single writer; for any other editor the trainer holds all of its state. Both check that
-a call continues from the state the driver expects, so a restarted (blank) actor is noticed instead
-of silently training on nothing. Everything that crosses between them is a typed message.
+A trainer holds the backbone. For an editor whose batches train independently (its `writer_type`,
+e.g. MELO) trainers are stateless: a pool of them trains consecutive batches at once, and the writer
+actor, the single writer, holds the editor's whole state and commits batches in stream order. For
+any other editor (ELDER, GRACE, sequential LoRA: each batch edits shared state) one trainer holds
+all of it and checks that each call continues from the state the driver expects, so a restarted
+(blank) actor is noticed instead of silently training on nothing. Everything that crosses between
+processes is a typed message.
 """
 from __future__ import annotations
 
 import os
 import resource
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from melo_ray.config import load_config
-from melo_ray.editors.protocol import EditIndex, IndexUpdate, StaleStateError, TrainedBatch
+from melo_ray.editors.protocol import BatchWriter, IndexUpdate, StaleStateError, TrainedBatch
 from melo_ray.editors.registry import build_editor, editor_class
 from melo_ray.records import EditRecord
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 @dataclass(frozen=True)
@@ -28,12 +39,13 @@ class TrainerInfo:
     editor: str
     version: int
     base_checksum: str
-    key_dim: int
-    has_index: bool  # the editor's index runs in an index actor
+    pooled: bool  # batches train independently: stateless trainers and a writer actor
     labels: tuple[str, ...] | None  # a classification backbone's labels: the only targets it can learn
     device: str
     pid: int
     peak_rss_bytes: int
+    layout: dict[str, Any] = field(default_factory=dict)  # what the writer needs (Editor.writer_layout)
+    node_id: str = ""  # the Ray node it runs on
 
 
 class TrainerActor:
@@ -42,17 +54,25 @@ class TrainerActor:
             torch.set_num_threads(threads)
         self.config = load_config(dict(config))
         self.editor = build_editor(self.config.editor, self.config, device=device)
-        self.editor.detach_index()  # an index, if the editor has one, is the index actor's
+        self.editor.detach_index()  # an index, if the editor has one, is the writer's
 
     def info(self) -> TrainerInfo:
         labels = self.editor.backbone.labels
+        pooled = self.editor.writer_type is not None
         return TrainerInfo(
             editor=self.editor.name, version=self.editor.version, base_checksum=self.editor.base_checksum,
-            key_dim=self.editor.key_dim(), has_index=self.editor.index_type is not None,
-            labels=tuple(labels) if labels is not None else None, device=str(self.editor.backbone.device),
-            pid=os.getpid(), peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB
+            pooled=pooled, labels=tuple(labels) if labels is not None else None,
+            device=str(self.editor.backbone.device), pid=os.getpid(), peak_rss_bytes=_peak_rss_bytes(),
+            layout=self.editor.writer_layout() if pooled else {}, node_id=_node_id(),
         )
 
+    # -- a pooled (stateless) trainer --------------------------------------------------------------
+    def train_detached(self, records: list[EditRecord], position: int) -> TrainedBatch:
+        """Train the batch at stream `position`; a pure function of its arguments, so Ray may retry
+        it on a restarted actor."""
+        return self.editor.train_detached(list(records), position)
+
+    # -- the one trainer of an editor with shared state --------------------------------------------
     def reset(self) -> int:
         """Back to the base model: no edits, version 0."""
         self.editor.reset()
@@ -63,47 +83,64 @@ class TrainerActor:
         return self.editor.version
 
     def train(self, records: list[EditRecord], expected_version: int) -> TrainedBatch:
-        """Train and commit one batch; returns what the index (and the driver) needs."""
+        """Train and commit one batch; returns what the driver needs."""
         if self.editor.version != expected_version:
             raise StaleStateError(f"trainer holds version {self.editor.version}, the job expects {expected_version}")
         return self.editor.apply_batch(list(records))
 
     def files(self) -> dict[str, bytes]:
-        """This actor's part of a snapshot: the editor's trained state and edit log (not the index)."""
+        """This actor's part of a snapshot: the editor's trained state and edit log."""
         return self.editor.trainer_files()
 
     def stats(self) -> dict[str, int]:
         return self.editor.stats()
 
 
-class IndexActor:
-    """The single writer of an editor's index (MELO: the neuron index over prompt keys)."""
+@dataclass(frozen=True)
+class CommitResult:
+    """What committing one batch did (typed message: writer -> driver); the weights stay behind."""
 
-    def __init__(self, config: Mapping[str, Any], dim: int) -> None:
+    version: int
+    edits: int
+    steps: int
+    final_loss: float
+    learned: float
+    seconds: float
+    update: IndexUpdate
+
+
+class WriterActor:
+    """The single writer of a pooled editor's state: bank, index and edit log (MELO: MeloWriter)."""
+
+    def __init__(self, config: Mapping[str, Any], layout: Mapping[str, Any]) -> None:
         self.config = load_config(dict(config))
-        index_type = editor_class(self.config.editor).index_type
-        if index_type is None:
-            raise ValueError(f"editor '{self.config.editor}' has no separate index")
-        self.index_type: type[EditIndex] = index_type
-        self.dim = dim
+        writer_type = editor_class(self.config.editor).writer_type
+        if writer_type is None:
+            raise ValueError(f"editor '{self.config.editor}' trains in one process; it has no writer")
+        self.writer_type: type[BatchWriter] = writer_type
+        self.layout = dict(layout)
         self.reset()
 
     def reset(self) -> int:
-        self.index = self.index_type.create(self.config, self.dim)
+        self.writer = self.writer_type.create(self.config, self.layout)
         return 0
 
-    def restore(self, files: Mapping[str, bytes], where: str) -> None:
-        self.index = self.index_type.from_files(self.config, self.dim, files, where)
+    def restore(self, manifest: Mapping[str, Any], files: Mapping[str, bytes]) -> int:
+        self.writer = self.writer_type.from_files(self.config, self.layout, manifest, files,
+                                                  f"snapshot v{manifest.get('version')}")
+        return self.writer.version
 
-    def add_batch(self, trained: TrainedBatch) -> IndexUpdate:
-        """Index one trained batch; batches must arrive in stream order, each once."""
-        return self.index.add(trained)
+    def commit(self, trained: TrainedBatch) -> CommitResult:
+        """Commit one trained batch; batches must arrive in stream order, each once."""
+        update = self.writer.commit(trained)
+        return CommitResult(trained.version, trained.edits, trained.steps, trained.final_loss, trained.learned,
+                            trained.seconds, update)
 
     def files(self) -> dict[str, bytes]:
-        return self.index.files()
+        return self.writer.files()
 
     def stats(self) -> dict[str, int]:
-        return self.index.stats()
+        return self.writer.stats()
 
-    def search(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.index.search(np.asarray(keys, dtype=np.float32))
+    def peak_rss_bytes(self) -> int:
+        return _peak_rss_bytes()

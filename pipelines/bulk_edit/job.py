@@ -1,12 +1,16 @@
-"""The bulk-edit job's driver: stream → trainer actor → index actor → snapshot store, exactly once.
+"""The bulk-edit job's driver: stream → trainer actors → writer actor → snapshot store, exactly once.
 
-Any registered editor runs here; an editor with a separate index (MELO) gets an index actor.
+Any registered editor runs here. An editor whose batches train independently (MELO) gets a pool of
+`pipeline.trainers` stateless trainer actors that train consecutive batches at once, and a writer
+actor, the single writer, that commits them in stream order; any other editor gets one trainer that
+holds its whole state.
 
 A batch is committed when a snapshot version holding it is published; the manifest of that version
 records how far into the stream the job got (`job.rows_done`). Whatever happens (driver killed,
-actor killed), the job restarts from the latest published version: both actors are restored from
-it and the stream is re-read from `rows_done`. Training is seeded by the block's version, so a
-batch redone after a crash gives the same block and the same clusters as an uninterrupted run.
+actor killed), the job restarts from the latest published version: the stateful actor is restored
+from it and the stream is re-read from `rows_done`. Training is seeded by the batch's position in
+the stream, so a batch redone after a crash, or trained by another trainer of the pool, gives the
+same block and the same clusters as an uninterrupted run with one trainer.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import json
 import logging
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -25,10 +30,13 @@ from melo_ray.records import EditRecord, RecordError, parse_record
 from melo_ray.snapshots import SnapshotError
 from melo_ray.store import SnapshotStore
 from melo_ray.training import label_error, length_error
-from pipelines.bulk_edit.actors import IndexActor, TrainerActor, TrainerInfo
+from pipelines.bulk_edit.actors import CommitResult, TrainerActor, TrainerInfo, WriterActor
 from pipelines.bulk_edit.source import EditSource
 
 log = logging.getLogger(__name__)
+
+
+READER_CPUS = 1.0  # kept free for the stream reader (Ray Data)
 
 
 class JobError(RuntimeError):
@@ -104,20 +112,24 @@ class _InFlight:
 
     version: int  # the version it makes
     last_row: int
-    trained_ref: Any
-    indexed_ref: Any
+    result_ref: Any  # TrainedBatch (one stateful trainer) or CommitResult (the writer)
     parts: list[Any] | None  # snapshot files and counters, when this batch is a publish point
     final: bool
 
 
 @dataclass
 class _Actors:
-    trainer: Any
-    index: Any  # None for an editor without a separate index: its trainer holds all its state
+    trainers: list[Any]
+    writer: Any  # None for an editor with shared state: its one trainer holds all its state
     info: TrainerInfo
 
+    @property
+    def stateful(self) -> Any:
+        """The actor that holds the editor's state: restored, reset, and asked for snapshot files."""
+        return self.writer if self.writer is not None else self.trainers[0]
+
     def all(self) -> list[Any]:
-        return [a for a in (self.trainer, self.index) if a is not None]
+        return self.trainers + ([self.writer] if self.writer is not None else [])
 
 
 class BulkEditJob:
@@ -137,6 +149,7 @@ class BulkEditJob:
         self.state = self._load_or_start_state()
         self.actors: _Actors | None = None
         self.tracker = None
+        self.last_publish_seconds = 0.0
 
     # -- job state -------------------------------------------------------------------------------
     def _load_or_start_state(self) -> JobState:
@@ -175,20 +188,45 @@ class BulkEditJob:
         import ray
 
         gpus = self.cfg.trainer_gpus
+        cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
         if gpus == "auto":
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+            gpus = 1 if cluster_gpus >= 1 else 0
         config = self.config.model_dump(mode="json")
-        trainer = ray.remote(TrainerActor).options(
-            num_cpus=self.cfg.trainer_cpus, num_gpus=gpus, max_restarts=self.cfg.max_actor_restarts,
-        ).remote(config, "cuda" if gpus else None, max(1, int(self.cfg.trainer_cpus)))
-        info: TrainerInfo = ray.get(trainer.info.remote())
-        index = None
-        if info.has_index:
-            index = ray.remote(IndexActor).options(
+        # spread over the cluster's nodes: one trainer per node (or GPU) before two share one
+        options = dict(num_cpus=self.cfg.trainer_cpus, num_gpus=gpus, max_restarts=self.cfg.max_actor_restarts,
+                       scheduling_strategy="SPREAD")
+        args = (config, "cuda" if gpus else None, max(1, int(self.cfg.trainer_cpus)))
+        first = ray.remote(TrainerActor).options(**options).remote(*args)
+        info: TrainerInfo = ray.get(first.info.remote())
+        wanted = self.cfg.trainers
+        if wanted > 1 and not info.pooled:
+            log.warning("pipeline.trainers=%d: the '%s' editor's batches edit shared state (each trains on the "
+                        "last), so they cannot train at once; using one trainer", wanted, info.editor)
+            wanted = 1
+        free = ray.cluster_resources().get("CPU", 0) - self.cfg.trainer_cpus  # the first trainer holds its CPUs
+        fit = 1 + int(max(0.0, free - READER_CPUS) // self.cfg.trainer_cpus) if not gpus else wanted
+        if wanted > fit:
+            # Ray Data's parquet reader samples the files with one-CPU tasks: trainers holding every CPU
+            # of the cluster would stall the stream that feeds them
+            log.warning("pipeline.trainers=%d x trainer_cpus=%s leave no CPU for reading the stream on this "
+                        "cluster; using %d trainers", wanted, self.cfg.trainer_cpus, fit)
+            wanted = fit
+        if gpus and wanted > cluster_gpus:
+            log.warning("pipeline.trainers=%d but the cluster has %d GPUs; using %d trainers", wanted,
+                        cluster_gpus, cluster_gpus)
+            wanted = cluster_gpus
+        trainers, writer = [first], None
+        if info.pooled:
+            # a pooled trainer is stateless and its call a pure function of (records, position):
+            # Ray may restart it and retry the call, and the result is the same
+            pooled = ray.remote(TrainerActor).options(**options, max_task_retries=self.cfg.max_actor_restarts)
+            trainers = [first] + [pooled.remote(*args) for _ in range(wanted - 1)]
+            writer = ray.remote(WriterActor).options(
                 num_cpus=0, max_restarts=self.cfg.max_actor_restarts,
-            ).remote(config, info.key_dim)
-        log.info("%s trainer on %s (pid %s)", info.editor, info.device, info.pid)
-        return _Actors(trainer, index, info)
+            ).remote(config, info.layout)
+        log.info("%s: %d trainer(s) on %s%s", info.editor, len(trainers), info.device,
+                 ", one writer" if writer is not None else "")
+        return _Actors(trainers, writer, info)
 
     def _actors_alive(self) -> bool:
         import ray
@@ -196,31 +234,27 @@ class BulkEditJob:
         if self.actors is None:
             return False
         try:
-            ray.get([self.actors.trainer.info.remote()] + [a.stats.remote() for a in self.actors.all()[1:]],
+            ray.get([t.info.remote() for t in self.actors.trainers] + [self.actors.stateful.stats.remote()],
                     timeout=600)
             return True
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             return False
 
     def _restore_actors(self, version: int | None) -> int:
-        """Both actors back to `version` (None: the base model); returns the trainer's version."""
+        """The stateful actor back to `version` (None: the base model); returns its version."""
         import ray
 
         assert self.actors is not None
-        index = self.actors.index
+        stateful = self.actors.stateful
         if version is None:
-            return ray.get([a.reset.remote() for a in self.actors.all()])[0]
+            return ray.get(stateful.reset.remote())
         manifest, files = self.store.read(version)
         if manifest.get("base_checksum") != self.actors.info.base_checksum:
             raise SnapshotError(f"{self.store.uri} v{version}: made on other base weights than this job's backbone")
         if manifest.get("editor") != self.config.editor:
             raise JobError(f"{self.store.uri} v{version} holds a '{manifest.get('editor')}' snapshot; "
                            f"this job runs '{self.config.editor}': use another --out")
-        files_ref = ray.put(files)
-        calls = [self.actors.trainer.restore.remote(manifest, files_ref)]
-        if index is not None:
-            calls.append(index.restore.remote(files_ref, f"{self.store.uri} v{version}"))
-        return ray.get(calls)[0]
+        return ray.get(stateful.restore.remote(manifest, ray.put(files)))
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> JobSummary:
@@ -296,53 +330,87 @@ class BulkEditJob:
         bar = tqdm(total=self.source.num_rows, initial=rows_done, desc=f"job {self.job_id}", unit="row",
                    disable=not self.progress)
 
-        def submit(last_row: int, final: bool) -> None:
-            """Queue one batch on the actors without waiting: train, index, and (at a publish point) the
-            snapshot files as of this batch, all in each actor's call order. The driver goes on reading
-            the stream while they work."""
+        trainers = self.actors.trainers
+        writer = self.actors.writer
+        # enough batches in flight to keep every trainer busy, plus the configured look-ahead
+        window = self.cfg.inflight_batches + len(trainers) - 1
+
+        def submit(last_row: int, final: bool = False) -> None:
+            """Queue one batch without waiting: training (round robin over the pool), the commit by
+            the writer (in stream order: Ray runs one caller's calls on an actor in order), and (at a
+            publish point) the snapshot files as of this batch. The driver goes on reading the stream."""
             nonlocal expected, unpublished
-            trained_ref = self.actors.trainer.train.remote(list(pending), expected)
-            indexed_ref = None
-            if self.actors.index is not None:
-                indexed_ref = self.actors.index.add_batch.remote(trained_ref)  # waits on the trainer's result
-            expected += 1  # every train call moves the version by one
+            if writer is not None:
+                trained_ref = trainers[expected % len(trainers)].train_detached.remote(list(pending), expected)
+                result_ref = writer.commit.remote(trained_ref)  # waits on the trainer's result
+            else:
+                result_ref = trainers[0].train.remote(list(pending), expected)
+            expected += 1  # every batch moves the version by one
             unpublished += 1
             pending.clear()
             publish = unpublished >= self.cfg.snapshot_every or final
             parts = self._snapshot_parts() if publish else None
             if publish:
                 unpublished = 0
-            inflight.append(_InFlight(expected, last_row, trained_ref, indexed_ref, parts, final))
-            while len(inflight) > self.cfg.inflight_batches or (final and inflight):
+            inflight.append(_InFlight(expected, last_row, result_ref, parts, final))
+            while len(inflight) > window or (final and inflight):
                 finish(inflight.popleft())
 
         def finish(item: _InFlight) -> None:
-            """Wait for the oldest batch; publish it when it is a publish point (the commit)."""
-            if item.indexed_ref is not None:
-                trained, indexed = ray.get([item.trained_ref, item.indexed_ref])
-            else:  # the trainer applied everything; its counters stand in for an index's
-                trained = ray.get(item.trained_ref)
-                indexed = trained.update or IndexUpdate()
-            assert isinstance(trained, TrainedBatch) and isinstance(indexed, IndexUpdate)
-            if trained.version != item.version:
-                raise StaleStateError(f"trainer answered version {trained.version}, the job expected {item.version}")
+            """Wait for the oldest batch, then hand its publish (the commit) and its metrics to the
+            publisher thread: a slow store does not hold up the stream, and one thread keeps
+            publishes, job state and tracking in stream order."""
+            result = ray.get(item.result_ref)
+            if isinstance(result, TrainedBatch):  # the one trainer applied everything; its counters
+                indexed = result.update or IndexUpdate()
+            else:
+                assert isinstance(result, CommitResult)
+                indexed = result.update
+            if result.version != item.version:
+                raise StaleStateError(f"actor answered version {result.version}, the job expected {item.version}")
             self.state.batches = item.version - self.state.version_before
             metrics = {
-                "loss": trained.final_loss, "train_seconds": trained.seconds, "steps": trained.steps,
-                "learned": trained.learned, "clusters": indexed.clusters, "conflicts": indexed.conflicts,
+                "loss": result.final_loss, "train_seconds": result.seconds, "steps": result.steps,
+                "learned": result.learned, "clusters": indexed.clusters, "conflicts": indexed.conflicts,
                 "forgotten": indexed.forgotten_total, "index_size": indexed.members,
             }
+            publishing.append(publisher.submit(record, item, metrics, indexed.clusters, list(rejects)))
+            while len(publishing) > 1 or (publishing and publishing[0].done()):
+                publishing.popleft().result()  # re-raises a failed publish here
+
+        def record(item: _InFlight, metrics: dict[str, float], clusters: int, rejects_now: list) -> None:
             if item.parts is not None:
-                self._publish(item.version, item.last_row + 1, rejects, item.final, item.parts)
+                self._publish(item.version, item.last_row + 1, rejects_now, item.final, item.parts)
                 self.state.seconds = seconds_before + time.perf_counter() - started
                 metrics["edits_total"] = self.state.edits_applied
                 metrics["rejected_total"] = self.state.rejected
+                metrics["publish_seconds"] = self.last_publish_seconds
             self.tracker.log_metrics(metrics, step=item.version)
             bar.n = item.last_row + 1
-            bar.set_postfix(edits=self.state.edits_applied, clusters=indexed.clusters, rejected=len(rejects))
+            bar.set_postfix(edits=self.state.edits_applied, clusters=clusters, rejected=len(rejects_now))
             if item.parts is not None and self.on_commit is not None:
                 self.on_commit(self, item.version)
 
+        publishing: deque[Future] = deque()
+        with ThreadPoolExecutor(1, thread_name_prefix="publisher") as publisher:
+            last_row = self._stream(rows_done, rejects, labels, pending, submit)
+            if pending:
+                submit(last_row, final=True)
+            while inflight:
+                finish(inflight.popleft())
+            while publishing:
+                publishing.popleft().result()
+        if unpublished:  # batches after the last publish point (snapshot_every > 1)
+            self._publish(expected, last_row + 1, rejects, True, self._snapshot_parts())
+        else:  # rows after the last batch (e.g. only rejects) still count as read
+            self._record_progress(last_row + 1, rejects)
+        bar.close()
+        self.state.seconds = seconds_before + time.perf_counter() - started
+
+    def _stream(self, rows_done: int, rejects: list[dict[str, Any]], labels: tuple[str, ...] | None,
+                pending: list[EditRecord], submit: Callable[[int, bool], None]) -> int:
+        """Read and validate the stream from `rows_done`, submitting each full batch; bad rows go to
+        `rejects`. Returns the last row read."""
         last_row = rows_done - 1
         for row, raw in self.source.rows(rows_done, self.cfg.read_rows):
             last_row = row
@@ -357,23 +425,14 @@ class BulkEditJob:
                 continue
             pending.append(record)
             if len(pending) == self.batch_size:
-                submit(row, final=False)
-        if pending:
-            submit(last_row, final=True)
-        while inflight:
-            finish(inflight.popleft())
-        if unpublished:  # batches after the last publish point (snapshot_every > 1)
-            self._publish(expected, last_row + 1, rejects, True, self._snapshot_parts())
-        else:  # rows after the last batch (e.g. only rejects) still count as read
-            self._record_progress(last_row + 1, rejects)
-        bar.close()
-        self.state.seconds = seconds_before + time.perf_counter() - started
+                submit(row, False)
+        return last_row
 
     def _snapshot_parts(self) -> list[Any]:
-        """Refs to every actor's files and counters, queued now: they hold the state as of the calls
-        already queued on each actor, whatever is queued after them."""
-        actors = self.actors.all()
-        return [a.files.remote() for a in actors] + [a.stats.remote() for a in actors]
+        """Refs to the stateful actor's files and counters, queued now: they hold the state as of the
+        calls already queued on it, whatever is queued after them."""
+        stateful = self.actors.stateful
+        return [stateful.files.remote(), stateful.stats.remote()]
 
     def _publish(self, version: int, rows_done: int, rejects: list[dict[str, Any]], final: bool,
                  parts_refs: list[Any]) -> None:
@@ -381,10 +440,7 @@ class BulkEditJob:
         import ray
 
         _save_rejects(self.store, self.job_id, [r for r in rejects if r["row"] < rows_done])
-        actors = self.actors.all()
-        parts = ray.get(parts_refs)
-        files = {k: v for part in parts[: len(actors)] for k, v in part.items()}
-        stats = {k: v for part in parts[len(actors):] for k, v in part.items()}
+        files, stats = ray.get(parts_refs)
         meta = {
             "editor": self.config.editor,
             "version": version,
@@ -394,7 +450,9 @@ class BulkEditJob:
             "job": {"id": self.job_id, "rows_done": rows_done, "final": final,
                     "edits_uri": self.source.uri, "fingerprint": self.source.fingerprint},
         }
+        started = time.perf_counter()
         self.store.publish(version, files, meta)
+        self.last_publish_seconds = time.perf_counter() - started
         self.state.edits_applied = stats["edits"] - self.state.edits_before
         self.state.last_version = version
         self.state.published += 1

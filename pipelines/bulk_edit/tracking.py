@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,12 +60,18 @@ class JobTracker:
             self.run = mlflow.start_run(experiment_id=experiment_id, run_name=job_id, tags={"melo_ray.job_id": job_id})
             mlflow.log_params(flatten(config.model_dump(mode="json")))
         self.run_id = self.run.info.run_id
+        self.client = mlflow.tracking.MlflowClient(tracking_uri=self.uri)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         self.mlflow.log_params({k: str(v) for k, v in params.items()})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        # by run id through the client: the job logs from its publisher thread, and mlflow's fluent
+        # API keeps the active run per thread
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def log_dict(self, data: Mapping[str, Any], name: str) -> None:
         self.mlflow.log_dict(dict(data), name)

@@ -13,14 +13,15 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
-import safetensors.torch
 import torch
 
 from melo_ray.backbones import Backbone
 from melo_ray.config import EditorConfig
+from melo_ray.editors.melo.bank import bank_files, read_bank
 from melo_ray.editors.melo.block_index import BlockIndex
 from melo_ray.editors.melo.keys import build_key_function
 from melo_ray.editors.melo.layer import BlockRouter, inject_dynamic_lora
+from melo_ray.editors.melo.writer import MeloWriter, check_bank_config
 from melo_ray.editors.protocol import Editor, Routing, TrainedBatch
 from melo_ray.inference import generate_texts
 from melo_ray.records import EditRecord
@@ -48,6 +49,7 @@ class MeloEditor(Editor):
 
     name = "melo"
     index_type = BlockIndex
+    writer_type = MeloWriter
     index: BlockIndex | None
 
     def __init__(self, config: EditorConfig, backbone: Backbone | None = None, device: str | None = None) -> None:
@@ -61,6 +63,10 @@ class MeloEditor(Editor):
 
     def key_dim(self) -> int:
         return self.key_function.dim
+
+    def writer_layout(self) -> dict[str, Any]:
+        return {"key_dim": self.key_dim(),
+                "layers": {name: {"in": layer.in_features, "out": layer.out_features} for name, layer in self.layers.items()}}
 
     def _check_key_precedes_lora(self) -> None:
         key = self.config.index.key_module
@@ -77,36 +83,44 @@ class MeloEditor(Editor):
     def train_batch(self, records: list[EditRecord]) -> TrainedBatch:
         """The trainer's half of an edit: keys of the batch's prompts and one committed block.
 
-        The index is not touched (the pipeline's index actor may own it). On any failure nothing of
+        The index is not touched (the job's writer actor may own it). On any failure nothing of
         this batch stays behind."""
+        trained = self.train_detached(records, self.version)
+        block = self.router.append_block(trained.weights)
+        self.version += 1
+        self.edits_applied += trained.edits
+        return dataclasses.replace(trained, block=block, weights=None)
+
+    def train_detached(self, records: list[EditRecord], position: int) -> TrainedBatch:
+        """Train the block of the batch at stream `position` without touching this editor's state: a
+        batch trains a fresh block seeded by its position alone, so a pool of trainers can train
+        consecutive batches at once and the writer (MeloWriter) commits them in order."""
         batch_records = _latest_per_prompt(records)
         if not batch_records:
             raise ValueError("edit batch is empty")
         keys = self.key_function.keys([r.prompt for r in batch_records])
         if not np.all(np.isfinite(keys)):
             raise ValueError("edit batch: a prompt produced a non-finite key")
-        trained_on = in_formats(self.backbone, self._training_rows(batch_records), self.config.train.formats)
+        rows = self._training_rows(batch_records, position)
+        trained_on = in_formats(self.backbone, rows, self.config.train.formats)
         batch = build_batch(self.backbone, trained_on, self.config.train.append_eos, rendered=True)
-        params = self.router.start_block(seed=self.config.train.seed + self.version)
+        params = self.router.start_block(seed=self.config.train.seed + position)
         try:
             stats = train_block(
                 self.backbone, batch, params, self.config.train, trained_modules=list(self.layers),
                 active=lambda: self.router.staging(len(trained_on), self.backbone.device),
             )
-            block = self.router.commit_block()
-        except BaseException:
-            self.router.discard_block()  # nothing of this batch stays behind
-            raise
-        self.version += 1
-        self.edits_applied += len(batch_records)
+            weights = self.router.staging_weights()
+        finally:
+            self.router.discard_block()  # the block leaves as weights; nothing stays behind here
         return TrainedBatch(
-            version=self.version, edits=len(batch_records), steps=stats.steps, final_loss=stats.final_loss,
-            learned=stats.learned, seconds=stats.seconds, block=block,
+            version=position + 1, edits=len(batch_records), steps=stats.steps, final_loss=stats.final_loss,
+            learned=stats.learned, seconds=stats.seconds,
             ids=tuple(r.id for r in batch_records), targets=tuple(r.target for r in batch_records),
-            keys=keys.astype(np.float32),
+            prompts=tuple(r.prompt for r in batch_records), keys=keys.astype(np.float32), weights=weights,
         )
 
-    def _training_rows(self, records: list[EditRecord]) -> list[EditRecord]:
+    def _training_rows(self, records: list[EditRecord], position: int) -> list[EditRecord]:
         """The batch's rows: each edit's prompt, its train_rephrases, and prefixed copies (lora section)."""
         cfg = self.config.lora
         rows = list(records)
@@ -114,7 +128,7 @@ class MeloEditor(Editor):
             rows += [EditRecord(prompt=p, target=r.target, id=r.id) for r in records for p in r.train_rephrases]
         if cfg.prefix_augment:
             prefixes = self._prefixes()
-            rng = random.Random(self.config.train.seed + self.version)
+            rng = random.Random(self.config.train.seed + position)
             rows += [EditRecord(prompt=f"{rng.choice(prefixes)} {r.prompt}", target=r.target, id=r.id)
                      for r in records for _ in range(cfg.prefix_augment)]
         return rows
@@ -138,39 +152,23 @@ class MeloEditor(Editor):
         return Routing(ids, dists)
 
     def routed(self, routing: Routing, batch: EditBatch | None = None) -> AbstractContextManager:
-        return self.router.route(torch.as_tensor(routing.ids, dtype=torch.long))
+        return self.router.route(np.asarray(routing.ids, dtype=np.int64))
 
     # -- state -----------------------------------------------------------------------------------
     def state_stats(self) -> dict[str, int]:
         return {"blocks": self.router.num_blocks, "extra_parameters": self.router.extra_parameters()}
 
     def state_files(self) -> dict[str, bytes]:
-        adapters = {}
-        for name, layer in self.layers.items():
-            adapters[f"{name}.lora_bank_A"] = layer.lora_bank_A.detach().cpu().contiguous()
-            adapters[f"{name}.lora_bank_B"] = layer.lora_bank_B.detach().cpu().contiguous()
-        return {"adapters.safetensors": safetensors.torch.save(adapters)}
+        return bank_files({name: (layer.lora_bank_A, layer.lora_bank_B) for name, layer in self.layers.items()})
 
     def restore_state(self, manifest: Mapping[str, Any], files: Mapping[str, bytes], where: str) -> Callable[[], None]:
-        lora = manifest.get("config", {}).get("lora")
-        bank = self.config.lora.BANK_FIELDS
-        if not isinstance(lora, dict) or {k: lora.get(k) for k in bank} != self.config.lora.model_dump(
-                mode="json", include=set(bank)):
-            raise SnapshotError(f"{where}: snapshot's lora config differs from this editor's")
-        try:
-            adapters = safetensors.torch.load(files["adapters.safetensors"])
-        except (KeyError, ValueError, RuntimeError) as exc:
-            raise SnapshotError(f"{where}: adapters missing or unreadable ({exc})") from exc
-        banks = {}
+        check_bank_config(self.config, manifest, where)
+        banks = read_bank(files, list(self.layers), where)
         for name, layer in self.layers.items():
-            try:
-                bank_a, bank_b = adapters[f"{name}.lora_bank_A"], adapters[f"{name}.lora_bank_B"]
-            except KeyError as exc:
-                raise SnapshotError(f"{where}: adapters have no bank for '{name}'") from exc
+            bank_a, bank_b = banks[name]
             if (bank_a.shape[1:] != layer.lora_bank_A.shape[1:] or bank_b.shape[1:] != layer.lora_bank_B.shape[1:]
                     or bank_a.shape[0] != bank_b.shape[0]):
                 raise SnapshotError(f"{where}: bank for '{name}' has the wrong shape")
-            banks[name] = (bank_a, bank_b)
 
         def swap() -> None:
             for name, layer in self.layers.items():

@@ -8,13 +8,16 @@ edit batch that fails leaves the bank untouched.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 
 from melo_ray.editors.layers import EditLayer, get_parent, linear_shape
+from melo_ray.editors.melo.bank import GrowingRows
 from melo_ray.editors.melo.config import LoraConfig
 
 NO_BLOCK = -1
@@ -38,10 +41,12 @@ class DynamicLoraLinear(EditLayer):
         empty = dict(dtype=weight.dtype, device=weight.device)
         self.register_buffer("lora_bank_A", torch.zeros(0, block_rank, self.in_features, **empty))
         self.register_buffer("lora_bank_B", torch.zeros(0, self.out_features, block_rank, **empty))
+        # The bank grows by doubling a spare buffer: one commit costs its own block, not the bank.
+        self._grow_A, self._grow_B = GrowingRows(), GrowingRows()
         self.lora_staging_A: nn.Parameter | None = None
         self.lora_staging_B: nn.Parameter | None = None
-        # Per-row block ids for the current forward; set by BlockRouter, None means base only.
-        self.block_ids: torch.Tensor | None = None
+        # The current forward's routing; set by BlockRouter, None means base only.
+        self.plan: RoutePlan | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -62,11 +67,18 @@ class DynamicLoraLinear(EditLayer):
         """Append the staging block to the bank; returns its block id."""
         if self.lora_staging_A is None or self.lora_staging_B is None:
             raise RuntimeError("no staging block to commit")
+        block = self.append_block(self.lora_staging_A.detach(), self.lora_staging_B.detach())
+        self.discard_block()
+        return block
+
+    def append_block(self, a: torch.Tensor, b: torch.Tensor) -> int:
+        """Append one trained block (A: p x in, B: out x p) to the bank; returns its block id."""
         if self.num_blocks >= self.max_blocks:
             raise BlockBankFull(f"max_blocks={self.max_blocks} reached; raise lora.max_blocks")
-        self.lora_bank_A = torch.cat([self.lora_bank_A, self.lora_staging_A.detach()[None]])
-        self.lora_bank_B = torch.cat([self.lora_bank_B, self.lora_staging_B.detach()[None]])
-        self.discard_block()
+        if tuple(a.shape) != tuple(self.lora_bank_A.shape[1:]) or tuple(b.shape) != tuple(self.lora_bank_B.shape[1:]):
+            raise ValueError(f"block shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit this layer")
+        self.lora_bank_A = self._grow_A.append(self.lora_bank_A, a[None])
+        self.lora_bank_B = self._grow_B.append(self.lora_bank_B, b[None])
         return self.num_blocks - 1
 
     def discard_block(self) -> None:
@@ -84,28 +96,46 @@ class DynamicLoraLinear(EditLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        ids = self.block_ids
-        if ids is None:
-            return out
-        if ids.numel() and bool((ids == STAGING_BLOCK).all()):
+        plan = self.plan
+        if plan is None or plan.rows is None and not plan.staging:
+            return out  # every row on the base model: exactly W0·x
+        if plan.staging:
             if self.lora_staging_A is None:
                 raise RuntimeError("routing asks for the staging block but none was started")
             delta = (x @ self.lora_staging_A.T) @ self.lora_staging_B.T
             return out + self.scale * delta
-        rows = torch.nonzero(ids >= 0).flatten()
-        if rows.numel() == 0:
-            return out  # every row on the base model: exactly W0·x
-        if x.shape[0] != ids.shape[0]:
-            raise RuntimeError(f"routing has {ids.shape[0]} rows but the input has {x.shape[0]}")
-        blocks = ids[rows]
-        a = self.lora_bank_A[blocks]  # (rows, p, in)
-        b = self.lora_bank_B[blocks]  # (rows, out, p)
-        xs = x[rows]
+        if x.shape[0] != plan.batch_rows:
+            raise RuntimeError(f"routing has {plan.batch_rows} rows but the input has {x.shape[0]}")
+        a = self.lora_bank_A[plan.blocks]  # (rows, p, in)
+        b = self.lora_bank_B[plan.blocks]  # (rows, out, p)
+        xs = x[plan.rows]
         flat = xs.reshape(xs.shape[0], -1, xs.shape[-1])  # (rows, tokens, in)
         delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
         delta = (self.scale * delta).reshape(*xs.shape[:-1], self.out_features)
         # Rows without a block are not touched, so they stay bit-identical to the base layer.
-        return out.index_add(0, rows, delta.to(out.dtype))
+        return out.index_add(0, plan.rows, delta.to(out.dtype))
+
+
+@dataclass(frozen=True)
+class RoutePlan:
+    """One forward's routing, decided on the host once per call (not per layer, not per decode step),
+    so the layers never wait on the device to learn which rows have a block."""
+
+    batch_rows: int
+    staging: bool = False
+    rows: torch.Tensor | None = None  # rows with a block (on the bank's device); None: none has one
+    blocks: torch.Tensor | None = None  # their block ids
+
+    @classmethod
+    def build(cls, block_ids: torch.Tensor | np.ndarray, device: torch.device) -> "RoutePlan":
+        ids = torch.as_tensor(np.asarray(block_ids.cpu() if isinstance(block_ids, torch.Tensor) else block_ids),
+                              dtype=torch.long)
+        if ids.numel() and bool((ids == STAGING_BLOCK).all()):
+            return cls(len(ids), staging=True)
+        rows = torch.nonzero(ids >= 0).flatten()
+        if rows.numel() == 0:
+            return cls(len(ids))
+        return cls(len(ids), rows=rows.to(device), blocks=ids[rows].to(device))
 
 
 def inject_dynamic_lora(model: nn.Module, cfg: LoraConfig) -> dict[str, DynamicLoraLinear]:
@@ -134,14 +164,18 @@ class BlockRouter:
         self.layers = layers
 
     @contextmanager
-    def route(self, block_ids: torch.Tensor | None) -> Iterator[None]:
+    def route(self, block_ids: torch.Tensor | np.ndarray | None) -> Iterator[None]:
+        plans: dict[torch.device, RoutePlan] = {}
         for layer in self.layers.values():
-            layer.block_ids = None if block_ids is None else block_ids.to(layer.lora_bank_A.device)
+            device = layer.lora_bank_A.device
+            if block_ids is not None and device not in plans:
+                plans[device] = RoutePlan.build(block_ids, device)
+            layer.plan = plans.get(device)
         try:
             yield
         finally:
             for layer in self.layers.values():
-                layer.block_ids = None
+                layer.plan = None
 
     @contextmanager
     def staging(self, batch_size: int, device: torch.device) -> Iterator[None]:
@@ -174,6 +208,27 @@ class BlockRouter:
     def discard_block(self) -> None:
         for layer in self.layers.values():
             layer.discard_block()
+
+    def staging_weights(self) -> dict[str, torch.Tensor]:
+        """The trained staging block of every layer, detached: `{layer}.A` (p x in), `{layer}.B` (out x p)."""
+        weights = {}
+        for name, layer in self.layers.items():
+            if layer.lora_staging_A is None or layer.lora_staging_B is None:
+                raise RuntimeError("no staging block to take")
+            weights[f"{name}.A"] = layer.lora_staging_A.detach().cpu().clone()
+            weights[f"{name}.B"] = layer.lora_staging_B.detach().cpu().clone()
+        return weights
+
+    def append_block(self, weights: Mapping[str, torch.Tensor]) -> int:
+        """Append one trained block (as `staging_weights` gives it) to every layer's bank, all or none."""
+        cap = min(layer.max_blocks for layer in self.layers.values())
+        if self.num_blocks >= cap:
+            raise BlockBankFull(f"lora.max_blocks={cap} reached: raise it in the config or start a new bank")
+        missing = [n for n in self.layers for part in "AB" if f"{n}.{part}" not in weights]
+        if missing:
+            raise ValueError(f"trained block lacks weights for {missing}")
+        ids = {layer.append_block(weights[f"{name}.A"], weights[f"{name}.B"]) for name, layer in self.layers.items()}
+        return ids.pop()
 
     def extra_parameters(self) -> int:
         return sum(layer.lora_bank_A.numel() + layer.lora_bank_B.numel() for layer in self.layers.values())
