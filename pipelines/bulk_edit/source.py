@@ -82,7 +82,7 @@ class EditSource:
             row = first_row
             # reading is light next to training: it reserves no CPU, so a trainer pool that holds
             # every CPU of the cluster cannot starve the stream that feeds it
-            dataset = ray.data.read_parquet(names, filesystem=fs, ray_remote_args={"num_cpus": 0})
+            dataset = ray.data.read_parquet(names, filesystem=fs, num_cpus=0)
             for table in dataset.iter_batches(batch_size=read_rows, batch_format="pyarrow"):
                 if row + table.num_rows <= start:
                     row += table.num_rows
