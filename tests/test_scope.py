@@ -126,6 +126,23 @@ def test_rewording_routes_to_the_block_and_same_subject_other_relation_runs_on_t
                                   scoped_editor.next_token_logits(other, base=True).numpy())
 
 
+def test_routing_computes_the_scope_views_only_within_reach_and_routes_as_the_whole_keys_do(scoped_editor):
+    prompts = ["The native language of Danielle Darrieux is", "The place of birth of Danielle Darrieux is",
+               "Who wrote the novel Moby Dick?", "How many moons does Mars have?"]
+    encoded = []
+    encoder = scoped_editor.key_function.encoder
+    original = encoder.keys
+    encoder.keys = lambda texts: encoded.append(len(texts)) or original(texts)
+    try:
+        routing = scoped_editor.route(prompts)
+    finally:
+        encoder.keys = original
+    whole = scoped_editor.index.search(scoped_editor.key_function.keys(prompts))
+    assert routing.ids.tolist() == whole[0].tolist()
+    np.testing.assert_allclose(routing.distances, whole[1], rtol=1e-6)
+    assert encoded[0] == 4 and all(n < 4 for n in encoded[1:])  # the unrelated questions: first view only
+
+
 def test_scoped_editor_snapshot_round_trip(scoped_editor, tmp_path):
     scoped_editor.save(tmp_path / "snap")
     loaded = MeloEditor.load(tmp_path / "snap", backbone=scoped_editor.backbone)
@@ -140,9 +157,9 @@ def test_block_levers_add_train_rephrases_and_prefixed_copies_to_the_batch():
     config = tiny_config(lora={"prefix_augment": 2})
     editor = MeloEditor(config)
     record = EditRecord(prompt="Where does the apple live?", target="Oslo", train_rephrases=("Apple's home is",))
-    rows = editor._training_rows([record])
+    rows = editor._training_rows([record], 0)
     assert [r.prompt for r in rows[:2]] == ["Where does the apple live?", "Apple's home is"]
     assert len(rows) == 4 and all(r.target == "Oslo" and r.prompt.endswith(record.prompt) for r in rows[2:])
     assert all(len(r.prompt) > len(record.prompt) + 1 for r in rows[2:])  # a real prefix before the prompt
     off = MeloEditor(tiny_config(lora={"train_rephrases": False}), backbone=editor.backbone)
-    assert [r.prompt for r in off._training_rows([record])] == [record.prompt]
+    assert [r.prompt for r in off._training_rows([record], 0)] == [record.prompt]

@@ -19,7 +19,7 @@ from melo_ray.backbones import Backbone
 from melo_ray.config import EditorConfig
 from melo_ray.editors.melo.bank import bank_files, read_bank
 from melo_ray.editors.melo.block_index import BlockIndex
-from melo_ray.editors.melo.keys import build_key_function
+from melo_ray.editors.melo.keys import ScopedSentenceKeys, build_key_function
 from melo_ray.editors.melo.layer import BlockRouter, inject_dynamic_lora
 from melo_ray.editors.melo.writer import MeloWriter, check_bank_config
 from melo_ray.editors.protocol import Editor, Routing, TrainedBatch
@@ -148,8 +148,22 @@ class MeloEditor(Editor):
         """Block id (-1 for none) and nearest-centre distance for each prompt."""
         if self.index is None:
             raise RuntimeError("this editor's index lives in another process (detach_index)")
-        ids, dists = self.index.search(self.key_function.keys(prompts))
+        ids, dists = self.index.search(self._routing_keys(prompts))
         return Routing(ids, dists)
+
+    def _routing_keys(self, prompts: list[str]) -> np.ndarray:
+        """Keys for routing. With the scope test, the views it reads beyond the first are computed only
+        for prompts that some cluster holds: most traffic touches no edit and pays one encoder pass."""
+        keys_of = self.key_function
+        if not isinstance(keys_of, ScopedSentenceKeys) or self.index is None or self.index.index.scope is None:
+            return keys_of.keys(prompts)
+        first = keys_of.routing_keys(prompts)
+        keys = np.zeros((len(prompts), keys_of.dim), np.float32)
+        keys[:, : first.shape[1]] = first
+        reach = np.nonzero(self.index.index.within_reach(first))[0]
+        if len(reach):
+            keys[reach] = keys_of.complete([prompts[i] for i in reach], first[reach])
+        return keys
 
     def routed(self, routing: Routing, batch: EditBatch | None = None) -> AbstractContextManager:
         return self.router.route(np.asarray(routing.ids, dtype=np.int64))

@@ -284,6 +284,16 @@ class NeuronIndex:
             blocks[rows] = np.asarray(cluster.member_blocks)[latest]
         return SearchResult(block_ids=blocks, distances=dists, clusters=ids)
 
+    def within_reach(self, routing_keys: np.ndarray) -> np.ndarray:
+        """Per routing key (the first view only): whether any candidate cluster holds it. Keys out of
+        reach route to no block whatever their other views say, so those need not be computed."""
+        keys = np.atleast_2d(np.asarray(routing_keys, dtype=np.float32))
+        if self.num_alive == 0:
+            return np.zeros(keys.shape[0], bool)
+        labels, dist = self._knn(keys)
+        radii = np.array([[self.clusters[c].radius for c in row] for row in labels.tolist()])
+        return (dist <= radii).any(axis=1)
+
     def _scoped_search(self, keys: np.ndarray) -> SearchResult:
         """Every candidate cluster holding the query offers its members; the best-scored member that
         passes the scope test applies (ties: the latest), else no block."""

@@ -140,16 +140,23 @@ class ScopedSentenceKeys:
         self.dim = sum(WORDS_DIM if v == "words" else self.encoder.dim for v in views)
 
     def keys(self, prompts: list[str]) -> np.ndarray:
+        return self.complete(prompts, self.routing_keys(prompts))
+
+    def routing_keys(self, prompts: list[str]) -> np.ndarray:
+        """The first view alone (the whole prompt): what the index searches clusters with."""
+        return self.encoder.keys(list(prompts))
+
+    def complete(self, prompts: list[str], routing: np.ndarray) -> np.ndarray:
+        """Whole keys from the first view already computed: the other views, concatenated after it."""
         from melo_ray.editors.melo.scope import TEXT_VIEWS, words
 
-        parts = [
-            np.stack([words(p) for p in prompts]) if view == "words" and prompts
-            else np.zeros((0, 0), np.float32) if view == "words"
-            else self.encoder.keys([TEXT_VIEWS[view](p) for p in prompts])
-            for view in self.views
-        ]
         if not prompts:
             return np.zeros((0, self.dim), np.float32)
+        parts = [routing] + [
+            np.stack([words(p) for p in prompts]) if view == "words"
+            else self.encoder.keys([TEXT_VIEWS[view](p) for p in prompts])
+            for view in self.views[1:]
+        ]
         return np.concatenate(parts, axis=1).astype(np.float32)
 
 
