@@ -57,7 +57,8 @@ def search_latency(index: Any, queries: np.ndarray) -> dict[str, float]:
     alive = np.array([c.alive for c in index.clusters])
     centres = np.stack([c.centre for c in index.clusters])[alive]
     started = time.perf_counter()
-    exact = np.array([distances(index.metric, query[None], centres).min() for query in queries])
+    routing = queries[:, : index.route_dim]  # clusters are searched on the routing view alone
+    exact = np.array([distances(index.metric, query[None], centres).min() for query in routing])
     exact_ms = (time.perf_counter() - started) * 1000 / len(queries)
     recall = float(np.mean(np.abs(result.distances - exact) <= 1e-5))
     return {"search_ms_hnsw": hnsw_ms, "search_ms_exact": exact_ms, "search_recall_at_1": recall}
