@@ -108,6 +108,10 @@ class PipelineConfig(StrictConfig):
         "auto", description="GPUs for each trainer actor; auto: 1 when the cluster has a GPU."
     )
     trainer_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each trainer actor.")
+    trainer_start_s: float = Field(
+        120.0, gt=0, description="Seconds a pool trainer may take to be placed and start; those that do not "
+        "are dropped with a warning (the cluster has no room for them).",
+    )
     trainers: int = Field(
         1, ge=1, description="Trainer actors training consecutive batches at once (one GPU each on a GPU "
         "cluster). Only editors whose batches train independently (MELO) use more than one; the writer "

@@ -122,6 +122,8 @@ def test_growing_rows_rebuilds_from_any_other_start():
     loaded = torch.full((3, 2), 7.0)  # e.g. a bank loaded from a snapshot
     c = rows.append(loaded, torch.zeros(1, 2))
     assert c.tolist() == [[7, 7]] * 3 + [[0, 0]] and loaded.shape[0] == 3
+    reset = rows.append(c[:0], torch.full((1, 2), 5.0))  # a bank reset to none of its rows, then one more
+    assert reset.tolist() == [[5, 5]] and c.tolist() == [[7, 7]] * 3 + [[0, 0]]  # the old view is intact
 
 
 def test_a_bank_round_trips_through_segments_and_new_blocks_change_only_the_last():

@@ -104,10 +104,12 @@ class IndexUpdate:
 
 @dataclass(frozen=True)
 class TrainedBatch:
-    """One trained, committed batch (typed message: trainer actor -> writer actor and driver).
+    """One trained batch (typed message: trainer actor -> writer actor and driver).
 
-    For an editor with a separate index, `keys`/`targets`/`ids`/`block` are what the index adds;
-    an editor without one has already applied everything and reports its counters in `update`."""
+    From `train_batch` it is committed in the editor (`block` set, no `weights`); from
+    `train_detached` it carries the block's `weights` for a writer to commit (`block` None). For an
+    editor with an index, `keys`/`targets`/`ids`/`prompts` are what the index and edit log add; an
+    editor without one has already applied everything and reports its counters in `update`."""
 
     version: int
     edits: int

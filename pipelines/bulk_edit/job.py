@@ -193,8 +193,11 @@ class BulkEditJob:
             gpus = 1 if cluster_gpus >= 1 else 0
         config = self.config.model_dump(mode="json")
         # spread over the cluster's nodes: one trainer per node (or GPU) before two share one
+        # A killed trainer is restarted and its call retried: a pool trainer's call is a pure function
+        # of (batch, position); a shared-state trainer restarts blank and the retried call fails its
+        # version check, which starts a recovery from the last snapshot.
         options = dict(num_cpus=self.cfg.trainer_cpus, num_gpus=gpus, max_restarts=self.cfg.max_actor_restarts,
-                       scheduling_strategy="SPREAD")
+                       max_task_retries=self.cfg.max_actor_restarts, scheduling_strategy="SPREAD")
         args = (config, "cuda" if gpus else None, max(1, int(self.cfg.trainer_cpus)))
         first = ray.remote(TrainerActor).options(**options).remote(*args)
         info: TrainerInfo = ray.get(first.info.remote())
@@ -217,16 +220,32 @@ class BulkEditJob:
             wanted = cluster_gpus
         trainers, writer = [first], None
         if info.pooled:
-            # a pooled trainer is stateless and its call a pure function of (records, position):
-            # Ray may restart it and retry the call, and the result is the same
-            pooled = ray.remote(TrainerActor).options(**options, max_task_retries=self.cfg.max_actor_restarts)
-            trainers = [first] + [pooled.remote(*args) for _ in range(wanted - 1)]
+            pooled = ray.remote(TrainerActor).options(**options)
+            trainers = [first] + self._placed([pooled.remote(*args) for _ in range(wanted - 1)])
             writer = ray.remote(WriterActor).options(
                 num_cpus=0, max_restarts=self.cfg.max_actor_restarts,
             ).remote(config, info.layout)
         log.info("%s: %d trainer(s) on %s%s", info.editor, len(trainers), info.device,
                  ", one writer" if writer is not None else "")
         return _Actors(trainers, writer, info)
+
+    def _placed(self, extra: list[Any]) -> list[Any]:
+        """The extra trainers that start within `pipeline.trainer_start_s`: a cluster without room for
+        all of them (resources per node, not in total, decide) gets a smaller pool, not a hang."""
+        import ray
+
+        if not extra:
+            return []
+        refs = [t.info.remote() for t in extra]
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.trainer_start_s)
+        started = [t for t, ref in zip(extra, refs) if ref in set(ready)]
+        if pending:
+            log.warning("%d of %d trainers could not be placed within %.0f s; going on with %d",
+                        len(pending), len(extra) + 1, self.cfg.trainer_start_s, len(started) + 1)
+            for trainer in extra:
+                if trainer not in started:
+                    ray.kill(trainer, no_restart=True)
+        return started
 
     def _actors_alive(self) -> bool:
         import ray
@@ -277,6 +296,7 @@ class BulkEditJob:
         try:
             for attempt in range(self.cfg.max_attempts):
                 if not self._actors_alive():
+                    self._stop_actors()  # whatever is left of the old ones gives its CPUs/GPUs back first
                     self.actors = self._start_actors()
                 try:
                     self._run_from_latest()
@@ -368,7 +388,6 @@ class BulkEditJob:
                 indexed = result.update
             if result.version != item.version:
                 raise StaleStateError(f"actor answered version {result.version}, the job expected {item.version}")
-            self.state.batches = item.version - self.state.version_before
             metrics = {
                 "loss": result.final_loss, "train_seconds": result.seconds, "steps": result.steps,
                 "learned": result.learned, "clusters": indexed.clusters, "conflicts": indexed.conflicts,
@@ -379,6 +398,16 @@ class BulkEditJob:
                 publishing.popleft().result()  # re-raises a failed publish here
 
         def record(item: _InFlight, metrics: dict[str, float], clusters: int, rejects_now: list) -> None:
+            if failed:  # a publish before this one failed: publish nothing after it
+                return
+            try:
+                record_one(item, metrics, clusters, rejects_now)
+            except BaseException:
+                failed.append(item.version)
+                raise
+
+        def record_one(item: _InFlight, metrics: dict[str, float], clusters: int, rejects_now: list) -> None:
+            self.state.batches = item.version - self.state.version_before
             if item.parts is not None:
                 self._publish(item.version, item.last_row + 1, rejects_now, item.final, item.parts)
                 self.state.seconds = seconds_before + time.perf_counter() - started
@@ -392,6 +421,7 @@ class BulkEditJob:
                 self.on_commit(self, item.version)
 
         publishing: deque[Future] = deque()
+        failed: list[int] = []  # versions whose publish failed (the publisher thread stops there)
         with ThreadPoolExecutor(1, thread_name_prefix="publisher") as publisher:
             last_row = self._stream(rows_done, rejects, labels, pending, submit)
             if pending:

@@ -27,20 +27,24 @@ class GrowingRows:
 
     def __init__(self) -> None:
         self._spare: torch.Tensor | None = None
+        self._length = 0  # rows of the spare handed out so far
 
     def append(self, current: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """`current` + `rows`; `current` is the tensor this returned last time, or any other start
         (moved to another device, loaded from a snapshot): then the spare is rebuilt from it."""
         n, extra = current.shape[0], rows.shape[0]
         spare = self._spare
+        # rebuild unless `current` is exactly what this returned last (a shorter view of the spare, e.g.
+        # a bank reset to [:0], must not write over rows an earlier view still shows)
         if (spare is None or spare.shape[0] < n + extra or spare.data_ptr() != current.data_ptr()
-                or spare.device != current.device or spare.dtype != current.dtype
+                or n != self._length or spare.device != current.device or spare.dtype != current.dtype
                 or spare.shape[1:] != current.shape[1:]):
             spare = torch.empty((max(16, 2 * (n + extra)), *current.shape[1:]), dtype=current.dtype,
                                 device=current.device)
             spare[:n] = current
             self._spare = spare
         spare[n : n + extra] = rows.to(spare)
+        self._length = n + extra
         return spare[: n + extra]
 
 

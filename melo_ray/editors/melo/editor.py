@@ -81,9 +81,8 @@ class MeloEditor(Editor):
 
     # -- editing -----------------------------------------------------------------------------------
     def train_batch(self, records: list[EditRecord]) -> TrainedBatch:
-        """The trainer's half of an edit: keys of the batch's prompts and one committed block.
-
-        The index is not touched (the job's writer actor may own it). On any failure nothing of
+        """The in-process half of an edit: keys of the batch's prompts and one block committed to this
+        editor's bank; the index is not touched (`edit()` adds the keys). On any failure nothing of
         this batch stays behind."""
         trained = self.train_detached(records, self.version)
         block = self.router.append_block(trained.weights)

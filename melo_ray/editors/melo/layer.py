@@ -2,8 +2,8 @@
 
 Each wrapped layer computes h = W0·x + (alpha/p)·B_b·A_b·x where b is the block chosen for that row
 of the batch (block id -1: exactly W0·x). Committed blocks are buffers, never trained again; the
-block being trained lives in separate parameters ("staging") until the editor commits it, so an
-edit batch that fails leaves the bank untouched.
+block being trained lives in separate parameters ("staging") and reaches the bank only as finished
+weights (`append_block`), so an edit batch that fails leaves the bank untouched.
 """
 from __future__ import annotations
 

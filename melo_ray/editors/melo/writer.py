@@ -52,8 +52,8 @@ class MeloWriter(BatchWriter):
 
     @staticmethod
     def _empty_banks(config: EditorConfig, layout: Mapping[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        rank = config.lora.block_rank
-        return {name: (torch.zeros(0, rank, int(shape["in"])), torch.zeros(0, int(shape["out"]), rank))
+        rank, dtype = config.lora.block_rank, getattr(torch, config.backbone.dtype)  # blocks follow the base dtype
+        return {name: (torch.zeros(0, rank, int(shape["in"]), dtype=dtype), torch.zeros(0, int(shape["out"]), rank, dtype=dtype))
                 for name, shape in layout["layers"].items()}
 
     @classmethod
@@ -90,6 +90,10 @@ class MeloWriter(BatchWriter):
         missing = [f"{n}.{p}" for n in self.banks for p in "AB" if f"{n}.{p}" not in trained.weights]
         if missing:
             raise ValueError(f"trained block lacks weights for {missing}")
+        for name, (a, b) in self.banks.items():  # every check before the first change: all or nothing
+            if (tuple(trained.weights[f"{name}.A"].shape) != tuple(a.shape[1:])
+                    or tuple(trained.weights[f"{name}.B"].shape) != tuple(b.shape[1:])):
+                raise ValueError(f"trained block for '{name}' has the wrong shape")
         if self.num_blocks >= self.config.lora.max_blocks:
             raise BlockBankFull(f"lora.max_blocks={self.config.lora.max_blocks} reached: raise it in the config")
         block = self.num_blocks
