@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from melo_ray.config import ConfigError, load_config
+from melo_ray.config import ConfigError, load_config, with_overrides
 from melo_ray.editors.registry import editor_names
 from melo_ray.records import RecordError
 from melo_ray.snapshots import SnapshotError
@@ -18,13 +18,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="snapshot store root (local path or URI); job state and rejects live here")
     parser.add_argument("--job-id", required=True, help="run the same id again to resume it")
     parser.add_argument("--editor", choices=editor_names(), help="override the config's `editor`")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config value, e.g. pipeline.trainers=4 (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     from pipelines.bulk_edit.job import BulkEditJob
 
-    config = load_config(args.config)
+    config = with_overrides(load_config(args.config), args.set)
     if args.editor:
         config = config.model_copy(update={"editor": args.editor})
     job = BulkEditJob(config, args.edits, args.out, args.job_id, progress=not args.quiet)
