@@ -10,12 +10,14 @@ processes is a typed message.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from melo_ray.config import load_config
@@ -98,14 +100,9 @@ class TrainerActor:
 
 @dataclass(frozen=True)
 class CommitResult:
-    """What committing one batch did (typed message: writer -> driver); the weights stay behind."""
+    """What committing one batch did (typed message: writer -> driver)."""
 
-    version: int
-    edits: int
-    steps: int
-    final_loss: float
-    learned: float
-    seconds: float
+    trained: TrainedBatch  # as the trainer reported it, without its weights and keys (they stay behind)
     update: IndexUpdate
 
 
@@ -133,8 +130,7 @@ class WriterActor:
     def commit(self, trained: TrainedBatch) -> CommitResult:
         """Commit one trained batch; batches must arrive in stream order, each once."""
         update = self.writer.commit(trained)
-        return CommitResult(trained.version, trained.edits, trained.steps, trained.final_loss, trained.learned,
-                            trained.seconds, update)
+        return CommitResult(dataclasses.replace(trained, weights=None, keys=np.zeros((0, 0), np.float32)), update)
 
     def files(self) -> dict[str, bytes]:
         return self.writer.files()

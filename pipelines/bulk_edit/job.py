@@ -381,16 +381,16 @@ class BulkEditJob:
             publisher thread: a slow store does not hold up the stream, and one thread keeps
             publishes, job state and tracking in stream order."""
             result = ray.get(item.result_ref)
-            if isinstance(result, TrainedBatch):  # the one trainer applied everything; its counters
-                indexed = result.update or IndexUpdate()
-            else:
-                assert isinstance(result, CommitResult)
-                indexed = result.update
-            if result.version != item.version:
-                raise StaleStateError(f"actor answered version {result.version}, the job expected {item.version}")
+            if isinstance(result, CommitResult):
+                trained, indexed = result.trained, result.update
+            else:  # the one trainer applied everything; its counters stand in for a writer's
+                assert isinstance(result, TrainedBatch)
+                trained, indexed = result, result.update or IndexUpdate()
+            if trained.version != item.version:
+                raise StaleStateError(f"actor answered version {trained.version}, the job expected {item.version}")
             metrics = {
-                "loss": result.final_loss, "train_seconds": result.seconds, "steps": result.steps,
-                "learned": result.learned, "clusters": indexed.clusters, "conflicts": indexed.conflicts,
+                "loss": trained.final_loss, "train_seconds": trained.seconds, "steps": trained.steps,
+                "learned": trained.learned, "clusters": indexed.clusters, "conflicts": indexed.conflicts,
                 "forgotten": indexed.forgotten_total, "index_size": indexed.members,
             }
             publishing.append(publisher.submit(record, item, metrics, indexed.clusters, list(rejects)))
