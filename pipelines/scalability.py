@@ -82,7 +82,10 @@ class Checkpoints:
     def __call__(self, job: BulkEditJob, version: int) -> None:
         manifest = job.store.read_manifest(version)
         edits = int(manifest["stats"]["edits"])
-        due = [s for s in self.sizes if s <= edits and all(r["size"] != s for r in self.rows)]
+        # sizes count stream records: a record superseded inside its batch (same prompt) is read but
+        # not counted as an edit, so the last size may never be reached in edits
+        rows = int(manifest["job"]["rows_done"])
+        due = [s for s in self.sizes if s <= rows and all(r["size"] != s for r in self.rows)]
         if not due:
             return
         import ray
@@ -97,7 +100,7 @@ class Checkpoints:
         rng = np.random.default_rng(0)
         queries = keys[rng.choice(len(keys), size=min(1000, len(keys)), replace=False)]
         self.evaluator.restore_files(manifest, files, f"v{version}")
-        applied = self.records[:edits]
+        applied = self.records[:rows]
         step = max(1, len(applied) // self.sample)
         sample = applied[::step][: self.sample]  # spread over the whole history, oldest edits included
         probes = base_outputs(self.evaluator, sample, [], self.max_new)

@@ -291,7 +291,7 @@ class BulkEditJob:
 
         self.tracker = JobTracker(self.config, self.store, self.job_id, self.state.mlflow_run_id)
         self.state.mlflow_run_id = self.tracker.run_id
-        self.state.status = "running"
+        self.state.status, self.state.error = "running", None  # a resumed job's old failure is history
         _save_state(self.store, self.state)
         try:
             for attempt in range(self.cfg.max_attempts):
