@@ -238,7 +238,8 @@ class BulkEditJob:
             return []
         refs = [t.info.remote() for t in extra]
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.trainer_start_s)
-        started = [t for t, ref in zip(extra, refs) if ref in set(ready)]
+        placed = set(ready)
+        started = [t for t, ref in zip(extra, refs) if ref in placed]
         if pending:
             log.warning("%d of %d trainers could not be placed within %.0f s; going on with %d",
                         len(pending), len(extra) + 1, self.cfg.trainer_start_s, len(started) + 1)

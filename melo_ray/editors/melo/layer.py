@@ -199,11 +199,10 @@ class BlockRouter:
         return params
 
     def commit_block(self) -> int:
-        cap = min(layer.max_blocks for layer in self.layers.values())
-        if self.num_blocks >= cap:  # checked up front so no layer commits alone
-            raise BlockBankFull(f"lora.max_blocks={cap} reached: raise it in the config or start a new bank")
-        ids = {layer.commit_block() for layer in self.layers.values()}
-        return ids.pop()
+        """Move the trained staging block into every layer's bank (all or none); returns its id."""
+        block = self.append_block(self.staging_weights())
+        self.discard_block()
+        return block
 
     def discard_block(self) -> None:
         for layer in self.layers.values():
