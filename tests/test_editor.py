@@ -183,3 +183,32 @@ def test_teacher_forced_target_tokens_are_all_hit_after_editing(edited):
     assert all(all(row) for row in hits) and all(len(row) > 0 for row in hits)
     unrelated = parse_records([{"prompt": p, "target": "Oslo"} for p in UNRELATED])
     assert not all(all(row) for row in editor.target_token_hits(unrelated))
+
+
+def test_block_per_edit_trains_each_edit_its_own_block_in_one_batch_and_the_writer_agrees():
+    from melo_ray.editors.melo.writer import MeloWriter
+    from melo_ray.records import parse_records
+
+    config = tiny_config("tiny-llama", lora={"block_per_edit": True})
+    editor = MeloEditor(config)
+    records = fact_records(0, 6)
+    detached = editor.train_detached(parse_records(records), 0)
+    writer = MeloWriter.create(config, editor.writer_layout())
+    writer.commit(detached)
+    result = editor.edit(records)
+    assert result.block == 0 and editor.stats()["blocks"] == 6 and writer.num_blocks == 6
+    assert [editor.edit_log[r["id"]].block for r in records] == list(range(6))
+    assert editor.route([r["prompt"] for r in records]).ids.tolist() == list(range(6))
+    assert _successes(editor, records) == len(records)
+    # blocks of one batch train together, yet each learns only from its own edit's rows
+    slots = {name: layer.lora_bank_B for name, layer in editor.layers.items()}
+    assert all(not torch.equal(bank[i], bank[j]) for bank in slots.values() for i in range(6) for j in range(i))
+    # the single writer commits the same blocks, labels and log as the editor itself
+    written = writer.files()
+    for name, content in {**editor.state_files(), **editor.log_files(), **editor.index.files()}.items():
+        assert written[name] == content, name
+    assert [writer.edit_log[r["id"]].block for r in records] == list(range(6))
+    # a second batch's blocks follow the first's
+    more = fact_records(6, 4, "Who owns the {w} now?")
+    assert editor.edit(more).block == 6 and editor.stats()["blocks"] == 10
+    assert _successes(editor, records + more) == 10

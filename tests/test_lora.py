@@ -111,7 +111,7 @@ def test_the_bank_grows_without_copying_itself_on_every_commit():
             pointer = layer.lora_bank_A.data_ptr()
     assert layer.num_blocks == 40
     assert grown <= 3  # capacity 16, 34, 70: three buffers for 40 blocks, not 40 copies
-    assert torch.equal(layer.lora_bank_A, torch.stack(committed))  # every block, in commit order
+    assert torch.equal(layer.lora_bank_A, torch.cat(committed))  # every block, in commit order
 
 
 def test_growing_rows_rebuilds_from_any_other_start():
@@ -143,3 +143,27 @@ def test_a_bank_round_trips_through_segments_and_new_blocks_change_only_the_last
         read_bank({"adapters-00001.safetensors": files["adapters-00001.safetensors"]}, ["l0"], "test")
     empty = bank_files({"l0": (torch.zeros(0, 2, 6), torch.zeros(0, 5, 2))})
     assert read_bank(empty, ["l0"], "test")["l0"][0].shape == (0, 2, 6)
+
+
+def test_staging_slots_route_each_row_to_its_own_block_and_train_only_it():
+    torch.manual_seed(0)
+    layer = DynamicLoraLinear(nn.Linear(6, 5), block_rank=2, alpha=4.0, max_blocks=10)
+    layer.start_block(torch.Generator().manual_seed(3), slots=3)
+    with torch.no_grad():
+        layer.lora_staging_B.normal_()
+    slots = torch.tensor([2, 0, 2, 0])  # slot 1 has no rows
+    layer.plan = RoutePlan(4, staging=True, slots=slots)
+    x = torch.randn(4, 3, 6)
+    out = layer(x)
+    for row, slot in enumerate(slots.tolist()):
+        a, b = layer.lora_staging_A[slot], layer.lora_staging_B[slot]
+        torch.testing.assert_close(out[row], layer.base_layer(x[row]) + layer.scale * (x[row] @ a.T) @ b.T)
+    out.pow(2).sum().backward()
+    grads = layer.lora_staging_B.grad
+    assert grads[1].abs().max() == 0 and grads[0].abs().max() > 0 and grads[2].abs().max() > 0
+    first = layer.commit_block()
+    assert first == 0 and layer.num_blocks == 3
+    with pytest.raises(BlockBankFull):  # 3 more would pass the cap of 5: nothing is appended
+        layer.max_blocks = 5
+        layer.append_blocks(layer.lora_bank_A[:3].clone(), layer.lora_bank_B[:3].clone())
+    assert layer.num_blocks == 3

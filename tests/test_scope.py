@@ -157,9 +157,10 @@ def test_block_levers_add_train_rephrases_and_prefixed_copies_to_the_batch():
     config = tiny_config(lora={"prefix_augment": 2})
     editor = MeloEditor(config)
     record = EditRecord(prompt="Where does the apple live?", target="Oslo", train_rephrases=("Apple's home is",))
-    rows = editor._training_rows([record], 0)
+    rows, edit_of_row = editor._training_rows([record], 0)
+    assert edit_of_row == [0, 0, 0, 0]
     assert [r.prompt for r in rows[:2]] == ["Where does the apple live?", "Apple's home is"]
     assert len(rows) == 4 and all(r.target == "Oslo" and r.prompt.endswith(record.prompt) for r in rows[2:])
     assert all(len(r.prompt) > len(record.prompt) + 1 for r in rows[2:])  # a real prefix before the prompt
     off = MeloEditor(tiny_config(lora={"train_rephrases": False}), backbone=editor.backbone)
-    assert [r.prompt for r in off._training_rows([record], 0)] == [record.prompt]
+    assert [r.prompt for r in off._training_rows([record], 0)[0]] == [record.prompt]

@@ -123,7 +123,20 @@ class TrainedBatch:
     keys: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     update: IndexUpdate | None = None
     prompts: tuple[str, ...] = ()  # the edits' prompts (for the writer's edit log)
-    weights: Mapping[str, torch.Tensor] | None = None  # a detached trained block, for the writer to commit
+    weights: Mapping[str, torch.Tensor] | None = None  # detached trained block(s), for the writer to commit
+    # Each edit's block counted from `block`, when the batch trained a block per edit; empty: all use `block`.
+    member_blocks: tuple[int, ...] = ()
+
+    @property
+    def block_count(self) -> int:
+        """Blocks this batch adds to a bank."""
+        return max(self.member_blocks) + 1 if self.member_blocks else 1
+
+    def edit_blocks(self) -> tuple[int | None, ...]:
+        """Each edit's block (None where the batch has no block)."""
+        if self.block is None:
+            return (None,) * len(self.ids)
+        return tuple(self.block + offset for offset in (self.member_blocks or (0,) * len(self.ids)))
 
 
 @dataclass(frozen=True)
@@ -240,12 +253,12 @@ def edit_log_files(entries: Iterable[EditEntry]) -> dict[str, bytes]:
 
 def log_batch(edit_log: dict[str, EditEntry], trained: TrainedBatch, records: Iterable[EditRecord] | None = None) -> None:
     """Enter a committed batch's edits in an edit log (an id edited again moves to the end)."""
-    kept = set(trained.ids)
-    rows = ([(r.id, r.prompt, r.target) for r in records if r.id in kept] if records is not None
+    blocks = dict(zip(trained.ids, trained.edit_blocks(), strict=True))
+    rows = ([(r.id, r.prompt, r.target) for r in records if r.id in blocks] if records is not None
             else list(zip(trained.ids, trained.prompts, trained.targets, strict=True)))
     for edit_id, prompt, target in rows:
         edit_log.pop(edit_id, None)
-        edit_log[edit_id] = EditEntry(edit_id, prompt, target, trained.version, trained.block)
+        edit_log[edit_id] = EditEntry(edit_id, prompt, target, trained.version, blocks[edit_id])
 
 
 class Editor(ABC):

@@ -67,9 +67,10 @@ class BlockIndex(EditIndex):
         if trained.block != self.blocks_indexed:
             raise StaleStateError(f"index has {self.blocks_indexed} blocks indexed, got block {trained.block}")
         forgotten: list[str] = []
-        for key, target, edit_id in zip(np.asarray(trained.keys), trained.targets, trained.ids, strict=True):
-            forgotten.extend(self.index.add(key, target, trained.block, edit_id).forgotten)
-        self.blocks_indexed += 1
+        for key, target, edit_id, block in zip(np.asarray(trained.keys), trained.targets, trained.ids,
+                                               trained.edit_blocks(), strict=True):
+            forgotten.extend(self.index.add(key, target, block, edit_id).forgotten)
+        self.blocks_indexed += trained.block_count
         return IndexUpdate(clusters=self.index.num_alive, members=self.index.num_members,
                            conflicts=self.index.conflicts, forgotten=tuple(forgotten),
                            forgotten_total=self.index.forgotten)

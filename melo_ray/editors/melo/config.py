@@ -18,6 +18,11 @@ class LoraConfig(StrictConfig):
     train_rephrases: bool = Field(
         True, description="Train each block on its records' `train_rephrases` too (same target), not only the prompt."
     )
+    block_per_edit: bool = Field(
+        False, description="Train one block per edit instead of one per batch (the batch's blocks still train "
+        "together, in one forward). A block that holds one fact carries it to rewordings far better than one "
+        "that must tell ten apart; the bank grows by a block per edit, so pair it with a small block_rank.",
+    )
     prefix_augment: int = Field(
         0, ge=0, description="Extra training copies of each edit behind a short random prefix the backbone "
         "wrote itself (WISE's augmentation), so rewordings after unrelated text still get the target.",

@@ -1,6 +1,6 @@
 """MELO: neuron-indexed dynamic LoRA (Yu et al., AAAI 2024).
 
-One edit batch trains one new LoRA block; the neuron index maps the batch's prompt keys to that
+One edit batch trains one new LoRA block (or one per edit, `lora.block_per_edit`); the neuron index maps the batch's prompt keys to that
 block. At inference each prompt's key picks its block (or none: the exact base model).
 """
 from __future__ import annotations
@@ -85,7 +85,7 @@ class MeloEditor(Editor):
         editor's bank; the index is not touched (`edit()` adds the keys). On any failure nothing of
         this batch stays behind."""
         trained = self.train_detached(records, self.version)
-        block = self.router.append_block(trained.weights)
+        block = self.router.append_blocks(trained.weights)
         self.version += 1
         self.edits_applied += trained.edits
         return dataclasses.replace(trained, block=block, weights=None)
@@ -100,14 +100,19 @@ class MeloEditor(Editor):
         keys = self.key_function.keys([r.prompt for r in batch_records])
         if not np.all(np.isfinite(keys)):
             raise ValueError("edit batch: a prompt produced a non-finite key")
-        rows = self._training_rows(batch_records, position)
-        trained_on = in_formats(self.backbone, rows, self.config.train.formats)
+        rows, edit_of_row = self._training_rows(batch_records, position)
+        formats = self.config.train.formats
+        trained_on = in_formats(self.backbone, rows, formats)
+        per_edit = self.config.lora.block_per_edit
+        # each training row trains its own edit's block (per-edit blocks) or the batch's one block
+        slots = edit_of_row * len(formats) if per_edit else [0] * len(trained_on)
         batch = build_batch(self.backbone, trained_on, self.config.train.append_eos, rendered=True)
-        params = self.router.start_block(seed=self.config.train.seed + position)
+        params = self.router.start_block(seed=self.config.train.seed + position,
+                                         slots=len(batch_records) if per_edit else 1)
         try:
             stats = train_block(
                 self.backbone, batch, params, self.config.train, trained_modules=list(self.layers),
-                active=lambda: self.router.staging(len(trained_on), self.backbone.device),
+                active=lambda: self.router.staging(slots, self.backbone.device),
             )
             weights = self.router.staging_weights()
         finally:
@@ -117,20 +122,27 @@ class MeloEditor(Editor):
             learned=stats.learned, seconds=stats.seconds,
             ids=tuple(r.id for r in batch_records), targets=tuple(r.target for r in batch_records),
             prompts=tuple(r.prompt for r in batch_records), keys=keys.astype(np.float32), weights=weights,
+            member_blocks=tuple(range(len(batch_records))) if per_edit else (),
         )
 
-    def _training_rows(self, records: list[EditRecord], position: int) -> list[EditRecord]:
-        """The batch's rows: each edit's prompt, its train_rephrases, and prefixed copies (lora section)."""
+    def _training_rows(self, records: list[EditRecord], position: int) -> tuple[list[EditRecord], list[int]]:
+        """The batch's rows: each edit's prompt, its train_rephrases, and prefixed copies (lora section),
+        with the position in `records` of the edit each row teaches."""
         cfg = self.config.lora
         rows = list(records)
+        edit_of_row = list(range(len(records)))
         if cfg.train_rephrases:
-            rows += [EditRecord(prompt=p, target=r.target, id=r.id) for r in records for p in r.train_rephrases]
+            for i, r in enumerate(records):
+                rows += [EditRecord(prompt=p, target=r.target, id=r.id) for p in r.train_rephrases]
+                edit_of_row += [i] * len(r.train_rephrases)
         if cfg.prefix_augment:
             prefixes = self._prefixes()
             rng = random.Random(self.config.train.seed + position)
-            rows += [EditRecord(prompt=f"{rng.choice(prefixes)} {r.prompt}", target=r.target, id=r.id)
-                     for r in records for _ in range(cfg.prefix_augment)]
-        return rows
+            for i, r in enumerate(records):
+                rows += [EditRecord(prompt=f"{rng.choice(prefixes)} {r.prompt}", target=r.target, id=r.id)
+                         for _ in range(cfg.prefix_augment)]
+                edit_of_row += [i] * cfg.prefix_augment
+        return rows, edit_of_row
 
     def _prefixes(self) -> list[str]:
         """Short sentences the backbone writes itself from neutral openings (greedy, so deterministic)."""

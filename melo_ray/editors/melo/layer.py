@@ -1,9 +1,11 @@
-"""Dynamic LoRA: a bank of partial-rank blocks per target linear, one block per edit batch.
+"""Dynamic LoRA: a bank of partial-rank blocks per target linear, one block per edit batch (or, with
+`lora.block_per_edit`, one per edit of the batch).
 
 Each wrapped layer computes h = W0·x + (alpha/p)·B_b·A_b·x where b is the block chosen for that row
 of the batch (block id -1: exactly W0·x). Committed blocks are buffers, never trained again; the
-block being trained lives in separate parameters ("staging") and reaches the bank only as finished
-weights (`append_block`), so an edit batch that fails leaves the bank untouched.
+blocks being trained live in separate parameters ("staging", one or more slots trained together)
+and reach the bank only as finished weights (`append_blocks`), so an edit batch that fails leaves
+the bank untouched.
 """
 from __future__ import annotations
 
@@ -52,34 +54,38 @@ class DynamicLoraLinear(EditLayer):
     def num_blocks(self) -> int:
         return self.lora_bank_A.shape[0]
 
-    def start_block(self, generator: torch.Generator) -> None:
-        """Create fresh staging parameters: A random (as PEFT's kaiming init), B zero."""
-        a = torch.empty(self.block_rank, self.in_features, dtype=self.lora_bank_A.dtype)
+    def start_block(self, generator: torch.Generator, slots: int = 1) -> None:
+        """Create fresh staging parameters for `slots` blocks trained together: A random (as PEFT's
+        kaiming init, one slot after another from `generator`), B zero."""
         bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) bound
-        a.uniform_(-bound, bound, generator=generator)
+        a = torch.empty(slots, self.block_rank, self.in_features, dtype=self.lora_bank_A.dtype)
+        for slot in range(slots):
+            a[slot].uniform_(-bound, bound, generator=generator)
         device = self.lora_bank_A.device
         self.lora_staging_A = nn.Parameter(a.to(device))
         self.lora_staging_B = nn.Parameter(
-            torch.zeros(self.out_features, self.block_rank, dtype=a.dtype, device=device)
+            torch.zeros(slots, self.out_features, self.block_rank, dtype=a.dtype, device=device)
         )
 
     def commit_block(self) -> int:
-        """Append the staging block to the bank; returns its block id."""
+        """Append the staging blocks to the bank; returns the first one's block id."""
         if self.lora_staging_A is None or self.lora_staging_B is None:
             raise RuntimeError("no staging block to commit")
-        block = self.append_block(self.lora_staging_A.detach(), self.lora_staging_B.detach())
+        block = self.append_blocks(self.lora_staging_A.detach(), self.lora_staging_B.detach())
         self.discard_block()
         return block
 
-    def append_block(self, a: torch.Tensor, b: torch.Tensor) -> int:
-        """Append one trained block (A: p x in, B: out x p) to the bank; returns its block id."""
-        if self.num_blocks >= self.max_blocks:
+    def append_blocks(self, a: torch.Tensor, b: torch.Tensor) -> int:
+        """Append n trained blocks (A: n x p x in, B: n x out x p) to the bank; returns the first one's id."""
+        if self.num_blocks + a.shape[0] > self.max_blocks:
             raise BlockBankFull(f"max_blocks={self.max_blocks} reached; raise lora.max_blocks")
-        if tuple(a.shape) != tuple(self.lora_bank_A.shape[1:]) or tuple(b.shape) != tuple(self.lora_bank_B.shape[1:]):
+        if (a.ndim != 3 or tuple(a.shape[1:]) != tuple(self.lora_bank_A.shape[1:])
+                or tuple(b.shape) != (a.shape[0], *self.lora_bank_B.shape[1:])):
             raise ValueError(f"block shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit this layer")
-        self.lora_bank_A = self._grow_A.append(self.lora_bank_A, a[None])
-        self.lora_bank_B = self._grow_B.append(self.lora_bank_B, b[None])
-        return self.num_blocks - 1
+        first = self.num_blocks
+        self.lora_bank_A = self._grow_A.append(self.lora_bank_A, a)
+        self.lora_bank_B = self._grow_B.append(self.lora_bank_B, b)
+        return first
 
     def discard_block(self) -> None:
         self.lora_staging_A = None
@@ -100,10 +106,7 @@ class DynamicLoraLinear(EditLayer):
         if plan is None or plan.rows is None and not plan.staging:
             return out  # every row on the base model: exactly W0·x
         if plan.staging:
-            if self.lora_staging_A is None:
-                raise RuntimeError("routing asks for the staging block but none was started")
-            delta = (x @ self.lora_staging_A.T) @ self.lora_staging_B.T
-            return out + self.scale * delta
+            return out + self.scale * self._staging_delta(x, plan.slots)
         if x.shape[0] != plan.batch_rows:
             raise RuntimeError(f"routing has {plan.batch_rows} rows but the input has {x.shape[0]}")
         a = self.lora_bank_A[plan.blocks]  # (rows, p, in)
@@ -115,6 +118,18 @@ class DynamicLoraLinear(EditLayer):
         # Rows without a block are not touched, so they stay bit-identical to the base layer.
         return out.index_add(0, plan.rows, delta.to(out.dtype))
 
+    def _staging_delta(self, x: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
+        a, b = self.lora_staging_A, self.lora_staging_B
+        if a is None or b is None:
+            raise RuntimeError("routing asks for the staging block but none was started")
+        if a.shape[0] == 1:  # one block for the whole batch: no gather
+            return (x @ a[0].T) @ b[0].T
+        if slots is None or slots.shape[0] != x.shape[0]:
+            raise RuntimeError(f"{a.shape[0]} staging blocks need a slot for each of the {x.shape[0]} rows")
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (rows, tokens, in)
+        delta = torch.bmm(torch.bmm(flat, a[slots].transpose(1, 2)), b[slots].transpose(1, 2))
+        return delta.reshape(*x.shape[:-1], self.out_features)
+
 
 @dataclass(frozen=True)
 class RoutePlan:
@@ -123,6 +138,7 @@ class RoutePlan:
 
     batch_rows: int
     staging: bool = False
+    slots: torch.Tensor | None = None  # staging: each row's staging block (None: all use the first)
     rows: torch.Tensor | None = None  # rows with a block (on the bank's device); None: none has one
     blocks: torch.Tensor | None = None  # their block ids
 
@@ -178,10 +194,16 @@ class BlockRouter:
                 layer.plan = None
 
     @contextmanager
-    def staging(self, batch_size: int, device: torch.device) -> Iterator[None]:
-        ids = torch.full((batch_size,), STAGING_BLOCK, dtype=torch.long, device=device)
-        with self.route(ids):
+    def staging(self, slots: list[int], device: torch.device) -> Iterator[None]:
+        """Route every row to the staging blocks: row i to staging block `slots[i]`."""
+        plan = RoutePlan(len(slots), staging=True, slots=torch.tensor(slots, dtype=torch.long, device=device))
+        for layer in self.layers.values():
+            layer.plan = plan
+        try:
             yield
+        finally:
+            for layer in self.layers.values():
+                layer.plan = None
 
     @property
     def num_blocks(self) -> int:
@@ -190,17 +212,18 @@ class BlockRouter:
             raise RuntimeError(f"LoRA layers disagree on the number of blocks: {counts}")
         return counts.pop()
 
-    def start_block(self, seed: int) -> list[nn.Parameter]:
+    def start_block(self, seed: int, slots: int = 1) -> list[nn.Parameter]:
+        """Fresh staging parameters for `slots` blocks on every layer; returns them for the optimiser."""
         generator = torch.Generator().manual_seed(seed)
         params: list[nn.Parameter] = []
         for layer in self.layers.values():
-            layer.start_block(generator)
+            layer.start_block(generator, slots)
             params += [layer.lora_staging_A, layer.lora_staging_B]  # type: ignore[list-item]
         return params
 
     def commit_block(self) -> int:
-        """Move the trained staging block into every layer's bank (all or none); returns its id."""
-        block = self.append_block(self.staging_weights())
+        """Move the trained staging blocks into every layer's bank (all or none); returns the first id."""
+        block = self.append_blocks(self.staging_weights())
         self.discard_block()
         return block
 
@@ -209,7 +232,7 @@ class BlockRouter:
             layer.discard_block()
 
     def staging_weights(self) -> dict[str, torch.Tensor]:
-        """The trained staging block of every layer, detached: `{layer}.A` (p x in), `{layer}.B` (out x p)."""
+        """The trained staging blocks of every layer, detached: `{layer}.A` (n x p x in), `{layer}.B` (n x out x p)."""
         weights = {}
         for name, layer in self.layers.items():
             if layer.lora_staging_A is None or layer.lora_staging_B is None:
@@ -218,15 +241,23 @@ class BlockRouter:
             weights[f"{name}.B"] = layer.lora_staging_B.detach().cpu().clone()
         return weights
 
-    def append_block(self, weights: Mapping[str, torch.Tensor]) -> int:
-        """Append one trained block (as `staging_weights` gives it) to every layer's bank, all or none."""
-        cap = min(layer.max_blocks for layer in self.layers.values())
-        if self.num_blocks >= cap:
-            raise BlockBankFull(f"lora.max_blocks={cap} reached: raise it in the config or start a new bank")
+    def append_blocks(self, weights: Mapping[str, torch.Tensor]) -> int:
+        """Append trained blocks (as `staging_weights` gives them) to every layer's bank, all or none;
+        returns the first one's id."""
         missing = [n for n in self.layers for part in "AB" if f"{n}.{part}" not in weights]
         if missing:
             raise ValueError(f"trained block lacks weights for {missing}")
-        ids = {layer.append_block(weights[f"{name}.A"], weights[f"{name}.B"]) for name, layer in self.layers.items()}
+        counts = {weights[f"{n}.{part}"].shape[0] for n in self.layers for part in "AB"}
+        if len(counts) != 1:
+            raise ValueError(f"trained layers disagree on the number of blocks: {counts}")
+        cap = min(layer.max_blocks for layer in self.layers.values())
+        if self.num_blocks + counts.pop() > cap:
+            raise BlockBankFull(f"lora.max_blocks={cap} reached: raise it in the config or start a new bank")
+        for name, layer in self.layers.items():  # shapes first: a misfit must not leave some layers grown
+            a, b = weights[f"{name}.A"], weights[f"{name}.B"]
+            if tuple(a.shape[1:]) != tuple(layer.lora_bank_A.shape[1:]) or tuple(b.shape[1:]) != tuple(layer.lora_bank_B.shape[1:]):
+                raise ValueError(f"trained block for '{name}' has shapes {tuple(a.shape)}/{tuple(b.shape)}")
+        ids = {layer.append_blocks(weights[f"{name}.A"], weights[f"{name}.B"]) for name, layer in self.layers.items()}
         return ids.pop()
 
     def extra_parameters(self) -> int:

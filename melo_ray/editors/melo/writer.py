@@ -90,19 +90,21 @@ class MeloWriter(BatchWriter):
         missing = [f"{n}.{p}" for n in self.banks for p in "AB" if f"{n}.{p}" not in trained.weights]
         if missing:
             raise ValueError(f"trained block lacks weights for {missing}")
+        count = trained.block_count
         for name, (a, b) in self.banks.items():  # every check before the first change: all or nothing
-            if (tuple(trained.weights[f"{name}.A"].shape) != tuple(a.shape[1:])
-                    or tuple(trained.weights[f"{name}.B"].shape) != tuple(b.shape[1:])):
-                raise ValueError(f"trained block for '{name}' has the wrong shape")
-        if self.num_blocks >= self.config.lora.max_blocks:
+            got_a, got_b = trained.weights[f"{name}.A"], trained.weights[f"{name}.B"]
+            if tuple(got_a.shape) != (count, *a.shape[1:]) or tuple(got_b.shape) != (count, *b.shape[1:]):
+                raise ValueError(f"trained blocks for '{name}' have the wrong shape: {tuple(got_a.shape)}/"
+                                 f"{tuple(got_b.shape)} for {count} block(s)")
+        if self.num_blocks + count > self.config.lora.max_blocks:
             raise BlockBankFull(f"lora.max_blocks={self.config.lora.max_blocks} reached: raise it in the config")
         block = self.num_blocks
         committed = TrainedBatch(**{**vars(trained), "block": block, "weights": None})
         update = self.index.add(committed)  # checks the block number against the index first
         for name, (grow_a, grow_b) in self.grow.items():
             a, b = self.banks[name]
-            self.banks[name] = [grow_a.append(a, trained.weights[f"{name}.A"][None]),
-                                grow_b.append(b, trained.weights[f"{name}.B"][None])]
+            self.banks[name] = [grow_a.append(a, trained.weights[f"{name}.A"]),
+                                grow_b.append(b, trained.weights[f"{name}.B"])]
         log_batch(self.edit_log, committed)
         self.version = trained.version
         self.edits += trained.edits
