@@ -3,6 +3,7 @@
 Variants (same zsRE edits, same batches, same process):
   melo            defaults: layers below the first LoRA layer run once per batch, logits only at
                   target positions, early stop
+  block-per-batch the same, with one rank-8 block per batch of edits instead of one per edit
   no-early-stop   the same, always num_iter steps
   no-prefix-cache whole-model forward every step with full-vocabulary logits at every position
                   (the loss still reads only the target positions); early stop kept
@@ -33,17 +34,19 @@ from melo_ray.metrics import success_rate
 
 ROOT = Path(__file__).resolve().parent.parent
 ZSRE = ROOT.parent / "shared" / "data" / "zsre-mend-eval-subsets" / "zsre_mend_eval_portability_gpt4.json"
-VARIANTS = {
+VARIANTS = {  # config sections each variant overrides
     "melo": {},
-    "no-early-stop": {"early_stop": False},
-    "no-prefix-cache": {"cache_frozen_prefix": False},
-    "naive": {"cache_frozen_prefix": False, "early_stop": False},
+    "block-per-batch": {"lora": {"block_per_edit": False, "block_rank": 8, "alpha": 16}},
+    "no-early-stop": {"train": {"early_stop": False}},
+    "no-prefix-cache": {"train": {"cache_frozen_prefix": False}},
+    "naive": {"train": {"cache_frozen_prefix": False, "early_stop": False}},
 }
 
 
-def measure(name: str, editor_kind: str, train: dict, config_path: Path, backbone, records, batch: int) -> dict:
+def measure(name: str, editor_kind: str, overrides: dict, config_path: Path, backbone, records, batch: int) -> dict:
     data = load_config(config_path).model_dump()
-    data["train"].update(train)
+    for section, values in overrides.items():
+        data[section].update(values)
     remove_edit_layers(backbone.model)
     editor = build_editor(editor_kind, load_config(data), backbone)
     started = time.perf_counter()
@@ -66,7 +69,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100, help="edits per MELO variant")
     parser.add_argument("--grace-n", type=int, default=20, help="edits for GRACE (one at a time)")
     parser.add_argument("--grace-ref-n", type=int, default=5, help="edits for the published-style GRACE")
-    parser.add_argument("--variants", default="melo,no-early-stop,no-prefix-cache,naive,grace,grace-reference")
+    parser.add_argument("--variants", default="melo,block-per-batch,no-early-stop,no-prefix-cache,naive,grace,grace-reference")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "smollm2-135m.yaml")
     args = parser.parse_args()
     config = load_config(args.config)

@@ -164,3 +164,12 @@ def test_block_levers_add_train_rephrases_and_prefixed_copies_to_the_batch():
     assert all(len(r.prompt) > len(record.prompt) + 1 for r in rows[2:])  # a real prefix before the prompt
     off = MeloEditor(tiny_config(lora={"train_rephrases": False}), backbone=editor.backbone)
     assert [r.prompt for r in off._training_rows([record], 0)[0]] == [record.prompt]
+
+
+def test_the_same_prompt_passes_the_scope_test_whatever_float_noise_its_keys_carry():
+    # one prompt's keys differ by ~1e-7 between encoder batches; that must not demote its own edit
+    scope = ScopeTest(ScopeVerifier.load(BUILTIN_VERIFIER), threshold=100.0)
+    rng = np.random.default_rng(0)
+    member = rng.normal(size=scope.key_dim).astype(np.float32)
+    logits = scope.logits(member + np.float32(1e-7), np.stack([member, member + np.float32(1e-3)]))
+    assert logits[0] == np.inf and np.isfinite(logits[1])
