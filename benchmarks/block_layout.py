@@ -21,6 +21,7 @@ from melo_ray.config import load_config
 from melo_ray.data import convert
 from melo_ray.editors.layers import remove_edit_layers
 from melo_ray.editors.melo.editor import MeloEditor
+from melo_ray.evaluation import generality_split
 from melo_ray.metrics import success_rate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,15 +56,10 @@ def measure(name: str, overrides: dict, config_path: Path, backbone, records) ->
     seconds = time.perf_counter() - started
     reliability = success_rate([g.output for g in editor.generate([r.prompt for r in records])],
                                [r.target for r in records])
-    pairs = [(r.rephrases[0], r.target) for r in records if r.rephrases]
-    outputs = editor.generate([p for p, _ in pairs])
-    routed = [i for i, g in enumerate(outputs) if g.block is not None]
     row = {
         "variant": name, "edits": len(records), "steps": steps, "seconds": round(seconds, 1),
         "edits_per_min": round(len(records) / seconds * 60, 1), "reliability": reliability,
-        "generality": success_rate([g.output for g in outputs], [t for _, t in pairs]),
-        "routed": len(routed) / max(len(pairs), 1),
-        "generality_when_routed": success_rate([outputs[i].output for i in routed], [pairs[i][1] for i in routed]),
+        **generality_split(editor, records),
         "extra_parameters": editor.stats()["extra_parameters"],
     }
     print(json.dumps(row), flush=True)
@@ -89,7 +85,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['steps']} | {r['edits_per_min']} | {r['reliability']:.2f} | {r['generality']:.2f} | "
-              f"{r['routed']:.2f} | {r['generality_when_routed']:.3f} | {r['extra_parameters']:,} |")
+              f"{r['rephrases_routed']:.2f} | {r['generality_when_routed']:.3f} | {r['extra_parameters']:,} |")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from melo_ray.editors.layers import remove_edit_layers
 from melo_ray.config import load_config
 from melo_ray.data import convert
 from melo_ray.editors.melo.editor import MeloEditor
+from melo_ray.evaluation import generality_split
 from melo_ray.metrics import starts_with_target as edit_success
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,17 +60,12 @@ def run(dataset: str, n: int, key_function: str, config_path: Path, backbone, nq
     for start in range(0, len(records), size):
         editor.edit(records[start : start + size])
     seconds = time.perf_counter() - started
-    with_rephrase = [r for r in records if r.rephrases]
-    rephrased = editor.generate([r.rephrases[0] for r in with_rephrase])
-    routed = [g for g in rephrased if g.block is not None]
     result = {
         "dataset": dataset, "n_edits": len(records), "key_function": key_function,
         "r_init": config.index.r_init, "batch_size": size,
         "edit_success": _rate(editor.generate([r.prompt for r in records]), [r.target for r in records]),
-        "generality": _rate(rephrased, [r.target for r in with_rephrase]),
         # why generality falls short: rephrasings outside every cluster, or the block not generalising
-        "rephrases_routed": len(routed) / max(len(rephrased), 1),
-        "generality_when_routed": _rate(routed, [r.target for g, r in zip(rephrased, with_rephrase) if g.block is not None]),
+        **generality_split(editor, records),
         "locality_nq": _same(editor.generate(nq), base_nq),
         "locality_neighbours": _same(editor.generate(neighbours), base_neighbours) if neighbours else None,
         "edits_per_min": len(records) / seconds * 60,

@@ -101,6 +101,19 @@ def _success(editor: Any, prompts: list[str], targets: list[str], max_new: int) 
     return metrics.success_rate(_outputs(editor, prompts, _target_budget(editor, targets, max_new)), targets)
 
 
+def generality_split(editor: Any, records: list[EditRecord]) -> dict[str, float]:
+    """Generality on each record's first rephrasing, split by why it falls short: the share of
+    rephrasings routed to some block, and generality among those (the block's own share)."""
+    pairs = [(r.rephrases[0], r.target) for r in records if r.rephrases]
+    outputs = editor.generate([p for p, _ in pairs])
+    routed = [i for i, g in enumerate(outputs) if g.block is not None]
+    return {
+        "generality": metrics.success_rate([g.output for g in outputs], [t for _, t in pairs]),
+        "rephrases_routed": len(routed) / max(len(pairs), 1),
+        "generality_when_routed": metrics.success_rate([outputs[i].output for i in routed], [pairs[i][1] for i in routed]),
+    }
+
+
 def measure(editor: Any, edited: list[EditRecord], nq: list[str], baseline: _Baseline, max_new: int) -> dict[str, float]:
     """All metrics on the records edited so far, against the pre-edit outputs in `baseline`."""
     targets = [r.target for r in edited]

@@ -159,3 +159,21 @@ def test_grace_leaves_inputs_outside_every_entry_bit_identical():
     assert [g.output for g in generations] == [g.output for g in editor.generate(UNRELATED, base=True)]
     after = editor.backbone.model(**editor.backbone.tokenizer(UNRELATED, return_tensors="pt", padding=True)).logits
     assert torch.equal(before, after)
+
+
+def test_generality_split_tells_routing_misses_from_block_misses():
+    from melo_ray.evaluation import generality_split
+
+    answers = {"Where is A?": ("Oslo", 0), "Where is B?": ("Rome", 1), "Where is C?": ("Lima", None)}
+
+    class Stub:
+        def generate(self, prompts):
+            return [SimpleNamespace(output=answers[p][0], block=answers[p][1]) for p in prompts]
+
+    records = [EditRecord(prompt="a", target="Oslo", rephrases=("Where is A?",)),  # routed, right
+               EditRecord(prompt="b", target="Paris", rephrases=("Where is B?",)),  # routed, wrong block answer
+               EditRecord(prompt="c", target="Lima", rephrases=("Where is C?",)),  # base model happens to know
+               EditRecord(prompt="d", target="Bonn")]  # no rephrasing: not counted
+    split = generality_split(Stub(), records)
+    assert split == {"generality": pytest.approx(2 / 3), "rephrases_routed": pytest.approx(2 / 3),
+                     "generality_when_routed": 0.5}
