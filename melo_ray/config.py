@@ -62,7 +62,7 @@ class BackboneConfig(StrictConfig):
 
 
 class TrainConfig(StrictConfig):
-    batch_size: int = Field(100, ge=1, description="Edits per batch; one batch trains one block.")
+    batch_size: int = Field(100, ge=1, description="Edits per batch; a batch trains its block(s) together (lora.block_per_edit).")
     num_iter: int = Field(40, ge=1, description="Optimiser steps per batch.")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate for the block.")
     append_eos: bool = Field(True, description="Train the end-of-sequence token after the target.")

@@ -12,7 +12,7 @@ class LoraConfig(StrictConfig):
     target_modules: list[str] = Field(
         ..., min_length=1, description="Full module names of the linear layers that get LoRA banks."
     )
-    block_rank: int = Field(4, ge=1, description="Partial rank p of one block (one edit batch).")
+    block_rank: int = Field(4, ge=1, description="Partial rank p of one block (one edit batch, or one edit).")
     alpha: float = Field(8.0, gt=0, description="Scale is alpha / block_rank, as in LoRA.")
     max_blocks: int = Field(100_000, ge=1, description="Cap on blocks per layer; exceeding it is an error.")
     train_rephrases: bool = Field(

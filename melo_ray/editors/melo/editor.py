@@ -81,7 +81,7 @@ class MeloEditor(Editor):
 
     # -- editing -----------------------------------------------------------------------------------
     def train_batch(self, records: list[EditRecord]) -> TrainedBatch:
-        """The in-process half of an edit: keys of the batch's prompts and one block committed to this
+        """The in-process half of an edit: keys of the batch's prompts and its block(s) committed to this
         editor's bank; the index is not touched (`edit()` adds the keys). On any failure nothing of
         this batch stays behind."""
         trained = self.train_detached(records, self.version)
@@ -211,7 +211,7 @@ class MeloEditor(Editor):
 
     def revert_state(self, ids: set[str]) -> Callable[[], None]:
         """The edits' members leave the index; a cluster with no members dies. Blocks stay in the
-        bank (shared with other edits of their batch) until compact()."""
+        bank (a batch's block may serve its other edits) until compact()."""
         if self.index is None:
             raise RuntimeError("revert needs the editor's index (restore a whole snapshot in this process)")
         index = self.index.index
