@@ -112,7 +112,7 @@ class MeloEditor(Editor):
         try:
             stats = train_block(
                 self.backbone, batch, params, self.config.train, trained_modules=list(self.layers),
-                active=lambda: self.router.staging(slots, self.backbone.device),
+                active=lambda: self.router.staging(slots),
             )
             weights = self.router.staging_weights()
         finally:

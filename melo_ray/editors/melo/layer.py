@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import numpy as np
@@ -181,24 +181,25 @@ class BlockRouter:
 
     @contextmanager
     def route(self, block_ids: torch.Tensor | np.ndarray | None) -> Iterator[None]:
+        with self._planned(None if block_ids is None else lambda device: RoutePlan.build(block_ids, device)):
+            yield
+
+    @contextmanager
+    def staging(self, slots: list[int]) -> Iterator[None]:
+        """Route every row to the staging blocks: row i to staging block `slots[i]`."""
+        ids = torch.tensor(slots, dtype=torch.long)
+        with self._planned(lambda device: RoutePlan(len(slots), staging=True, slots=ids.to(device))):
+            yield
+
+    @contextmanager
+    def _planned(self, plan_for: Callable[[torch.device], RoutePlan] | None) -> Iterator[None]:
+        """Give every layer the plan for its bank's device (one plan per device) for one forward."""
         plans: dict[torch.device, RoutePlan] = {}
         for layer in self.layers.values():
             device = layer.lora_bank_A.device
-            if block_ids is not None and device not in plans:
-                plans[device] = RoutePlan.build(block_ids, device)
+            if plan_for is not None and device not in plans:
+                plans[device] = plan_for(device)
             layer.plan = plans.get(device)
-        try:
-            yield
-        finally:
-            for layer in self.layers.values():
-                layer.plan = None
-
-    @contextmanager
-    def staging(self, slots: list[int], device: torch.device) -> Iterator[None]:
-        """Route every row to the staging blocks: row i to staging block `slots[i]`."""
-        plan = RoutePlan(len(slots), staging=True, slots=torch.tensor(slots, dtype=torch.long, device=device))
-        for layer in self.layers.values():
-            layer.plan = plan
         try:
             yield
         finally:
