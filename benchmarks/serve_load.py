@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--ratio-only", action="store_true", help="skip the HTTP load")
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--replica-cpus", type=float, default=None, help="default: all CPUs / replicas")
     args = parser.parse_args()
 
     from melo_ray.store import read_any_snapshot
@@ -118,7 +120,8 @@ def main() -> None:
     from melo_ray.serving.app import ServeSettings, run_http
 
     ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, object_store_memory=256 * 1024 * 1024)
-    settings = ServeSettings(snapshots=args.snapshots, replicas=1, replica_cpus=os.cpu_count() or 2,
+    cpus = args.replica_cpus if args.replica_cpus is not None else (os.cpu_count() or 2) / args.replicas
+    settings = ServeSettings(snapshots=args.snapshots, replicas=args.replicas, replica_cpus=cpus,
                              max_batch_size=32, max_prompts=32)
     run_http(settings, port=args.port, blocking=False)
     load(args.port, prompts, 2, 5, args.max_new_tokens)  # warm up

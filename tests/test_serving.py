@@ -120,3 +120,31 @@ def test_edits_trained_in_chat_format_hold_through_the_chat_template():
     raw = [g.output for g in editor.generate([r["prompt"] for r in records], 6)]
     assert sum(o.startswith(r["target"]) for o, r in zip(chat, records)) >= 5
     assert sum(o.startswith(r["target"]) for o, r in zip(raw, records)) >= 5
+
+
+def test_the_batcher_wakes_a_non_streaming_caller_once_and_a_streaming_one_per_piece(published):
+    import threading
+
+    from melo_ray.serving.batcher import Batcher
+
+    store, _ = published
+    batcher = Batcher(ServingEngine.from_snapshot(*store.read()), max_batch=4)
+    updates: dict[str, list] = {"stream": [], "whole": []}
+    done = {name: threading.Event() for name in updates}
+
+    def collect(name):
+        def on_update(update):
+            updates[name].append(update)
+            if update.completion is not None or update.error is not None:
+                done[name].set()
+        return on_update
+
+    try:
+        for name in updates:
+            batcher.submit(CompletionRequest(UNRELATED[0], 8, min_new_tokens=8), collect(name), stream=name == "stream")
+        assert all(event.wait(60) for event in done.values())
+    finally:
+        batcher.stop()
+    assert len(updates["whole"]) == 1 and updates["whole"][0].completion.completion_tokens == 8
+    assert len(updates["stream"]) > 1
+    assert "".join(u.delta for u in updates["stream"]) == updates["whole"][0].completion.text

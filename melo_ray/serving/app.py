@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+import torch
 
 from melo_ray.config import load_config
 from melo_ray.serving.batcher import Batcher, Ticket, Update
@@ -151,6 +152,8 @@ class MeloServer:
     def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = ServeSettings.model_validate(settings)
         self.token = self.settings.api_token or os.environ.get(TOKEN_ENV) or None
+        # One torch thread per CPU the replica holds: more threads than cores spin against each other.
+        torch.set_num_threads(max(1, int(self.settings.replica_cpus)))
         self.store, self.engine = start_engine(self.settings)
         self.replica = uuid.uuid4().hex[:8]
         # Continuous batching (rows join between decode steps, finished rows leave) is ours:
@@ -230,14 +233,15 @@ class MeloServer:
             raise ApiError(413, f"{len(prompts)} prompts; the limit is {self.settings.max_prompts}", field)
         return [self._request(p, max_new, stop, field, i, sampling) for i, p in enumerate(prompts)]
 
-    def _submit(self, request: CompletionRequest) -> tuple[Ticket, asyncio.Queue]:
+    def _submit(self, request: CompletionRequest, stream: bool) -> tuple[Ticket, asyncio.Queue]:
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        ticket = self.batcher.submit(request, lambda update: loop.call_soon_threadsafe(queue.put_nowait, update))
+        ticket = self.batcher.submit(request, lambda update: loop.call_soon_threadsafe(queue.put_nowait, update),
+                                     stream=stream)
         return ticket, queue
 
-    async def _updates(self, request: CompletionRequest):
+    async def _updates(self, request: CompletionRequest, *, stream: bool = True):
         """The request's text as it is decoded; leaving early (a client gone) frees its row."""
-        ticket, queue = self._submit(request)
+        ticket, queue = self._submit(request, stream)
         finished = False
         try:
             while not finished:
@@ -251,7 +255,7 @@ class MeloServer:
                 ticket.cancel()
 
     async def _complete(self, request: CompletionRequest) -> Completion:
-        async for update in self._updates(request):
+        async for update in self._updates(request, stream=False):
             if update.completion is not None:
                 return update.completion
         raise ApiError(500, "generation ended without a result")

@@ -35,6 +35,7 @@ class Update:
 class Ticket:
     request: CompletionRequest
     on_update: Callable[[Update], None]
+    stream: bool = True  # False: only the final update is sent (no per-token wake-ups of the caller)
     cancelled: bool = False
     sequence: Sequence | None = field(default=None, repr=False)
 
@@ -58,8 +59,8 @@ class Batcher:
         self.thread.start()
 
     # -- called from request handlers ----------------------------------------------------------------
-    def submit(self, request: CompletionRequest, on_update: Callable[[Update], None]) -> Ticket:
-        ticket = Ticket(request, on_update)
+    def submit(self, request: CompletionRequest, on_update: Callable[[Update], None], *, stream: bool = True) -> Ticket:
+        ticket = Ticket(request, on_update, stream)
         with self.cond:
             self.waiting.append(ticket)
             self.cond.notify()
@@ -130,6 +131,8 @@ class Batcher:
     def _emitter(self) -> Callable[[Sequence, str, bool], None]:
         def emit(seq: Sequence, delta: str, finished: bool) -> None:
             ticket: Ticket = seq.owner
+            if not (finished or ticket.stream):
+                return
             completion = self.engine.completion(ticket.request, seq) if finished else None
             if finished:
                 self.counters["cancelled" if seq.finish_reason == "cancelled" else "finished"] += 1

@@ -111,7 +111,8 @@ class DecodeLoop:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with self.editor.routed(self._routing(new)):
             out = self.editor.backbone.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                             position_ids=positions.to(device), use_cache=True)
+                                             position_ids=positions.to(device), use_cache=True,
+                                             logits_to_keep=1)  # only the last position's logits are read
         self._merge(out.past_key_values, mask.to(device), new)
         self._advance(new, out.logits[:, -1])
 
