@@ -70,6 +70,10 @@ class TrainConfig(StrictConfig):
         True, description="Stop a batch once every target token is the argmax by `early_stop_margin`."
     )
     early_stop_margin: float = Field(2.0, ge=0, description="Logit margin over the runner-up token.")
+    retire_learned: bool = Field(
+        True, description="With independent blocks (lora.block_per_edit), an edit whose targets are all learned "
+        "leaves the training forward and its block stops moving; the others train on as they would have.",
+    )
     cache_frozen_prefix: bool = Field(
         True, description="Run the frozen layers below the first LoRA layer once per batch (causal LMs)."
     )

@@ -132,7 +132,46 @@ def _first_output(out: object) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out  # type: ignore[index,return-value]
 
 
-class _CachedPrefix:
+def _rows_of(value: object, keep: torch.Tensor, batch: int) -> object:
+    """`value` (a layer input) restricted to the batch rows `keep`: tensors batch-first, tuples item by item."""
+    if isinstance(value, torch.Tensor):
+        return value[keep] if value.dim() >= 2 and value.shape[0] == batch else value
+    if isinstance(value, tuple):
+        return tuple(_rows_of(v, keep, batch) for v in value)
+    return value
+
+
+class _TargetForward:
+    """Logits at the target positions of a causal LM batch, over all rows or a subset of them.
+
+    `rows`, `cols`: each target token's batch row and the position that predicts it; `targets`: its id.
+    """
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    targets: torch.Tensor
+    batch: int
+
+    def _locate(self, labels: torch.Tensor) -> None:
+        # Position t predicts the token at t+1: gather hidden states one before each target token.
+        self.rows, self.cols = torch.nonzero(labels[:, 1:] != IGNORE, as_tuple=True)
+        self.targets = labels[:, 1:][self.rows, self.cols]
+        self.batch = labels.shape[0]
+
+    def selection(self, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask over targets of the rows in `keep`, their row numbers within the subset)."""
+        if keep is None:
+            return torch.ones_like(self.rows, dtype=torch.bool), self.rows
+        position = torch.full((self.batch,), -1, dtype=torch.long)
+        position[keep] = torch.arange(len(keep))
+        mask = position[self.rows] >= 0
+        return mask, position[self.rows[mask]]
+
+    def logits(self, keep: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _CachedPrefix(_TargetForward):
     """Replays the LoRA-carrying top of a causal LM on cached inputs of its first LoRA block."""
 
     def __init__(self, backbone: Backbone, lora_names: list[str], batch: EditBatch) -> None:
@@ -164,17 +203,31 @@ class _CachedPrefix:
         else:
             self.hidden, self.rest = kwargs.pop("hidden_states"), ()
         self.kwargs = kwargs
-        # Position t predicts the token at t+1: gather hidden states one before each target token.
-        rows, cols = torch.nonzero(batch.labels[:, 1:] != IGNORE, as_tuple=True)
-        self.rows, self.cols = rows, cols
-        self.targets = batch.labels[:, 1:][rows, cols]
+        self._locate(batch.labels)
 
-    def logits(self) -> torch.Tensor:
-        hidden = self.hidden
+    def logits(self, keep: torch.Tensor | None = None) -> torch.Tensor:
+        hidden, rest, kwargs = self.hidden, self.rest, self.kwargs
+        if keep is not None:
+            hidden = hidden[keep]
+            rest = _rows_of(rest, keep, self.batch)
+            kwargs = {k: _rows_of(v, keep, self.batch) for k, v in kwargs.items()}
         for block in self.blocks[self.first :]:
-            hidden = _first_output(block(hidden, *self.rest, **self.kwargs))
-        hidden = self.norm(hidden[self.rows, self.cols])
-        return self.head(hidden)
+            hidden = _first_output(block(hidden, *rest, **kwargs))
+        mask, rows = self.selection(keep)
+        return self.head(self.norm(hidden[rows, self.cols[mask]]))
+
+
+class _WholeModel(_TargetForward):
+    """The plain forward of a causal LM, full vocabulary at every position (the loss reads the targets)."""
+
+    def __init__(self, backbone: Backbone, batch: EditBatch) -> None:
+        self.model, self.inputs = backbone.model, batch.inputs
+        self._locate(batch.labels)
+
+    def logits(self, keep: torch.Tensor | None = None) -> torch.Tensor:
+        inputs = self.inputs if keep is None else {k: v[keep] for k, v in self.inputs.items()}
+        mask, rows = self.selection(keep)
+        return self.model(**inputs, use_cache=False).logits[rows, self.cols[mask]]
 
 
 def _supports_cached_prefix(backbone: Backbone, lora_names: list[str]) -> bool:
@@ -184,35 +237,43 @@ def _supports_cached_prefix(backbone: Backbone, lora_names: list[str]) -> bool:
     return all(n.startswith(spec.blocks + ".") for n in lora_names)
 
 
-def _full_forward(backbone: Backbone, batch: EditBatch) -> tuple[Callable[[], torch.Tensor], torch.Tensor]:
-    """Plain forward of the whole model; returns (logits at target positions, target ids)."""
+def _other_forward(backbone: Backbone, batch: EditBatch) -> tuple[Callable[[], torch.Tensor], torch.Tensor]:
+    """Classification and seq2seq backbones: the plain forward; returns (logits at targets, target ids)."""
     model = backbone.model
     labels = batch.labels
     if backbone.task == "classification":
         return (lambda: model(**batch.inputs).logits), labels
-    if backbone.task == "seq2seq":
-        decoder_labels = labels.clone()
-        mask = decoder_labels != IGNORE
-        rows, cols = torch.nonzero(mask, as_tuple=True)
+    decoder_labels = labels.clone()
+    mask = decoder_labels != IGNORE
+    rows, cols = torch.nonzero(mask, as_tuple=True)
 
-        def seq2seq_logits() -> torch.Tensor:
-            out = model(**batch.inputs, labels=decoder_labels.masked_fill(~mask, backbone.tokenizer.pad_token_id))
-            return out.logits[rows, cols]
+    def seq2seq_logits() -> torch.Tensor:
+        out = model(**batch.inputs, labels=decoder_labels.masked_fill(~mask, backbone.tokenizer.pad_token_id))
+        return out.logits[rows, cols]
 
-        return seq2seq_logits, labels[rows, cols]
-    rows, cols = torch.nonzero(labels[:, 1:] != IGNORE, as_tuple=True)
-
-    def causal_logits() -> torch.Tensor:
-        return model(**batch.inputs, use_cache=False).logits[rows, cols]
-
-    return causal_logits, labels[:, 1:][rows, cols]
+    return seq2seq_logits, labels[rows, cols]
 
 
-def _learned_fraction(logits: torch.Tensor, targets: torch.Tensor, margin: float) -> float:
+def _learned_targets(logits: torch.Tensor, targets: torch.Tensor, margin: float) -> torch.Tensor:
+    """Which targets are the argmax by `margin` (bool per target)."""
     with torch.no_grad():
         target_logit = logits.gather(1, targets[:, None]).squeeze(1)
         others = logits.scatter(1, targets[:, None], float("-inf")).max(dim=1).values
-        return float((target_logit - others >= margin).float().mean())
+        return target_logit - others >= margin
+
+
+def _learned_fraction(logits: torch.Tensor, targets: torch.Tensor, margin: float) -> float:
+    return float(_learned_targets(logits, targets, margin).float().mean())
+
+
+@dataclass(frozen=True)
+class IndependentRows:
+    """Batch rows that train disjoint slices of every trained parameter: row r trains slice
+    `group_of_row[r]` along dim 0 (MELO with a block per edit: its edit's staging block).
+    `active(rows)` is the context in which a forward over those rows, in that order, uses their slices."""
+
+    group_of_row: list[int]
+    active: Callable[[list[int]], AbstractContextManager]
 
 
 def train_block(
@@ -224,23 +285,33 @@ def train_block(
     trained_modules: list[str],
     active: Callable[[], AbstractContextManager],
     extra_loss: Callable[[], tuple[torch.Tensor, bool]] | None = None,
+    independent: IndependentRows | None = None,
 ) -> TrainStats:
     """Optimise `params` for cfg.num_iter steps, or until every target is learned.
 
     `trained_modules` names the modules that hold `params` (the frozen prefix below the first of them
     is cached); `active` is the context in which the forward uses them (e.g. a staging route).
     `extra_loss` (e.g. ELDER's guided loss) returns a loss to add and whether its goal is met; early
-    stopping then waits for both.
+    stopping then waits for both. With `independent` rows (and cfg.retire_learned), a group whose
+    targets are all learned leaves the forward and its slices stop moving.
     """
     started = time.perf_counter()
     names = trained_modules
     fast = cfg.cache_frozen_prefix and _supports_cached_prefix(backbone, names)
+    forward: _TargetForward | None = None
     if fast:
-        prefix = _CachedPrefix(backbone, names, batch)
-        compute_logits, targets = prefix.logits, prefix.targets
-    else:
-        compute_logits, targets = _full_forward(backbone, batch)
+        forward = _CachedPrefix(backbone, names, batch)
+    elif backbone.task == "causal_lm":
+        forward = _WholeModel(backbone, batch)
     optimiser = torch.optim.Adam(params, lr=cfg.lr)
+    if (forward is not None and independent is not None and extra_loss is None
+            and cfg.early_stop and cfg.retire_learned):
+        steps, first_loss, final_loss, learned = _train_retiring(forward, independent, params, optimiser, cfg)
+        return TrainStats(steps, first_loss, final_loss, learned, time.perf_counter() - started, fast)
+    if forward is not None:
+        compute_logits, targets = forward.logits, forward.targets
+    else:
+        compute_logits, targets = _other_forward(backbone, batch)
     first_loss = final_loss = float("nan")
     learned = 0.0
     steps = 0
@@ -268,3 +339,62 @@ def train_block(
                 final_loss = float(F.cross_entropy(logits, targets))
                 learned = _learned_fraction(logits, targets, cfg.early_stop_margin)
     return TrainStats(steps, first_loss, final_loss, learned, time.perf_counter() - started, fast)
+
+
+def _train_retiring(
+    forward: _TargetForward, independent: IndependentRows, params: list[nn.Parameter],
+    optimiser: torch.optim.Adam, cfg: TrainConfig,
+) -> tuple[int, float, float, float]:
+    """The training loop for independent groups: a learned group's rows leave the forward.
+
+    The loss is summed over the live targets and divided by the batch's target count, so a live
+    group's gradient is what it would be with every row present. A retired group's Adam momentum is
+    zeroed: its slices get zero gradient from then on, so Adam leaves them exactly where they were
+    learned, and its loss and margins stay as measured when it retired.
+    Returns (steps, first loss, final loss, learned fraction) over all targets.
+    """
+    group_of_target = torch.tensor(independent.group_of_row)[forward.rows]
+    total = len(forward.targets)
+    live = torch.arange(forward.batch)
+    retired_loss = 0.0  # summed loss of retired groups' targets, frozen with them
+    retired_targets = 0
+    first_loss = float("nan")
+    steps = 0
+    live_loss, live_learned = 0.0, torch.zeros(0, dtype=torch.bool)
+    for step in range(cfg.num_iter + 1):
+        with independent.active(live.tolist()):
+            logits = forward.logits(live)
+        mask, _ = forward.selection(live)
+        targets, groups = forward.targets[mask], group_of_target[mask]
+        per_target = F.cross_entropy(logits, targets, reduction="none")
+        live_loss = float(per_target.detach().sum())
+        if step == 0:
+            first_loss = live_loss / total
+        live_learned = _learned_targets(logits, targets, cfg.early_stop_margin).cpu()
+        if step == cfg.num_iter:  # the last look, after the last step
+            break
+        done = groups.unique()[~torch.isin(groups.unique(), groups[~live_learned])]
+        finishing = torch.isin(groups, done)
+        if bool(finishing.all()):
+            break
+        if len(done):
+            retired_loss += float(per_target.detach()[finishing.to(per_target.device)].sum())
+            retired_targets += int(finishing.sum())
+            _freeze_slices(optimiser, params, done)
+        loss = per_target[~finishing.to(per_target.device)].sum() / total
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        steps += 1
+        row_groups = torch.tensor(independent.group_of_row)[live]
+        live = live[~torch.isin(row_groups, done)]
+    learned = (retired_targets + int(live_learned.sum())) / total
+    return steps, first_loss, (retired_loss + live_loss) / total, learned
+
+
+def _freeze_slices(optimiser: torch.optim.Adam, params: list[nn.Parameter], groups: torch.Tensor) -> None:
+    """Zero Adam's momentum of these groups' slices: with zero gradients they then never move."""
+    for param in params:
+        state = optimiser.state.get(param)
+        if state and "exp_avg" in state:
+            state["exp_avg"][groups] = 0

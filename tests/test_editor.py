@@ -212,3 +212,49 @@ def test_block_per_edit_trains_each_edit_its_own_block_in_one_batch_and_the_writ
     more = fact_records(6, 4, "Who owns the {w} now?")
     assert editor.edit(more).block == 6 and editor.stats()["blocks"] == 10
     assert _successes(editor, records + more) == 10
+
+
+def test_a_learned_edit_leaves_the_training_forward_and_its_block_stops_moving():
+    from melo_ray.records import parse_records
+
+    editor = MeloEditor(tiny_config("tiny-llama", lora={"block_per_edit": True}))
+    records = parse_records(fact_records(0, 6))
+    name, layer = next(iter(editor.layers.items()))
+    staging = editor.router.staging
+    calls: list[tuple[list[int], torch.Tensor]] = []  # (live slots, that layer's B before the forward)
+
+    def recording(slots):
+        calls.append((list(slots), layer.lora_staging_B.detach().clone()))
+        return staging(slots)
+
+    editor.router.staging = recording
+    trained = editor.train_detached(records, 0)
+    editor.router.staging = staging
+    assert trained.learned == 1.0
+    widths = [len(slots) for slots, _ in calls]
+    assert widths[0] == 6 and widths[-1] < 6 and widths == sorted(widths, reverse=True)  # learned edits left
+    final = trained.weights[f"{name}.B"]
+    retired = 0
+    for slot in range(6):
+        last_seen = max(i for i, (slots, _) in enumerate(calls) if slot in slots)
+        if last_seen + 1 < len(calls):  # retired before the end: no later step moved its block
+            retired += 1
+            assert all(torch.equal(b[slot], final[slot]) for _, b in calls[last_seen:])
+    assert retired >= 1
+    editor.edit(fact_records(0, 6))
+    assert _successes(editor, fact_records(0, 6)) == 6
+
+
+def test_target_logits_of_a_subset_of_rows_equal_those_rows_of_the_whole_batch():
+    from melo_ray.records import parse_records
+    from melo_ray.training import _CachedPrefix, _WholeModel, build_batch, in_formats
+
+    editor = MeloEditor(tiny_config("tiny-llama"))
+    rows = in_formats(editor.backbone, parse_records(fact_records(0, 5)), ["raw"])
+    batch = build_batch(editor.backbone, rows, True, rendered=True)
+    keep = torch.tensor([0, 2, 3])
+    with torch.no_grad():
+        for forward in (_CachedPrefix(editor.backbone, list(editor.layers), batch), _WholeModel(editor.backbone, batch)):
+            mask, _ = forward.selection(keep)
+            assert 0 < int(mask.sum()) < len(forward.targets)
+            torch.testing.assert_close(forward.logits(keep), forward.logits()[mask], rtol=1e-4, atol=1e-5)

@@ -26,7 +26,7 @@ from melo_ray.editors.protocol import Editor, Routing, TrainedBatch
 from melo_ray.inference import generate_texts
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError
-from melo_ray.training import EditBatch, build_batch, in_formats, train_block
+from melo_ray.training import EditBatch, IndependentRows, build_batch, in_formats, train_block
 
 log = logging.getLogger(__name__)
 PREFIX_OPENINGS = ("The", "I think", "In the", "It was", "A new", "We", "This is", "There are", "When", "My",
@@ -113,6 +113,9 @@ class MeloEditor(Editor):
             stats = train_block(
                 self.backbone, batch, params, self.config.train, trained_modules=list(self.layers),
                 active=lambda: self.router.staging(slots),
+                # a block per edit: each edit's rows train only its block, so a learned edit can retire
+                independent=IndependentRows(slots, lambda rows: self.router.staging([slots[r] for r in rows]))
+                if per_edit else None,
             )
             weights = self.router.staging_weights()
         finally:
