@@ -74,6 +74,10 @@ class TrainConfig(StrictConfig):
         True, description="With independent blocks (lora.block_per_edit), an edit whose targets are all learned "
         "leaves the training forward and its block stops moving; the others train on as they would have.",
     )
+    retire_margin: float | None = Field(
+        None, ge=0, description="Logit margin at which an edit retires (retire_learned); default early_stop_margin. "
+        "A wider margin trains each edit further, which carries it to more rewordings.",
+    )
     cache_frozen_prefix: bool = Field(
         True, description="Run the frozen layers below the first LoRA layer once per batch (causal LMs)."
     )

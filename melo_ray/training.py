@@ -3,7 +3,8 @@
 Causal LMs take a fast path: the frozen layers below the first LoRA layer run once per batch and
 their output is replayed every iteration, and logits are computed only at target positions (a
 (targets x vocab) product instead of (batch x length x vocab)). Other families use the plain
-forward with the model's own loss inputs.
+forward with the model's own loss inputs. When each edit trains its own block (rows independent),
+an edit leaves the forward as soon as it is learned, so later steps cost only the edits still learning.
 """
 from __future__ import annotations
 
@@ -361,6 +362,7 @@ def _train_retiring(
     first_loss = float("nan")
     steps = 0
     live_loss, live_learned = 0.0, torch.zeros(0, dtype=torch.bool)
+    retire_margin = cfg.early_stop_margin if cfg.retire_margin is None else max(cfg.retire_margin, cfg.early_stop_margin)
     for step in range(cfg.num_iter + 1):
         with independent.active(live.tolist()):
             logits = forward.logits(live)
@@ -373,7 +375,8 @@ def _train_retiring(
         live_learned = _learned_targets(logits, targets, cfg.early_stop_margin).cpu()
         if step == cfg.num_iter:  # the last look, after the last step
             break
-        done = groups.unique()[~torch.isin(groups.unique(), groups[~live_learned])]
+        firm = _learned_targets(logits, targets, retire_margin).cpu()
+        done = groups.unique()[~torch.isin(groups.unique(), groups[~firm])]
         finishing = torch.isin(groups, done)
         if bool(finishing.all()):
             break
