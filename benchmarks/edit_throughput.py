@@ -3,7 +3,7 @@
 Variants (same zsRE edits, same batches, same process):
   melo            defaults: layers below the first LoRA layer run once per batch, logits only at
                   target positions, early stop
-  no-retire       the same, but a learned edit keeps training (in the forward) until its whole batch is learned
+  retire          the same, but an edit leaves the forward as soon as it is learned (train.retire_learned)
   block-per-batch the same, with one rank-8 block per batch of edits instead of one per edit
   no-early-stop   the same, always num_iter steps
   no-prefix-cache whole-model forward every step with full-vocabulary logits at every position
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ZSRE = ROOT.parent / "shared" / "data" / "zsre-mend-eval-subsets" / "zsre_mend_eval_portability_gpt4.json"
 VARIANTS = {  # config sections each variant overrides
     "melo": {},
-    "no-retire": {"train": {"retire_learned": False}},
+    "retire": {"train": {"retire_learned": True}},
     "block-per-batch": {"lora": {"block_per_edit": False, "block_rank": 8, "alpha": 16}},
     "no-early-stop": {"train": {"early_stop": False}},
     "no-prefix-cache": {"train": {"cache_frozen_prefix": False}},
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100, help="edits per MELO variant")
     parser.add_argument("--grace-n", type=int, default=20, help="edits for GRACE (one at a time)")
     parser.add_argument("--grace-ref-n", type=int, default=5, help="edits for the published-style GRACE")
-    parser.add_argument("--variants", default="melo,no-retire,block-per-batch,no-early-stop,no-prefix-cache,naive,grace,grace-reference")
+    parser.add_argument("--variants", default="melo,retire,block-per-batch,no-early-stop,no-prefix-cache,naive,grace,grace-reference")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "smollm2-135m.yaml")
     args = parser.parse_args()
     config = load_config(args.config)

@@ -217,7 +217,7 @@ def test_block_per_edit_trains_each_edit_its_own_block_in_one_batch_and_the_writ
 def test_a_learned_edit_leaves_the_training_forward_and_its_block_stops_moving():
     from melo_ray.records import parse_records
 
-    editor = MeloEditor(tiny_config("tiny-llama", lora={"block_per_edit": True}))
+    editor = MeloEditor(tiny_config("tiny-llama", lora={"block_per_edit": True}, train={"retire_learned": True}))
     records = parse_records(fact_records(0, 6))
     name, layer = next(iter(editor.layers.items()))
     staging = editor.router.staging
