@@ -231,6 +231,20 @@ class _WholeModel(_TargetForward):
         return self.model(**inputs, use_cache=False).logits[rows, self.cols[mask]]
 
 
+def _through_last_target(batch: EditBatch) -> EditBatch:
+    """A causal LM batch cut after the last position that predicts a target: later positions (the
+    longest row's final token) only feed outputs no loss reads, and causal attention never looks ahead."""
+    predicting = (batch.labels[:, 1:] != IGNORE).any(0).nonzero()
+    if not len(predicting):
+        return batch
+    width = int(predicting[-1]) + 1
+    if width >= batch.labels.shape[1]:
+        return batch
+    inputs = {k: v[:, :width] if v.dim() == 2 and v.shape[1] == batch.labels.shape[1] else v
+              for k, v in batch.inputs.items()}
+    return EditBatch(inputs, batch.labels[:, : width + 1])
+
+
 def _supports_cached_prefix(backbone: Backbone, lora_names: list[str]) -> bool:
     spec = backbone.family
     if backbone.task != "causal_lm" or not (spec.blocks and spec.final_norm and spec.lm_head):
@@ -300,8 +314,8 @@ def train_block(
     names = trained_modules
     fast = cfg.cache_frozen_prefix and _supports_cached_prefix(backbone, names)
     forward: _TargetForward | None = None
-    if fast:
-        forward = _CachedPrefix(backbone, names, batch)
+    if fast:  # the plain forward stays as the reference trainers run it (the naive baselines use it)
+        forward = _CachedPrefix(backbone, names, _through_last_target(batch))
     elif backbone.task == "causal_lm":
         forward = _WholeModel(backbone, batch)
     optimiser = torch.optim.Adam(params, lr=cfg.lr)

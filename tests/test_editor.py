@@ -258,3 +258,19 @@ def test_target_logits_of_a_subset_of_rows_equal_those_rows_of_the_whole_batch()
             mask, _ = forward.selection(keep)
             assert 0 < int(mask.sum()) < len(forward.targets)
             torch.testing.assert_close(forward.logits(keep), forward.logits()[mask], rtol=1e-4, atol=1e-5)
+
+
+def test_cutting_the_batch_after_its_last_predicting_position_changes_no_target_logit():
+    from melo_ray.records import parse_records
+    from melo_ray.training import _CachedPrefix, _through_last_target, build_batch, in_formats
+
+    editor = MeloEditor(tiny_config("tiny-llama"))
+    rows = in_formats(editor.backbone, parse_records(fact_records(0, 5)), ["raw"])
+    batch = build_batch(editor.backbone, rows, True, rendered=True)
+    cut = _through_last_target(batch)
+    assert cut.inputs["input_ids"].shape[1] == batch.inputs["input_ids"].shape[1] - 1  # the final EOS input
+    with torch.no_grad():
+        whole = _CachedPrefix(editor.backbone, list(editor.layers), batch)
+        short = _CachedPrefix(editor.backbone, list(editor.layers), cut)
+        assert torch.equal(whole.targets, short.targets)
+        torch.testing.assert_close(short.logits(), whole.logits(), rtol=1e-4, atol=1e-5)
