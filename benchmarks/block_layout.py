@@ -24,12 +24,9 @@ from melo_ray.editors.melo.editor import MeloEditor
 from melo_ray.evaluation import generality_split
 from melo_ray.metrics import success_rate
 
+from core_quality import SOURCES  # the same records as core_quality.py (this script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data"
-SOURCES = {
-    "zsre": ("zsre", DATA / "zsre-mend-eval-subsets/zsre_mend_eval_portability_gpt4.json"),
-    "counterfact": ("counterfact", DATA / "counterfact-mend-splits/counterfact-edit.json"),
-}
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, dict[str, object]]]:

@@ -368,7 +368,8 @@ def _train_retiring(
     learned, and its loss and margins stay as measured when it retired.
     Returns (steps, first loss, final loss, learned fraction) over all targets.
     """
-    group_of_target = torch.tensor(independent.group_of_row)[forward.rows]
+    group_of_row = torch.tensor(independent.group_of_row)
+    group_of_target = group_of_row[forward.rows]
     total = len(forward.targets)
     live = torch.arange(forward.batch)
     retired_loss = 0.0  # summed loss of retired groups' targets, frozen with them
@@ -390,7 +391,8 @@ def _train_retiring(
         if step == cfg.num_iter:  # the last look, after the last step
             break
         firm = _learned_targets(logits, targets, retire_margin).cpu()
-        done = groups.unique()[~torch.isin(groups.unique(), groups[~firm])]
+        present = groups.unique()
+        done = present[~torch.isin(present, groups[~firm])]
         finishing = torch.isin(groups, done)
         if bool(finishing.all()):
             break
@@ -403,8 +405,7 @@ def _train_retiring(
         loss.backward()
         optimiser.step()
         steps += 1
-        row_groups = torch.tensor(independent.group_of_row)[live]
-        live = live[~torch.isin(row_groups, done)]
+        live = live[~torch.isin(group_of_row[live], done)]
     learned = (retired_targets + int(live_learned.sum())) / total
     return steps, first_loss, (retired_loss + live_loss) / total, learned
 
