@@ -87,7 +87,15 @@ def _zsre(raw: dict[str, Any], index: int) -> EditRecord:
         rephrases=(_text(raw, "rephrase"),) if raw.get("rephrase") else (),
         locality=(LocalityProbe(loc, _optional(raw, "loc_ans"), "nq"),) if loc else (),
         portability=(PortabilityProbe(question, answer),) if question and answer else (),
+        question=_question_label(raw, _first_string(raw.get("answers"))),
     )
+
+
+def _question_label(raw: dict[str, Any], true_answer: str | None) -> str | None:
+    """zsRE has no relation ids and asks many questions several times, in other words and with other
+    targets; records about one subject with one true answer ask one question."""
+    subject = _optional(raw, "subject")
+    return f"{subject.casefold()} | {true_answer.casefold()}" if subject and true_answer else None
 
 
 def _counterfact(raw: dict[str, Any], index: int) -> EditRecord:
@@ -120,7 +128,7 @@ def _knowedit(raw: dict[str, Any], index: int) -> EditRecord:
             portability.append(PortabilityProbe(prompt, answer))
     for name in ("Reasoning", "Logical_Generalization"):
         portability += [PortabilityProbe(p, a) for p, a in _knowedit_entries(raw.get("portability"), name) if a]
-    rephrase = _optional(raw, "rephrase")
+    rephrase = _optional(raw, "rephrase") or _optional(raw, "rephrase_prompt")
     return EditRecord(
         id=f"knowedit-{index}", prompt=_text(raw, "prompt"), target=target, subject=_optional(raw, "subject"),
         rephrases=(rephrase,) if rephrase else (), alias_rephrases=tuple(aliases),
@@ -128,6 +136,8 @@ def _knowedit(raw: dict[str, Any], index: int) -> EditRecord:
         locality=tuple(LocalityProbe(p, a, "subject")
                        for p, a in _knowedit_entries(raw.get("locality"), "Relation_Specificity")),
         portability=tuple(portability),
+        # KnowEdit's zsRE split keeps the true answer: label the question as for zsRE (wiki_recent has none)
+        question=_question_label(raw, _first_string(raw.get("ground_truth"))),
     )
 
 
@@ -225,15 +235,18 @@ def synthetic_subject_probes(records: list[EditRecord], per_record: int = 2, see
     """Add same-subject, other-relation probes to records that have none: the record's subject put into
     the relation templates of other records of the same list ("{} was born in" -> "Ada Lovelace was
     born in"). A template sharing a content word with the record's own template ("architect") is
-    skipped, and so is one joined to it through some record's rephrasing, so a probe does not ask the
-    edited relation in other words. Answers are unknown (None)."""
+    skipped, and so is one joined to it through some record's rephrasing or through records with the same
+    `question` label, so a probe does not ask the edited relation in other words. Answers are unknown (None)."""
     rng = random.Random(seed)
     templates = [(relation_template(r.prompt, r.subject), r) for r in records]
     pool = sorted({t for t, _ in templates if t})
     groups = RelationGroups()
+    asked: dict[str, str] = {}  # question label -> a template that asks it
     for template, record in templates:
         for rephrase in record.rephrases if template else ():
             groups.link(template, relation_template(_rephrase_focus(rephrase), record.subject))
+        if template and record.question:  # two wordings of one labelled question: one relation
+            groups.link(template, asked.setdefault(record.question, template))
     out = []
     for template, record in templates:
         if template is None or record.probes("subject") or not pool:

@@ -5,7 +5,12 @@ Locality is measured apart for each kind of input the edits must leave alone: un
 (`locality_nq`: the NQ questions passed in and the records' own "nq" probes), the same relation asked of
 another subject (`locality_neighbours`) and another relation of the edited subject (`locality_subject`).
 A probe whose prompt is itself one an edit is meant to change (an edited prompt or any of its rephrasings)
-is left out: a changed output there is the edit working, not leaking."""
+is left out: a changed output there is the edit working, not leaking.
+
+Data that labels its questions (`EditRecord.question`; zsRE asks many questions several times, in other
+words and with other targets) also gives `superseded`, the share of edits whose question a later edit
+asks again with another target, and `generality_latest`, generality on the others: a rewording of a
+superseded edit has no one right answer (its own target, or the later one), so it is scored apart."""
 from __future__ import annotations
 
 import json
@@ -24,7 +29,8 @@ from melo_ray.records import EditRecord, LocalityProbe
 log = logging.getLogger(__name__)
 
 METRIC_NAMES = (
-    "reliability", "reliability_f1", "token_accuracy", "generality", "generality_f1", "generality_alias",
+    "reliability", "reliability_f1", "token_accuracy", "generality", "generality_f1", "generality_latest",
+    "superseded", "generality_alias",
     "portability", "locality_nq", "locality_neighbours", "locality_subject",
 )
 # Perplexities (WikiBio hallucination protocol): of the edited targets given their prompts, of the
@@ -101,6 +107,15 @@ def _success(editor: Any, prompts: list[str], targets: list[str], max_new: int) 
     return metrics.success_rate(_outputs(editor, prompts, _target_budget(editor, targets, max_new)), targets)
 
 
+def superseded(records: list[EditRecord]) -> list[bool]:
+    """Per record: whether a later record with the same `question` label has another target."""
+    latest: dict[str, str] = {}
+    for record in records:
+        if record.question:
+            latest[record.question] = record.target
+    return [bool(r.question) and latest[r.question] != r.target for r in records]
+
+
 def generality_split(editor: Any, records: list[EditRecord]) -> dict[str, float]:
     """Generality on each record's first rephrasing, split by why it falls short: the share of
     rephrasings routed to some block, and generality among those (the block's own share)."""
@@ -121,6 +136,8 @@ def measure(editor: Any, edited: list[EditRecord], nq: list[str], baseline: _Bas
     outputs = _outputs(editor, [r.prompt for r in edited], budget)
     rephrased = [r for r in edited if r.rephrases]
     rephrase_outputs = _outputs(editor, [r.rephrases[0] for r in rephrased], budget)
+    latest = [i for i, s in enumerate(superseded(rephrased)) if not s]
+    labelled = any(r.question for r in edited)
     hits = [h for row in editor.target_token_hits(edited) for h in row]
     scope = _edit_scope(edited)
     neighbours, subject = _probes(edited, "neighbour", scope), _probes(edited, "subject", scope)
@@ -140,6 +157,9 @@ def measure(editor: Any, edited: list[EditRecord], nq: list[str], baseline: _Bas
         "token_accuracy": metrics.token_accuracy(hits),
         "generality": metrics.success_rate(rephrase_outputs, [r.target for r in rephrased]) if rephrased else math.nan,
         "generality_f1": metrics.mean_token_f1(rephrase_outputs, [r.target for r in rephrased]) if rephrased else math.nan,
+        "generality_latest": metrics.success_rate([rephrase_outputs[i] for i in latest], [rephrased[i].target for i in latest])
+        if labelled and latest else math.nan,
+        "superseded": sum(superseded(edited)) / len(edited) if labelled else math.nan,
         "generality_alias": _success(editor, [a for a, _ in aliases], [t for _, t in aliases], max_new),
         "portability": _success(editor, [p.prompt for p in portable], [p.answer for p in portable], max_new),
         "locality_nq": _probe_locality(editor, unrelated, {**baseline.nq_probes, **dict(zip(nq, baseline.nq))}, max_new),

@@ -5,7 +5,8 @@ whole history, so a missing one is derived from prompt and target, never from a 
 optional), rephrases (list of str, optional; evaluation only), train_rephrases (list of str, optional; an editor
 may train on them), alias_rephrases (list of str, optional; the prompt asked with an alias of the subject,
 evaluation only), locality (list of {prompt, answer, kind}, optional), portability (list of {prompt, answer},
-optional), locality_prompt / locality_answer (str, optional).
+optional), locality_prompt / locality_answer (str, optional), question (str, optional; records with the same
+value ask one question, however worded: the evaluation scores an edit that a later one re-asks apart).
 
 Locality probes are inputs whose output the edit must leave as the base model gave it, one of three kinds:
 "neighbour" (same relation, another subject), "subject" (same subject, another relation) and "nq" (an
@@ -88,6 +89,7 @@ class EditRecord:
     alias_rephrases: tuple[str, ...] = field(default_factory=tuple)
     locality: tuple[LocalityProbe, ...] = field(default_factory=tuple)
     portability: tuple[PortabilityProbe, ...] = field(default_factory=tuple)
+    question: str | None = None  # the data's own label of the question asked (zsRE: subject and true answer)
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -195,6 +197,7 @@ def parse_record(raw: Mapping[str, Any], source: str, row: int) -> EditRecord:
         alias_rephrases=_strings(raw.get("alias_rephrases"), source, row, "alias_rephrases"),
         locality=_locality(raw.get("locality"), source, row),
         portability=_portability(raw.get("portability"), source, row),
+        question=_string(raw.get("question"), source, row, "question", required=False),
     )
 
 
@@ -255,6 +258,7 @@ PARQUET_SCHEMA = pa.schema([
     ("train_rephrases", pa.list_(pa.string())), ("alias_rephrases", pa.list_(pa.string())),
     ("locality", pa.list_(pa.struct([("prompt", pa.string()), ("answer", pa.string()), ("kind", pa.string())]))),
     ("portability", pa.list_(pa.struct([("prompt", pa.string()), ("answer", pa.string())]))),
+    ("question", pa.string()),
 ])
 
 

@@ -67,6 +67,28 @@ def test_zsre_subject_probes_come_from_other_relations_of_the_same_subject(tmp_p
     assert result.counts()["locality_subject"] == 3 and result.counts()["locality_nq"] == 4
 
 
+def test_zsre_questions_are_labelled_and_probes_never_ask_a_labelled_question_again(tmp_path):
+    def row(src, subject, answer, alt="new"):
+        return {"src": src, "alt": alt, "answers": [answer], "subject": subject}
+
+    rows = [row("What war did Alec Rose fight in?", "Alec Rose", "Spanish Civil War"),
+            row("Which battle involved Alec Rose?", "Alec Rose", "Spanish Civil War", alt="other"),
+            row("Where was Ada Byron born?", "Ada Byron", "London")]
+    (tmp_path / "z.json").write_text(json.dumps(rows))
+    records = convert("zsre", tmp_path / "z.json", subject_probes=2).records
+    assert records[0].question == records[1].question == "alec rose | spanish civil war" != records[2].question
+    # "{} involved which battle" asks the war question again (one label), so it is never Alec Rose's probe
+    assert all("battle" not in p.prompt for p in records[0].probes("subject"))
+    assert read_edit_records_round_trip(tmp_path, records) == records
+
+
+def read_edit_records_round_trip(tmp_path, records):
+    from melo_ray.records import write_parquet
+
+    write_parquet(records, tmp_path / "r.parquet")
+    return read_edit_records(tmp_path / "r.parquet")
+
+
 def test_knowedit_conversion_tags_every_probe(tmp_path):
     rows = [
         {"subject": "Tom Ash", "prompt": "The gender of Tom Ash is", "target_new": "female",

@@ -11,7 +11,7 @@ import torch
 from conftest import CONFIGS, UNRELATED, fact_records, tiny_config
 from melo_ray.editors.grace.editor import GraceEditor
 from melo_ray.editors.lora.editor import SequentialLoraEditor
-from melo_ray.evaluation import EvalPlan, base_outputs, evaluate, measure, results_table
+from melo_ray.evaluation import EvalPlan, base_outputs, evaluate, measure, results_table, superseded
 from melo_ray.metrics import success_rate
 from melo_ray.records import EditRecord, LocalityProbe, PortabilityProbe
 
@@ -114,6 +114,23 @@ def test_locality_is_measured_apart_for_each_kind_of_probe():
     assert measure(editor, records, nq, base_outputs(editor, [], nq, 16), 16)["locality_subject"] == pytest.approx(1 / 3)
     header = results_table([result]).splitlines()[0]
     assert "locality_subject" in header and "ppl_subject_base" in header and "generality_alias" in header
+
+
+def test_an_edit_a_later_one_re_asks_is_scored_apart():
+    records = [
+        EditRecord(prompt="Who was the mother of Kyrre?", target="Babur", rephrases=("Kyrre's mother is",), question="q1", subject="@1"),
+        EditRecord(prompt="Which lady bore Kyrre?", target="Boris", rephrases=("Kyrre was born to",), question="q1", subject="@2"),
+        EditRecord(prompt="Who wrote GODI?", target="Ada", rephrases=("GODI's author is",), question="q2", subject="@3"),
+    ]
+    assert superseded(records) == [True, False, False]
+    editor = _SubjectLeakingEditor()  # rephrasings stay on the base model: generality 0 everywhere
+    editor.targets["Kyrre was born to"] = "Boris"  # the latest target of q1 for the later wording
+    result = evaluate(editor, records, [], EvalPlan(batch_size=3), progress=False)
+    assert result["superseded"] == pytest.approx(1 / 3)
+    assert result["generality"] == pytest.approx(1 / 3) and result["generality_latest"] == 0.5
+    unlabelled = [EditRecord(prompt=r.prompt, target=r.target, rephrases=r.rephrases, subject=r.subject) for r in records]
+    plain = evaluate(_SubjectLeakingEditor(), unlabelled, [], EvalPlan(batch_size=3), progress=False)
+    assert math.isnan(plain["superseded"]) and math.isnan(plain["generality_latest"])
 
 
 def test_sequential_lora_forgets_and_its_base_mode_is_exact():

@@ -11,7 +11,7 @@ import pytest
 from melo_ray.editors.melo.block_index import BlockIndex
 from melo_ray.editors.melo.editor import MeloEditor
 from melo_ray.editors.melo.index import NeuronIndex
-from melo_ray.editors.melo.scope import BUILTIN_VERIFIER, ScopeTest, ScopeVerifier, focus, masked
+from melo_ray.editors.melo.scope import BUILTIN_VERIFIER, ScopeTest, ScopeVerifier, focus, masked, names
 from melo_ray.snapshots import SnapshotError
 from tests.conftest import tiny_config
 
@@ -47,6 +47,13 @@ def test_focus_drops_unrelated_prefixes_and_masked_drops_names():
         "Edwin of Northumbria follows the religion of"
     assert focus("What is the twin city of Wellington? It is") == "What is the twin city of Wellington? It is"
     assert masked("The gender of Ingrida Amantova is") == "The gender of X is"
+
+
+def test_names_view_tells_subjects_apart_and_keeps_an_alias_close():
+    other = names("What is the record label of Call the Doctor?") @ names("What is the record label of You See?")
+    alias = names("Who is the mother of Emily I Jones?") @ names("Emily Jones was born to whom?")
+    assert alias > 0.8 > 0.3 > other
+    assert names("what is the capital") @ names("who wrote it") == 1.0  # no names on either side: slot 0
 
 
 def test_conflict_the_scope_test_separates_keeps_both_radii_and_both_facts():

@@ -130,14 +130,15 @@ class ScopedSentenceKeys:
     the index routes on, all of them feed the scope test (scope.py names the views)."""
 
     def __init__(self, views: list[str], encoder: SentenceEncoderKeys | None = None) -> None:
-        from melo_ray.editors.melo.scope import VIEWS, WORDS_DIM
+        from melo_ray.editors.melo.scope import HASHED_VIEWS, VIEWS, WORDS_DIM
 
         unknown = [v for v in views if v not in VIEWS]
         if unknown or not views or views[0] != "prompt":
             raise ValueError(f"scope views must start with 'prompt' and be among {list(VIEWS)}, got {views}")
         self.encoder = encoder or SentenceEncoderKeys()
         self.views = list(views)
-        self.dim = sum(WORDS_DIM if v == "words" else self.encoder.dim for v in views)
+        self.view_dims = [WORDS_DIM if v in HASHED_VIEWS else self.encoder.dim for v in views]
+        self.dim = sum(self.view_dims)
 
     def keys(self, prompts: list[str]) -> np.ndarray:
         return self.complete(prompts, self.routing_keys(prompts))
@@ -148,12 +149,12 @@ class ScopedSentenceKeys:
 
     def complete(self, prompts: list[str], routing: np.ndarray) -> np.ndarray:
         """Whole keys from the first view already computed: the other views, concatenated after it."""
-        from melo_ray.editors.melo.scope import TEXT_VIEWS, words
+        from melo_ray.editors.melo.scope import HASHED_VIEWS, TEXT_VIEWS
 
         if not prompts:
             return np.zeros((0, self.dim), np.float32)
         parts = [routing] + [
-            np.stack([words(p) for p in prompts]) if view == "words"
+            np.stack([HASHED_VIEWS[view](p) for p in prompts]) if view in HASHED_VIEWS
             else self.encoder.keys([TEXT_VIEWS[view](p) for p in prompts])
             for view in self.views[1:]
         ]

@@ -11,8 +11,9 @@ the index asks two things of a query before it switches a block on:
 
 The verifier is a one-hidden-layer MLP over symmetric pair features of each view (a*b, |a-b|, cosine).
 Its views are MiniLM keys of the prompt, of its *focus* (the last sentence, so long unrelated prefixes
-do not move it) and of the focus with names masked out (what is asked, not about whom), and a
-token-level view: the hashed bag of the masked focus's content words. It is trained only on the public training splits by
+do not move it) and of the focus with names masked out (what is asked, not about whom), and two
+token-level views: the hashed bag of the masked focus's content words (what is asked) and of the
+character trigrams of the names it took out (about whom). It is trained only on the public training splits by
 `melo_ray.editors.melo.scope_training`, shipped as `scope_verifier.safetensors` (weights, and its
 settings in the safetensors metadata: no pickle), and copied into every index snapshot so a snapshot
 always routes the way it did when it was written.
@@ -56,23 +57,30 @@ _TOKEN = re.compile(r"\w[\w'’.-]*|[^\w\s]")
 _NAME_JOINERS = re.compile(r"X (?:of|de|and|the|von|van|der|la|le|du|da|del|di) X")
 
 
-def masked(prompt: str) -> str:
-    """The focus with every name-like run of words replaced by "X": what is asked, not about whom
-    ("The gender of Ingrida Amantova is" -> "The gender of X is")."""
+def _split_names(prompt: str) -> tuple[list[str], list[str]]:
+    """The focus's tokens with each name-like run replaced by "X", and the name-like tokens themselves."""
     out: list[str] = []
+    names: list[str] = []
     in_name = False
     tokens = _TOKEN.findall(focus(prompt))
     for i, token in enumerate(tokens):
         starter = (i == 0 or tokens[i - 1] in ".?!") and token.lower() in _STARTERS
         name_like = token[0].isalnum() and any(c.isupper() or c.isdigit() for c in token) and not starter
         if name_like:
+            names.append(token)
             if not in_name:
                 out.append("X")
             in_name = True
         else:
             out.append(token)
             in_name = False
-    return _NAME_JOINERS.sub("X", " ".join(out))
+    return out, names
+
+
+def masked(prompt: str) -> str:
+    """The focus with every name-like run of words replaced by "X": what is asked, not about whom
+    ("The gender of Ingrida Amantova is" -> "The gender of X is")."""
+    return _NAME_JOINERS.sub("X", " ".join(_split_names(prompt)[0]))
 
 
 TEXT_VIEWS = {"prompt": lambda p: p, "focus": focus, "masked": masked}  # views the MiniLM encoder embeds
@@ -92,7 +100,24 @@ def words(prompt: str, dim: int = WORDS_DIM) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
-VIEWS = (*TEXT_VIEWS, "words")  # every view a verifier may name
+def names(prompt: str, dim: int = WORDS_DIM) -> np.ndarray:
+    """Who is asked about: the character trigrams of the focus's name-like words (what `masked` takes
+    out), hashed into a unit-length bag of `dim` counts; a prompt without names gets slot 0. Two
+    prompts of one template about different subjects ("... of Call the Doctor's record label?" /
+    "... of You'll See's record label?") differ here and nowhere else; trigrams keep an alias
+    ("Emily Jones" / "Emily I Jones") close."""
+    vector = np.zeros(dim, np.float32)
+    for name in _split_names(prompt)[1]:
+        padded = f" {name.lower()} "
+        for i in range(len(padded) - 2):
+            vector[zlib.crc32(padded[i : i + 3].encode()) % dim] += 1.0
+    if not vector.any():
+        vector[0] = 1.0
+    return vector / np.linalg.norm(vector)
+
+
+HASHED_VIEWS = {"words": words, "names": names}  # views computed from the text alone, WORDS_DIM wide
+VIEWS = (*TEXT_VIEWS, *HASHED_VIEWS)  # every view a verifier may name
 
 
 def pair_features(a: np.ndarray, b: np.ndarray, view_dims: list[int]) -> np.ndarray:

@@ -8,7 +8,8 @@ Pairs (prompt, other prompt, same question?):
   or sharing a content word with the record's own; with a KnowEdit file, the records'
   Relation_Specificity prompts of a fixed first part (`--knowedit-train`); its other part is never
   seen, so it can be evaluated;
-- same relation, other subject (negatives): CounterFact's `locality_prompt`;
+- same relation, other subject (negatives): CounterFact's `locality_prompt`, and each record's own
+  template with another record's subject;
 - unrelated (negatives): another record's prompt.
 
     python -m melo_ray.editors.melo.scope_training --out melo_ray/editors/melo/scope_verifier.safetensors
@@ -29,7 +30,7 @@ from melo_ray.editors.melo.scope import ScopeVerifier, focus, pair_features
 
 log = logging.getLogger(__name__)
 DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
-DEFAULT_VIEWS = ("prompt", "focus", "masked", "words")
+DEFAULT_VIEWS = ("prompt", "focus", "masked", "words", "names")
 
 Pair = tuple[str, str, int, str]  # (a, b, label, kind)
 
@@ -57,6 +58,9 @@ def _fact_pairs(facts: list[tuple[str, str, str | None, str | None]], rng: rando
             pairs.append((prompt, other_prompt, 0, "unrelated"))
         if own is None:
             continue
+        other_subject = rng.choice(facts)[1]
+        if other_subject and other_subject.casefold() != subject.casefold():
+            pairs.append((prompt, own.format(other_subject), 0, "other_subject"))
         for _ in range(negatives):
             other = rng.choice(pool)
             if relations.differ(own, other):
@@ -83,10 +87,9 @@ def training_pairs(counterfact: Path, zsre: Path, knowedit: Path | None, *, coun
 def embed(texts: list[str], views: tuple[str, ...]) -> tuple[np.ndarray, list[int]]:
     """Keys of `texts` as `ScopedSentenceKeys` computes them, and each view's width."""
     from melo_ray.editors.melo.keys import ScopedSentenceKeys
-    from melo_ray.editors.melo.scope import WORDS_DIM
 
     keys = ScopedSentenceKeys(list(views))
-    return keys.keys(texts), [WORDS_DIM if v == "words" else keys.encoder.dim for v in views]
+    return keys.keys(texts), keys.view_dims
 
 
 def fit(features: np.ndarray, labels: np.ndarray, hidden: int, epochs: int, seed: int) -> dict[str, np.ndarray]:
