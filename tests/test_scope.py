@@ -180,3 +180,15 @@ def test_the_same_prompt_passes_the_scope_test_whatever_float_noise_its_keys_car
     member = rng.normal(size=scope.key_dim).astype(np.float32)
     logits = scope.logits(member + np.float32(1e-7), np.stack([member, member + np.float32(1e-3)]))
     assert logits[0] == np.inf and np.isfinite(logits[1])
+
+
+def test_a_rewording_of_a_question_edited_again_gets_its_latest_target():
+    index = NeuronIndex(4, "cosine", r_init=0.3, scope=_toy_scope(conflict_threshold=None))
+    index.add(_key((1, 0), (1, 0)), "Paris", 0, "first wording")
+    index.add(_key((1, 0.05), (0, 1)), "female", 1, "gender")  # another question of the subject
+    index.add(_key((1, 0.01), (0.95, 0.3)), "Rome", 2, "second wording")  # the first question again
+    rewording = _key((1, 0.02), (0.99, -0.1))  # nearer the first wording than the second
+    found = index.search(np.stack([_key((1, 0), (1, 0)), _key((1, 0.01), (0.95, 0.3)), rewording,
+                                   _key((1, 0.05), (0, 1))]))
+    assert found.block_ids.tolist() == [0, 2, 2, 1]  # each wording keeps its own; a rewording gets the latest
+    assert index.nearest_member(rewording, int(found.clusters[2])) == "second wording"

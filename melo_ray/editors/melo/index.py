@@ -307,20 +307,46 @@ class NeuronIndex:
         clusters = np.where(dist == nearest[:, None], labels, -1).max(axis=1)
         radii = np.array([[self.clusters[c].radius for c in row] for row in labels.tolist()])
         for row in np.nonzero((dist <= radii).any(axis=1))[0]:
-            owners = [c for c, d, r in zip(labels[row].tolist(), dist[row], radii[row]) if d <= r
-                      for _ in self.clusters[c].member_blocks]
-            member_keys = np.stack([k for c in dict.fromkeys(owners) for k in self.clusters[c].member_keys])
-            member_blocks = np.array([b for c in dict.fromkeys(owners) for b in self.clusters[c].member_blocks])
-            logits = self.scope.logits(keys[row], member_keys)
-            if logits.max() >= self.scope.threshold:
-                best = int(np.flatnonzero(logits == logits.max())[np.argmax(member_blocks[logits == logits.max()])])
-                blocks[row], clusters[row] = member_blocks[best], owners[best]
+            chosen = self._scoped_member(keys[row], [c for c, d, r in zip(labels[row].tolist(), dist[row], radii[row])
+                                                     if d <= r])
+            if chosen is not None:
+                clusters[row] = chosen[0]
+                blocks[row] = self.clusters[chosen[0]].member_blocks[chosen[1]]
         return SearchResult(block_ids=blocks, distances=nearest, clusters=clusters)
+
+    def _scoped_member(self, key: np.ndarray, holding: list[int]) -> tuple[int, int] | None:
+        """(cluster, member position) of the member that serves `key` among the clusters holding it:
+        the one the scope test scores highest, if it passes (ties: the latest). A rewording (no member
+        is the very prompt) goes to the latest edit of its question: among the members that pass, the
+        latest one the scope test calls the same question as the best. So a question edited again in
+        other words answers its newest target, while each edited wording still answers its own."""
+        assert self.scope is not None
+        owners = [(c, i) for c in holding for i in range(len(self.clusters[c].member_blocks))]
+        member_keys = np.stack([self.clusters[c].member_keys[i] for c, i in owners])
+        member_blocks = np.array([self.clusters[c].member_blocks[i] for c, i in owners])
+        logits = self.scope.logits(key, member_keys)
+        passing = np.flatnonzero(logits >= self.scope.threshold)
+        if not passing.size:
+            return None
+        top = passing[logits[passing] == logits[passing].max()]
+        best = int(top[np.argmax(member_blocks[top])])
+        later = passing[member_blocks[passing] > member_blocks[best]]
+        if np.isfinite(logits[best]) and later.size:
+            same = later[self.scope.logits(member_keys[best], member_keys[later]) >= self.scope.threshold]
+            if same.size:
+                best = int(same[np.argmax(member_blocks[same])])
+        return owners[best]
 
     def nearest_member(self, key: np.ndarray, cluster_id: int) -> str:
         """The id of the member of `cluster_id` whose key is nearest (ties: the latest), as search picks."""
         cluster = self.clusters[cluster_id]
-        if self.scope is not None:  # the member the scope test scores highest, as search picks
+        if self.scope is not None:  # the member the scope test picks among every cluster holding it, as search does
+            query = np.asarray(key, np.float32).reshape(1, -1)
+            labels, dist = self._knn(query)
+            holding = [c for c, d in zip(labels[0].tolist(), dist[0]) if d <= self.clusters[c].radius]
+            chosen = self._scoped_member(query[0], holding) if holding else None
+            if chosen is not None:
+                return self.clusters[chosen[0]].member_ids[chosen[1]]
             logits = self.scope.logits(np.asarray(key, np.float32), np.stack(cluster.member_keys))
             return cluster.member_ids[int(np.flatnonzero(logits == logits.max())[-1])]
         md = distances(self.metric, np.atleast_2d(np.asarray(key, np.float32)), np.stack(cluster.member_keys))[0]
