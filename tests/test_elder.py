@@ -135,3 +135,16 @@ def test_guide_stored_keeps_earlier_prompts_on_their_allocations():
         on_assigned[guide_stored] = _on_assigned(editor, records)
     # without replay the routers drift from older facts' allocations; the router-only loss holds them
     assert on_assigned[True] >= on_assigned[False] + 10, on_assigned
+
+
+def test_training_paraphrases_teach_the_routers_their_facts_allocation():
+    editor = ElderEditor(elder_config(guide_noise=0.0, num_iter=60))
+    batch = [{**r, "train_rephrases": [r["prompt"].replace("Where does", "In which place does")]}
+             for r in fact_records(0, 4)]
+    editor.edit(batch)
+    paraphrases = [r["train_rephrases"][0] for r in batch]
+    codes = editor.codes(editor.key_function.keys(paraphrases))
+    n = editor.cfg.num_experts
+    for code, record in zip(codes, batch):
+        chosen = np.stack([np.nonzero(code[i * n : (i + 1) * n])[0] for i in range(len(editor.layers))])
+        np.testing.assert_array_equal(chosen, editor.allocations[record["id"]])

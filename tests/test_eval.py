@@ -167,6 +167,15 @@ def test_grace_codebook_adds_expands_and_splits(monkeypatch):
     assert editor.route(["a", "c", "far"]).ids.tolist() == [0, 1, 2]
 
 
+def test_grace_training_paraphrases_join_the_codebook_with_the_edits_value(monkeypatch):
+    editor = _grace_with_keys(monkeypatch, {"a": [0.0], "a near": [0.5], "a far": [5.0], "far": [9.0]})
+    editor.edit([{"prompt": "a", "target": "X", "train_rephrases": ["a near", "a far"]}])
+    assert editor.layer.eps.tolist() == [1.0, 1.0] and len(editor.layer.labels) == 2  # "a near" lies inside entry 0
+    torch.testing.assert_close(editor.layer.values[1], editor.layer.values[0])  # the far wording copies the value
+    assert editor.route(["a near", "a far", "far"]).ids.tolist() == [0, 1, -1]
+    assert editor.entry_edits[0] == editor.entry_edits[1] and len(editor.entry_edits[0]) == 1
+
+
 def test_grace_leaves_inputs_outside_every_entry_bit_identical():
     editor = GraceEditor(tiny_config("tiny-llama", grace={"num_iter": 5}))
     before = editor.backbone.model(**editor.backbone.tokenizer(UNRELATED, return_tensors="pt", padding=True)).logits

@@ -192,3 +192,16 @@ def test_a_rewording_of_a_question_edited_again_gets_its_latest_target():
                                    _key((1, 0.05), (0, 1))]))
     assert found.block_ids.tolist() == [0, 2, 2, 1]  # each wording keeps its own; a rewording gets the latest
     assert index.nearest_member(rewording, int(found.clusters[2])) == "second wording"
+
+
+def test_a_training_paraphrase_is_another_key_of_its_edit_and_leaves_with_it():
+    from melo_ray.records import EditRecord
+
+    editor = MeloEditor(tiny_config(train={"num_iter": 2}, index={"r_init": 0.01}))
+    record = EditRecord(prompt="Where does the apple live?", target="Oslo", train_rephrases=("Apple's home is",), id="a")
+    other = EditRecord(prompt="Who paints the sea?", target="Ada", id="b")
+    editor.edit([record, other])
+    assert editor.index.index.num_members == 3
+    assert editor.route(["Apple's home is"]).ids.tolist() == editor.route([record.prompt]).ids.tolist() != [-1]
+    editor.revert(["a"])
+    assert editor.index.index.num_members == 1 and editor.route(["Apple's home is"]).ids.tolist() == [-1]

@@ -126,6 +126,10 @@ class TrainedBatch:
     weights: Mapping[str, torch.Tensor] | None = None  # detached trained block(s), for the writer to commit
     # Each edit's block counted from `block`, when the batch trained a block per edit; empty: all use `block`.
     member_blocks: tuple[int, ...] = ()
+    # More keys for the same edits (their `train_rephrases`): row i belongs to the edit at position
+    # `extra_key_edits[i]` of `ids`, and routes to that edit's block.
+    extra_keys: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    extra_key_edits: tuple[int, ...] = ()
 
     @property
     def block_count(self) -> int:

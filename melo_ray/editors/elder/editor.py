@@ -192,6 +192,15 @@ class ElderEditor(Editor):
         layers = list(self.layers.values())
 
         extra_query, extra_assigned = self._guide_rows(replayed, keys, assigned, device)
+        # training paraphrases: router-only rows that teach each wording its fact's allocation
+        paraphrased = [(r, p) for r in new_records for p in r.train_rephrases] if self.config.lora.train_rephrases else []
+        if paraphrased:
+            paraphrase_keys = self.key_function.keys([p for _, p in paraphrased])
+            if not np.all(np.isfinite(paraphrase_keys)):
+                raise ValueError("edit batch: a training paraphrase produced a non-finite key")
+            extra_query = torch.cat([extra_query, torch.as_tensor(paraphrase_keys, dtype=torch.float32, device=device)])
+            extra_assigned = torch.cat([extra_assigned, torch.as_tensor(
+                np.stack([allocations[r.id] for r, _ in paraphrased]), dtype=torch.long, device=device)])
 
         def guided() -> tuple[torch.Tensor, bool]:
             loss = query.new_zeros(())

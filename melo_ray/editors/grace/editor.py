@@ -86,6 +86,9 @@ class GraceEditor(Editor):
             for record in batch:
                 s, loss, learned = self._edit_one(record)
                 steps += s
+                entry = self._entry_of(record.id)
+                for paraphrase in record.train_rephrases if self.config.lora.train_rephrases else ():
+                    self._add_paraphrase_key(record, paraphrase, entry)
         except BaseException:
             (self.layer.keys, self.layer.values, self.layer.eps, self.layer.labels, self.splits,
              self.entry_edits) = saved
@@ -115,6 +118,32 @@ class GraceEditor(Editor):
                 self.layer.eps[j] = d / 2.0
                 return self._add_entry(record, key, label, d / 2.0)
         return self._add_entry(record, key, label, eps_init)
+
+    def _entry_of(self, edit_id: str) -> int:
+        return max(j for j, ids in enumerate(self.entry_edits) if edit_id in ids)
+
+    def _add_paraphrase_key(self, record: EditRecord, paraphrase: str, entry: int) -> None:
+        """A training paraphrase joins the codebook by GRACE's own rules, as a key of the edit's value:
+        it expands an entry of the same target, splits one of another, or adds an entry that copies
+        the value trained for the prompt (nothing more is trained)."""
+        key = torch.from_numpy(self.keys.keys([paraphrase])[0]).to(self.layer.keys.dtype)
+        label, eps = normalise_label(record.target), self.config.grace.eps_init
+        dist = torch.linalg.vector_norm(self.layer.keys.double() - key.double(), dim=1)
+        j = int(dist.argmin())
+        d = float(dist[j])
+        if d <= eps + float(self.layer.eps[j]):
+            if self.layer.labels[j] == label:
+                self.layer.eps[j] = max(float(self.layer.eps[j]), d)
+                if record.id not in self.entry_edits[j]:
+                    self.entry_edits[j].append(record.id)
+                return
+            self.splits += 1
+            self.layer.eps[j] = eps = d / 2.0
+        self.layer.keys = torch.cat([self.layer.keys, key[None]])
+        self.layer.values = torch.cat([self.layer.values, self.layer.values[entry][None].clone()])
+        self.layer.eps = torch.cat([self.layer.eps, torch.tensor([eps], dtype=torch.float64)])
+        self.layer.labels.append(label)
+        self.entry_edits.append([record.id])
 
     def _add_entry(self, record: EditRecord, key: torch.Tensor, label: str, eps: float) -> tuple[int, float, float]:
         batch = build_batch(self.backbone, [record], self.config.train.append_eos)

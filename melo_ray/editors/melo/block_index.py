@@ -67,9 +67,12 @@ class BlockIndex(EditIndex):
         if trained.block != self.blocks_indexed:
             raise StaleStateError(f"index has {self.blocks_indexed} blocks indexed, got block {trained.block}")
         forgotten: list[str] = []
-        for key, target, edit_id, block in zip(np.asarray(trained.keys), trained.targets, trained.ids,
-                                               trained.edit_blocks(), strict=True):
+        blocks = trained.edit_blocks()
+        for key, target, edit_id, block in zip(np.asarray(trained.keys), trained.targets, trained.ids, blocks, strict=True):
             forgotten.extend(self.index.add(key, target, block, edit_id).forgotten)
+        # each training paraphrase: one more member of its edit, so its wording routes to the edit's block
+        for key, edit in zip(np.asarray(trained.extra_keys), trained.extra_key_edits, strict=True):
+            forgotten.extend(self.index.add(key, trained.targets[edit], blocks[edit], trained.ids[edit]).forgotten)
         self.blocks_indexed += trained.block_count
         return IndexUpdate(clusters=self.index.num_alive, members=self.index.num_members,
                            conflicts=self.index.conflicts, forgotten=tuple(forgotten),

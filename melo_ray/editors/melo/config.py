@@ -16,7 +16,8 @@ class LoraConfig(StrictConfig):
     alpha: float = Field(8.0, gt=0, description="Scale is alpha / block_rank, as in LoRA.")
     max_blocks: int = Field(100_000, ge=1, description="Cap on blocks per layer; exceeding it is an error.")
     train_rephrases: bool = Field(
-        True, description="Train each block on its records' `train_rephrases` too (same target), not only the prompt."
+        True, description="Use records' `train_rephrases`: each trains the edit's block (same target) and joins "
+        "the index as another key of the edit, so that wording routes to it."
     )
     block_per_edit: bool = Field(
         False, description="Train one block per edit instead of one per batch (the batch's blocks still train "

@@ -100,6 +100,12 @@ class MeloEditor(Editor):
         keys = self.key_function.keys([r.prompt for r in batch_records])
         if not np.all(np.isfinite(keys)):
             raise ValueError("edit batch: a prompt produced a non-finite key")
+        # train_rephrases: more keys (members) of their edit, not only more training rows
+        paraphrased = [(i, p) for i, r in enumerate(batch_records) for p in r.train_rephrases] \
+            if self.config.lora.train_rephrases else []
+        extra_keys = self.key_function.keys([p for _, p in paraphrased]) if paraphrased else np.zeros((0, keys.shape[1]))
+        if not np.all(np.isfinite(extra_keys)):
+            raise ValueError("edit batch: a training paraphrase produced a non-finite key")
         rows, edit_of_row = self._training_rows(batch_records, position)
         formats = self.config.train.formats
         trained_on = in_formats(self.backbone, rows, formats)
@@ -126,6 +132,7 @@ class MeloEditor(Editor):
             ids=tuple(r.id for r in batch_records), targets=tuple(r.target for r in batch_records),
             prompts=tuple(r.prompt for r in batch_records), keys=keys.astype(np.float32), weights=weights,
             member_blocks=tuple(range(len(batch_records))) if per_edit else (),
+            extra_keys=extra_keys.astype(np.float32), extra_key_edits=tuple(i for i, _ in paraphrased),
         )
 
     def _training_rows(self, records: list[EditRecord], position: int) -> tuple[list[EditRecord], list[int]]:
