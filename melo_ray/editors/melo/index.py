@@ -10,7 +10,8 @@ member key; otherwise no block. Ties go to the newest cluster / member, so the l
 
 With a scope test (scope.py) the key carries extra views and the rules ask it what the distance cannot
 tell: at inference every candidate cluster whose radius holds the query offers its members, and the
-member the verifier scores highest applies if it passes the threshold (else no block); at training
+member the verifier scores highest applies if it passes the threshold (else no block), except that a
+rewording of a question edited again (in other words) goes to that question's latest edit; at training
 time another label within reach forgets only the members it supersedes (the same prompt, or with
 `scope_conflict_threshold` set, whatever the verifier scores at least that high), no radius shrinks,
 and the new key starts its own cluster of radius R_init. Clusters then may overlap: the verifier, not the geometry, separates their facts.
