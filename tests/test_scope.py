@@ -192,6 +192,12 @@ def test_a_rewording_of_a_question_edited_again_gets_its_latest_target():
                                    _key((1, 0.05), (0, 1))]))
     assert found.block_ids.tolist() == [0, 2, 2, 1]  # each wording keeps its own; a rewording gets the latest
     assert index.nearest_member(rewording, int(found.clusters[2])) == "second wording"
+    index.scope.latest_of_question = False  # the previous rule: the member it resembles most
+    assert index.search(rewording[None]).block_ids.tolist() == [0]
+    config = tiny_config(index={"key_function": "sentence_encoder", "scope_verifier": "builtin"})
+    restored = BlockIndex.from_files(config, 4, BlockIndex(index, 3).files(), "snapshot")
+    assert restored.index.scope.latest_of_question is False  # a snapshot routes as it was written
+    assert restored.search(rewording[None])[0].tolist() == [0]
 
 
 def test_a_training_paraphrase_is_another_key_of_its_edit_and_leaves_with_it():

@@ -28,7 +28,8 @@ class BlockIndex(EditIndex):
         cfg = config.index
         scope = None
         if cfg.scope_verifier is not None:
-            scope = ScopeTest(load_verifier(cfg.scope_verifier), cfg.scope_threshold, cfg.scope_conflict_threshold)
+            scope = ScopeTest(load_verifier(cfg.scope_verifier), cfg.scope_threshold, cfg.scope_conflict_threshold,
+                              cfg.scope_latest_of_question)
         return cls(NeuronIndex(
             dim, cfg.distance, cfg.r_init, hnsw_m=cfg.hnsw_m, ef_construction=cfg.hnsw_ef_construction,
             ef_search=cfg.hnsw_ef_search, candidates=cfg.candidates, scope=scope,
@@ -48,8 +49,10 @@ class BlockIndex(EditIndex):
                                     + " a scope test; this config has " + ("one" if config.index.scope_verifier else "none"))
             if "route_dim" in meta:  # the snapshot's own verifier and threshold: it routes as it did
                 conflict = meta["scope_conflict_threshold"]
+                # snapshots written before the latest-of-question rule routed to the best-scoring member
                 scope = ScopeTest(ScopeVerifier.from_bytes(files["scope.safetensors"]), float(meta["scope_threshold"]),
-                                  None if conflict is None else float(conflict))
+                                  None if conflict is None else float(conflict),
+                                  bool(meta.get("scope_latest_of_question", False)))
             with tempfile.TemporaryDirectory() as tmp:
                 graph = Path(tmp) / "index.hnsw"
                 graph.write_bytes(graph_bytes)

@@ -67,6 +67,12 @@ class IndexConfig(StrictConfig):
         "each keep their member (a query gets the best-scoring one).",
     )
 
+    scope_latest_of_question: bool = Field(
+        True, description="A rewording (no member is the very prompt) goes to the latest edit among the members that "
+        "pass the scope test and that it calls the same question as the best-scoring one: a question edited again "
+        "in other words answers its newest target. False: the best-scoring member, whichever edit it is.",
+    )
+
     @model_validator(mode="after")
     def _check_key(self) -> "IndexConfig":
         if self.key_function != "sentence_encoder" and not self.key_module:

@@ -332,7 +332,7 @@ class NeuronIndex:
         top = passing[logits[passing] == logits[passing].max()]
         best = int(top[np.argmax(member_blocks[top])])
         later = passing[member_blocks[passing] > member_blocks[best]]
-        if np.isfinite(logits[best]) and later.size:
+        if self.scope.latest_of_question and np.isfinite(logits[best]) and later.size:
             same = later[self.scope.logits(member_keys[best], member_keys[later]) >= self.scope.threshold]
             if same.size:
                 best = int(same[np.argmax(member_blocks[same])])
@@ -417,7 +417,8 @@ class NeuronIndex:
         }
         if self.scope is not None:  # written only with a scope test, so older snapshots keep their bytes
             meta.update(route_dim=self.route_dim, separated=self.separated, scope_threshold=self.scope.threshold,
-                        scope_conflict_threshold=self.scope.conflict_threshold)
+                        scope_conflict_threshold=self.scope.conflict_threshold,
+                        scope_latest_of_question=self.scope.latest_of_question)
         return arrays, meta
 
     def save_graph(self, path: Path) -> None:

@@ -219,11 +219,14 @@ class ScopeTest:
     Keys are the concatenated views the verifier names (`view_names`); the first view (the MiniLM key
     of the whole prompt) is the routing view the clusters and the HNSW graph use."""
 
-    def __init__(self, verifier: ScopeVerifier, threshold: float, conflict_threshold: float | None = None) -> None:
+    def __init__(self, verifier: ScopeVerifier, threshold: float, conflict_threshold: float | None = None,
+                 latest_of_question: bool = True) -> None:
         self.verifier = verifier
         self.threshold = float(threshold)
         # None: only an identical prompt supersedes an earlier edit with another target
         self.conflict_threshold = conflict_threshold
+        # a rewording goes to the latest edit of its question, not the member it resembles most
+        self.latest_of_question = latest_of_question
 
     @property
     def key_dim(self) -> int:
