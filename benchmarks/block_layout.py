@@ -78,10 +78,12 @@ def main() -> None:
     fmt, path = SOURCES[args.dataset]
     records = convert(fmt, path, limit=args.n).records
     rows = [measure(*parse_variant(v), args.config, backbone, records) for v in args.variants]
-    print("\n| variant | steps | edits/min | reliability | generality | rephrasings routed | generality when routed | extra params |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| variant | steps | edits/min | reliability | generality | generality, not superseded | rephrasings routed "
+          "| generality when routed | extra params |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['steps']} | {r['edits_per_min']} | {r['reliability']:.2f} | {r['generality']:.2f} | "
+              f"{r['generality_latest']:.2f} | "
               f"{r['rephrases_routed']:.2f} | {r['generality_when_routed']:.3f} | {r['extra_parameters']:,} |")
 
 

@@ -119,11 +119,15 @@ def superseded(records: list[EditRecord]) -> list[bool]:
 def generality_split(editor: Any, records: list[EditRecord]) -> dict[str, float]:
     """Generality on each record's first rephrasing, split by why it falls short: the share of
     rephrasings routed to some block, and generality among those (the block's own share)."""
-    pairs = [(r.rephrases[0], r.target) for r in records if r.rephrases]
+    rephrased = [r for r in records if r.rephrases]
+    pairs = [(r.rephrases[0], r.target) for r in rephrased]
     outputs = editor.generate([p for p, _ in pairs])
     routed = [i for i, g in enumerate(outputs) if g.block is not None]
+    latest = [i for i, s in enumerate(superseded(rephrased)) if not s]
     return {
         "generality": metrics.success_rate([g.output for g in outputs], [t for _, t in pairs]),
+        "generality_latest": metrics.success_rate([outputs[i].output for i in latest], [pairs[i][1] for i in latest])
+        if any(r.question for r in rephrased) else math.nan,
         "rephrases_routed": len(routed) / max(len(pairs), 1),
         "generality_when_routed": metrics.success_rate([outputs[i].output for i in routed], [pairs[i][1] for i in routed]),
     }

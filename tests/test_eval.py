@@ -201,5 +201,9 @@ def test_generality_split_tells_routing_misses_from_block_misses():
                EditRecord(prompt="c", target="Lima", rephrases=("Where is C?",)),  # base model happens to know
                EditRecord(prompt="d", target="Bonn")]  # no rephrasing: not counted
     split = generality_split(Stub(), records)
+    assert math.isnan(split.pop("generality_latest"))  # no question labels
     assert split == {"generality": pytest.approx(2 / 3), "rephrases_routed": pytest.approx(2 / 3),
                      "generality_when_routed": 0.5}
+    relabelled = [EditRecord(prompt=r.prompt, target=r.target, rephrases=r.rephrases, question=q)
+                  for r, q in zip(records, ["q1", "q2", "q1", None])]  # a's question asked again by c
+    assert generality_split(Stub(), relabelled)["generality_latest"] == 0.5  # b wrong, c right
