@@ -1,0 +1,77 @@
+"""Where each rephrasing of a lifelong zsRE stream is routed, with no training: keys of the first N
+records go into the index in order (each edit its own block, as the default config trains them), and
+every record's rephrasing and synthetic same-subject probe is routed through it.
+
+Reports, per routing rule: reliability and generality as routing alone allows them (routed to a block
+whose target is the record's), generality on the records no later one re-asks with another target
+(`evaluation.superseded`), the share of probes routed to any block, and where rephrasings land.
+
+    OMP_NUM_THREADS=1 python benchmarks/routing_study.py --n 1000
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from melo_ray.data import convert
+from melo_ray.editors.melo.index import NeuronIndex
+from melo_ray.editors.melo.keys import ScopedSentenceKeys
+from melo_ray.editors.melo.scope import ScopeTest, load_verifier
+from melo_ray.evaluation import superseded
+
+from core_quality import SOURCES  # the same records as core_quality.py (this script's folder is on sys.path)
+
+RULES = {  # name: (threshold, conflict threshold, latest of question)
+    "best-scoring member": (0.46, None, False),
+    "supersede at logit 2.0": (0.46, 2.0, False),
+    "supersede at logit 0.46": (0.46, 0.46, False),
+    "latest edit of the question (default)": (0.46, None, True),
+    "the same, threshold 0": (0.0, None, True),
+    "the same, threshold -0.5": (-0.5, None, True),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--verifier", default="builtin")
+    parser.add_argument("--r-init", type=float, default=0.35)
+    args = parser.parse_args()
+    fmt, path = SOURCES["zsre"]
+    records = [r for r in convert(fmt, Path(path), subject_probes=2).records[: args.n] if r.rephrases]
+    verifier = load_verifier(args.verifier)
+    keys_of = ScopedSentenceKeys(verifier.view_names)
+    prompts = keys_of.keys([r.prompt for r in records])
+    rephrasings = keys_of.keys([r.rephrases[0] for r in records])
+    probes = keys_of.keys([p.prompt for r in records for p in r.probes("subject")])
+    latest = ~np.array(superseded(records))
+    print(f"{len(records)} records, {1 - latest.mean():.3f} superseded, {len(probes)} same-subject probes")
+
+    def right(blocks: np.ndarray) -> np.ndarray:
+        return np.array([b >= 0 and records[b].target == records[i].target for i, b in enumerate(blocks)])
+
+    print("\n| rule | reliability (routed) | generality (routed) | not superseded (routed) | probes routed "
+          "| rephrasings: own edit / other edit, same subject / other edit, other subject / none |")
+    print("|---|---|---|---|---|---|")
+    for name, (threshold, conflict, newest) in RULES.items():
+        index = NeuronIndex(prompts.shape[1], "cosine", args.r_init,
+                            scope=ScopeTest(verifier, threshold, conflict, newest))
+        for i, record in enumerate(records):
+            index.add(prompts[i], record.target, i, record.id)
+        reliability = right(index.search(prompts).block_ids)
+        blocks = index.search(rephrasings).block_ids
+        generality = right(blocks)
+        own = blocks == np.arange(len(records))
+        other = (blocks >= 0) & ~own
+        same_subject = np.array([o and (records[b].subject or "").casefold() == (records[i].subject or "").casefold()
+                                 for i, (b, o) in enumerate(zip(blocks, other))])
+        routed_probes = (index.search(probes).block_ids >= 0).mean() if len(probes) else float("nan")
+        print(f"| {name} | {reliability.mean():.3f} | {generality.mean():.3f} | {generality[latest].mean():.3f} | "
+              f"{routed_probes:.4f} | {own.mean():.3f} / {same_subject.mean():.3f} / {(other & ~same_subject).mean():.3f} / "
+              f"{(blocks < 0).mean():.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
