@@ -8,8 +8,8 @@ Pairs (prompt, other prompt, same question?):
   or sharing a content word with the record's own; with a KnowEdit file, the records'
   Relation_Specificity prompts of a fixed first part (`--knowedit-train`); its other part is never
   seen, so it can be evaluated;
-- same relation, other subject (negatives): CounterFact's `locality_prompt`, and each record's own
-  template with another record's subject;
+- same relation, other subject (negatives): CounterFact's `locality_prompt` (and, with
+  `--other-subject-negatives`, each record's own template with another record's subject);
 - unrelated (negatives): another record's prompt.
 
     python -m melo_ray.editors.melo.scope_training --out melo_ray/editors/melo/scope_verifier.safetensors
@@ -30,13 +30,13 @@ from melo_ray.editors.melo.scope import ScopeVerifier, focus, pair_features
 
 log = logging.getLogger(__name__)
 DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
-DEFAULT_VIEWS = ("prompt", "focus", "masked", "words", "names")
+DEFAULT_VIEWS = ("prompt", "focus", "masked", "words")  # the shipped verifier's
 
 Pair = tuple[str, str, int, str]  # (a, b, label, kind)
 
 
 def _fact_pairs(facts: list[tuple[str, str, str | None, str | None]], rng: random.Random,
-                negatives: int) -> list[Pair]:
+                negatives: int, other_subject: bool = False) -> list[Pair]:
     """facts: (prompt, subject, rephrase, neighbour) -> positives and synthesised negatives."""
     relations = RelationGroups()
     templates = []
@@ -58,9 +58,10 @@ def _fact_pairs(facts: list[tuple[str, str, str | None, str | None]], rng: rando
             pairs.append((prompt, other_prompt, 0, "unrelated"))
         if own is None:
             continue
-        other_subject = rng.choice(facts)[1]
-        if other_subject and other_subject.casefold() != subject.casefold():
-            pairs.append((prompt, own.format(other_subject), 0, "other_subject"))
+        if other_subject:  # opt-in: drawing it changes the random negatives after it
+            someone_else = rng.choice(facts)[1]
+            if someone_else and someone_else.casefold() != subject.casefold():
+                pairs.append((prompt, own.format(someone_else), 0, "other_subject"))
         for _ in range(negatives):
             other = rng.choice(pool)
             if relations.differ(own, other):
@@ -69,13 +70,14 @@ def _fact_pairs(facts: list[tuple[str, str, str | None, str | None]], rng: rando
 
 
 def training_pairs(counterfact: Path, zsre: Path, knowedit: Path | None, *, counterfact_limit: int,
-                   knowedit_train: int, seed: int = 0) -> list[Pair]:
+                   knowedit_train: int, seed: int = 0, other_subject: bool = False) -> list[Pair]:
     rng = random.Random(seed)
     cf = json.loads(counterfact.read_text())[:counterfact_limit]
     pairs = _fact_pairs([(r["prompt"], r["subject"], r.get("rephrase_prompt"), r.get("locality_prompt"))
-                         for r in cf], rng, negatives=2)
+                         for r in cf], rng, negatives=2, other_subject=other_subject)
     zs = json.loads(zsre.read_text())
-    pairs += _fact_pairs([(r["src"], r["subject"], r.get("rephrase"), None) for r in zs], rng, negatives=3)
+    pairs += _fact_pairs([(r["src"], r["subject"], r.get("rephrase"), None) for r in zs], rng, negatives=3,
+                         other_subject=other_subject)
     if knowedit is not None and knowedit_train > 0:
         for record in convert("knowedit", knowedit).records[:knowedit_train]:
             pairs.append((record.prompt, record.prompt, 1, "identity"))
@@ -122,14 +124,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--views", default=",".join(DEFAULT_VIEWS), help="comma-separated, starting with prompt")
+    parser.add_argument("--other-subject-negatives", action="store_true",
+                        help="also each record's own template about another record's subject (measured: not better)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO)
     pairs = training_pairs(args.counterfact, args.zsre, args.knowedit, counterfact_limit=args.counterfact_limit,
-                           knowedit_train=args.knowedit_train, seed=args.seed)
+                           knowedit_train=args.knowedit_train, seed=args.seed,
+                           other_subject=args.other_subject_negatives)
+    views = tuple(v for v in args.views.split(",") if v)
     texts = sorted({t for a, b, _, _ in pairs for t in (a, b)})
     row = {t: i for i, t in enumerate(texts)}
-    keys, dims = embed(texts, DEFAULT_VIEWS)
+    keys, dims = embed(texts, views)
     # a fifth of the prompts (all their pairs) held out to report and to suggest a threshold
     prompts = sorted({a for a, _, _, _ in pairs})
     random.Random(args.seed).shuffle(prompts)
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     labels = np.array([label for _, _, label, _ in pairs], np.float32)
     train = np.array([a not in held for a, _, _, _ in pairs])
     weights = fit(feats[train], labels[train], args.hidden, args.epochs, args.seed)
-    meta = {"views": ",".join(DEFAULT_VIEWS), "view_dims": ",".join(map(str, dims)), "hidden": str(args.hidden),
+    meta = {"views": ",".join(views), "view_dims": ",".join(map(str, dims)), "hidden": str(args.hidden),
             "trained_on": f"{args.counterfact.name}[:{args.counterfact_limit}], {args.zsre.name}, "
                           f"{args.knowedit.name}[:{args.knowedit_train}]", "pairs": str(int(train.sum()))}
     verifier = ScopeVerifier(weights, meta)
