@@ -4,13 +4,15 @@ every record's rephrasing and synthetic same-subject probe is routed through it.
 
 Reports, per routing rule: reliability and generality as routing alone allows them (routed to a block
 whose target is the record's), generality on the records no later one re-asks with another target
-(`evaluation.superseded`), the share of probes routed to any block, and where rephrasings land.
+(`evaluation.superseded`), the share of probes routed to any block, where rephrasings land, and the
+median time to route the rephrasings in batches of 32 (index search and scope test, keys given).
 
     OMP_NUM_THREADS=1 python benchmarks/routing_study.py --n 1000
 """
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +55,8 @@ def main() -> None:
         return np.array([b >= 0 and records[b].target == records[i].target for i, b in enumerate(blocks)])
 
     print("\n| rule | reliability (routed) | generality (routed) | not superseded (routed) | probes routed "
-          "| rephrasings: own edit / other edit, same subject / other edit, other subject / none |")
-    print("|---|---|---|---|---|---|")
+          "| rephrasings: own edit / other edit, same subject / other edit, other subject / none | ms per batch of 32 |")
+    print("|---|---|---|---|---|---|---|")
     for name, (threshold, conflict, newest) in RULES.items():
         index = NeuronIndex(prompts.shape[1], "cosine", args.r_init,
                             scope=ScopeTest(verifier, threshold, conflict, newest))
@@ -68,9 +70,15 @@ def main() -> None:
         same_subject = np.array([o and (records[b].subject or "").casefold() == (records[i].subject or "").casefold()
                                  for i, (b, o) in enumerate(zip(blocks, other))])
         routed_probes = (index.search(probes).block_ids >= 0).mean() if len(probes) else float("nan")
+        seconds = []
+        for _ in range(5):
+            started = time.perf_counter()
+            for start in range(0, len(rephrasings), 32):
+                index.search(rephrasings[start : start + 32])
+            seconds.append((time.perf_counter() - started) / -(-len(rephrasings) // 32))
         print(f"| {name} | {reliability.mean():.3f} | {generality.mean():.3f} | {generality[latest].mean():.3f} | "
               f"{routed_probes:.4f} | {own.mean():.3f} / {same_subject.mean():.3f} / {(other & ~same_subject).mean():.3f} / "
-              f"{(blocks < 0).mean():.3f} |", flush=True)
+              f"{(blocks < 0).mean():.3f} | {np.median(seconds) * 1000:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
