@@ -120,6 +120,21 @@ def test_knowedit_conversion_tags_every_probe(tmp_path):
                                "locality_nq": 0, "rephrases": 0, "alias_rephrases": 1, "portability": 1}
 
 
+def test_knowedit_zsre_split_keeps_rephrasings_and_labels_each_question(tmp_path):
+    def row(prompt, target, rephrase_key="rephrase"):
+        return {"subject": "Luna 1", "prompt": prompt, "target_new": target, "ground_truth": ["2 January 1959"],
+                rephrase_key: prompt.replace("When was", "On what date was"),
+                "locality": {"Relation_Specificity": [{"prompt": "Luna 1 is part of", "ground_truth": ["Luna"]}]}}
+
+    rows = [row("When was Luna 1 launched?", "1960"), row("When was Luna 1 sent up?", "1961", "rephrase_prompt")]
+    (tmp_path / "z.json").write_text(json.dumps(rows))
+    first, second = convert("knowedit", tmp_path / "z.json").records
+    assert first.rephrases == ("On what date was Luna 1 launched?",)
+    assert second.rephrases == ("On what date was Luna 1 sent up?",)  # the other spelling of the field
+    assert first.question == second.question == "luna 1 | 2 january 1959"  # one question asked twice
+    assert first.probes("subject")[0].prompt == "Luna 1 is part of"
+
+
 def test_wikibio_conversion_keeps_a_locality_probe(tmp_path):
     rows = [{"text": "This is a passage about x.", "labels": "X was born in 1900.", "concept": "x",
              "locality": {"Relation_Specificity": [{"prompt": "The field of work of x is", "ground_truth": ["medicine"]}]}}]
