@@ -8,6 +8,11 @@ whose target is the record's), generality on the records no later one re-asks wi
 median time to route the rephrasings in batches of 32 (index search and scope test, keys given).
 
     OMP_NUM_THREADS=1 python benchmarks/routing_study.py --n 1000
+    OMP_NUM_THREADS=1 python benchmarks/routing_study.py --dataset counterfact --probes neighbour --names-gate 0.1,0.2
+
+`--names-gate` adds rows for the default rule with a names gate (not in the library yet): a served
+member whose prompt names no one the query names (character-trigram cosine of `scope.names` below the
+value, both naming someone) is refused after the index's choice, so its recall figure is a lower bound.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import numpy as np
 from melo_ray.data import convert
 from melo_ray.editors.melo.index import NeuronIndex
 from melo_ray.editors.melo.keys import ScopedSentenceKeys
-from melo_ray.editors.melo.scope import ScopeTest, load_verifier
+from melo_ray.editors.melo.scope import ScopeTest, load_verifier, names, names_in
 from melo_ray.evaluation import superseded
 
 from core_quality import SOURCES  # the same records as core_quality.py (this script's folder is on sys.path)
@@ -40,16 +45,31 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--verifier", default="builtin")
     parser.add_argument("--r-init", type=float, default=0.35)
+    parser.add_argument("--dataset", choices=sorted(SOURCES), default="zsre")
+    parser.add_argument("--probes", choices=["subject", "neighbour"], default="subject", help="locality probes routed")
+    parser.add_argument("--names-gate", default="", help="comma-separated gate values for extra rows")
     args = parser.parse_args()
-    fmt, path = SOURCES["zsre"]
-    records = [r for r in convert(fmt, Path(path), subject_probes=2).records[: args.n] if r.rephrases]
+    fmt, path = SOURCES[args.dataset]
+    # zsRE: probes drawn from the whole file, as the T = 1000 evaluation does; CounterFact: its first n records
+    limit = None if args.dataset == "zsre" else args.n
+    records = [r for r in convert(fmt, Path(path), limit=limit, subject_probes=2).records[: args.n] if r.rephrases]
     verifier = load_verifier(args.verifier)
     keys_of = ScopedSentenceKeys(verifier.view_names)
     prompts = keys_of.keys([r.prompt for r in records])
     rephrasings = keys_of.keys([r.rephrases[0] for r in records])
-    probes = keys_of.keys([p.prompt for r in records for p in r.probes("subject")])
+    probe_texts = [p.prompt for r in records for p in r.probes(args.probes)]
+    probes = keys_of.keys(probe_texts)
     latest = ~np.array(superseded(records))
-    print(f"{len(records)} records, {1 - latest.mean():.3f} superseded, {len(probes)} same-subject probes")
+    print(f"{len(records)} records, {1 - latest.mean():.3f} superseded, {len(probes)} {args.probes} probes")
+    record_names = np.stack([names(r.prompt) for r in records])
+
+    def gate(texts: list[str], blocks: np.ndarray, value: float) -> np.ndarray:
+        out = blocks.copy()
+        for j, (text, block) in enumerate(zip(texts, blocks)):
+            if block >= 0 and names_in(text) and names_in(records[block].prompt) \
+                    and float(names(text) @ record_names[block]) < value:
+                out[j] = -1
+        return out
 
     def right(blocks: np.ndarray) -> np.ndarray:
         return np.array([b >= 0 and records[b].target == records[i].target for i, b in enumerate(blocks)])
@@ -57,19 +77,26 @@ def main() -> None:
     print("\n| rule | reliability (routed) | generality (routed) | not superseded (routed) | probes routed "
           "| rephrasings: own edit / other edit, same subject / other edit, other subject / none | ms per batch of 32 |")
     print("|---|---|---|---|---|---|---|")
-    for name, (threshold, conflict, newest) in RULES.items():
+    rules = dict(RULES)
+    for value in filter(None, args.names_gate.split(",")):
+        rules[f"default + names gate {value}"] = (0.46, None, True, float(value))
+    for name, (threshold, conflict, newest, *gated) in rules.items():
         index = NeuronIndex(prompts.shape[1], "cosine", args.r_init,
                             scope=ScopeTest(verifier, threshold, conflict, newest))
         for i, record in enumerate(records):
             index.add(prompts[i], record.target, i, record.id)
         reliability = right(index.search(prompts).block_ids)
         blocks = index.search(rephrasings).block_ids
+        probe_blocks = index.search(probes).block_ids if len(probes) else np.zeros(0, np.int64)
+        if gated:
+            blocks = gate([r.rephrases[0] for r in records], blocks, gated[0])
+            probe_blocks = gate(probe_texts, probe_blocks, gated[0])
         generality = right(blocks)
         own = blocks == np.arange(len(records))
         other = (blocks >= 0) & ~own
         same_subject = np.array([o and (records[b].subject or "").casefold() == (records[i].subject or "").casefold()
                                  for i, (b, o) in enumerate(zip(blocks, other))])
-        routed_probes = (index.search(probes).block_ids >= 0).mean() if len(probes) else float("nan")
+        routed_probes = (probe_blocks >= 0).mean() if len(probes) else float("nan")
         seconds = []
         for _ in range(5):
             started = time.perf_counter()

@@ -100,6 +100,11 @@ def words(prompt: str, dim: int = WORDS_DIM) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
+def names_in(prompt: str) -> list[str]:
+    """The name-like words of the prompt's focus (what `masked` replaces by X)."""
+    return _split_names(prompt)[1]
+
+
 def names(prompt: str, dim: int = WORDS_DIM) -> np.ndarray:
     """Who is asked about: the character trigrams of the focus's name-like words (what `masked` takes
     out), hashed into a unit-length bag of `dim` counts; a prompt without names gets slot 0. Two
@@ -107,7 +112,7 @@ def names(prompt: str, dim: int = WORDS_DIM) -> np.ndarray:
     "... of You'll See's record label?") differ here and nowhere else; trigrams keep an alias
     ("Emily Jones" / "Emily I Jones") close."""
     vector = np.zeros(dim, np.float32)
-    for name in _split_names(prompt)[1]:
+    for name in names_in(prompt):
         padded = f" {name.lower()} "
         for i in range(len(padded) - 2):
             vector[zlib.crc32(padded[i : i + 3].encode()) % dim] += 1.0
