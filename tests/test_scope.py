@@ -191,7 +191,7 @@ def test_a_rewording_of_a_question_edited_again_gets_its_latest_target():
     found = index.search(np.stack([_key((1, 0), (1, 0)), _key((1, 0.01), (0.95, 0.3)), rewording,
                                    _key((1, 0.05), (0, 1))]))
     assert found.block_ids.tolist() == [0, 2, 2, 1]  # each wording keeps its own; a rewording gets the latest
-    assert index.nearest_member(rewording, int(found.clusters[2])) == "second wording"
+    assert found.edit_ids[2] == "second wording"
     index.scope.latest_of_question = False  # the previous rule: the member it resembles most
     assert index.search(rewording[None]).block_ids.tolist() == [0]
     config = tiny_config(index={"key_function": "sentence_encoder", "scope_verifier": "builtin"})

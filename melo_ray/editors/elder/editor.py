@@ -173,9 +173,12 @@ class ElderEditor(Editor):
     def train_batch(self, records: list[EditRecord]) -> TrainedBatch:
         """Experts, routers, allocations and stored codes in one step (ELDER has no separate index)."""
         new_records = records
-        new_keys = self.key_function.keys([r.prompt for r in new_records])
-        if not np.all(np.isfinite(new_keys)):
-            raise ValueError("edit batch: a prompt produced a non-finite key")
+        # training paraphrases: router-only rows (below) that teach each wording its fact's allocation
+        paraphrased = [(r, p) for r in new_records for p in r.train_rephrases] if self.config.lora.train_rephrases else []
+        all_keys = self.key_function.keys([r.prompt for r in new_records] + [p for _, p in paraphrased])
+        if not np.all(np.isfinite(all_keys)):
+            raise ValueError("edit batch: a prompt or training paraphrase produced a non-finite key")
+        new_keys, paraphrase_keys = all_keys[: len(new_records)], all_keys[len(new_records) :]
         rng_state, known_facts = self.rng.bit_generator.state, set(self.allocations)
         replayed = self._replay_sample()
         batch_records = new_records + [self.edit_records[i] for i in replayed]
@@ -192,12 +195,7 @@ class ElderEditor(Editor):
         layers = list(self.layers.values())
 
         extra_query, extra_assigned = self._guide_rows(replayed, keys, assigned, device)
-        # training paraphrases: router-only rows that teach each wording its fact's allocation
-        paraphrased = [(r, p) for r in new_records for p in r.train_rephrases] if self.config.lora.train_rephrases else []
         if paraphrased:
-            paraphrase_keys = self.key_function.keys([p for _, p in paraphrased])
-            if not np.all(np.isfinite(paraphrase_keys)):
-                raise ValueError("edit batch: a training paraphrase produced a non-finite key")
             extra_query = torch.cat([extra_query, torch.as_tensor(paraphrase_keys, dtype=torch.float32, device=device)])
             extra_assigned = torch.cat([extra_assigned, torch.as_tensor(
                 np.stack([allocations[r.id] for r, _ in paraphrased]), dtype=torch.long, device=device)])

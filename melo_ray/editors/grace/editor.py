@@ -86,9 +86,6 @@ class GraceEditor(Editor):
             for record in batch:
                 s, loss, learned = self._edit_one(record)
                 steps += s
-                entry = self._entry_of(record.id)
-                for paraphrase in record.train_rephrases if self.config.lora.train_rephrases else ():
-                    self._add_paraphrase_key(record, paraphrase, entry)
         except BaseException:
             (self.layer.keys, self.layer.values, self.layer.eps, self.layer.labels, self.splits,
              self.entry_edits) = saved
@@ -104,48 +101,41 @@ class GraceEditor(Editor):
     def _edit_one(self, record: EditRecord) -> tuple[int, float, float]:
         key = torch.from_numpy(self.keys.keys([record.prompt])[0]).to(self.layer.keys.dtype)
         label = normalise_label(record.target)
+        entry, eps = self._place(key, label, record.id)
+        steps, loss, learned = 0, 0.0, 1.0
+        if entry is None:
+            steps, loss, learned, value = self._train_value(record)
+            entry = self._append_entry(key, value, eps, label, record.id)
+        paraphrases = list(record.train_rephrases) if self.config.lora.train_rephrases else []
+        if paraphrases:  # more keys of the edit's value, placed by the same rules; nothing more is trained
+            for paraphrase_key in torch.from_numpy(self.keys.keys(paraphrases)).to(self.layer.keys.dtype):
+                joined, eps = self._place(paraphrase_key, label, record.id)
+                if joined is None:
+                    self._append_entry(paraphrase_key, self.layer.values[entry].clone(), eps, label, record.id)
+        return steps, loss, learned
+
+    def _place(self, key: torch.Tensor, label: str, edit_id: str) -> tuple[int | None, float]:
+        """GRACE's codebook rule for a new key: (the entry of the same label it expanded to cover it,
+        its radius), or (None, the radius its own new entry gets) after splitting an entry of another
+        label within reach."""
         eps_init = self.config.grace.eps_init
-        if len(self.layer.keys):
-            dist = torch.linalg.vector_norm(self.layer.keys.double() - key.double(), dim=1)
-            j = int(dist.argmin())
-            d = float(dist[j])
-            if d <= eps_init + float(self.layer.eps[j]):
-                if self.layer.labels[j] == label:
-                    self.layer.eps[j] = max(float(self.layer.eps[j]), d)  # expand to cover the key
-                    self.entry_edits[j].append(record.id)
-                    return 0, 0.0, 1.0
-                self.splits += 1
-                self.layer.eps[j] = d / 2.0
-                return self._add_entry(record, key, label, d / 2.0)
-        return self._add_entry(record, key, label, eps_init)
-
-    def _entry_of(self, edit_id: str) -> int:
-        return max(j for j, ids in enumerate(self.entry_edits) if edit_id in ids)
-
-    def _add_paraphrase_key(self, record: EditRecord, paraphrase: str, entry: int) -> None:
-        """A training paraphrase joins the codebook by GRACE's own rules, as a key of the edit's value:
-        it expands an entry of the same target, splits one of another, or adds an entry that copies
-        the value trained for the prompt (nothing more is trained)."""
-        key = torch.from_numpy(self.keys.keys([paraphrase])[0]).to(self.layer.keys.dtype)
-        label, eps = normalise_label(record.target), self.config.grace.eps_init
+        if not len(self.layer.keys):
+            return None, eps_init
         dist = torch.linalg.vector_norm(self.layer.keys.double() - key.double(), dim=1)
         j = int(dist.argmin())
         d = float(dist[j])
-        if d <= eps + float(self.layer.eps[j]):
-            if self.layer.labels[j] == label:
-                self.layer.eps[j] = max(float(self.layer.eps[j]), d)
-                if record.id not in self.entry_edits[j]:
-                    self.entry_edits[j].append(record.id)
-                return
-            self.splits += 1
-            self.layer.eps[j] = eps = d / 2.0
-        self.layer.keys = torch.cat([self.layer.keys, key[None]])
-        self.layer.values = torch.cat([self.layer.values, self.layer.values[entry][None].clone()])
-        self.layer.eps = torch.cat([self.layer.eps, torch.tensor([eps], dtype=torch.float64)])
-        self.layer.labels.append(label)
-        self.entry_edits.append([record.id])
+        if d > eps_init + float(self.layer.eps[j]):
+            return None, eps_init
+        if self.layer.labels[j] == label:
+            self.layer.eps[j] = max(float(self.layer.eps[j]), d)  # expand to cover the key
+            if edit_id not in self.entry_edits[j]:
+                self.entry_edits[j].append(edit_id)
+            return j, float(self.layer.eps[j])
+        self.splits += 1
+        self.layer.eps[j] = d / 2.0
+        return None, d / 2.0
 
-    def _add_entry(self, record: EditRecord, key: torch.Tensor, label: str, eps: float) -> tuple[int, float, float]:
+    def _train_value(self, record: EditRecord) -> tuple[int, float, float, torch.Tensor]:
         batch = build_batch(self.backbone, [record], self.config.train.append_eos)
         first_target = int((batch.labels[0] != IGNORE).nonzero().min())
         start = torch.tensor([first_target - 1])  # the last prompt token predicts the first target token
@@ -158,12 +148,15 @@ class GraceEditor(Editor):
             )
         finally:
             self.layer.staging_value = None
+        return stats.steps, stats.final_loss, stats.learned, value.detach()
+
+    def _append_entry(self, key: torch.Tensor, value: torch.Tensor, eps: float, label: str, edit_id: str) -> int:
         self.layer.keys = torch.cat([self.layer.keys, key[None]])
-        self.layer.values = torch.cat([self.layer.values, value.detach()[None]])
+        self.layer.values = torch.cat([self.layer.values, value[None]])
         self.layer.eps = torch.cat([self.layer.eps, torch.tensor([eps], dtype=torch.float64)])
         self.layer.labels.append(label)
-        self.entry_edits.append([record.id])
-        return stats.steps, stats.final_loss, stats.learned
+        self.entry_edits.append([edit_id])
+        return len(self.layer.labels) - 1
 
     def state_stats(self) -> dict[str, int]:
         return {

@@ -97,15 +97,13 @@ class MeloEditor(Editor):
         batch_records = _latest_per_prompt(records)
         if not batch_records:
             raise ValueError("edit batch is empty")
-        keys = self.key_function.keys([r.prompt for r in batch_records])
-        if not np.all(np.isfinite(keys)):
-            raise ValueError("edit batch: a prompt produced a non-finite key")
-        # train_rephrases: more keys (members) of their edit, not only more training rows
+        # train_rephrases: more keys (members) of their edit, not only more training rows; one encoder pass
         paraphrased = [(i, p) for i, r in enumerate(batch_records) for p in r.train_rephrases] \
             if self.config.lora.train_rephrases else []
-        extra_keys = self.key_function.keys([p for _, p in paraphrased]) if paraphrased else np.zeros((0, keys.shape[1]))
-        if not np.all(np.isfinite(extra_keys)):
-            raise ValueError("edit batch: a training paraphrase produced a non-finite key")
+        all_keys = self.key_function.keys([r.prompt for r in batch_records] + [p for _, p in paraphrased])
+        if not np.all(np.isfinite(all_keys)):
+            raise ValueError("edit batch: a prompt or training paraphrase produced a non-finite key")
+        keys, extra_keys = all_keys[: len(batch_records)], all_keys[len(batch_records) :]
         rows, edit_of_row = self._training_rows(batch_records, position)
         formats = self.config.train.formats
         trained_on = in_formats(self.backbone, rows, formats)
@@ -215,9 +213,7 @@ class MeloEditor(Editor):
     def edit_behind(self, prompt: str, routing: Routing) -> str | None:
         if self.index is None:
             return None
-        key = self.key_function.keys([prompt])
-        cluster = int(self.index.index.search(key).clusters[0])
-        return self.index.index.nearest_member(key[0], cluster) if cluster >= 0 else None
+        return self.index.index.search(self.key_function.keys([prompt])).edit_ids[0]
 
     def revert_state(self, ids: set[str]) -> Callable[[], None]:
         """The edits' members leave the index; a cluster with no members dies. Blocks stay in the

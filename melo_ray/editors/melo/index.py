@@ -79,6 +79,7 @@ class SearchResult:
     block_ids: np.ndarray  # (n,) int64, -1 where no block applies
     distances: np.ndarray  # (n,) distance to the nearest centre (inf when the index is empty)
     clusters: np.ndarray  # (n,) int64 nearest cluster id, -1 when empty
+    edit_ids: tuple[str | None, ...] = ()  # (n,) the edit of the member that serves each row, None where no block
 
 
 class NeuronIndex:
@@ -270,6 +271,7 @@ class NeuronIndex:
             return self._scoped_search(keys)
         ids, dists = self._candidates(keys)
         blocks = np.full(keys.shape[0], -1, np.int64)
+        edits: list[str | None] = [None] * keys.shape[0]
         radii = np.array([self.clusters[c].radius if c >= 0 else -1.0 for c in ids])
         inside = (ids >= 0) & (dists <= radii)
         # one pass per distinct cluster hit in this batch, not per row
@@ -277,13 +279,15 @@ class NeuronIndex:
             rows = np.nonzero(inside & (ids == cid))[0]
             cluster = self.clusters[cid]
             if len(cluster.member_blocks) == 1:  # the usual case: no member to choose between
-                blocks[rows] = cluster.member_blocks[0]
-                continue
-            md = distances(self.metric, keys[rows], np.stack(cluster.member_keys))  # (rows, members)
-            nearest = md.min(axis=1, keepdims=True)
-            latest = np.where(md == nearest, np.arange(md.shape[1])[None, :], -1).max(axis=1)  # ties: latest
+                latest = np.zeros(len(rows), np.int64)
+            else:
+                md = distances(self.metric, keys[rows], np.stack(cluster.member_keys))  # (rows, members)
+                nearest = md.min(axis=1, keepdims=True)
+                latest = np.where(md == nearest, np.arange(md.shape[1])[None, :], -1).max(axis=1)  # ties: latest
             blocks[rows] = np.asarray(cluster.member_blocks)[latest]
-        return SearchResult(block_ids=blocks, distances=dists, clusters=ids)
+            for row, member in zip(rows.tolist(), latest.tolist()):
+                edits[row] = cluster.member_ids[member]
+        return SearchResult(block_ids=blocks, distances=dists, clusters=ids, edit_ids=tuple(edits))
 
     def within_reach(self, routing_keys: np.ndarray) -> np.ndarray:
         """Per routing key (the first view only): whether any candidate cluster holds it. Keys out of
@@ -301,8 +305,9 @@ class NeuronIndex:
         assert self.scope is not None
         n = keys.shape[0]
         blocks = np.full(n, -1, np.int64)
+        edits: list[str | None] = [None] * n
         if self.num_alive == 0:
-            return SearchResult(blocks, np.full(n, np.inf), np.full(n, -1, np.int64))
+            return SearchResult(blocks, np.full(n, np.inf), np.full(n, -1, np.int64), tuple(edits))
         labels, dist = self._knn(keys)
         nearest = dist.min(axis=1)
         clusters = np.where(dist == nearest[:, None], labels, -1).max(axis=1)
@@ -311,9 +316,10 @@ class NeuronIndex:
             chosen = self._scoped_member(keys[row], [c for c, d, r in zip(labels[row].tolist(), dist[row], radii[row])
                                                      if d <= r])
             if chosen is not None:
-                clusters[row] = chosen[0]
-                blocks[row] = self.clusters[chosen[0]].member_blocks[chosen[1]]
-        return SearchResult(block_ids=blocks, distances=nearest, clusters=clusters)
+                cluster, member = chosen
+                clusters[row], blocks[row] = cluster, self.clusters[cluster].member_blocks[member]
+                edits[row] = self.clusters[cluster].member_ids[member]
+        return SearchResult(block_ids=blocks, distances=nearest, clusters=clusters, edit_ids=tuple(edits))
 
     def _scoped_member(self, key: np.ndarray, holding: list[int]) -> tuple[int, int] | None:
         """(cluster, member position) of the member that serves `key` among the clusters holding it:
@@ -337,21 +343,6 @@ class NeuronIndex:
             if same.size:
                 best = int(same[np.argmax(member_blocks[same])])
         return owners[best]
-
-    def nearest_member(self, key: np.ndarray, cluster_id: int) -> str:
-        """The id of the member of `cluster_id` whose key is nearest (ties: the latest), as search picks."""
-        cluster = self.clusters[cluster_id]
-        if self.scope is not None:  # the member the scope test picks among every cluster holding it, as search does
-            query = np.asarray(key, np.float32).reshape(1, -1)
-            labels, dist = self._knn(query)
-            holding = [c for c, d in zip(labels[0].tolist(), dist[0]) if d <= self.clusters[c].radius]
-            chosen = self._scoped_member(query[0], holding) if holding else None
-            if chosen is not None:
-                return self.clusters[chosen[0]].member_ids[chosen[1]]
-            logits = self.scope.logits(np.asarray(key, np.float32), np.stack(cluster.member_keys))
-            return cluster.member_ids[int(np.flatnonzero(logits == logits.max())[-1])]
-        md = distances(self.metric, np.atleast_2d(np.asarray(key, np.float32)), np.stack(cluster.member_keys))[0]
-        return cluster.member_ids[int(np.flatnonzero(md == md.min())[-1])]
 
     # -- lifecycle -----------------------------------------------------------------------------
     def remove_members(self, ids: set[str]) -> list[int]:
