@@ -2,18 +2,22 @@
 
 Variants (same zsRE edits, same batches, same process):
   melo            defaults: layers below the first LoRA layer run once per batch, logits only at
-                  target positions, early stop
+                  target positions, early stop, bfloat16 steps where the hardware has it natively
+                  (train.compute_dtype auto), confirmed in float32
+  melo-fp32       the same, every step in float32
   retire          the same, but an edit leaves the forward as soon as it is learned (train.retire_learned)
   block-per-batch the same, with one rank-8 block per batch of edits instead of one per edit
   no-early-stop   the same, always num_iter steps
   no-prefix-cache whole-model forward every step with full-vocabulary logits at every position
                   (the loss still reads only the target positions); early stop kept
-  naive           whole-model forward and backward at full vocabulary every step, num_iter steps
-                  (how the reference code trains)
+  naive           whole-model forward and backward at full vocabulary every step, num_iter steps,
+                  float32 (how the reference code trains)
   grace           the GRACE baseline, one edit at a time, on our trainer (cached prefix, target-only
                   logits, early stop): a stronger GRACE than the published one
   grace-reference GRACE as published: every edit trains its value for grace.num_iter steps with the
-                  whole-model forward and backward (no prefix cache, no early stop)
+                  whole-model forward and backward in float32 (no prefix cache, no early stop)
+  grace-reference-bf16  the same under bfloat16 autocast: what the published loop gains from the
+                  precision alone, so the ratio to our trainer is not a precision artefact
 Each line is JSON; a table with ratios to the naive loop and to GRACE follows. Reliability (greedy
 output starts with the target) is measured after each variant so speed never hides a quality loss.
 
@@ -37,11 +41,13 @@ ROOT = Path(__file__).resolve().parent.parent
 ZSRE = ROOT.parent / "shared" / "data" / "zsre-mend-eval-subsets" / "zsre_mend_eval_portability_gpt4.json"
 VARIANTS = {  # config sections each variant overrides
     "melo": {},
+    "melo-fp32": {"train": {"compute_dtype": "float32"}},
     "retire": {"train": {"retire_learned": True}},
     "block-per-batch": {"lora": {"block_per_edit": False, "block_rank": 8, "alpha": 16}},
     "no-early-stop": {"train": {"early_stop": False}},
     "no-prefix-cache": {"train": {"cache_frozen_prefix": False}},
-    "naive": {"train": {"cache_frozen_prefix": False, "early_stop": False}},
+    "naive": {"train": {"cache_frozen_prefix": False, "early_stop": False, "compute_dtype": "float32"}},
+    "naive-bf16": {"train": {"cache_frozen_prefix": False, "early_stop": False, "compute_dtype": "bfloat16"}},
 }
 
 
@@ -81,8 +87,9 @@ def main() -> None:
     for name in args.variants.split(","):
         if name == "grace":
             rows.append(measure(name, "grace", {}, args.config, backbone, records[: args.grace_n], 1))
-        elif name == "grace-reference":
-            rows.append(measure(name, "grace", VARIANTS["naive"], args.config, backbone, records[: args.grace_ref_n], 1))
+        elif name in ("grace-reference", "grace-reference-bf16"):
+            loop = VARIANTS["naive" if name == "grace-reference" else "naive-bf16"]
+            rows.append(measure(name, "grace", loop, args.config, backbone, records[: args.grace_ref_n], 1))
         else:
             rows.append(measure(name, "melo", VARIANTS[name], args.config, backbone, records[: args.n],
                                 config.train.batch_size))

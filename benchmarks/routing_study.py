@@ -9,6 +9,7 @@ median time to route the rephrasings in batches of 32 (index search and scope te
 
     OMP_NUM_THREADS=1 python benchmarks/routing_study.py --n 1000
     OMP_NUM_THREADS=1 python benchmarks/routing_study.py --dataset counterfact --probes neighbour --names-gate 0.1,0.2
+    OMP_NUM_THREADS=1 python benchmarks/routing_study.py --dataset counterfact --probes neighbour --n 10000 --rules default --names-gate 0.1
 
 `--names-gate` adds rows for the default rule with a names gate (not in the library yet): a served
 member whose prompt names no one the query names (character-trigram cosine of `scope.names` below the
@@ -30,11 +31,12 @@ from melo_ray.evaluation import superseded
 
 from core_quality import SOURCES  # the same records as core_quality.py (this script's folder is on sys.path)
 
+DEFAULT_RULE = "latest edit of the question (default)"
 RULES = {  # name: (threshold, conflict threshold, latest of question)
     "best-scoring member": (0.46, None, False),
     "supersede at logit 2.0": (0.46, 2.0, False),
     "supersede at logit 0.46": (0.46, 0.46, False),
-    "latest edit of the question (default)": (0.46, None, True),
+    DEFAULT_RULE: (0.46, None, True),
     "the same, threshold 0": (0.0, None, True),
     "the same, threshold -0.5": (-0.5, None, True),
 }
@@ -48,6 +50,8 @@ def main() -> None:
     parser.add_argument("--dataset", choices=sorted(SOURCES), default="zsre")
     parser.add_argument("--probes", choices=["subject", "neighbour"], default="subject", help="locality probes routed")
     parser.add_argument("--names-gate", default="", help="comma-separated gate values for extra rows")
+    parser.add_argument("--rules", default="", help="comma-separated rule names to run (default: all); "
+                        "'default' is the shipped rule. The names-gate rows always run.")
     args = parser.parse_args()
     fmt, path = SOURCES[args.dataset]
     # zsRE: probes drawn from the whole file, as the T = 1000 evaluation does; CounterFact: its first n records
@@ -77,7 +81,8 @@ def main() -> None:
     print("\n| rule | reliability (routed) | generality (routed) | not superseded (routed) | probes routed "
           "| rephrasings: own edit / other edit, same subject / other edit, other subject / none | ms per batch of 32 |")
     print("|---|---|---|---|---|---|---|")
-    rules = dict(RULES)
+    wanted = {DEFAULT_RULE if n == "default" else n for n in filter(None, args.rules.split(","))}
+    rules = {n: rule for n, rule in RULES.items() if not wanted or n in wanted}
     for value in filter(None, args.names_gate.split(",")):
         rules[f"default + names gate {value}"] = (0.46, None, True, float(value))
     for name, (threshold, conflict, newest, *gated) in rules.items():

@@ -83,6 +83,13 @@ class TrainConfig(StrictConfig):
     cache_frozen_prefix: bool = Field(
         True, description="Run the frozen layers below the first LoRA layer once per batch (causal LMs)."
     )
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Precision of the training forward and backward through the LoRA-carrying layers. "
+        "bfloat16 runs them under autocast (blocks, optimiser state and the model's weights stay in their "
+        "dtype), then confirms in full precision that every target is learned, training on in full precision "
+        "if one is not. auto: bfloat16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU "
+        "with AVX512-BF16 or AMX), else float32. See docs/results.md, 'Mixed-precision training'.",
+    )
     seed: int = Field(0, description="Seed for block initialisation.")
     formats: list[Literal["raw", "chat"]] = Field(
         ["raw"], min_length=1, description="How each edit is shown to the model in training: raw (the prompt "

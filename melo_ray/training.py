@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +21,7 @@ from torch import nn
 
 from melo_ray.backbones import Backbone
 from melo_ray.config import TrainConfig
+from melo_ray.precision import training_dtype
 from melo_ray.records import EditRecord, RecordError
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class TrainStats:
     learned: float  # fraction of target tokens that are the argmax by the early-stop margin
     seconds: float
     fast_path: bool
+    compute_dtype: str = "float32"  # the precision the steps ran in (bfloat16: confirmed in full precision)
 
 
 @dataclass
@@ -173,9 +175,14 @@ class _TargetForward:
 
 
 class _CachedPrefix(_TargetForward):
-    """Replays the LoRA-carrying top of a causal LM on cached inputs of its first LoRA block."""
+    """Replays the LoRA-carrying top of a causal LM on cached inputs of its first LoRA block.
 
-    def __init__(self, backbone: Backbone, lora_names: list[str], batch: EditBatch) -> None:
+    With `low_precision`, the top's frozen weights are also copied once to that dtype: a forward under
+    autocast to it then uses the copies instead of casting every weight again at every step (autocast
+    keeps casts only of weights that require grad)."""
+
+    def __init__(self, backbone: Backbone, lora_names: list[str], batch: EditBatch,
+                 low_precision: torch.dtype | None = None) -> None:
         spec = backbone.family
         model = backbone.model
         assert spec.blocks and spec.final_norm and spec.lm_head
@@ -205,6 +212,23 @@ class _CachedPrefix(_TargetForward):
             self.hidden, self.rest = kwargs.pop("hidden_states"), ()
         self.kwargs = kwargs
         self._locate(batch.labels)
+        self.device_type = backbone.device.type
+        self.low_precision = low_precision
+        self.copies: dict[nn.Module, dict[str, torch.Tensor]] = {}
+        if low_precision is not None:
+            for module in [*self.blocks[self.first :], self.norm, self.head]:
+                self.copies[module] = {
+                    name: p.detach().to(low_precision) for name, p in module.named_parameters()
+                    # matrices only: autocast runs norms in float32 and wants their weights there
+                    if not p.requires_grad and p.dtype == torch.float32 and p.dim() >= 2
+                }
+
+    def _call(self, module: nn.Module, *args: object, **kwargs: object) -> object:
+        copies = self.copies.get(module)
+        if (copies and torch.is_autocast_enabled(self.device_type)
+                and torch.get_autocast_dtype(self.device_type) == self.low_precision):
+            return torch.func.functional_call(module, copies, args, kwargs, strict=False)
+        return module(*args, **kwargs)
 
     def logits(self, keep: torch.Tensor | None = None) -> torch.Tensor:
         hidden, rest, kwargs = self.hidden, self.rest, self.kwargs
@@ -213,9 +237,9 @@ class _CachedPrefix(_TargetForward):
             rest = _rows_of(rest, keep, self.batch)
             kwargs = {k: _rows_of(v, keep, self.batch) for k, v in kwargs.items()}
         for block in self.blocks[self.first :]:
-            hidden = _first_output(block(hidden, *rest, **kwargs))
+            hidden = _first_output(self._call(block, hidden, *rest, **kwargs))
         mask, rows = self.selection(keep)
-        return self.head(self.norm(hidden[rows, self.cols[mask]]))
+        return self._call(self.head, self._call(self.norm, hidden[rows, self.cols[mask]]))  # type: ignore[return-value]
 
 
 class _WholeModel(_TargetForward):
@@ -314,51 +338,89 @@ def train_block(
     names = trained_modules
     fast = cfg.cache_frozen_prefix and _supports_cached_prefix(backbone, names)
     forward: _TargetForward | None = None
+    device = backbone.device
+    # Causal LMs only: seq2seq and classification backbones keep float32 (a tiny T5 lost an edit in bf16).
+    mixed = (training_dtype(cfg.compute_dtype, device, params[0].dtype)
+             if params and backbone.task == "causal_lm" else None)
     if fast:  # the plain forward stays as the reference trainers run it (the naive baselines use it)
-        forward = _CachedPrefix(backbone, names, _through_last_target(batch))
+        forward = _CachedPrefix(backbone, names, _through_last_target(batch), mixed)
     elif backbone.task == "causal_lm":
         forward = _WholeModel(backbone, batch)
     optimiser = torch.optim.Adam(params, lr=cfg.lr)
-    if (forward is not None and independent is not None and extra_loss is None
-            and cfg.early_stop and cfg.retire_learned):
-        steps, first_loss, final_loss, learned = _train_retiring(forward, independent, params, optimiser, cfg)
-        return TrainStats(steps, first_loss, final_loss, learned, time.perf_counter() - started, fast)
+    retiring = (forward is not None and independent is not None and extra_loss is None
+                and cfg.early_stop and cfg.retire_learned)
     if forward is not None:
         compute_logits, targets = forward.logits, forward.targets
     else:
         compute_logits, targets = _other_forward(backbone, batch)
+
+    def run(budget: int, dtype: torch.dtype | None) -> tuple[int, float, float, float]:
+        if retiring:
+            assert forward is not None and independent is not None
+            return _train_retiring(forward, independent, params, optimiser, cfg, budget, device, dtype)
+        with active():
+            return _train_loop(compute_logits, targets, optimiser, cfg, extra_loss, budget, device, dtype)
+
+    steps, first_loss, final_loss, learned = run(cfg.num_iter, mixed)
+    if mixed is not None:
+        # Serving computes in full precision: an edit is done only when it holds there too.
+        every_row = (lambda: independent.active(list(range(len(independent.group_of_row))))) if retiring else active
+        with every_row(), torch.no_grad():
+            logits = compute_logits()
+            final_loss = float(F.cross_entropy(logits, targets))
+            learned = _learned_fraction(logits, targets, cfg.early_stop_margin)
+            goal_met = learned >= 1.0 and (extra_loss is None or extra_loss()[1])
+        if cfg.early_stop and not goal_met and steps < cfg.num_iter:
+            retiring = False  # the remaining steps train every row together, in full precision
+            more, _, final_loss, learned = run(cfg.num_iter - steps, None)
+            steps += more
+    dtype_name = "float32" if mixed is None else str(mixed).removeprefix("torch.")
+    return TrainStats(steps, first_loss, final_loss, learned, time.perf_counter() - started, fast, dtype_name)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def _train_loop(
+    compute_logits: Callable[[], torch.Tensor], targets: torch.Tensor, optimiser: torch.optim.Adam,
+    cfg: TrainConfig, extra_loss: Callable[[], tuple[torch.Tensor, bool]] | None, budget: int,
+    device: torch.device, dtype: torch.dtype | None,
+) -> tuple[int, float, float, float]:
+    """At most `budget` steps over every row, the forward under autocast to `dtype` when given.
+    Returns (steps, first loss, final loss, learned fraction)."""
     first_loss = final_loss = float("nan")
     learned = 0.0
     steps = 0
-    with active():
-        for step in range(cfg.num_iter):
-            logits = compute_logits()
-            loss = F.cross_entropy(logits, targets)
-            final_loss = float(loss.detach())
-            if step == 0:
-                first_loss = final_loss
-            learned = _learned_fraction(logits, targets, cfg.early_stop_margin)
-            extra_met = True
-            if extra_loss is not None:
-                extra, extra_met = extra_loss()
-                loss = loss + extra
-            if cfg.early_stop and learned >= 1.0 and extra_met:
-                break
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            steps += 1
-        else:
-            with torch.no_grad():
-                logits = compute_logits()
-                final_loss = float(F.cross_entropy(logits, targets))
-                learned = _learned_fraction(logits, targets, cfg.early_stop_margin)
-    return TrainStats(steps, first_loss, final_loss, learned, time.perf_counter() - started, fast)
+    for step in range(budget):
+        with _autocast(device, dtype):
+            logits = compute_logits().float()
+        loss = F.cross_entropy(logits, targets)
+        final_loss = float(loss.detach())
+        if step == 0:
+            first_loss = final_loss
+        learned = _learned_fraction(logits, targets, cfg.early_stop_margin)
+        extra_met = True
+        if extra_loss is not None:
+            extra, extra_met = extra_loss()
+            loss = loss + extra
+        if cfg.early_stop and learned >= 1.0 and extra_met:
+            break
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        steps += 1
+    else:
+        with torch.no_grad(), _autocast(device, dtype):
+            logits = compute_logits().float()
+        final_loss = float(F.cross_entropy(logits, targets))
+        learned = _learned_fraction(logits, targets, cfg.early_stop_margin)
+    return steps, first_loss, final_loss, learned
 
 
 def _train_retiring(
     forward: _TargetForward, independent: IndependentRows, params: list[nn.Parameter],
-    optimiser: torch.optim.Adam, cfg: TrainConfig,
+    optimiser: torch.optim.Adam, cfg: TrainConfig, budget: int, device: torch.device, dtype: torch.dtype | None,
 ) -> tuple[int, float, float, float]:
     """The training loop for independent groups: a learned group's rows leave the forward.
 
@@ -378,9 +440,9 @@ def _train_retiring(
     steps = 0
     live_loss, live_learned = 0.0, torch.zeros(0, dtype=torch.bool)
     retire_margin = cfg.early_stop_margin if cfg.retire_margin is None else max(cfg.retire_margin, cfg.early_stop_margin)
-    for step in range(cfg.num_iter + 1):
-        with independent.active(live.tolist()):
-            logits = forward.logits(live)
+    for step in range(budget + 1):
+        with independent.active(live.tolist()), _autocast(device, dtype):
+            logits = forward.logits(live).float()
         mask, _ = forward.selection(live)
         targets, groups = forward.targets[mask], group_of_target[mask]
         per_target = F.cross_entropy(logits, targets, reduction="none")
@@ -388,7 +450,7 @@ def _train_retiring(
         if step == 0:
             first_loss = live_loss / total
         live_learned = _learned_targets(logits, targets, cfg.early_stop_margin).cpu()
-        if step == cfg.num_iter:  # the last look, after the last step
+        if step == budget:  # the last look, after the last step
             break
         firm = _learned_targets(logits, targets, retire_margin).cpu()
         present = groups.unique()

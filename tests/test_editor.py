@@ -10,7 +10,7 @@ from conftest import UNRELATED, fact_records, tiny_config
 from melo_ray.backbones import load_backbone, weights_checksum
 from melo_ray.editors.melo.editor import MeloEditor
 from melo_ray.metrics import starts_with_target as edit_success
-from melo_ray.records import RecordError
+from melo_ray.records import RecordError, parse_records
 from melo_ray.snapshots import SnapshotError
 
 
@@ -161,13 +161,57 @@ def test_cached_prefix_training_matches_the_full_forward():
     """The fast path is an optimisation only: same first loss, same learned block."""
     results = {}
     for cached in (True, False):
-        editor = MeloEditor(tiny_config("tiny-llama", train={"cache_frozen_prefix": cached, "early_stop": False, "num_iter": 5}))
+        editor = MeloEditor(tiny_config("tiny-llama", train={"cache_frozen_prefix": cached, "early_stop": False,
+                                                             "num_iter": 5, "compute_dtype": "float32"}))
         results[cached] = (editor.edit(fact_records(0, 8)), editor.layers)
     fast, full = results[True][0], results[False][0]
     assert fast.steps == full.steps == 5
     assert fast.final_loss == pytest.approx(full.final_loss, rel=1e-4)
     for a, b in zip(results[True][1].values(), results[False][1].values()):
         torch.testing.assert_close(a.lora_bank_B, b.lora_bank_B, rtol=1e-3, atol=1e-5)
+
+
+def test_bfloat16_steps_end_with_every_target_learned_in_float32():
+    """Mixed precision trains in bfloat16 but an edit is done only when float32 (serving) agrees."""
+    editor = MeloEditor(tiny_config("tiny-llama", train={"compute_dtype": "bfloat16"}))
+    records = fact_records(0, 10)
+    result = editor.edit(records)
+    assert result.learned == 1.0
+    hits = editor.target_token_hits(parse_records(records))  # float32 forward
+    assert all(all(row) for row in hits)
+    assert _successes(editor, records) == len(records)
+
+
+def test_low_precision_copies_give_what_autocast_gives():
+    """The cached bf16 copies of the frozen top are only a saving: the same logits as autocast's casts."""
+    from melo_ray.training import _CachedPrefix, build_batch
+
+    backbone = load_backbone(tiny_config("tiny-llama").backbone)
+    batch = build_batch(backbone, parse_records(fact_records(0, 4)), append_eos=True)
+    names = ["model.layers.1.mlp.down_proj"]
+    plain = _CachedPrefix(backbone, names, batch)
+    copied = _CachedPrefix(backbone, names, batch, torch.bfloat16)
+    assert copied.copies and all(t.dtype == torch.bfloat16 for c in copied.copies.values() for t in c.values())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(copied.logits(), plain.logits(), rtol=0, atol=0)
+    with torch.no_grad():  # outside autocast the copies are not used: exact float32
+        full = copied.logits()
+        assert full.dtype == torch.float32
+        torch.testing.assert_close(full, plain.logits(), rtol=0, atol=0)
+
+
+def test_training_dtype_lowers_only_float32_and_only_where_native(tmp_path):
+    from melo_ray.precision import cpu_has_native_bf16, training_dtype
+
+    cpu = torch.device("cpu")
+    assert training_dtype("float32", cpu, torch.float32) is None
+    assert training_dtype("bfloat16", cpu, torch.float32) is torch.bfloat16
+    assert training_dtype("bfloat16", cpu, torch.bfloat16) is None  # already 16-bit: trains as it is
+    with_flag, without = tmp_path / "with", tmp_path / "without"
+    with_flag.write_text("processor : 0\nflags : fpu avx2 avx512f avx512_bf16\n")
+    without.write_text("processor : 0\nflags : fpu avx2 avx512f\n")
+    assert cpu_has_native_bf16(with_flag) and not cpu_has_native_bf16(without)
+    assert not cpu_has_native_bf16(tmp_path / "missing")
 
 
 def test_key_layer_after_a_lora_layer_is_a_config_error():
@@ -217,7 +261,9 @@ def test_block_per_edit_trains_each_edit_its_own_block_in_one_batch_and_the_writ
 def test_a_learned_edit_leaves_the_training_forward_and_its_block_stops_moving():
     from melo_ray.records import parse_records
 
-    editor = MeloEditor(tiny_config("tiny-llama", lora={"block_per_edit": True}, train={"retire_learned": True}))
+    # float32: a bfloat16 run ends with one more forward over every row, the float32 confirmation
+    editor = MeloEditor(tiny_config("tiny-llama", lora={"block_per_edit": True},
+                                    train={"retire_learned": True, "compute_dtype": "float32"}))
     records = parse_records(fact_records(0, 6))
     name, layer = next(iter(editor.layers.items()))
     staging = editor.router.staging

@@ -1,0 +1,39 @@
+"""Which precision the trainer computes in: bfloat16 only where the hardware has it natively.
+
+Emulated bfloat16 (a CPU without AVX512-BF16 or AMX) is slower than float32, so `auto` falls back.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+_NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True when the CPU computes bfloat16 natively (Linux flags; other systems answer False)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return any(f in flags for f in _NATIVE_BF16_CPU_FLAGS)
+    return False
+
+
+def training_dtype(setting: str, device: torch.device, weights: torch.dtype) -> torch.dtype | None:
+    """The autocast dtype for training on `device` (None: compute in the weights' own dtype).
+
+    Weights already in a 16-bit dtype train as they are: autocast only ever lowers float32 compute."""
+    if weights != torch.float32 or setting == "float32":
+        return None
+    if setting == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else None
+    return None
