@@ -4,6 +4,7 @@ Emulated bfloat16 (a CPU without AVX512-BF16 or AMX) is slower than float32, so 
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ import torch
 _NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
+@functools.cache  # the CPU does not change under a running process; train_block asks per batch
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """True when the CPU computes bfloat16 natively (Linux flags; other systems answer False)."""
     try:

@@ -36,7 +36,6 @@ class TrainStats:
     learned: float  # fraction of target tokens that are the argmax by the early-stop margin
     seconds: float
     fast_path: bool
-    compute_dtype: str = "float32"  # the precision the steps ran in (bfloat16: confirmed in full precision)
 
 
 @dataclass
@@ -177,9 +176,9 @@ class _TargetForward:
 class _CachedPrefix(_TargetForward):
     """Replays the LoRA-carrying top of a causal LM on cached inputs of its first LoRA block.
 
-    With `low_precision`, the top's frozen weights are also copied once to that dtype: a forward under
-    autocast to it then uses the copies instead of casting every weight again at every step (autocast
-    keeps casts only of weights that require grad)."""
+    With `low_precision`, a forward under autocast to it uses the backbone's copies of the top's frozen
+    weights in that dtype instead of casting every weight again at every step (autocast keeps casts only
+    of weights that require grad)."""
 
     def __init__(self, backbone: Backbone, lora_names: list[str], batch: EditBatch,
                  low_precision: torch.dtype | None = None) -> None:
@@ -217,11 +216,7 @@ class _CachedPrefix(_TargetForward):
         self.copies: dict[nn.Module, dict[str, torch.Tensor]] = {}
         if low_precision is not None:
             for module in [*self.blocks[self.first :], self.norm, self.head]:
-                self.copies[module] = {
-                    name: p.detach().to(low_precision) for name, p in module.named_parameters()
-                    # matrices only: autocast runs norms in float32 and wants their weights there
-                    if not p.requires_grad and p.dtype == torch.float32 and p.dim() >= 2
-                }
+                self.copies[module] = backbone.frozen_matrices_in(module, low_precision)
 
     def _call(self, module: nn.Module, *args: object, **kwargs: object) -> object:
         copies = self.copies.get(module)
@@ -354,32 +349,40 @@ def train_block(
     else:
         compute_logits, targets = _other_forward(backbone, batch)
 
-    def run(budget: int, dtype: torch.dtype | None) -> tuple[int, float, float, float]:
-        if retiring:
-            assert forward is not None and independent is not None
-            return _train_retiring(forward, independent, params, optimiser, cfg, budget, device, dtype)
+    if retiring:
+        assert forward is not None and independent is not None
+        steps, first_loss, final_loss, learned = _train_retiring(
+            forward, independent, params, optimiser, cfg, cfg.num_iter, device, mixed)
+        every_row: Callable[[], AbstractContextManager] = \
+            lambda: independent.active(list(range(len(independent.group_of_row))))
+    else:
+        every_row = active
         with active():
-            return _train_loop(compute_logits, targets, optimiser, cfg, extra_loss, budget, device, dtype)
-
-    steps, first_loss, final_loss, learned = run(cfg.num_iter, mixed)
+            steps, first_loss, final_loss, learned = _train_loop(
+                compute_logits, targets, optimiser, cfg, extra_loss, cfg.num_iter, device, mixed)
     if mixed is not None:
         # Serving computes in full precision: an edit is done only when it holds there too.
-        every_row = (lambda: independent.active(list(range(len(independent.group_of_row))))) if retiring else active
         with every_row(), torch.no_grad():
-            logits = compute_logits()
-            final_loss = float(F.cross_entropy(logits, targets))
-            learned = _learned_fraction(logits, targets, cfg.early_stop_margin)
+            final_loss, learned = _measure(compute_logits, targets, cfg, device, None)
             goal_met = learned >= 1.0 and (extra_loss is None or extra_loss()[1])
         if cfg.early_stop and not goal_met and steps < cfg.num_iter:
-            retiring = False  # the remaining steps train every row together, in full precision
-            more, _, final_loss, learned = run(cfg.num_iter - steps, None)
+            with active():  # the remaining steps train every row together, in full precision
+                more, _, final_loss, learned = _train_loop(
+                    compute_logits, targets, optimiser, cfg, extra_loss, cfg.num_iter - steps, device, None)
             steps += more
-    dtype_name = "float32" if mixed is None else str(mixed).removeprefix("torch.")
-    return TrainStats(steps, first_loss, final_loss, learned, time.perf_counter() - started, fast, dtype_name)
+    return TrainStats(steps, first_loss, final_loss, learned, time.perf_counter() - started, fast)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def _measure(compute_logits: Callable[[], torch.Tensor], targets: torch.Tensor, cfg: TrainConfig,
+             device: torch.device, dtype: torch.dtype | None) -> tuple[float, float]:
+    """(loss, learned fraction) of the current parameters, without a gradient."""
+    with torch.no_grad(), _autocast(device, dtype):
+        logits = compute_logits().float()
+    return float(F.cross_entropy(logits, targets)), _learned_fraction(logits, targets, cfg.early_stop_margin)
 
 
 def _train_loop(
@@ -411,10 +414,7 @@ def _train_loop(
         optimiser.step()
         steps += 1
     else:
-        with torch.no_grad(), _autocast(device, dtype):
-            logits = compute_logits().float()
-        final_loss = float(F.cross_entropy(logits, targets))
-        learned = _learned_fraction(logits, targets, cfg.early_stop_margin)
+        final_loss, learned = _measure(compute_logits, targets, cfg, device, dtype)
     return steps, first_loss, final_loss, learned
 
 

@@ -26,7 +26,7 @@ from melo_ray.backbones import Backbone
 from melo_ray.config import EditorConfig
 from melo_ray.editors.elder.layer import ElderLinear
 from melo_ray.editors.layers import get_parent
-from melo_ray.editors.melo.keys import build_key_function
+from melo_ray.editors.melo.keys import build_key_function, prompt_and_paraphrase_keys
 from melo_ray.editors.protocol import Editor, IndexUpdate, Routing, TrainedBatch
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError
@@ -174,11 +174,8 @@ class ElderEditor(Editor):
         """Experts, routers, allocations and stored codes in one step (ELDER has no separate index)."""
         new_records = records
         # training paraphrases: router-only rows (below) that teach each wording its fact's allocation
-        paraphrased = [(r, p) for r in new_records for p in r.train_rephrases] if self.config.lora.train_rephrases else []
-        all_keys = self.key_function.keys([r.prompt for r in new_records] + [p for _, p in paraphrased])
-        if not np.all(np.isfinite(all_keys)):
-            raise ValueError("edit batch: a prompt or training paraphrase produced a non-finite key")
-        new_keys, paraphrase_keys = all_keys[: len(new_records)], all_keys[len(new_records) :]
+        new_keys, paraphrase_keys, paraphrase_owners = prompt_and_paraphrase_keys(
+            self.key_function, new_records, self.config.lora.train_rephrases)
         rng_state, known_facts = self.rng.bit_generator.state, set(self.allocations)
         replayed = self._replay_sample()
         batch_records = new_records + [self.edit_records[i] for i in replayed]
@@ -195,10 +192,10 @@ class ElderEditor(Editor):
         layers = list(self.layers.values())
 
         extra_query, extra_assigned = self._guide_rows(replayed, keys, assigned, device)
-        if paraphrased:
+        if paraphrase_owners:
             extra_query = torch.cat([extra_query, torch.as_tensor(paraphrase_keys, dtype=torch.float32, device=device)])
             extra_assigned = torch.cat([extra_assigned, torch.as_tensor(
-                np.stack([allocations[r.id] for r, _ in paraphrased]), dtype=torch.long, device=device)])
+                np.stack([allocations[new_records[i].id] for i in paraphrase_owners]), dtype=torch.long, device=device)])
 
         def guided() -> tuple[torch.Tensor, bool]:
             loss = query.new_zeros(())

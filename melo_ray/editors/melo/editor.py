@@ -19,7 +19,7 @@ from melo_ray.backbones import Backbone
 from melo_ray.config import EditorConfig
 from melo_ray.editors.melo.bank import bank_files, read_bank
 from melo_ray.editors.melo.block_index import BlockIndex
-from melo_ray.editors.melo.keys import ScopedSentenceKeys, build_key_function
+from melo_ray.editors.melo.keys import ScopedSentenceKeys, build_key_function, prompt_and_paraphrase_keys
 from melo_ray.editors.melo.layer import BlockRouter, inject_dynamic_lora
 from melo_ray.editors.melo.writer import MeloWriter, check_bank_config
 from melo_ray.editors.protocol import Editor, Routing, TrainedBatch
@@ -97,13 +97,9 @@ class MeloEditor(Editor):
         batch_records = _latest_per_prompt(records)
         if not batch_records:
             raise ValueError("edit batch is empty")
-        # train_rephrases: more keys (members) of their edit, not only more training rows; one encoder pass
-        paraphrased = [(i, p) for i, r in enumerate(batch_records) for p in r.train_rephrases] \
-            if self.config.lora.train_rephrases else []
-        all_keys = self.key_function.keys([r.prompt for r in batch_records] + [p for _, p in paraphrased])
-        if not np.all(np.isfinite(all_keys)):
-            raise ValueError("edit batch: a prompt or training paraphrase produced a non-finite key")
-        keys, extra_keys = all_keys[: len(batch_records)], all_keys[len(batch_records) :]
+        # train_rephrases: more keys (members) of their edit, not only more training rows
+        keys, extra_keys, extra_key_edits = prompt_and_paraphrase_keys(
+            self.key_function, batch_records, self.config.lora.train_rephrases)
         rows, edit_of_row = self._training_rows(batch_records, position)
         formats = self.config.train.formats
         trained_on = in_formats(self.backbone, rows, formats)
@@ -130,7 +126,7 @@ class MeloEditor(Editor):
             ids=tuple(r.id for r in batch_records), targets=tuple(r.target for r in batch_records),
             prompts=tuple(r.prompt for r in batch_records), keys=keys.astype(np.float32), weights=weights,
             member_blocks=tuple(range(len(batch_records))) if per_edit else (),
-            extra_keys=extra_keys.astype(np.float32), extra_key_edits=tuple(i for i, _ in paraphrased),
+            extra_keys=extra_keys.astype(np.float32), extra_key_edits=tuple(extra_key_edits),
         )
 
     def _training_rows(self, records: list[EditRecord], position: int) -> tuple[list[EditRecord], list[int]]:

