@@ -30,9 +30,10 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from melo_ray.backbones import load_backbone
 from melo_ray.editors.layers import remove_edit_layers
-from melo_ray.config import load_config
+from melo_ray.config import EditorConfig, load_config, with_overrides
 from melo_ray.data import convert
 from melo_ray.editors.registry import build_editor
 from melo_ray.metrics import success_rate
@@ -51,8 +52,8 @@ VARIANTS = {  # config sections each variant overrides
 }
 
 
-def measure(name: str, editor_kind: str, overrides: dict, config_path: Path, backbone, records, batch: int) -> dict:
-    data = load_config(config_path).model_dump()
+def measure(name: str, editor_kind: str, overrides: dict, config: EditorConfig, backbone, records, batch: int) -> dict:
+    data = config.model_dump()
     for section, values in overrides.items():
         data[section].update(values)
     remove_edit_layers(backbone.model)
@@ -79,19 +80,23 @@ def main() -> None:
     parser.add_argument("--grace-ref-n", type=int, default=5, help="edits for the published-style GRACE")
     parser.add_argument("--variants", default="melo,retire,block-per-batch,no-early-stop,no-prefix-cache,naive,grace,grace-reference")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "smollm2-135m.yaml")
+    parser.add_argument("--zsre", type=Path, default=ZSRE, help="zsRE records (MEND eval format)")
+    parser.add_argument("--set", action="append", default=[], help="config override, e.g. backbone.device=cuda")
     args = parser.parse_args()
-    config = load_config(args.config)
+    config = with_overrides(load_config(args.config), args.set)
     backbone = load_backbone(config.backbone)
-    records = convert("zsre", ZSRE, limit=max(args.n, args.grace_n, args.grace_ref_n)).records
+    print(json.dumps({"device": str(backbone.device), "threads": torch.get_num_threads(),
+                      "gpu": torch.cuda.get_device_name() if backbone.device.type == "cuda" else None}), flush=True)
+    records = convert("zsre", args.zsre, limit=max(args.n, args.grace_n, args.grace_ref_n)).records
     rows = []
     for name in args.variants.split(","):
         if name == "grace":
-            rows.append(measure(name, "grace", {}, args.config, backbone, records[: args.grace_n], 1))
+            rows.append(measure(name, "grace", {}, config, backbone, records[: args.grace_n], 1))
         elif name in ("grace-reference", "grace-reference-bf16"):
             loop = VARIANTS["naive" if name == "grace-reference" else "naive-bf16"]
-            rows.append(measure(name, "grace", loop, args.config, backbone, records[: args.grace_ref_n], 1))
+            rows.append(measure(name, "grace", loop, config, backbone, records[: args.grace_ref_n], 1))
         else:
-            rows.append(measure(name, "melo", VARIANTS[name], args.config, backbone, records[: args.n],
+            rows.append(measure(name, "melo", VARIANTS[name], config, backbone, records[: args.n],
                                 config.train.batch_size))
     by = {r["variant"]: r for r in rows}
     print("\n| variant | edits | edits/min | x naive | x GRACE (our trainer) | x GRACE (as published) | reliability |")

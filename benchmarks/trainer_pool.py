@@ -65,13 +65,14 @@ def main() -> None:
     parser.add_argument("--trainers", default="1,2")
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--trainer-cpus", type=float, default=1.0)
+    parser.add_argument("--gpus", type=int, default=None, help="GPUs Ray may use (default: what it detects; 0: CPU trainers)")
     parser.add_argument("--set", action="append", default=[], help="config override, e.g. backbone.dtype=bfloat16")
     args = parser.parse_args()
 
     from melo_ray.config import with_overrides
 
     config = with_overrides(load_config(args.config), args.set)
-    ray.init(num_cpus=args.cpus, include_dashboard=False, object_store_memory=512 * 1024 * 1024)
+    ray.init(num_cpus=args.cpus, num_gpus=args.gpus, include_dashboard=False, object_store_memory=512 * 1024 * 1024)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         edits = Path(tmp) / "edits.parquet"

@@ -87,8 +87,8 @@ class TrainConfig(StrictConfig):
         "auto", description="Precision of the training forward and backward through the LoRA-carrying layers. "
         "bfloat16 runs them under autocast (blocks, optimiser state and the model's weights stay in their "
         "dtype), then confirms in full precision that every target is learned, training on in full precision "
-        "if one is not. auto: bfloat16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU "
-        "with AVX512-BF16 or AMX), else float32. See docs/results.md, 'Mixed-precision training'.",
+        "if one is not. auto: bfloat16 on a CPU that computes it natively (AVX512-BF16 or AMX), else "
+        "float32 (on a GPU, measured faster for small models; ask for bfloat16 for large ones). See docs/results.md, 'Mixed-precision training'.",
     )
     seed: int = Field(0, description="Seed for block initialisation.")
     formats: list[Literal["raw", "chat"]] = Field(
@@ -116,8 +116,8 @@ class PipelineConfig(StrictConfig):
     )
     read_rows: int = Field(256, ge=1, description="Rows per Ray Data block pulled from the edit stream.")
     inflight_batches: int = Field(
-        2, ge=1, description="Batches queued on the actors before the driver waits for the oldest: the trainer "
-        "trains the next batch while the driver reads the stream and publishes the last one.",
+        2, ge=1, description="Batches queued per trainer before the driver waits for the oldest: a trainer "
+        "trains its next batch while the driver reads the stream and the writer commits the last one.",
     )
     max_actor_restarts: int = Field(3, ge=0, description="Ray restarts of a killed trainer or writer actor.")
     max_attempts: int = Field(5, ge=1, description="Recoveries from the last snapshot after an actor failure.")

@@ -90,15 +90,19 @@ def manifest_bytes(manifest: dict[str, Any]) -> bytes:
 
 
 def write_snapshot(target: str | Path, files: dict[str, bytes], meta: dict[str, Any],
-                   reuse: Mapping[str, Path] | None = None) -> dict[str, Any]:
+                   reuse: Mapping[str, Path] | None = None, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write files + manifest to `target` atomically; returns the manifest.
 
     `reuse` names files whose bytes already lie, verified, in an earlier snapshot (same SHA-256):
     they are hard-linked (or copied where links are not possible) instead of written again, which
-    keeps a long job's snapshots of a large, mostly unchanged LoRA bank incremental."""
+    keeps a long job's snapshots of a large, mostly unchanged LoRA bank incremental. `manifest`: one
+    already built from these files and `meta` (build_manifest), so their bytes are hashed once."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    manifest = build_manifest(files, meta)
+    if manifest is None:
+        manifest = build_manifest(files, meta)
+    elif set(manifest["files"]) != set(files):
+        raise ValueError("write_snapshot: the manifest given lists other files than those to write")
     reuse = dict(reuse or {})
     staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
     staging.mkdir()

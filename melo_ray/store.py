@@ -17,7 +17,6 @@ per version. Readers verify every file whatever its origin.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -146,12 +145,12 @@ class SnapshotStore:
         latest = self.latest_version()
         if latest is not None and version <= latest:
             raise SnapshotError(f"{self.uri}: version {version} is not newer than the published {latest}")
-        unchanged = self._unchanged_files(latest, files)
+        manifest = build_manifest(files, meta)  # the one pass that hashes every file
+        unchanged = self._unchanged_files(latest, manifest)
         if self.is_local:
             reuse = {name: Path(self.version_path(latest)) / name for name in unchanged}
-            manifest = write_snapshot(self.version_path(version), files, meta, reuse)
+            write_snapshot(self.version_path(version), files, meta, reuse, manifest)
         else:
-            manifest = build_manifest(files, meta)
             folder = self.version_path(version)
             self.fs.create_dir(folder, recursive=True)
             for name, data in files.items():
@@ -167,7 +166,7 @@ class SnapshotStore:
         self.prune()
         return manifest
 
-    def _unchanged_files(self, latest: int | None, files: dict[str, bytes]) -> set[str]:
+    def _unchanged_files(self, latest: int | None, manifest: dict[str, Any]) -> set[str]:
         """Files whose bytes the latest version already holds (same name, size and SHA-256)."""
         if latest is None:
             return set()
@@ -175,8 +174,8 @@ class SnapshotStore:
             listed = self.read_manifest(latest)["files"]
         except SnapshotError:
             return set()  # nothing reused from a version that does not read back
-        return {name for name, data in files.items() if name in listed and listed[name].get("bytes") == len(data)
-                and listed[name]["sha256"] == hashlib.sha256(data).hexdigest()}
+        return {name for name, info in manifest["files"].items() if name in listed
+                and listed[name].get("bytes") == info["bytes"] and listed[name]["sha256"] == info["sha256"]}
 
     # -- one writer at a time -----------------------------------------------------------------------
     def writer(self) -> dict[str, Any] | None:

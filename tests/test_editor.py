@@ -207,6 +207,9 @@ def test_training_dtype_lowers_only_float32_and_only_where_native(tmp_path):
     assert training_dtype("float32", cpu, torch.float32) is None
     assert training_dtype("bfloat16", cpu, torch.float32) is torch.bfloat16
     assert training_dtype("bfloat16", cpu, torch.bfloat16) is None  # already 16-bit: trains as it is
+    cuda = torch.device("cuda")  # auto keeps float32 on a GPU (measured faster there); asked for, bf16
+    assert training_dtype("auto", cuda, torch.float32) is None
+    assert training_dtype("bfloat16", cuda, torch.float32) is torch.bfloat16
     with_flag, without = tmp_path / "with", tmp_path / "without"
     with_flag.write_text("processor : 0\nflags : fpu avx2 avx512f avx512_bf16\n")
     without.write_text("processor : 0\nflags : fpu avx2 avx512f\n")

@@ -145,6 +145,20 @@ def test_a_bank_round_trips_through_segments_and_new_blocks_change_only_the_last
     assert read_bank(empty, ["l0"], "test")["l0"][0].shape == (0, 2, 6)
 
 
+def test_a_growing_bank_serialises_each_full_segment_once_and_writes_the_same_bytes():
+    torch.manual_seed(0)
+    full_segments: list[bytes] = []
+    bank = (torch.zeros(0, 2, 6), torch.zeros(0, 5, 2))
+    for step in range(3):  # 0, 50, 100, 150 blocks: across the first and second segment boundaries
+        cached = bank_files({"l0": bank}, full_segments)
+        assert cached == bank_files({"l0": bank})  # the cache never changes what is written
+        assert len(full_segments) == len(bank[0]) // SEGMENT_BLOCKS
+        bank = (torch.cat([bank[0], torch.randn(50, 2, 6)]), torch.cat([bank[1], torch.randn(50, 5, 2)]))
+    first = full_segments[0]
+    bank_files({"l0": bank}, full_segments)
+    assert full_segments[0] is first and len(full_segments) == 2  # serialised once, then reused as is
+
+
 def test_staging_slots_route_each_row_to_its_own_block_and_train_only_it():
     torch.manual_seed(0)
     layer = DynamicLoraLinear(nn.Linear(6, 5), block_rank=2, alpha=4.0, max_blocks=10)

@@ -139,7 +139,7 @@ class GraceEditor(Editor):
         batch = build_batch(self.backbone, [record], self.config.train.append_eos)
         first_target = int((batch.labels[0] != IGNORE).nonzero().min())
         start = torch.tensor([first_target - 1])  # the last prompt token predicts the first target token
-        value = nn.Parameter(torch.zeros(self.layer.out_features, dtype=self.layer.values.dtype))
+        value = nn.Parameter(self.layer.values.new_zeros(self.layer.out_features))
         self.layer.staging_value = value
         try:
             stats = train_block(
@@ -167,7 +167,7 @@ class GraceEditor(Editor):
 
     def state_files(self) -> dict[str, bytes]:
         """The codebook: keys, values, radii (safetensors) and labels (JSON)."""
-        tensors = {"keys": self.layer.keys.contiguous(), "values": self.layer.values.contiguous(),
+        tensors = {"keys": self.layer.keys.contiguous(), "values": self.layer.values.cpu().contiguous(),
                    "eps": self.layer.eps.contiguous()}
         return {"codebook.safetensors": safetensors.torch.save(tensors),
                 "codebook.json": json.dumps({"labels": self.layer.labels, "splits": self.splits,

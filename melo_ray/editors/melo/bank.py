@@ -48,20 +48,35 @@ class GrowingRows:
         return spare[: n + extra]
 
 
-def bank_files(banks: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, bytes]:
-    """Snapshot files of a bank: per segment, every layer's A and B rows of those blocks."""
+def bank_files(banks: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+               full_segments: list[bytes] | None = None) -> dict[str, bytes]:
+    """Snapshot files of a bank: per segment, every layer's A and B rows of those blocks.
+
+    `full_segments`, when given, caches the bytes of segments that are full: a bank that only grows
+    (the job's writer) never changes them again, so each is serialised once, not at every publish."""
     sizes = {a.shape[0] for a, _ in banks.values()}
     if len(sizes) > 1:
         raise ValueError(f"LoRA layers disagree on the number of blocks: {sizes}")
     total = sizes.pop() if sizes else 0
     files = {}
     for segment, start in enumerate(range(0, max(total, 1), SEGMENT_BLOCKS)):
-        tensors = {}
-        for name, (a, b) in banks.items():
-            tensors[f"{name}.lora_bank_A"] = a[start : start + SEGMENT_BLOCKS].detach().cpu().contiguous()
-            tensors[f"{name}.lora_bank_B"] = b[start : start + SEGMENT_BLOCKS].detach().cpu().contiguous()
-        files[f"adapters-{segment:05d}.safetensors"] = safetensors.torch.save(tensors, metadata={"first_block": str(start)})
+        full = start + SEGMENT_BLOCKS <= total
+        if full and full_segments is not None and segment < len(full_segments):
+            data = full_segments[segment]
+        else:
+            data = _segment_bytes(banks, start)
+            if full and full_segments is not None and segment == len(full_segments):
+                full_segments.append(data)
+        files[f"adapters-{segment:05d}.safetensors"] = data
     return files
+
+
+def _segment_bytes(banks: Mapping[str, tuple[torch.Tensor, torch.Tensor]], start: int) -> bytes:
+    tensors = {}
+    for name, (a, b) in banks.items():
+        tensors[f"{name}.lora_bank_A"] = a[start : start + SEGMENT_BLOCKS].detach().cpu().contiguous()
+        tensors[f"{name}.lora_bank_B"] = b[start : start + SEGMENT_BLOCKS].detach().cpu().contiguous()
+    return safetensors.torch.save(tensors, metadata={"first_block": str(start)})
 
 
 def read_bank(files: Mapping[str, bytes], names: list[str], where: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -103,12 +103,12 @@ def encoder_folder() -> Path:
 class SentenceEncoderKeys:
     """all-MiniLM-L6-v2 sentence embeddings (mean pooling, unit length), shipped offline."""
 
-    def __init__(self, batch_size: int = 64) -> None:
+    def __init__(self, batch_size: int = 64, device: torch.device | str | None = None) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         folder = encoder_folder()
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+        self.model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval().to(device or "cpu")
         self.batch_size = batch_size
         self.dim = int(self.model.config.hidden_size)
 
@@ -120,9 +120,10 @@ class SentenceEncoderKeys:
                 prompts[start : start + self.batch_size], return_tensors="pt", padding=True,
                 truncation=True, max_length=256,
             )
+            batch = {k: v.to(self.model.device) for k, v in batch.items()}
             hidden = self.model(**batch).last_hidden_state
             pooled = _pool(hidden, batch["attention_mask"], "mean")
-            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy())
         return np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.dim), np.float32)
 
 
@@ -180,7 +181,8 @@ def build_key_function(backbone: Backbone, cfg: IndexConfig) -> KeyFunction:
         if cfg.scope_verifier is not None:
             from melo_ray.editors.melo.scope import load_verifier
 
-            return ScopedSentenceKeys(load_verifier(cfg.scope_verifier).view_names)
-        return SentenceEncoderKeys()
+            encoder = SentenceEncoderKeys(device=backbone.device)  # beside the backbone: on its GPU when it has one
+            return ScopedSentenceKeys(load_verifier(cfg.scope_verifier).view_names, encoder)
+        return SentenceEncoderKeys(device=backbone.device)
     pooling = "last" if cfg.key_function == "last_token" else "mean"
     return HiddenStateKeys(backbone, cfg.key_module or "", pooling)

@@ -46,6 +46,7 @@ class MeloWriter(BatchWriter):
         self.index = index
         self.banks = {name: list(pair) for name, pair in banks.items()}
         self.grow = {name: (GrowingRows(), GrowingRows()) for name in banks}
+        self.full_segments: list[bytes] = []  # serialised once: commits only append blocks
         self.edit_log = edit_log
         self.version = version
         self.edits = edits
@@ -111,7 +112,7 @@ class MeloWriter(BatchWriter):
         return update
 
     def files(self) -> dict[str, bytes]:
-        return {**bank_files({n: (a, b) for n, (a, b) in self.banks.items()}),
+        return {**bank_files({n: (a, b) for n, (a, b) in self.banks.items()}, self.full_segments),
                 **edit_log_files(self.edit_log.values()), **self.index.files()}
 
     def stats(self) -> dict[str, int]:
