@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from melo_ray.backbones import load_backbone
 from melo_ray.editors.layers import remove_edit_layers
 from melo_ray.config import EditorConfig, load_config, with_overrides

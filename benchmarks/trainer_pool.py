@@ -65,7 +65,8 @@ def main() -> None:
     parser.add_argument("--trainers", default="1,2")
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--trainer-cpus", type=float, default=1.0)
-    parser.add_argument("--gpus", type=int, default=None, help="GPUs Ray may use (default: what it detects; 0: CPU trainers)")
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="GPUs Ray may use (default: what it detects; 0: CPU trainers)")
     parser.add_argument("--set", action="append", default=[], help="config override, e.g. backbone.dtype=bfloat16")
     args = parser.parse_args()
 

@@ -88,7 +88,8 @@ class TrainConfig(StrictConfig):
         "bfloat16 runs them under autocast (blocks, optimiser state and the model's weights stay in their "
         "dtype), then confirms in full precision that every target is learned, training on in full precision "
         "if one is not. auto: bfloat16 on a CPU that computes it natively (AVX512-BF16 or AMX), else "
-        "float32 (on a GPU, measured faster for small models; ask for bfloat16 for large ones). See docs/results.md, 'Mixed-precision training'.",
+        "float32 (on a GPU, measured faster for small models; ask for bfloat16 for large ones). "
+        "See docs/results.md, 'Mixed-precision training'.",
     )
     seed: int = Field(0, description="Seed for block initialisation.")
     formats: list[Literal["raw", "chat"]] = Field(

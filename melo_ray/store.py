@@ -145,7 +145,7 @@ class SnapshotStore:
         latest = self.latest_version()
         if latest is not None and version <= latest:
             raise SnapshotError(f"{self.uri}: version {version} is not newer than the published {latest}")
-        manifest = build_manifest(files, meta)  # the one pass that hashes every file
+        manifest = build_manifest(files, meta)  # hashed once here; the read-back below verifies them
         unchanged = self._unchanged_files(latest, manifest)
         if self.is_local:
             reuse = {name: Path(self.version_path(latest)) / name for name in unchanged}

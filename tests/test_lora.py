@@ -145,18 +145,29 @@ def test_a_bank_round_trips_through_segments_and_new_blocks_change_only_the_last
     assert read_bank(empty, ["l0"], "test")["l0"][0].shape == (0, 2, 6)
 
 
-def test_a_growing_bank_serialises_each_full_segment_once_and_writes_the_same_bytes():
+def test_a_growing_bank_serialises_each_full_segment_once_and_writes_the_same_bytes(monkeypatch):
+    import melo_ray.editors.melo.bank as bank_module
+
     torch.manual_seed(0)
     full_segments: list[bytes] = []
     bank = (torch.zeros(0, 2, 6), torch.zeros(0, 5, 2))
-    for step in range(3):  # 0, 50, 100, 150 blocks: across the first and second segment boundaries
+    serialised: list[int] = []
+    plain = bank_module._segment_bytes
+    monkeypatch.setattr(bank_module, "_segment_bytes", lambda banks, start: serialised.append(start) or plain(banks, start))
+    for _ in range(4):  # 0, 50, 100, 150 blocks: across the first and second segment boundaries
+        serialised.clear()
         cached = bank_files({"l0": bank}, full_segments)
+        cached_calls = list(serialised)
         assert cached == bank_files({"l0": bank})  # the cache never changes what is written
         assert len(full_segments) == len(bank[0]) // SEGMENT_BLOCKS
+        # only the segment still filling (or one that just filled) is serialised
+        assert all(start >= (len(full_segments) - 1) * SEGMENT_BLOCKS for start in cached_calls)
         bank = (torch.cat([bank[0], torch.randn(50, 2, 6)]), torch.cat([bank[1], torch.randn(50, 5, 2)]))
-    first = full_segments[0]
-    bank_files({"l0": bank}, full_segments)
-    assert full_segments[0] is first and len(full_segments) == 2  # serialised once, then reused as is
+    serialised.clear()
+    bank_files({"l0": bank}, full_segments)  # 200 blocks: segments 0-2 full, 0 and 1 already cached
+    assert serialised == [2 * SEGMENT_BLOCKS, 3 * SEGMENT_BLOCKS] and len(full_segments) == 3
+    with pytest.raises(ValueError, match="shrank"):
+        bank_files({"l0": (bank[0][:10], bank[1][:10])}, full_segments)
 
 
 def test_staging_slots_route_each_row_to_its_own_block_and_train_only_it():

@@ -83,3 +83,14 @@ def test_unchanged_files_are_reused_not_rewritten(tmp_path):
         handle.write(b"X")
     with pytest.raises(SnapshotError, match="checksum mismatch"):
         store.read(2)
+
+
+def test_a_manifest_built_for_other_files_is_refused_before_anything_is_written(tmp_path):
+    from melo_ray.snapshots import build_manifest, write_snapshot
+
+    manifest = build_manifest({"a.bin": b"a"}, {"version": 1})
+    with pytest.raises(ValueError, match="other files"):
+        write_snapshot(tmp_path / "v1", {"a.bin": b"a", "b.bin": b"b"}, {"version": 1}, manifest=manifest)
+    assert not (tmp_path / "v1").exists()
+    written = write_snapshot(tmp_path / "v1", {"a.bin": b"a"}, {"version": 1}, manifest=manifest)
+    assert written is manifest and (tmp_path / "v1" / "a.bin").read_bytes() == b"a"

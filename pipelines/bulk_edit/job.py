@@ -356,6 +356,9 @@ class BulkEditJob:
         # each trainer keeps its own queue of `inflight_batches`: with one batch ahead per trainer, the
         # oldest (slowest) batch held the rest idle and 4 trainers reached 0.77 of 4x one (16 cores)
         window = self.cfg.inflight_batches * len(trainers)
+        # but each queued publish point holds a copy of the whole bank until it is written: one per
+        # trainer plus the look-ahead, so a wide pool's memory does not grow with its queues
+        max_snapshots = self.cfg.inflight_batches + len(trainers) - 1
 
         def submit(last_row: int, final: bool = False) -> None:
             """Queue one batch without waiting: training (round robin over the pool), the commit by
@@ -375,7 +378,8 @@ class BulkEditJob:
             if publish:
                 unpublished = 0
             inflight.append(_InFlight(expected, last_row, result_ref, parts, final))
-            while len(inflight) > window or (final and inflight):
+            while (len(inflight) > window or (final and inflight)
+                   or sum(item.parts is not None for item in inflight) > max_snapshots):
                 finish(inflight.popleft())
 
         def finish(item: _InFlight) -> None:

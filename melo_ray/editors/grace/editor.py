@@ -167,8 +167,8 @@ class GraceEditor(Editor):
 
     def state_files(self) -> dict[str, bytes]:
         """The codebook: keys, values, radii (safetensors) and labels (JSON)."""
-        tensors = {"keys": self.layer.keys.contiguous(), "values": self.layer.values.cpu().contiguous(),
-                   "eps": self.layer.eps.contiguous()}
+        tensors = {"keys": self.layer.keys.cpu().contiguous(), "values": self.layer.values.cpu().contiguous(),
+                   "eps": self.layer.eps.cpu().contiguous()}
         return {"codebook.safetensors": safetensors.torch.save(tensors),
                 "codebook.json": json.dumps({"labels": self.layer.labels, "splits": self.splits,
                                              "entry_edits": self.entry_edits}).encode()}

@@ -34,7 +34,10 @@ class GraceLayer(EditLayer):
         stored = self.values[ids.clamp(min=0)] if len(self.values) else out.new_zeros(len(ids), self.out_features)
         values = torch.where((ids == STAGING_ENTRY)[:, None], staging[None, :], stored)  # (B, out)
         positions = torch.arange(x.shape[1], device=x.device)[None, :]
-        start = self.replace_from.to(out.device) if self.replace_from is not None else torch.full_like(ids, x.shape[1] - 1)
+        if self.replace_from is not None:
+            start = self.replace_from.to(out.device)
+        else:
+            start = torch.full_like(ids, x.shape[1] - 1)
         if x.shape[1] == 1:  # a generation step: the new token is past the prompt
             start = torch.zeros_like(ids)
         mask = (positions >= start[:, None]) & (ids != -1)[:, None]

@@ -58,6 +58,8 @@ def bank_files(banks: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     if len(sizes) > 1:
         raise ValueError(f"LoRA layers disagree on the number of blocks: {sizes}")
     total = sizes.pop() if sizes else 0
+    if full_segments is not None and len(full_segments) > total // SEGMENT_BLOCKS:
+        raise ValueError("bank_files: the cached segments outnumber the bank's full ones (the bank shrank)")
     files = {}
     for segment, start in enumerate(range(0, max(total, 1), SEGMENT_BLOCKS)):
         full = start + SEGMENT_BLOCKS <= total
