@@ -352,7 +352,7 @@ def train_block(
     if retiring:
         assert forward is not None and independent is not None
         steps, first_loss, final_loss, learned = _train_retiring(
-            forward, independent, params, optimiser, cfg, cfg.num_iter, device, mixed)
+            forward, independent, params, optimiser, cfg, device, mixed)
         every_row: Callable[[], AbstractContextManager] = \
             lambda: independent.active(list(range(len(independent.group_of_row))))
     else:
@@ -362,9 +362,10 @@ def train_block(
                 compute_logits, targets, optimiser, cfg, extra_loss, cfg.num_iter, device, mixed)
     if mixed is not None:
         # Serving computes in full precision: an edit is done only when it holds there too.
-        with every_row(), torch.no_grad():
+        with every_row():
             final_loss, learned = _measure(compute_logits, targets, cfg, device, None)
-            goal_met = learned >= 1.0 and (extra_loss is None or extra_loss()[1])
+            with torch.no_grad():
+                goal_met = learned >= 1.0 and (extra_loss is None or extra_loss()[1])
         if cfg.early_stop and not goal_met and steps < cfg.num_iter:
             with active():  # the remaining steps train every row together, in full precision
                 more, _, final_loss, learned = _train_loop(
@@ -420,7 +421,7 @@ def _train_loop(
 
 def _train_retiring(
     forward: _TargetForward, independent: IndependentRows, params: list[nn.Parameter],
-    optimiser: torch.optim.Adam, cfg: TrainConfig, budget: int, device: torch.device, dtype: torch.dtype | None,
+    optimiser: torch.optim.Adam, cfg: TrainConfig, device: torch.device, dtype: torch.dtype | None,
 ) -> tuple[int, float, float, float]:
     """The training loop for independent groups: a learned group's rows leave the forward.
 
@@ -440,7 +441,7 @@ def _train_retiring(
     steps = 0
     live_loss, live_learned = 0.0, torch.zeros(0, dtype=torch.bool)
     retire_margin = cfg.early_stop_margin if cfg.retire_margin is None else max(cfg.retire_margin, cfg.early_stop_margin)
-    for step in range(budget + 1):
+    for step in range(cfg.num_iter + 1):
         with independent.active(live.tolist()), _autocast(device, dtype):
             logits = forward.logits(live).float()
         mask, _ = forward.selection(live)
@@ -450,7 +451,7 @@ def _train_retiring(
         if step == 0:
             first_loss = live_loss / total
         live_learned = _learned_targets(logits, targets, cfg.early_stop_margin).cpu()
-        if step == budget:  # the last look, after the last step
+        if step == cfg.num_iter:  # the last look, after the last step
             break
         firm = _learned_targets(logits, targets, retire_margin).cpu()
         present = groups.unique()

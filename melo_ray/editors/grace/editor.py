@@ -23,7 +23,7 @@ from melo_ray.config import EditorConfig, TrainConfig
 from melo_ray.editors.grace.layer import STAGING_ENTRY, GraceLayer
 from melo_ray.editors.layers import get_parent
 from melo_ray.editors.melo.index import normalise_label
-from melo_ray.editors.melo.keys import HiddenStateKeys
+from melo_ray.editors.melo.keys import HiddenStateKeys, prompt_and_paraphrase_keys
 from melo_ray.editors.protocol import Editor, IndexUpdate, Routing, TrainedBatch
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError
@@ -99,19 +99,20 @@ class GraceEditor(Editor):
         )
 
     def _edit_one(self, record: EditRecord) -> tuple[int, float, float]:
-        key = torch.from_numpy(self.keys.keys([record.prompt])[0]).to(self.layer.keys.dtype)
+        # keys are read at the layer's input, which the codebook does not change: one pass for all wordings
+        prompt_key, paraphrase_keys, _ = prompt_and_paraphrase_keys(self.keys, [record], self.config.lora.train_rephrases)
+        key = torch.from_numpy(prompt_key[0]).to(self.layer.keys.dtype)
         label = normalise_label(record.target)
         entry, eps = self._place(key, label, record.id)
         steps, loss, learned = 0, 0.0, 1.0
         if entry is None:
             steps, loss, learned, value = self._train_value(record)
             entry = self._append_entry(key, value, eps, label, record.id)
-        paraphrases = list(record.train_rephrases) if self.config.lora.train_rephrases else []
-        if paraphrases:  # more keys of the edit's value, placed by the same rules; nothing more is trained
-            for paraphrase_key in torch.from_numpy(self.keys.keys(paraphrases)).to(self.layer.keys.dtype):
-                joined, eps = self._place(paraphrase_key, label, record.id)
-                if joined is None:
-                    self._append_entry(paraphrase_key, self.layer.values[entry].clone(), eps, label, record.id)
+        # more keys of the edit's value, placed by the same rules; nothing more is trained
+        for paraphrase_key in torch.from_numpy(paraphrase_keys).to(self.layer.keys.dtype):
+            joined, eps = self._place(paraphrase_key, label, record.id)
+            if joined is None:
+                self._append_entry(paraphrase_key, self.layer.values[entry].clone(), eps, label, record.id)
         return steps, loss, learned
 
     def _place(self, key: torch.Tensor, label: str, edit_id: str) -> tuple[int | None, float]:
