@@ -12,9 +12,11 @@ median time to route the rephrasings in batches of 32 (index search and scope te
     OMP_NUM_THREADS=1 python benchmarks/routing_study.py --dataset counterfact --probes neighbour --names-gate 0.1,0.2
     OMP_NUM_THREADS=1 python benchmarks/routing_study.py --dataset counterfact --probes neighbour --n 10000 --rules default --names-gate 0.1
 
-`--names-gate` adds rows for the default rule with a names gate (not in the library yet): a served
-member whose prompt names no one the query names (character-trigram cosine of `scope.names` below the
-value, both naming someone) is refused after the index's choice, so its recall figure is a lower bound.
+`--names-gate` adds rows for the default rule with a names gate applied after the index's choice: a
+served member whose prompt names no one the query names (character-trigram cosine of `scope.names` below
+the value, both naming someone) is refused, so its recall figure is a lower bound. The shipped verifier
+already carries such a gate inside the scope test (0.2, in its metadata), so these rows matter for
+verifiers without one (`--verifier PATH --threshold T`).
 """
 from __future__ import annotations
 
@@ -33,20 +35,26 @@ from melo_ray.evaluation import superseded
 from core_quality import SOURCES  # the same records as core_quality.py (this script's folder is on sys.path)
 
 DEFAULT_RULE = "latest edit of the question (default)"
-RULES = {  # name: (threshold, conflict threshold, latest of question)
-    "best-scoring member": (0.46, None, False),
-    "supersede at logit 2.0": (0.46, 2.0, False),
-    "supersede at logit 0.46": (0.46, 0.46, False),
-    DEFAULT_RULE: (0.46, None, True),
-    "the same, threshold 0": (0.0, None, True),
-    "the same, threshold -0.5": (-0.5, None, True),
-}
+SHIPPED_THRESHOLD = 3.03  # configs/smollm2-135m.yaml index.scope_threshold
+
+
+def routing_rules(t: float) -> dict[str, tuple[float, float | None, bool]]:
+    """name: (threshold, conflict threshold, latest of question), around the threshold t."""
+    return {
+        "best-scoring member": (t, None, False),
+        f"supersede at logit {t + 1.5:g}": (t, t + 1.5, False),
+        f"supersede at logit {t:g}": (t, t, False),
+        DEFAULT_RULE: (t, None, True),
+        f"the same, threshold {t - 1:g}": (t - 1, None, True),
+        f"the same, threshold {t - 2:g}": (t - 2, None, True),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--verifier", default="builtin")
+    parser.add_argument("--threshold", type=float, default=SHIPPED_THRESHOLD, help="the default rule's threshold")
     parser.add_argument("--r-init", type=float, default=0.35)
     parser.add_argument("--dataset", choices=sorted(SOURCES), default="zsre")
     parser.add_argument("--probes", choices=["subject", "neighbour"], default="subject", help="locality probes routed")
@@ -84,9 +92,9 @@ def main() -> None:
           "| rephrasings: own edit / other edit, same subject / other edit, other subject / none | ms per batch of 32 |")
     print("|---|---|---|---|---|---|---|---|")
     wanted = {DEFAULT_RULE if n == "default" else n for n in filter(None, args.rules.split(","))}
-    rules = {n: rule for n, rule in RULES.items() if not wanted or n in wanted}
+    rules = {n: rule for n, rule in routing_rules(args.threshold).items() if not wanted or n in wanted}
     for value in filter(None, args.names_gate.split(",")):
-        rules[f"default + names gate {value}"] = (0.46, None, True, float(value))
+        rules[f"default + names gate {value}"] = (args.threshold, None, True, float(value))
     for name, (threshold, conflict, newest, *gated) in rules.items():
         index = NeuronIndex(prompts.shape[1], "cosine", args.r_init,
                             scope=ScopeTest(verifier, threshold, conflict, newest))

@@ -56,6 +56,31 @@ def test_names_view_tells_subjects_apart_and_keeps_an_alias_close():
     assert names("what is the capital") @ names("who wrote it") == 1.0  # no names on either side: slot 0
 
 
+def test_names_gate_refuses_prompts_about_other_subjects_whatever_the_mlp_says():
+    """A verifier that accepts every pair (logit 1) but carries a names gate: the same template about
+    another subject never passes; an alias, and prompts naming no one, still do; the gate survives a
+    file round trip, and a gate without a names view is refused."""
+    dims = [2, 256]
+    weights = {"w1": np.zeros((sum(2 * d + 1 for d in dims), 1), np.float32), "b1": np.zeros(1, np.float32),
+               "w2": np.ones(1, np.float32), "b2": np.array([1.0], np.float32)}
+    verifier = ScopeVerifier(weights, {"views": "prompt,names", "view_dims": "2,256", "names_gate": "0.2"})
+
+    def key(prompt: str) -> np.ndarray:
+        return np.concatenate([np.ones(2, np.float32), names(prompt)])
+
+    edited = key("What body of water was Emily I Jones next to?")
+    queries = np.stack([key("What body of water was Färingsö next to?"),
+                        key("Emily Jones lived next to which body of water?"),
+                        key("what is the body of water")])
+    np.testing.assert_array_equal(verifier.logits(edited, queries), [-np.inf, 1.0, 1.0])
+    again = ScopeVerifier.from_bytes(verifier.to_bytes())
+    np.testing.assert_array_equal(again.logits(edited, queries), verifier.logits(edited, queries))
+    assert ScopeTest(verifier, 0.0).logits(edited, edited[None])[0] == np.inf  # the same prompt always passes
+    with pytest.raises(ValueError, match="names_gate"):
+        ScopeVerifier({**weights, "w1": np.zeros((5 + 5, 1), np.float32)},
+                      {"views": "prompt,masked", "view_dims": "2,2", "names_gate": "0.2"})
+
+
 def test_conflict_the_scope_test_separates_keeps_both_radii_and_both_facts():
     index = NeuronIndex(4, "cosine", r_init=0.3, scope=_toy_scope())
     index.add(_key((1, 0), (1, 0)), "Paris", 0, "birthplace")
@@ -113,8 +138,10 @@ def test_scoped_index_snapshot_round_trips_exactly():
 
 @pytest.fixture(scope="module")
 def scoped_editor() -> MeloEditor:
+    # threshold 1.0: the shipped 3.03 turns this rewording away (logit 1.06), and these tests are about
+    # what the index does with a verdict, not the verifier's recall (docs/results.md measures that)
     config = tiny_config(index={"key_function": "sentence_encoder", "key_module": None,
-                                "scope_verifier": "builtin", "scope_threshold": 0.5, "r_init": 0.35},
+                                "scope_verifier": "builtin", "scope_threshold": 1.0, "r_init": 0.35},
                          train={"num_iter": 80})
     editor = MeloEditor(config)
     editor.edit([{"prompt": "The mother tongue of Danielle Darrieux is", "target": "English"}])

@@ -121,6 +121,11 @@ def names(prompt: str, dim: int = WORDS_DIM) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
+def _names_someone(vectors: np.ndarray) -> np.ndarray:
+    """Rows of a names view that are not the no-names vector (slot 0 alone)."""
+    return ~((np.abs(vectors[:, 0] - 1.0) < 1e-6) & (np.abs(vectors[:, 1:]).sum(1) < 1e-6))
+
+
 HASHED_VIEWS = {"words": words, "names": names}  # views computed from the text alone, WORDS_DIM wide
 VIEWS = (*TEXT_VIEWS, *HASHED_VIEWS)  # every view a verifier may name
 
@@ -159,6 +164,11 @@ class ScopeVerifier:
         features = sum(2 * d + 1 for d in self.view_dims)
         if self.w1.shape[0] != features or self.w1.shape[1] != self.b1.shape[0] or self.w2.shape != self.b1.shape:
             raise ValueError(f"scope verifier: weights do not fit views of {self.view_dims} dims")
+        # names gate: two prompts that both name someone, with names this far apart (trigram cosine
+        # below the gate), never ask the same question, whatever the MLP says
+        self.names_gate = float(meta["names_gate"]) if meta.get("names_gate") not in (None, "") else None
+        if self.names_gate is not None and "names" not in self.view_names:
+            raise ValueError("scope verifier: names_gate needs the 'names' view")
 
     @property
     def key_dim(self) -> int:
@@ -170,7 +180,17 @@ class ScopeVerifier:
         if a.shape[0] == 1 and b.shape[0] > 1:
             a = np.repeat(a, b.shape[0], axis=0)
         hidden = np.maximum(pair_features(a, b, self.view_dims) @ self.w1 + self.b1, 0.0)
-        return hidden @ self.w2 + self.b2
+        out = hidden @ self.w2 + self.b2
+        if self.names_gate is not None:
+            out = np.where(self._names_apart(a, b), -np.inf, out)
+        return out
+
+    def _names_apart(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Rows whose prompts both name someone and whose names' trigram cosine is below the gate."""
+        start = sum(self.view_dims[: self.view_names.index("names")])
+        na, nb = (x[:, start : start + WORDS_DIM].astype(np.float32) for x in (a, b))
+        cosine = (na * nb).sum(1) / np.maximum(np.linalg.norm(na, axis=1) * np.linalg.norm(nb, axis=1), 1e-12)
+        return (cosine < self.names_gate) & _names_someone(na) & _names_someone(nb)
 
     # -- files ---------------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
