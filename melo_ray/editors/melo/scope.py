@@ -13,7 +13,9 @@ The verifier is a one-hidden-layer MLP over symmetric pair features of each view
 Its views are MiniLM keys of the prompt, of its *focus* (the last sentence, so long unrelated prefixes
 do not move it) and of the focus with names masked out (what is asked, not about whom), and two
 token-level views: the hashed bag of the masked focus's content words (what is asked) and of the
-character trigrams of the names it took out (about whom). It is trained only on the public training splits by
+character trigrams of the names it took out (about whom). A names gate in its settings refuses, whatever
+the MLP says, two prompts that both name someone and whose names share almost no trigrams: the same
+template about another subject. It is trained only on the public training splits by
 `melo_ray.editors.melo.scope_training`, shipped as `scope_verifier.safetensors` (weights, and its
 settings in the safetensors metadata: no pickle), and copied into every index snapshot so a snapshot
 always routes the way it did when it was written.
