@@ -5,8 +5,11 @@ every record's rephrasing and synthetic same-subject probe is routed through it.
 Reports, per routing rule: reliability and generality as routing alone allows them (routed to a block
 whose target is the record's), generality on the records no later one re-asks with another target
 (`evaluation.superseded`), the share of probes routed to any block and to an edit whose subject the
-probe names (a subject the stream edits, not a leak across subjects), where rephrasings land, and the
-median time to route the rephrasings in batches of 32 (index search and scope test, keys given).
+probe names (a subject the stream edits, not a leak across subjects), the share of probes routed among
+those that ask no edited question (`evaluation.EditedQuestions`: the probe names an edited subject and
+expects that edit's true answer; the evaluation leaves such probes out of locality), where rephrasings
+land, and the median time to route the rephrasings in batches of 32 (index search and scope test, keys
+given). `--candidates` adds rows for the default rule with other numbers of HNSW candidates.
 
     OMP_NUM_THREADS=1 python benchmarks/routing_study.py --n 1000
     OMP_NUM_THREADS=1 python benchmarks/routing_study.py --dataset counterfact --probes neighbour --names-gate 0.1,0.2
@@ -30,7 +33,7 @@ from melo_ray.data import convert
 from melo_ray.editors.melo.index import NeuronIndex
 from melo_ray.editors.melo.keys import ScopedSentenceKeys
 from melo_ray.editors.melo.scope import ScopeTest, load_verifier, names, names_in
-from melo_ray.evaluation import superseded
+from melo_ray.evaluation import EditedQuestions, superseded
 
 from core_quality import SOURCES  # the same records as core_quality.py (this script's folder is on sys.path)
 
@@ -55,10 +58,13 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--verifier", default="builtin")
     parser.add_argument("--threshold", type=float, default=SHIPPED_THRESHOLD, help="the default rule's threshold")
-    parser.add_argument("--r-init", type=float, default=0.35)
+    parser.add_argument("--r-init", type=float, default=0.7, help="index.r_init (the shipped config's)")
+    parser.add_argument("--cluster-per-edit", action=argparse.BooleanOptionalAction, default=True,
+                        help="index.scope_cluster_per_edit; --no-cluster-per-edit --r-init 0.35 is the previous default")
     parser.add_argument("--dataset", choices=sorted(SOURCES), default="zsre")
     parser.add_argument("--probes", choices=["subject", "neighbour"], default="subject", help="locality probes routed")
     parser.add_argument("--names-gate", default="", help="comma-separated gate values for extra rows")
+    parser.add_argument("--candidates", default="", help="comma-separated candidate counts for extra default-rule rows")
     parser.add_argument("--rules", default="", help="comma-separated rule names to run (default: all); "
                         "'default' is the shipped rule. The names-gate rows always run.")
     args = parser.parse_args()
@@ -70,10 +76,14 @@ def main() -> None:
     keys_of = ScopedSentenceKeys(verifier.view_names)
     prompts = keys_of.keys([r.prompt for r in records])
     rephrasings = keys_of.keys([r.rephrases[0] for r in records])
-    probe_texts = [p.prompt for r in records for p in r.probes(args.probes)]
+    probe_list = [p for r in records for p in r.probes(args.probes)]
+    probe_texts = [p.prompt for p in probe_list]
+    asked = EditedQuestions(records)
+    unasked = np.array([not asked.asks(p) for p in probe_list], bool)
     probes = keys_of.keys(probe_texts)
     latest = ~np.array(superseded(records))
-    print(f"{len(records)} records, {1 - latest.mean():.3f} superseded, {len(probes)} {args.probes} probes")
+    print(f"{len(records)} records, {1 - latest.mean():.3f} superseded, {len(probes)} {args.probes} probes, "
+          f"{1 - unasked.mean():.4f} of them asking an edited question")
     record_names = np.stack([names(r.prompt) for r in records])
 
     def gate(texts: list[str], blocks: np.ndarray, value: float) -> np.ndarray:
@@ -88,24 +98,28 @@ def main() -> None:
         return np.array([b >= 0 and records[b].target == records[i].target for i, b in enumerate(blocks)])
 
     print("\n| rule | reliability (routed) | generality (routed) | not superseded (routed) | probes routed "
-          "| probes routed to an edit of a subject they name "
+          "| probes routed to an edit of a subject they name | probes asking no edited question, routed "
           "| rephrasings: own edit / other edit, same subject / other edit, other subject / none | ms per batch of 32 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     wanted = {DEFAULT_RULE if n == "default" else n for n in filter(None, args.rules.split(","))}
     rules = {n: rule for n, rule in routing_rules(args.threshold).items() if not wanted or n in wanted}
     for value in filter(None, args.names_gate.split(",")):
         rules[f"default + names gate {value}"] = (args.threshold, None, True, float(value))
-    for name, (threshold, conflict, newest, *gated) in rules.items():
-        index = NeuronIndex(prompts.shape[1], "cosine", args.r_init,
-                            scope=ScopeTest(verifier, threshold, conflict, newest))
+    for value in filter(None, args.candidates.split(",")):
+        rules[f"default, {value} candidates"] = (args.threshold, None, True, None, int(value))
+    for name, (threshold, conflict, newest, *extra) in rules.items():
+        gated = extra[0] if extra else None
+        candidates = extra[1] if len(extra) > 1 else 8
+        index = NeuronIndex(prompts.shape[1], "cosine", args.r_init, candidates=candidates,
+                            scope=ScopeTest(verifier, threshold, conflict, newest), cluster_per_edit=args.cluster_per_edit)
         for i, record in enumerate(records):
             index.add(prompts[i], record.target, i, record.id)
         reliability = right(index.search(prompts).block_ids)
         blocks = index.search(rephrasings).block_ids
         probe_blocks = index.search(probes).block_ids if len(probes) else np.zeros(0, np.int64)
-        if gated:
-            blocks = gate([r.rephrases[0] for r in records], blocks, gated[0])
-            probe_blocks = gate(probe_texts, probe_blocks, gated[0])
+        if gated is not None:
+            blocks = gate([r.rephrases[0] for r in records], blocks, gated)
+            probe_blocks = gate(probe_texts, probe_blocks, gated)
         generality = right(blocks)
         own = blocks == np.arange(len(records))
         other = (blocks >= 0) & ~own
@@ -118,6 +132,7 @@ def main() -> None:
                                 and records[b].subject.casefold() in text.casefold()
                                 for text, b in zip(probe_texts, probe_blocks)], bool)
         to_named = own_subject.mean() if len(probes) else float("nan")
+        unasked_routed = (probe_blocks[unasked] >= 0).mean() if unasked.any() else float("nan")
         seconds = []
         for _ in range(5):
             started = time.perf_counter()
@@ -125,7 +140,7 @@ def main() -> None:
                 index.search(rephrasings[start : start + 32])
             seconds.append((time.perf_counter() - started) / -(-len(rephrasings) // 32))
         print(f"| {name} | {reliability.mean():.3f} | {generality.mean():.3f} | {generality[latest].mean():.3f} | "
-              f"{routed_probes:.4f} | {to_named:.4f} | {own.mean():.3f} / {same_subject.mean():.3f} / {(other & ~same_subject).mean():.3f} / "
+              f"{routed_probes:.4f} | {to_named:.4f} | {unasked_routed:.4f} | {own.mean():.3f} / {same_subject.mean():.3f} / {(other & ~same_subject).mean():.3f} / "
               f"{(blocks < 0).mean():.3f} | {np.median(seconds) * 1000:.2f} |", flush=True)
 
 

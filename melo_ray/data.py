@@ -91,11 +91,16 @@ def _zsre(raw: dict[str, Any], index: int) -> EditRecord:
     )
 
 
+def question_label(subject: str, true_answer: str) -> str:
+    """The label of the question about `subject` whose true answer is `true_answer`. zsRE and
+    CounterFact's MEND split carry no relation ids, and zsRE asks many questions several times, in
+    other words and with other targets: records about one subject with one true answer ask one question."""
+    return f"{subject.casefold()} | {true_answer.casefold()}"
+
+
 def _question_label(raw: dict[str, Any], true_answer: str | None) -> str | None:
-    """zsRE has no relation ids and asks many questions several times, in other words and with other
-    targets; records about one subject with one true answer ask one question."""
     subject = _optional(raw, "subject")
-    return f"{subject.casefold()} | {true_answer.casefold()}" if subject and true_answer else None
+    return question_label(subject, true_answer) if subject and true_answer else None
 
 
 def _counterfact(raw: dict[str, Any], index: int) -> EditRecord:
@@ -104,6 +109,9 @@ def _counterfact(raw: dict[str, Any], index: int) -> EditRecord:
         id=f"counterfact-{raw.get('case_id', index)}", prompt=_text(raw, "prompt"), target=_text(raw, "target_new"),
         subject=_optional(raw, "subject"), rephrases=(rephrase,) if rephrase else (),
         locality=(LocalityProbe(neighbour, _optional(raw, "locality_ground_truth"), "neighbour"),) if neighbour else (),
+        # a neighbour prompt names another subject with the same true answer: an edit of that subject
+        # with that true answer asks the neighbour's question (evaluation leaves it out of locality)
+        question=_question_label(raw, _first_string(raw.get("ground_truth"))),
     )
 
 

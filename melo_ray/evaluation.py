@@ -5,7 +5,10 @@ Locality is measured apart for each kind of input the edits must leave alone: un
 (`locality_nq`: the NQ questions passed in and the records' own "nq" probes), the same relation asked of
 another subject (`locality_neighbours`) and another relation of the edited subject (`locality_subject`).
 A probe whose prompt is itself one an edit is meant to change (an edited prompt or any of its rephrasings)
-is left out: a changed output there is the edit working, not leaking.
+is left out: a changed output there is the edit working, not leaking. So is a probe that asks an edited
+question in other words: it names an edited subject and expects that edit's true answer (the data's
+`question` label; CounterFact's neighbour prompts name other subjects, and a long stream edits many of
+them). `measure(history=...)` takes these from the whole history when quality is measured on a sample.
 
 Data that labels its questions (`EditRecord.question`; zsRE asks many questions several times, in other
 words and with other targets) also gives `superseded`, the share of edits whose question a later edit
@@ -16,7 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,7 @@ from typing import Any
 from tqdm import tqdm
 
 from melo_ray import metrics
+from melo_ray.data import question_label
 from melo_ray.records import EditRecord, LocalityProbe
 
 log = logging.getLogger(__name__)
@@ -70,8 +76,31 @@ def _edit_scope(records: list[EditRecord]) -> set[str]:
     return {p for r in records for p in (r.prompt, *r.rephrases, *r.train_rephrases, *r.alias_rephrases)}
 
 
-def _probes(records: list[EditRecord], kind: str, scope: set[str] | None = None) -> list[LocalityProbe]:
-    return [p for r in records for p in r.probes(kind) if scope is None or p.prompt not in scope]
+class EditedQuestions:
+    """The labelled questions a history of edits asks, found in a probe by an edited subject its prompt
+    names and the true answer it expects."""
+
+    def __init__(self, records: list[EditRecord]) -> None:
+        self.labels = {r.question for r in records if r.question}
+        self.subjects: dict[str, set[str]] = defaultdict(set)  # first word -> edited subjects (casefolded)
+        for record in records:
+            words = re.findall(r"\w+", record.subject.casefold()) if record.question and record.subject else []
+            if words:
+                self.subjects[words[0]].add(record.subject.casefold())
+
+    def asks(self, probe: LocalityProbe) -> bool:
+        if not probe.answer or not self.labels:
+            return False
+        text = probe.prompt.casefold()
+        return any(subject in text and question_label(subject, probe.answer) in self.labels
+                   for word in set(re.findall(r"\w+", text)) for subject in self.subjects.get(word, ()))
+
+
+def _probes(records: list[EditRecord], kind: str, scope: set[str] | None = None,
+            asked: EditedQuestions | None = None) -> list[LocalityProbe]:
+    """The records' probes of one kind, less those in `scope` and those asking an edited question."""
+    return [p for r in records for p in r.probes(kind)
+            if (scope is None or p.prompt not in scope) and (asked is None or not asked.asks(p))]
 
 
 def _base_map(editor: Any, probes: list[LocalityProbe], max_new: int) -> dict[str, str]:
@@ -133,19 +162,24 @@ def generality_split(editor: Any, records: list[EditRecord]) -> dict[str, float]
     }
 
 
-def measure(editor: Any, edited: list[EditRecord], nq: list[str], baseline: _Baseline, max_new: int) -> dict[str, float]:
-    """All metrics on the records edited so far, against the pre-edit outputs in `baseline`."""
+def measure(editor: Any, edited: list[EditRecord], nq: list[str], baseline: _Baseline, max_new: int, *,
+            history: list[EditRecord] | None = None) -> dict[str, float]:
+    """All metrics on the records `edited`, against the pre-edit outputs in `baseline`. `history`: every
+    record applied so far, when `edited` is a sample of them; which probes are in some edit's scope and
+    which edits a later one supersedes are decided on it."""
+    history = edited if history is None else history
     targets = [r.target for r in edited]
     budget = _target_budget(editor, targets, max_new)
     outputs = _outputs(editor, [r.prompt for r in edited], budget)
     rephrased = [r for r in edited if r.rephrases]
     rephrase_outputs = _outputs(editor, [r.rephrases[0] for r in rephrased], budget)
-    latest = [i for i, s in enumerate(superseded(rephrased)) if not s]
+    gone = {r.id for r, s in zip(history, superseded(history)) if s}
+    latest = [i for i, r in enumerate(rephrased) if r.id not in gone]
     labelled = any(r.question for r in edited)
     hits = [h for row in editor.target_token_hits(edited) for h in row]
-    scope = _edit_scope(edited)
-    neighbours, subject = _probes(edited, "neighbour", scope), _probes(edited, "subject", scope)
-    nq_probes = _probes(edited, "nq", scope)
+    scope, asked = _edit_scope(history), EditedQuestions(history)
+    neighbours, subject = _probes(edited, "neighbour", scope, asked), _probes(edited, "subject", scope, asked)
+    nq_probes = _probes(edited, "nq", scope, asked)
     other_facts = neighbours + nq_probes  # ppl_locality: the answers of other subjects' facts
     aliases = [(a, r.target) for r in edited for a in r.alias_rephrases]
     portable = [p for r in edited for p in r.portability]
@@ -163,7 +197,7 @@ def measure(editor: Any, edited: list[EditRecord], nq: list[str], baseline: _Bas
         "generality_f1": metrics.mean_token_f1(rephrase_outputs, [r.target for r in rephrased]) if rephrased else math.nan,
         "generality_latest": metrics.success_rate([rephrase_outputs[i] for i in latest], [rephrased[i].target for i in latest])
         if labelled and latest else math.nan,
-        "superseded": sum(superseded(edited)) / len(edited) if labelled else math.nan,
+        "superseded": sum(r.id in gone for r in edited) / len(edited) if labelled else math.nan,
         "generality_alias": _success(editor, [a for a, _ in aliases], [t for _, t in aliases], max_new),
         "portability": _success(editor, [p.prompt for p in portable], [p.answer for p in portable], max_new),
         "locality_nq": _probe_locality(editor, unrelated, {**baseline.nq_probes, **dict(zip(nq, baseline.nq))}, max_new),

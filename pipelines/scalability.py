@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NQ = ROOT.parent / "shared" / "data" / "nq-open" / "NQ-open.dev.jsonl"
 
 
-QUALITY = ("reliability", "generality", "locality_nq", "locality_neighbours", "locality_subject")
+QUALITY = ("reliability", "generality", "generality_latest", "locality_nq", "locality_neighbours", "locality_subject")
 
 
 def _rss_bytes() -> int:
@@ -106,7 +106,7 @@ class Checkpoints:
         probes = base_outputs(self.evaluator, sample, [], self.max_new)
         baseline = dataclasses.replace(self.baseline, neighbours=probes.neighbours, subject=probes.subject,
                                        nq_probes=probes.nq_probes)
-        quality = measure(self.evaluator, sample, self.nq, baseline, self.max_new)
+        quality = measure(self.evaluator, sample, self.nq, baseline, self.max_new, history=applied)
         trainers = [ray.get(t.info.remote()) for t in job.actors.trainers]
         writer_rss = ray.get(job.actors.writer.peak_rss_bytes.remote()) if job.actors.writer is not None else 0
         row = {

@@ -41,11 +41,13 @@ def test_data_convert_command_writes_parquet_and_reports_skipped_records(tmp_pat
 
 def test_counterfact_conversion(tmp_path):
     rows = [{"case_id": 7, "prompt": "The mother tongue of X is", "target_new": "English", "ground_truth": "French",
-             "rephrase_prompt": "X speaks", "locality_prompt": "Y is a native speaker of", "locality_ground_truth": "French"}]
+             "subject": "X", "rephrase_prompt": "X speaks", "locality_prompt": "Y is a native speaker of",
+             "locality_ground_truth": "French"}]
     (tmp_path / "c.json").write_text(json.dumps(rows))
     record = convert("counterfact", tmp_path / "c.json").records[0]
     assert (record.id, record.target, record.locality_prompt) == ("counterfact-7", "English", "Y is a native speaker of")
     assert record.locality == (LocalityProbe("Y is a native speaker of", "French", "neighbour"),)
+    assert record.question == "x | french"  # subject and true answer label the question, as for zsRE
 
 
 def test_zsre_subject_probes_come_from_other_relations_of_the_same_subject(tmp_path):

@@ -133,6 +133,37 @@ def test_an_edit_a_later_one_re_asks_is_scored_apart():
     assert math.isnan(plain["superseded"]) and math.isnan(plain["generality_latest"])
 
 
+def test_a_probe_asking_an_edited_question_is_no_locality_probe_and_history_decides_it():
+    # CounterFact: a neighbour prompt names another subject with the same true answer; once that subject's
+    # fact is edited too, the neighbour asks the edited question in other words
+    ada = EditRecord(prompt="The mother tongue of Ada Poe is", target="English", subject="Ada Poe",
+                     question="ada poe | french", rephrases=("Ada Poe speaks",),
+                     locality=(LocalityProbe("Bob Kay is a native speaker of", "French", "neighbour"),
+                               LocalityProbe("Ann Lee is a native speaker of", "French", "neighbour")))
+    bob = EditRecord(prompt="The mother tongue of Bob Kay is", target="Dutch", subject="Bob Kay",
+                     question="bob kay | french", rephrases=("Bob Kay speaks",))
+    ann = EditRecord(prompt="The religion of Ann Lee is", target="Islam", subject="Ann Lee",
+                     question="ann lee | christianity")  # another question of Ann Lee: her probe still counts
+    editor = _SubjectLeakingEditor()  # every prompt naming an edited subject moves
+    result = evaluate(editor, [ada, bob, ann], [], EvalPlan(batch_size=3), progress=False)
+    assert result["locality_neighbours"] == 0.0  # only Ann Lee's probe is counted, and it leaked
+    relabelled = [EditRecord(**{**r.to_dict(), "question": None}) for r in (ada, bob, ann)]
+    assert evaluate(_SubjectLeakingEditor(), relabelled, [], EvalPlan(batch_size=3), progress=False)[
+        "locality_neighbours"] == 0.0  # without labels both probes count, both leaked
+    # measured on a sample: the history, not the sample, says which questions are edited and superseded
+    later = EditRecord(prompt="Ada Poe's mother tongue is", target="Latin", subject="Ada Poe", question="ada poe | french")
+    history = [ada, bob, later]
+    editor = _SubjectLeakingEditor()
+    editor.edit(history)  # Ann Lee is not edited here: her probe keeps its base answer
+    baseline = base_outputs(editor, [ada], [], 16)
+    on_sample = measure(editor, [ada], [], baseline, 16)
+    on_history = measure(editor, [ada], [], baseline, 16, history=history)
+    assert on_sample["superseded"] == 0.0 and on_history["superseded"] == 1.0
+    assert on_sample["generality_latest"] == 0.0 and math.isnan(on_history["generality_latest"])
+    assert on_sample["locality_neighbours"] == 0.5  # Bob Kay's probe counted, and it moved
+    assert on_history["locality_neighbours"] == 1.0  # Bob Kay's edit asks it: left out
+
+
 def test_sequential_lora_forgets_and_its_base_mode_is_exact():
     editor = SequentialLoraEditor(tiny_config("tiny-llama"))
     base = [g.output for g in editor.generate(UNRELATED, base=True)]

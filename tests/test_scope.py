@@ -227,6 +227,29 @@ def test_a_rewording_of_a_question_edited_again_gets_its_latest_target():
     assert restored.search(rewording[None])[0].tolist() == [0]
 
 
+def test_with_a_cluster_per_edit_a_later_edit_of_the_same_target_keeps_its_rewordings():
+    """Two edits with one target (CounterFact: "English" many times): joined, the second is a member of
+    the first's cluster, whose radius around the first key need not hold the second's rewordings."""
+    first, second = _key((1, 0), (1, 0)), _key((0.8, 0.6), (0, 1))  # cosine distance 0.2 in the routing view
+    rewording = _key((0.6, 0.8), (0.1, 1))  # 0.04 from the second, 0.4 from the first
+    joined = NeuronIndex(4, "cosine", r_init=0.3, scope=_toy_scope(None))
+    own = NeuronIndex(4, "cosine", r_init=0.3, scope=_toy_scope(None), cluster_per_edit=True)
+    events = [(index.add(first, "English", 0, "a"), index.add(second, "English", 1, "b")) for index in (joined, own)]
+    assert [e.kind for e in events[0]] == ["added", "member"] and len(joined.clusters) == 1
+    assert [e.kind for e in events[1]] == ["added", "added"] and len(own.clusters) == 2 and own.separated == 0
+    assert joined.search(rewording[None]).block_ids.tolist() == [-1]  # 0.4 from the centre: outside radius 0.3
+    assert own.search(np.stack([rewording, first, second])).block_ids.tolist() == [1, 0, 1]
+    config = tiny_config(index={"key_function": "sentence_encoder", "scope_verifier": "builtin"})
+    restored = BlockIndex.from_files(config, 4, BlockIndex(own, 2).files(), "snapshot")
+    assert restored.index.cluster_per_edit and restored.search(rewording[None])[0].tolist() == [1]
+    arrays, meta = joined.state()  # a snapshot written before the rule has no such field: it keeps joining
+    assert "scope_cluster_per_edit" not in meta
+    old = NeuronIndex.from_state(arrays, meta, scope=_toy_scope(None))
+    assert not old.cluster_per_edit and old.add(_key((0.9, 0.1), (1, 0)), "English", 2, "c").kind == "member"
+    with pytest.raises(ValueError, match="scope test"):
+        NeuronIndex(4, "cosine", cluster_per_edit=True)
+
+
 def test_a_training_paraphrase_is_another_key_of_its_edit_and_leaves_with_it():
     from melo_ray.records import EditRecord
 

@@ -33,6 +33,7 @@ class BlockIndex(EditIndex):
         return cls(NeuronIndex(
             dim, cfg.distance, cfg.r_init, hnsw_m=cfg.hnsw_m, ef_construction=cfg.hnsw_ef_construction,
             ef_search=cfg.hnsw_ef_search, candidates=cfg.candidates, scope=scope,
+            cluster_per_edit=scope is not None and cfg.scope_cluster_per_edit,
         ))
 
     @classmethod

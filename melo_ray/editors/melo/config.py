@@ -72,6 +72,12 @@ class IndexConfig(StrictConfig):
         "pass the scope test and that it calls the same question as the best-scoring one: a question edited again "
         "in other words answers its newest target. False: the best-scoring member, whichever edit it is.",
     )
+    scope_cluster_per_edit: bool = Field(
+        True, description="With a scope test: every edit's key starts its own cluster of radius r_init, also when the "
+        "nearest cluster has its target, so each edit's rewordings are judged around its own key. False: a key "
+        "joins a nearby cluster of its target (the paper's rule; a joined edit's rewordings may fall outside that "
+        "cluster). Ignored without a scope test. A snapshot keeps the rule it was written with.",
+    )
 
     @model_validator(mode="after")
     def _check_key(self) -> "IndexConfig":

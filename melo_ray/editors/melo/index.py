@@ -15,6 +15,9 @@ rewording of a question edited again (in other words) goes to that question's la
 time another label within reach forgets only the members it supersedes (the same prompt, or with
 `scope_conflict_threshold` set, whatever the verifier scores at least that high), no radius shrinks,
 and the new key starts its own cluster of radius R_init. Clusters then may overlap: the verifier, not the geometry, separates their facts.
+With `cluster_per_edit` (a scope test only) a key with the nearest cluster's label starts its own cluster
+too instead of joining it: a joined member's rewordings may lie outside the cluster's radius around the
+first member's centre, and the verifier, not a shared target, decides which edit a query asks.
 """
 from __future__ import annotations
 
@@ -96,11 +99,15 @@ class NeuronIndex:
         ef_search: int = 128,
         candidates: int = 8,
         scope: ScopeTest | None = None,
+        cluster_per_edit: bool = False,
     ) -> None:
         self.dim = dim
         self.scope = scope
         if scope is not None and scope.key_dim != dim:
             raise ValueError(f"scope test expects keys of {scope.key_dim} dims, the index {dim}")
+        if cluster_per_edit and scope is None:
+            raise ValueError("cluster_per_edit needs a scope test: without one, clusters are what separates facts")
+        self.cluster_per_edit = cluster_per_edit
         # centres and the graph live in the routing view (the whole key without a scope test)
         self.route_dim = scope.route_dim if scope is not None else dim
         self.metric: Metric = metric
@@ -210,7 +217,7 @@ class NeuronIndex:
         if cid < 0 or d > self.clusters[cid].radius + self.r_init:
             return IndexEvent("added", self._new_cluster(key, self.r_init, label, block, edit_id), None)
         cluster = self.clusters[cid]
-        if cluster.label == label:
+        if cluster.label == label and not self.cluster_per_edit:
             kind: EventKind = "expanded" if d > cluster.radius else "member"
             cluster.radius = max(cluster.radius, d)
             cluster.member_keys.append(key.copy())
@@ -227,10 +234,12 @@ class NeuronIndex:
         assert self.scope is not None
         labels, dist = self._knn(key[None])
         forgotten: list[str] = []
+        other_label = False
         for cid, d in zip(labels[0].tolist(), dist[0].tolist()):
             cluster = self.clusters[cid]
             if not cluster.alive or cluster.label == label or d > cluster.radius + self.r_init:
                 continue
+            other_label = True
             same = self.scope.supersedes(key, np.stack(cluster.member_keys))
             if not same.any():
                 continue
@@ -243,6 +252,8 @@ class NeuronIndex:
                 self._alive -= 1
                 self._graph.mark_deleted(cid)
         new_id = self._new_cluster(key, self.r_init, label, block, edit_id)
+        if not other_label:  # cluster_per_edit, and only clusters of this label within reach
+            return IndexEvent("added", new_id, float(dist[0].min()))
         if not forgotten:
             self.separated += 1
             return IndexEvent("separated", new_id, float(dist[0].min()))
@@ -267,6 +278,8 @@ class NeuronIndex:
     def search(self, keys: np.ndarray) -> SearchResult:
         """Block per key: the nearest member's block inside the nearest cluster, else -1."""
         keys = np.atleast_2d(np.asarray(keys, dtype=np.float32))
+        if keys.shape[0] == 0:  # an empty batch: nothing to route (the scoped path would index empty arrays)
+            return SearchResult(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), ())
         if self.scope is not None:
             return self._scoped_search(keys)
         ids, dists = self._candidates(keys)
@@ -410,6 +423,8 @@ class NeuronIndex:
             meta.update(route_dim=self.route_dim, separated=self.separated, scope_threshold=self.scope.threshold,
                         scope_conflict_threshold=self.scope.conflict_threshold,
                         scope_latest_of_question=self.scope.latest_of_question)
+            if self.cluster_per_edit:  # absent: joined by label, as every snapshot before the rule
+                meta.update(scope_cluster_per_edit=True)
         return arrays, meta
 
     def save_graph(self, path: Path) -> None:
@@ -427,6 +442,7 @@ class NeuronIndex:
             int(meta["dim"]), meta["metric"], float(meta["r_init"]), hnsw_m=hnsw["M"],
             ef_construction=hnsw["ef_construction"], ef_search=hnsw["ef_search"],
             candidates=int(meta["candidates"]), scope=scope,
+            cluster_per_edit=bool(meta.get("scope_cluster_per_edit", False)),
         )
         if scope is not None:
             if int(meta["route_dim"]) != index.route_dim:
