@@ -15,16 +15,15 @@ given). `--candidates` adds rows for the default rule with other numbers of HNSW
     OMP_NUM_THREADS=1 python benchmarks/routing_study.py --dataset counterfact --probes neighbour --names-gate 0.1,0.2
     OMP_NUM_THREADS=1 python benchmarks/routing_study.py --dataset counterfact --probes neighbour --n 10000 --rules default --names-gate 0.1
 
-`--names-gate` adds rows for the default rule with a names gate applied after the index's choice: a
-served member whose prompt names no one the query names (character-trigram cosine of `scope.names` below
-the value, both naming someone) is refused, so its recall figure is a lower bound. The shipped verifier
-already carries such a gate inside the scope test (0.2, in its metadata), so these rows matter for
-verifiers without one (`--verifier PATH --threshold T`).
+`--names-gate` adds rows for the default rule with the verifier's names gate set to each value (the
+scope test refuses two prompts that both name someone, with names' character-trigram cosine below it);
+the shipped verifier carries 0.2.
 """
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ import numpy as np
 from melo_ray.data import convert
 from melo_ray.editors.melo.index import NeuronIndex
 from melo_ray.editors.melo.keys import ScopedSentenceKeys
-from melo_ray.editors.melo.scope import ScopeTest, load_verifier, names, names_in
+from melo_ray.editors.melo.scope import ScopeTest, load_verifier
 from melo_ray.evaluation import EditedQuestions, superseded
 
 from core_quality import SOURCES  # the same records as core_quality.py (this script's folder is on sys.path)
@@ -41,15 +40,24 @@ DEFAULT_RULE = "latest edit of the question (default)"
 SHIPPED_THRESHOLD = 3.03  # configs/smollm2-135m.yaml index.scope_threshold
 
 
-def routing_rules(t: float) -> dict[str, tuple[float, float | None, bool]]:
-    """name: (threshold, conflict threshold, latest of question), around the threshold t."""
+@dataclass(frozen=True)
+class Rule:
+    threshold: float
+    conflict: float | None = None  # scope_conflict_threshold
+    latest: bool = True  # scope_latest_of_question
+    names_gate: float | None = None  # None: the verifier's own
+    candidates: int = 8
+
+
+def routing_rules(t: float) -> dict[str, Rule]:
+    """The index's routing rules, around the threshold t."""
     return {
-        "best-scoring member": (t, None, False),
-        f"supersede at logit {t + 1.5:g}": (t, t + 1.5, False),
-        f"supersede at logit {t:g}": (t, t, False),
-        DEFAULT_RULE: (t, None, True),
-        f"the same, threshold {t - 1:g}": (t - 1, None, True),
-        f"the same, threshold {t - 2:g}": (t - 2, None, True),
+        "best-scoring member": Rule(t, latest=False),
+        f"supersede at logit {t + 1.5:g}": Rule(t, t + 1.5, False),
+        f"supersede at logit {t:g}": Rule(t, t, False),
+        DEFAULT_RULE: Rule(t),
+        f"the same, threshold {t - 1:g}": Rule(t - 1),
+        f"the same, threshold {t - 2:g}": Rule(t - 2),
     }
 
 
@@ -84,16 +92,6 @@ def main() -> None:
     latest = ~np.array(superseded(records))
     print(f"{len(records)} records, {1 - latest.mean():.3f} superseded, {len(probes)} {args.probes} probes, "
           f"{1 - unasked.mean():.4f} of them asking an edited question")
-    record_names = np.stack([names(r.prompt) for r in records])
-
-    def gate(texts: list[str], blocks: np.ndarray, value: float) -> np.ndarray:
-        out = blocks.copy()
-        for j, (text, block) in enumerate(zip(texts, blocks)):
-            if block >= 0 and names_in(text) and names_in(records[block].prompt) \
-                    and float(names(text) @ record_names[block]) < value:
-                out[j] = -1
-        return out
-
     def right(blocks: np.ndarray) -> np.ndarray:
         return np.array([b >= 0 and records[b].target == records[i].target for i, b in enumerate(blocks)])
 
@@ -104,22 +102,19 @@ def main() -> None:
     wanted = {DEFAULT_RULE if n == "default" else n for n in filter(None, args.rules.split(","))}
     rules = {n: rule for n, rule in routing_rules(args.threshold).items() if not wanted or n in wanted}
     for value in filter(None, args.names_gate.split(",")):
-        rules[f"default + names gate {value}"] = (args.threshold, None, True, float(value))
+        rules[f"default, names gate {value}"] = Rule(args.threshold, names_gate=float(value))
     for value in filter(None, args.candidates.split(",")):
-        rules[f"default, {value} candidates"] = (args.threshold, None, True, None, int(value))
-    for name, (threshold, conflict, newest, *extra) in rules.items():
-        gated = extra[0] if extra else None
-        candidates = extra[1] if len(extra) > 1 else 8
-        index = NeuronIndex(prompts.shape[1], "cosine", args.r_init, candidates=candidates,
-                            scope=ScopeTest(verifier, threshold, conflict, newest), cluster_per_edit=args.cluster_per_edit)
+        rules[f"default, {value} candidates"] = Rule(args.threshold, candidates=int(value))
+    for name, rule in rules.items():
+        judge = verifier if rule.names_gate is None else verifier.with_names_gate(rule.names_gate)
+        index = NeuronIndex(prompts.shape[1], "cosine", args.r_init, candidates=rule.candidates,
+                            scope=ScopeTest(judge, rule.threshold, rule.conflict, rule.latest),
+                            cluster_per_edit=args.cluster_per_edit)
         for i, record in enumerate(records):
             index.add(prompts[i], record.target, i, record.id)
         reliability = right(index.search(prompts).block_ids)
         blocks = index.search(rephrasings).block_ids
         probe_blocks = index.search(probes).block_ids if len(probes) else np.zeros(0, np.int64)
-        if gated is not None:
-            blocks = gate([r.rephrases[0] for r in records], blocks, gated)
-            probe_blocks = gate(probe_texts, probe_blocks, gated)
         generality = right(blocks)
         own = blocks == np.arange(len(records))
         other = (blocks >= 0) & ~own

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from melo_ray.records import LOCALITY_KINDS, EditRecord, LocalityProbe, PortabilityProbe
+from melo_ray.records import LOCALITY_KINDS, EditRecord, LocalityProbe, PortabilityProbe, question_label
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +89,6 @@ def _zsre(raw: dict[str, Any], index: int) -> EditRecord:
         portability=(PortabilityProbe(question, answer),) if question and answer else (),
         question=_question_label(raw, _first_string(raw.get("answers"))),
     )
-
-
-def question_label(subject: str, true_answer: str) -> str:
-    """The label of the question about `subject` whose true answer is `true_answer`. zsRE and
-    CounterFact's MEND split carry no relation ids, and zsRE asks many questions several times, in
-    other words and with other targets: records about one subject with one true answer ask one question."""
-    return f"{subject.casefold()} | {true_answer.casefold()}"
 
 
 def _question_label(raw: dict[str, Any], true_answer: str | None) -> str | None:

@@ -29,8 +29,7 @@ from typing import Any
 from tqdm import tqdm
 
 from melo_ray import metrics
-from melo_ray.data import question_label
-from melo_ray.records import EditRecord, LocalityProbe
+from melo_ray.records import EditRecord, LocalityProbe, question_label
 
 log = logging.getLogger(__name__)
 

@@ -47,6 +47,12 @@ class RecordError(ValueError):
         return (type(self), (self.source, self.row, self.field, self.reason))
 
 
+def question_label(subject: str, true_answer: str) -> str:
+    """`EditRecord.question` for data without relation ids (zsRE, CounterFact's MEND split): records
+    about one subject with one true answer ask one question, however worded and whatever the target."""
+    return f"{subject.casefold()} | {true_answer.casefold()}"
+
+
 def content_id(prompt: str, target: str) -> str:
     """An id derived from what the edit says, so it is the same in every job and file that holds it
     and differs between different edits (a row number would repeat across jobs)."""

@@ -76,6 +76,8 @@ def test_names_gate_refuses_prompts_about_other_subjects_whatever_the_mlp_says()
     again = ScopeVerifier.from_bytes(verifier.to_bytes())
     np.testing.assert_array_equal(again.logits(edited, queries), verifier.logits(edited, queries))
     assert ScopeTest(verifier, 0.0).logits(edited, edited[None])[0] == np.inf  # the same prompt always passes
+    np.testing.assert_array_equal(verifier.with_names_gate(None).logits(edited, queries), [1.0, 1.0, 1.0])
+    assert verifier.with_names_gate(0.2).names_gate == 0.2 and verifier.names_gate == 0.2  # a copy, not a change
     with pytest.raises(ValueError, match="names_gate"):
         ScopeVerifier({**weights, "w1": np.zeros((5 + 5, 1), np.float32)},
                       {"views": "prompt,masked", "view_dims": "2,2", "names_gate": "0.2"})
@@ -261,3 +263,14 @@ def test_a_training_paraphrase_is_another_key_of_its_edit_and_leaves_with_it():
     assert editor.route(["Apple's home is"]).ids.tolist() == editor.route([record.prompt]).ids.tolist() != [-1]
     editor.revert(["a"])
     assert editor.index.index.num_members == 1 and editor.route(["Apple's home is"]).ids.tolist() == [-1]
+
+
+def test_held_out_report_places_the_threshold_on_same_subject_pairs_and_says_when_there_are_none():
+    from melo_ray.editors.melo.scope_training import held_out_report
+
+    pairs = [("a", "b", 0, "subject", "zsre"), ("a", "c", 0, "subject", "zsre"), ("a", "d", 1, "rephrase", "zsre")]
+    report = held_out_report(np.array([-2.0, 1.0, 3.0]), pairs)  # too few pairs for the 200 rule: they count anyway
+    assert report["threshold"] == pytest.approx(np.quantile([-2.0, 1.0], 0.995))
+    assert report["held_out_zsre_rephrase_accepted"] == 1.0 and report["held_out_zsre_subject_accepted"] == 0.5  # the maximum lies above its 99.5% point
+    with pytest.raises(ValueError, match="same-subject"):
+        held_out_report(np.array([3.0]), pairs[2:])

@@ -176,6 +176,13 @@ class ScopeVerifier:
     def key_dim(self) -> int:
         return sum(self.view_dims)
 
+    def with_names_gate(self, gate: float | None) -> "ScopeVerifier":
+        """The same weights with another names gate (None: none)."""
+        meta = {k: v for k, v in self.meta.items() if k != "names_gate"}
+        if gate is not None:
+            meta["names_gate"] = str(gate)
+        return ScopeVerifier(self._weights(), meta)
+
     def logits(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """(n,) logits for rows a[i], b[i] (a broadcasts when it has one row)."""
         a, b = np.atleast_2d(a), np.atleast_2d(b)
@@ -202,9 +209,11 @@ class ScopeVerifier:
             self._raw = self._serialise()
         return self._raw
 
+    def _weights(self) -> dict[str, np.ndarray]:
+        return {"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": np.array([self.b2], np.float32)}
+
     def _serialise(self) -> bytes:
-        weights = {"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": np.array([self.b2], np.float32)}
-        return safetensors.numpy.save(weights, metadata={k: str(self.meta[k]) for k in sorted(self.meta)})
+        return safetensors.numpy.save(self._weights(), metadata={k: str(self.meta[k]) for k in sorted(self.meta)})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "ScopeVerifier":

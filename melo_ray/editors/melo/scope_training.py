@@ -105,7 +105,9 @@ def held_out_report(logits: np.ndarray, pairs: list[Pair]) -> dict[str, float]:
             quantiles[f"threshold_995_{source}"] = float(np.quantile(logits[rows], 0.995))
             if rows.sum() >= MIN_QUANTILE_PAIRS:
                 counted.append(quantiles[f"threshold_995_{source}"])
-    threshold = max(counted)
+    if not quantiles:
+        raise ValueError("scope_training: no held-out same-subject pairs to place a threshold on")
+    threshold = max(counted or quantiles.values())  # small runs: every source counts
     report: dict[str, float] = {"threshold": threshold, **quantiles}
     for source in sorted(set(sources)):
         for kind in sorted(set(kinds)):
