@@ -9,11 +9,13 @@ probe names (a subject the stream edits, not a leak across subjects), the share 
 those that ask no edited question (`evaluation.EditedQuestions`: the probe names an edited subject and
 expects that edit's true answer; the evaluation leaves such probes out of locality), where rephrasings
 land, and the median time to route the rephrasings in batches of 32 (index search and scope test, keys
-given). `--candidates` adds rows for the default rule with other numbers of HNSW candidates.
+given). `--candidates` adds rows for the default rule with other numbers of HNSW candidates. The
+default rule ranks the members that pass by how closely they name what the query names
+(`index.scope_prefer_same_names`); `--rules default,score-alone` measures it on and off.
 
     OMP_NUM_THREADS=1 python benchmarks/routing_study.py --n 1000
     OMP_NUM_THREADS=1 python benchmarks/routing_study.py --dataset counterfact --probes neighbour --names-gate 0.1,0.2
-    OMP_NUM_THREADS=1 python benchmarks/routing_study.py --dataset counterfact --probes neighbour --n 10000 --rules default --names-gate 0.1
+    OMP_NUM_THREADS=1 python benchmarks/routing_study.py --dataset counterfact --probes neighbour --n 10000 --rules default,score-alone
 
 `--names-gate` adds rows for the default rule with the verifier's names gate set to each value (the
 scope test refuses two prompts that both name someone, with names' character-trigram cosine below it);
@@ -37,6 +39,7 @@ from melo_ray.evaluation import EditedQuestions, superseded
 from core_quality import SOURCES  # the same records as core_quality.py (this script's folder is on sys.path)
 
 DEFAULT_RULE = "latest edit of the question (default)"
+SCORE_ALONE_RULE = "the same, ranked by the verifier's score alone (previous default)"
 SHIPPED_THRESHOLD = 3.03  # configs/smollm2-135m.yaml index.scope_threshold
 
 
@@ -47,15 +50,17 @@ class Rule:
     latest: bool = True  # scope_latest_of_question
     names_gate: float | None = None  # None: the verifier's own
     candidates: int = 8
+    prefer_names: bool = True  # scope_prefer_same_names
 
 
 def routing_rules(t: float) -> dict[str, Rule]:
     """The index's routing rules, around the threshold t."""
     return {
-        "best-scoring member": Rule(t, latest=False),
-        f"supersede at logit {t + 1.5:g}": Rule(t, t + 1.5, False),
-        f"supersede at logit {t:g}": Rule(t, t, False),
+        "best-scoring member": Rule(t, latest=False, prefer_names=False),
+        f"supersede at logit {t + 1.5:g}": Rule(t, t + 1.5, False, prefer_names=False),
+        f"supersede at logit {t:g}": Rule(t, t, False, prefer_names=False),
         DEFAULT_RULE: Rule(t),
+        SCORE_ALONE_RULE: Rule(t, prefer_names=False),
         f"the same, threshold {t - 1:g}": Rule(t - 1),
         f"the same, threshold {t - 2:g}": Rule(t - 2),
     }
@@ -74,7 +79,8 @@ def main() -> None:
     parser.add_argument("--names-gate", default="", help="comma-separated gate values for extra rows")
     parser.add_argument("--candidates", default="", help="comma-separated candidate counts for extra default-rule rows")
     parser.add_argument("--rules", default="", help="comma-separated rule names to run (default: all); "
-                        "'default' is the shipped rule. The names-gate rows always run.")
+                        "'default' is the shipped rule, 'score-alone' the same without index.scope_prefer_same_names. "
+                        "The names-gate rows always run.")
     args = parser.parse_args()
     fmt, path = SOURCES[args.dataset]
     # zsRE: probes drawn from the whole file, as the T = 1000 evaluation does; CounterFact: its first n records
@@ -99,7 +105,8 @@ def main() -> None:
           "| probes routed to an edit of a subject they name | probes asking no edited question, routed "
           "| rephrasings: own edit / other edit, same subject / other edit, other subject / none | ms per batch of 32 |")
     print("|---|---|---|---|---|---|---|---|---|")
-    wanted = {DEFAULT_RULE if n == "default" else n for n in filter(None, args.rules.split(","))}
+    aliases = {"default": DEFAULT_RULE, "score-alone": SCORE_ALONE_RULE}
+    wanted = {aliases.get(n, n) for n in filter(None, args.rules.split(","))}
     rules = {n: rule for n, rule in routing_rules(args.threshold).items() if not wanted or n in wanted}
     for value in filter(None, args.names_gate.split(",")):
         rules[f"default, names gate {value}"] = Rule(args.threshold, names_gate=float(value))
@@ -108,7 +115,7 @@ def main() -> None:
     for name, rule in rules.items():
         judge = verifier if rule.names_gate is None else verifier.with_names_gate(rule.names_gate)
         index = NeuronIndex(prompts.shape[1], "cosine", args.r_init, candidates=rule.candidates,
-                            scope=ScopeTest(judge, rule.threshold, rule.conflict, rule.latest),
+                            scope=ScopeTest(judge, rule.threshold, rule.conflict, rule.latest, rule.prefer_names),
                             cluster_per_edit=args.cluster_per_edit)
         for i, record in enumerate(records):
             index.add(prompts[i], record.target, i, record.id)

@@ -252,6 +252,46 @@ def test_with_a_cluster_per_edit_a_later_edit_of_the_same_target_keeps_its_rewor
         NeuronIndex(4, "cosine", cluster_per_edit=True)
 
 
+def test_members_naming_what_the_query_names_rank_first_and_a_rewording_moves_on_only_to_the_same_names():
+    """In a large bank "Ferrari F40" and "Ferrari FXX" share a template, and the names gate lets such
+    near-identical names through: a rewording about the F40 that lies nearer the FXX's key must still
+    reach the F40's edit, and move on to a later edit only when it asks about the F40 again."""
+    dims = [2, 256]
+    w1 = np.zeros((sum(2 * d + 1 for d in dims), 1), np.float32)
+    w1[4, 0] = 1.0  # logit = routing view's cosine - 0.5: every prompt here passes, the nearest scores highest
+    verifier = ScopeVerifier({"w1": w1, "b1": np.zeros(1, np.float32), "w2": np.ones(1, np.float32),
+                              "b2": np.array([-0.5], np.float32)}, {"views": "prompt,names", "view_dims": "2,256"})
+
+    def key(route: tuple[float, float], prompt: str) -> np.ndarray:
+        return np.concatenate([np.array(route, np.float32), names(prompt)])
+
+    def bank(prefer: bool) -> NeuronIndex:
+        index = NeuronIndex(2 + 256, "cosine", r_init=0.3, cluster_per_edit=True,
+                            scope=ScopeTest(verifier, 0.0, None, True, prefer))
+        index.add(key((1, 0), "Ferrari F40 is produced by"), "Fiat", 0, "f40")
+        index.add(key((1, 0.1), "Ferrari FXX is produced by"), "Honda", 1, "fxx")
+        return index
+
+    rewording = key((1, 0.09), "The maker of Ferrari F40 is")  # nearer the FXX's routing key
+    assert bank(prefer=False).search(rewording[None]).block_ids.tolist() == [1]  # the verifier's score alone
+    index = bank(prefer=True)
+    assert index.search(rewording[None]).block_ids.tolist() == [0]
+    index.add(key((1, 0.2), "Ferrari FXX was made by"), "Tesla", 2, "fxx again")
+    assert index.search(rewording[None]).block_ids.tolist() == [0]  # another subject asked again: no move
+    index.add(key((1, -0.2), "Ferrari F40 was made by"), "BMW", 3, "f40 again")  # scores below the first
+    assert index.search(rewording[None]).block_ids.tolist() == [3]  # its own question asked again: the latest
+
+    config = tiny_config(index={"key_function": "sentence_encoder", "scope_verifier": "builtin"})
+    restored = BlockIndex.from_files(config, 2 + 256, BlockIndex(index, 4).files(), "snapshot")
+    assert restored.index.scope.prefer_same_names and restored.search(rewording[None])[0].tolist() == [3]
+    arrays, meta = bank(prefer=False).state()  # a snapshot written before the rule ranks by score alone
+    assert "scope_prefer_same_names" not in meta
+    old = BlockIndex.from_files(config, 2 + 256, BlockIndex(bank(prefer=False), 2).files(), "snapshot")
+    assert not old.index.scope.prefer_same_names and old.search(rewording[None])[0].tolist() == [1]
+    # a verifier without a names view has nothing to rank by: the rule is off, whatever was asked
+    assert not ScopeTest(_toy_scope().verifier, 0.0, prefer_same_names=True).prefer_same_names
+
+
 def test_a_training_paraphrase_is_another_key_of_its_edit_and_leaves_with_it():
     from melo_ray.records import EditRecord
 

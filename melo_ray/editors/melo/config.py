@@ -72,6 +72,12 @@ class IndexConfig(StrictConfig):
         "pass the scope test and that it calls the same question as the best-scoring one: a question edited again "
         "in other words answers its newest target. False: the best-scoring member, whichever edit it is.",
     )
+    scope_prefer_same_names: bool = Field(
+        True, description="With a scope test whose verifier has a names view: among the members that pass, those "
+        "naming what the query names most closely (trigram cosine) rank first, and a rewording moves on to a later "
+        "edit of its question only if that edit names exactly the same. Keeps 'Ferrari F40' from the edit of "
+        "'Ferrari FXX' in a large bank. False: the verifier's score alone. A snapshot keeps the rule it was written with.",
+    )
     scope_cluster_per_edit: bool = Field(
         True, description="With a scope test: every edit's key starts its own cluster of radius r_init, also when the "
         "nearest cluster has its target, so each edit's rewordings are judged around its own key. False: a key "

@@ -11,7 +11,10 @@ member key; otherwise no block. Ties go to the newest cluster / member, so the l
 With a scope test (scope.py) the key carries extra views and the rules ask it what the distance cannot
 tell: at inference every candidate cluster whose radius holds the query offers its members, and the
 member the verifier scores highest applies if it passes the threshold (else no block), except that a
-rewording of a question edited again (in other words) goes to that question's latest edit; at training
+rewording of a question edited again (in other words) goes to that question's latest edit (with
+`prefer_same_names`, the members that pass and name what the query names most closely rank first, and
+a rewording moves on only to a later edit naming exactly the same: "Ferrari F40" keeps to its own edit
+when "Ferrari FXX" was edited with the same template); at training
 time another label within reach forgets only the members it supersedes (the same prompt, or with
 `scope_conflict_threshold` set, whatever the verifier scores at least that high), no radius shrinks,
 and the new key starts its own cluster of radius R_init. Clusters then may overlap: the verifier, not the geometry, separates their facts.
@@ -348,11 +351,15 @@ class NeuronIndex:
         passing = np.flatnonzero(logits >= self.scope.threshold)
         if not passing.size:
             return None
-        top = passing[logits[passing] == logits[passing].max()]
+        ranked = passing
+        if passing.size > 1 and np.isfinite(logits[passing]).all():  # the very prompt wins by its key
+            ranked = passing[self.scope.closest_names(key, member_keys[passing])]
+        top = ranked[logits[ranked] == logits[ranked].max()]
         best = int(top[np.argmax(member_blocks[top])])
         later = passing[member_blocks[passing] > member_blocks[best]]
         if self.scope.latest_of_question and np.isfinite(logits[best]) and later.size:
             same = later[self.scope.logits(member_keys[best], member_keys[later]) >= self.scope.threshold]
+            same = same[self.scope.same_names(member_keys[best], member_keys[same])]  # the same subject asked again
             if same.size:
                 best = int(same[np.argmax(member_blocks[same])])
         return owners[best]
@@ -423,6 +430,8 @@ class NeuronIndex:
             meta.update(route_dim=self.route_dim, separated=self.separated, scope_threshold=self.scope.threshold,
                         scope_conflict_threshold=self.scope.conflict_threshold,
                         scope_latest_of_question=self.scope.latest_of_question)
+            if self.scope.prefer_same_names:  # absent: ranked by the verifier alone, as every snapshot before
+                meta.update(scope_prefer_same_names=True)
             if self.cluster_per_edit:  # absent: joined by label, as every snapshot before the rule
                 meta.update(scope_cluster_per_edit=True)
         return arrays, meta

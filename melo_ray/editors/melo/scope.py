@@ -194,12 +194,22 @@ class ScopeVerifier:
             out = np.where(self._names_apart(a, b), -np.inf, out)
         return out
 
+    def _names_views(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        start = sum(self.view_dims[: self.view_names.index("names")])
+        return tuple(np.atleast_2d(x)[:, start : start + WORDS_DIM].astype(np.float32) for x in (a, b))
+
+    def names_cosine(self, a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+        """(n,) trigram cosine of the names views of rows a[i], b[i] (a broadcasts when it has one
+        row); None when the verifier has no names view."""
+        if "names" not in self.view_names:
+            return None
+        na, nb = self._names_views(a, b)
+        return (na * nb).sum(1) / np.maximum(np.linalg.norm(na, axis=1) * np.linalg.norm(nb, axis=1), 1e-12)
+
     def _names_apart(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Rows whose prompts both name someone and whose names' trigram cosine is below the gate."""
-        start = sum(self.view_dims[: self.view_names.index("names")])
-        na, nb = (x[:, start : start + WORDS_DIM].astype(np.float32) for x in (a, b))
-        cosine = (na * nb).sum(1) / np.maximum(np.linalg.norm(na, axis=1) * np.linalg.norm(nb, axis=1), 1e-12)
-        return (cosine < self.names_gate) & _names_someone(na) & _names_someone(nb)
+        na, nb = self._names_views(a, b)
+        return (self.names_cosine(a, b) < self.names_gate) & _names_someone(na) & _names_someone(nb)
 
     # -- files ---------------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -247,6 +257,7 @@ def _metadata(data: bytes) -> dict[str, str]:
 
 
 SAME_PROMPT_ATOL = 1e-5
+NAMES_TIE = 1e-5  # names views are float32 unit vectors: equal bags agree to ~1e-7
 
 
 class ScopeTest:
@@ -256,13 +267,15 @@ class ScopeTest:
     of the whole prompt) is the routing view the clusters and the HNSW graph use."""
 
     def __init__(self, verifier: ScopeVerifier, threshold: float, conflict_threshold: float | None = None,
-                 latest_of_question: bool = True) -> None:
+                 latest_of_question: bool = True, prefer_same_names: bool = False) -> None:
         self.verifier = verifier
         self.threshold = float(threshold)
         # None: only an identical prompt supersedes an earlier edit with another target
         self.conflict_threshold = conflict_threshold
         # a rewording goes to the latest edit of its question, not the member it resembles most
         self.latest_of_question = latest_of_question
+        # among members that pass, those naming who the query names win ("Ferrari F40" over "Ferrari FXX")
+        self.prefer_same_names = prefer_same_names and "names" in verifier.view_names
 
     @property
     def key_dim(self) -> int:
@@ -281,6 +294,21 @@ class ScopeTest:
         identical = np.all(np.abs(members - np.asarray(query)[None, :]) <= SAME_PROMPT_ATOL, axis=1)
         out[identical] = np.inf
         return out
+
+    def closest_names(self, query: np.ndarray, members: np.ndarray) -> np.ndarray:
+        """Which members name what `query` names most closely (all of them when names are not
+        compared): the ones whose names view is nearest the query's, to a rounding tolerance."""
+        members = np.atleast_2d(members)
+        cosine = self.verifier.names_cosine(np.asarray(query)[None, :], members) if self.prefer_same_names else None
+        if cosine is None:
+            return np.ones(members.shape[0], bool)
+        return cosine >= cosine.max() - NAMES_TIE
+
+    def same_names(self, query: np.ndarray, members: np.ndarray) -> np.ndarray:
+        """Which members name exactly what `query` names (all of them when names are not compared)."""
+        members = np.atleast_2d(members)
+        cosine = self.verifier.names_cosine(np.asarray(query)[None, :], members) if self.prefer_same_names else None
+        return np.ones(members.shape[0], bool) if cosine is None else cosine >= 1.0 - NAMES_TIE
 
     def supersedes(self, query: np.ndarray, members: np.ndarray) -> np.ndarray:
         """Which members an edit of `query` with another target replaces (conflict rule)."""
