@@ -15,7 +15,7 @@ default rule ranks the members that pass by how closely they name what the query
 
     OMP_NUM_THREADS=1 python benchmarks/routing_study.py --n 1000
     OMP_NUM_THREADS=1 python benchmarks/routing_study.py --dataset counterfact --probes neighbour --names-gate 0.1,0.2
-    OMP_NUM_THREADS=1 python benchmarks/routing_study.py --dataset counterfact --probes neighbour --n 10000 --rules default,score-alone
+    OMP_NUM_THREADS=1 python benchmarks/routing_study.py --dataset counterfact --probes neighbour --n 10000 --rules default,score-alone --keys-cache runs/cf10k-keys.npz
 
 `--names-gate` adds rows for the default rule with the verifier's names gate set to each value (the
 scope test refuses two prompts that both name someone, with names' character-trigram cosine below it);
@@ -32,8 +32,8 @@ import numpy as np
 
 from melo_ray.data import convert
 from melo_ray.editors.melo.index import NeuronIndex
-from melo_ray.editors.melo.keys import ScopedSentenceKeys
 from melo_ray.editors.melo.scope import ScopeTest, load_verifier
+from melo_ray.editors.melo.scope_training import cached_embed, embed
 from melo_ray.evaluation import EditedQuestions, superseded
 
 from core_quality import SOURCES  # the same records as core_quality.py (this script's folder is on sys.path)
@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--probes", choices=["subject", "neighbour"], default="subject", help="locality probes routed")
     parser.add_argument("--names-gate", default="", help="comma-separated gate values for extra rows")
     parser.add_argument("--candidates", default="", help="comma-separated candidate counts for extra default-rule rows")
+    parser.add_argument("--keys-cache", type=Path, default=None,
+                        help="npz of the keys (written if absent or stale): reruns skip the MiniLM encoder")
     parser.add_argument("--rules", default="", help="comma-separated rule names to run (default: all); "
                         "'default' is the shipped rule, 'score-alone' the same without index.scope_prefer_same_names. "
                         "The names-gate rows always run.")
@@ -87,14 +89,14 @@ def main() -> None:
     limit = None if args.dataset == "zsre" else args.n
     records = [r for r in convert(fmt, Path(path), limit=limit, subject_probes=2).records[: args.n] if r.rephrases]
     verifier = load_verifier(args.verifier)
-    keys_of = ScopedSentenceKeys(verifier.view_names)
-    prompts = keys_of.keys([r.prompt for r in records])
-    rephrasings = keys_of.keys([r.rephrases[0] for r in records])
     probe_list = [p for r in records for p in r.probes(args.probes)]
     probe_texts = [p.prompt for p in probe_list]
+    texts = [r.prompt for r in records] + [r.rephrases[0] for r in records] + probe_texts
+    views = tuple(verifier.view_names)
+    keys = cached_embed(texts, views, args.keys_cache)[0] if args.keys_cache else embed(texts, views)[0]
+    prompts, rephrasings, probes = np.split(keys, [len(records), 2 * len(records)])
     asked = EditedQuestions(records)
     unasked = np.array([not asked.asks(p) for p in probe_list], bool)
-    probes = keys_of.keys(probe_texts)
     latest = ~np.array(superseded(records))
     print(f"{len(records)} records, {1 - latest.mean():.3f} superseded, {len(probes)} {args.probes} probes, "
           f"{1 - unasked.mean():.4f} of them asking an edited question")
