@@ -359,7 +359,8 @@ class NeuronIndex:
         later = passing[member_blocks[passing] > member_blocks[best]]
         if self.scope.latest_of_question and np.isfinite(logits[best]) and later.size:
             same = later[self.scope.logits(member_keys[best], member_keys[later]) >= self.scope.threshold]
-            same = same[self.scope.same_names(member_keys[best], member_keys[same])]  # the same subject asked again
+            if same.size:  # of those, the same subject asked again
+                same = same[self.scope.same_names(member_keys[best], member_keys[same])]
             if same.size:
                 best = int(same[np.argmax(member_blocks[same])])
         return owners[best]

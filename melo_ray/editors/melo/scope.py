@@ -123,6 +123,11 @@ def names(prompt: str, dim: int = WORDS_DIM) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
+def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of rows a[i], b[i] (a broadcasts when it has one row)."""
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
 def _names_someone(vectors: np.ndarray) -> np.ndarray:
     """Rows of a names view that are not the no-names vector (slot 0 alone)."""
     return ~((np.abs(vectors[:, 0] - 1.0) < 1e-6) & (np.abs(vectors[:, 1:]).sum(1) < 1e-6))
@@ -203,13 +208,12 @@ class ScopeVerifier:
         row); None when the verifier has no names view."""
         if "names" not in self.view_names:
             return None
-        na, nb = self._names_views(a, b)
-        return (na * nb).sum(1) / np.maximum(np.linalg.norm(na, axis=1) * np.linalg.norm(nb, axis=1), 1e-12)
+        return _row_cosine(*self._names_views(a, b))
 
     def _names_apart(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Rows whose prompts both name someone and whose names' trigram cosine is below the gate."""
         na, nb = self._names_views(a, b)
-        return (self.names_cosine(a, b) < self.names_gate) & _names_someone(na) & _names_someone(nb)
+        return (_row_cosine(na, nb) < self.names_gate) & _names_someone(na) & _names_someone(nb)
 
     # -- files ---------------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -298,17 +302,19 @@ class ScopeTest:
     def closest_names(self, query: np.ndarray, members: np.ndarray) -> np.ndarray:
         """Which members name what `query` names most closely (all of them when names are not
         compared): the ones whose names view is nearest the query's, to a rounding tolerance."""
-        members = np.atleast_2d(members)
-        cosine = self.verifier.names_cosine(np.asarray(query)[None, :], members) if self.prefer_same_names else None
-        if cosine is None:
-            return np.ones(members.shape[0], bool)
+        cosine = self._names_cosine_to(query, members)
         return cosine >= cosine.max() - NAMES_TIE
 
     def same_names(self, query: np.ndarray, members: np.ndarray) -> np.ndarray:
         """Which members name exactly what `query` names (all of them when names are not compared)."""
+        return self._names_cosine_to(query, members) >= 1.0 - NAMES_TIE
+
+    def _names_cosine_to(self, query: np.ndarray, members: np.ndarray) -> np.ndarray:
+        """Names cosine of each member to `query`; all ones when the rule is off (every member ties)."""
         members = np.atleast_2d(members)
-        cosine = self.verifier.names_cosine(np.asarray(query)[None, :], members) if self.prefer_same_names else None
-        return np.ones(members.shape[0], bool) if cosine is None else cosine >= 1.0 - NAMES_TIE
+        if not self.prefer_same_names:  # also set only when the verifier has a names view
+            return np.ones(members.shape[0])
+        return self.verifier.names_cosine(np.asarray(query)[None, :], members)
 
     def supersedes(self, query: np.ndarray, members: np.ndarray) -> np.ndarray:
         """Which members an edit of `query` with another target replaces (conflict rule)."""
