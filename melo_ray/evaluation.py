@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import re
 import time
 from collections import defaultdict
@@ -203,6 +204,42 @@ def measure(editor: Any, edited: list[EditRecord], nq: list[str], baseline: _Bas
         "locality_neighbours": _probe_locality(editor, neighbours, baseline.neighbours, max_new),
         "locality_subject": _probe_locality(editor, subject, baseline.subject, max_new),
     }
+
+
+HISTORY_KINDS = {"neighbour": "neighbours", "subject": "subject"}  # probe kind -> metric name
+
+
+def history_locality(editor: Any, history: list[EditRecord], max_new: int, *, check: int = 256,
+                     seed: int = 0) -> dict[str, float]:
+    """Neighbour and same-subject locality over every probe of every edit in `history`, not a sample.
+
+    A probe the index routes to no edit runs on the exact base model, bit for bit, so only the routed
+    probes are generated, with and without the edits; the others count as kept. That rests on one
+    property, so it is checked in the same run: `check` random probes of each kind are also generated
+    both ways in mixed batches, as `measure` does, and `unrouted_changed` counts those routed nowhere
+    whose output changed anyway (0 when the property holds)."""
+    scope, asked = _edit_scope(history), EditedQuestions(history)
+    rng = random.Random(seed)
+    out: dict[str, float] = {"unrouted_checked": 0, "unrouted_changed": 0}
+    for kind, name in HISTORY_KINDS.items():
+        prompts = [p.prompt for p in _probes(history, kind, scope, asked)]
+        unique = list(dict.fromkeys(prompts))
+        step = editor.config.generate.batch_size * 16
+        ids = [int(i) for start in range(0, len(unique), step) for i in editor.route(unique[start : start + step]).ids]
+        routed = [p for p, i in zip(unique, ids) if i >= 0]
+        log.info("history locality, %s probes: %d distinct, %d routed to an edit", kind, len(unique), len(routed))
+        changed = {p for p, e, b in zip(routed, _outputs(editor, routed, max_new), _outputs(editor, routed, max_new, base=True))
+                   if e != b}
+        routed_set = set(routed)
+        out[f"locality_{name}_all"] = 1 - sum(p in changed for p in prompts) / len(prompts) if prompts else math.nan
+        out[f"{name}_probes_all"] = len(prompts)
+        out[f"{name}_routed_all"] = sum(p in routed_set for p in prompts)
+        sample = rng.sample(unique, min(check, len(unique)))
+        edited, base = _outputs(editor, sample, max_new), _outputs(editor, sample, max_new, base=True)
+        unrouted = [(e, b) for p, e, b in zip(sample, edited, base) if p not in routed_set]
+        out["unrouted_checked"] += len(unrouted)
+        out["unrouted_changed"] += sum(e != b for e, b in unrouted)
+    return out
 
 
 def base_outputs(editor: Any, records: list[EditRecord], nq: list[str], max_new: int) -> _Baseline:

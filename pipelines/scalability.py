@@ -8,7 +8,9 @@ number of edits as the step: edits/min over the segment and overall (checkpoint 
 excluded), index size (members, clusters), index search latency (HNSW and exact, per query, on real
 keys from the index) and recall@1 of HNSW against exact, the trainers' and the writer's peak memory, a replica's memory
 (this process with the snapshot loaded), snapshot size and publish time, and reliability /
-generality / every locality kind on a sample of the edits applied so far. It writes scalability.json,
+generality / every locality kind on a sample of the edits applied so far, and neighbour and same-subject
+locality over every probe of the whole history (`evaluation.history_locality`; `--no-history-locality`
+leaves it out). It writes scalability.json,
 scalability.md and scalability.png under --out and logs the figure to the run.
 On a KubeRay cluster the same command runs as a RayJob entrypoint (see k8s/README.md).
 """
@@ -28,7 +30,7 @@ import numpy as np
 from melo_ray.config import load_config
 from melo_ray.editors.melo.block_index import BlockIndex
 from melo_ray.editors.melo.editor import MeloEditor
-from melo_ray.evaluation import base_outputs, measure
+from melo_ray.evaluation import base_outputs, history_locality, measure
 from melo_ray.editors.melo.index import distances
 from pipelines.bulk_edit.job import BulkEditJob
 from melo_ray.records import read_edit_records, write_parquet
@@ -39,6 +41,7 @@ NQ = ROOT.parent / "shared" / "data" / "nq-open" / "NQ-open.dev.jsonl"
 
 
 QUALITY = ("reliability", "generality", "generality_latest", "locality_nq", "locality_neighbours", "locality_subject")
+HISTORY = ("locality_neighbours_all", "locality_subject_all", "unrouted_changed")  # over the whole history
 
 
 def _rss_bytes() -> int:
@@ -67,8 +70,10 @@ def search_latency(index: Any, queries: np.ndarray) -> dict[str, float]:
 class Checkpoints:
     """The job's on_commit hook: measures at each size once it has been reached."""
 
-    def __init__(self, sizes: list[int], records: list, nq: list[str], sample: int, evaluator: MeloEditor) -> None:
+    def __init__(self, sizes: list[int], records: list, nq: list[str], sample: int, evaluator: MeloEditor,
+                 whole_history: bool = True) -> None:
         self.sizes = sorted(sizes)
+        self.whole_history = whole_history
         self.records = records
         self.nq = nq
         self.sample = sample
@@ -107,6 +112,8 @@ class Checkpoints:
         baseline = dataclasses.replace(self.baseline, neighbours=probes.neighbours, subject=probes.subject,
                                        nq_probes=probes.nq_probes)
         quality = measure(self.evaluator, sample, self.nq, baseline, self.max_new, history=applied)
+        if self.whole_history:
+            quality.update(history_locality(self.evaluator, applied, self.max_new))
         trainers = [ray.get(t.info.remote()) for t in job.actors.trainers]
         writer_rss = ray.get(job.actors.writer.peak_rss_bytes.remote()) if job.actors.writer is not None else 0
         row = {
@@ -121,7 +128,7 @@ class Checkpoints:
             # a replica holds what this process holds for evaluation: the model plus the restored snapshot
             "replica_rss_mb": _rss_bytes() / 2**20,
             **search_latency(index, queries),
-            **{k: quality[k] for k in QUALITY},
+            **{k: quality[k] for k in (*QUALITY, *HISTORY) if k in quality},
         }
         for size in due:
             self.rows.append({**row, "size": size})
@@ -146,6 +153,7 @@ def figure(rows: list[dict[str, Any]], path: Path) -> Any:
         ("memory (MiB)", ["trainer_peak_rss_mb", "writer_peak_rss_mb", "replica_rss_mb"]),
         ("snapshot", ["snapshot_mb", "publish_s"]),
         ("quality (sample)", list(QUALITY)),
+        ("locality, whole history", [k for k in HISTORY[:2] if k in rows[0]]),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for ax, (title, keys) in zip(axes, panels):
@@ -170,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-locality", type=int, default=50)
     parser.add_argument("--snapshot-every", type=int, default=10, help="batches per published snapshot")
     parser.add_argument("--trainers", type=int, default=1, help="trainer actors (pipeline.trainers)")
+    parser.add_argument("--history-locality", action=argparse.BooleanOptionalAction, default=True,
+                        help="neighbour and same-subject locality over every probe of the history at each size")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -189,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     if NQ.is_file():
         nq = [json.loads(line)["question"] for line in NQ.read_text().splitlines()[: args.n_locality]]
     evaluator = MeloEditor(config)
-    checkpoints = Checkpoints(sizes, records, nq, args.sample, evaluator)
+    checkpoints = Checkpoints(sizes, records, nq, args.sample, evaluator, args.history_locality)
     job = BulkEditJob(config, str(stream), str(out / "store"), args.job_id or f"scale-{sizes[-1]}",
                       on_commit=checkpoints)
     summary = job.run()
@@ -197,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "scalability.json").write_text(json.dumps({"rows": rows, "job": summary.state.__dict__}, indent=2))
     header = ["size", "edits_per_min", "segment_edits_per_min", "index_members", "clusters", "search_ms_hnsw",
               "search_ms_exact", "search_recall_at_1", "trainer_peak_rss_mb", "writer_peak_rss_mb",
-              "replica_rss_mb", "snapshot_mb", "publish_s", *QUALITY]
+              "replica_rss_mb", "snapshot_mb", "publish_s", *QUALITY, *(HISTORY if args.history_locality else ())]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         lines.append("| " + " | ".join(f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k])

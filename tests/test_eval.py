@@ -5,13 +5,14 @@ import json
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import CONFIGS, UNRELATED, fact_records, tiny_config
 from melo_ray.editors.grace.editor import GraceEditor
 from melo_ray.editors.lora.editor import SequentialLoraEditor
-from melo_ray.evaluation import EvalPlan, base_outputs, evaluate, measure, results_table, superseded
+from melo_ray.evaluation import EvalPlan, base_outputs, evaluate, history_locality, measure, results_table, superseded
 from melo_ray.metrics import success_rate
 from melo_ray.records import EditRecord, LocalityProbe, PortabilityProbe
 
@@ -238,3 +239,55 @@ def test_generality_split_tells_routing_misses_from_block_misses():
     relabelled = [EditRecord(prompt=r.prompt, target=r.target, rephrases=r.rephrases, question=q)
                   for r, q in zip(records, ["q1", "q2", "q1", None])]  # a's question asked again by c
     assert generality_split(Stub(), relabelled)["generality_latest"] == 0.5  # b wrong, c right
+
+
+class _RoutingLeakingEditor(_SubjectLeakingEditor):
+    """The leaking editor with an index: a prompt naming an edited subject is routed (block 0), others
+    run on the base model. `hide_routes`: the index says "none" everywhere while outputs still move."""
+
+    config = SimpleNamespace(generate=SimpleNamespace(batch_size=2))
+
+    def __init__(self, hide_routes: bool = False) -> None:
+        super().__init__()
+        self.hide_routes = hide_routes
+        self.generated: list[str] = []
+
+    def route(self, prompts):
+        ids = [-1 if self.hide_routes or self._output(p, False) == self._output(p, True) else 0 for p in prompts]
+        return SimpleNamespace(ids=np.array(ids))
+
+    def generate(self, prompts, max_new=16, *, base=False):
+        self.generated += prompts
+        return super().generate(prompts, max_new, base=base)
+
+
+def _history_records() -> list[EditRecord]:
+    probes = [LocalityProbe(f"The {r} of {s} is", "x", "subject") for s in ("Lee Orr", "Kim Poe") for r in ("sport", "spouse")]
+    return [
+        EditRecord(prompt="The occupation of Lee Orr is", target="luger", subject="Lee Orr", locality=tuple(probes[:2])),
+        EditRecord(prompt="The occupation of Ann Lu is", target="poet", subject="Ann Lu",
+                   locality=(*probes[2:], LocalityProbe("Ann Lu's sister plays", "golf", "neighbour"),
+                             LocalityProbe("Bo Ek plays", "golf", "neighbour"))),
+    ]
+
+
+def test_locality_over_the_whole_history_generates_only_routed_probes_and_checks_the_rest():
+    records = _history_records()
+    editor = _RoutingLeakingEditor()
+    editor.edit(records)
+    result = history_locality(editor, records, 16, check=100)
+    full = measure(editor, records, [], base_outputs(editor, records, [], 16), 16)
+    # Lee Orr's two probes leak, Kim Poe's do not; one neighbour names Ann Lu and leaks
+    assert result["locality_subject_all"] == full["locality_subject"] == 0.5
+    assert result["locality_neighbours_all"] == full["locality_neighbours"] == 0.5
+    assert (result["subject_probes_all"], result["subject_routed_all"]) == (4, 2)
+    assert result["unrouted_checked"] == 3 and result["unrouted_changed"] == 0
+    editor.generated.clear()
+    history_locality(editor, records, 16, check=0)
+    assert sorted(set(editor.generated)) == ["Ann Lu's sister plays", "The sport of Lee Orr is", "The spouse of Lee Orr is"]
+
+    hiding = _RoutingLeakingEditor(hide_routes=True)
+    hiding.edit(records)
+    caught = history_locality(hiding, records, 16, check=100)
+    assert caught["locality_subject_all"] == 1.0  # the shortcut alone would miss the leaks ...
+    assert caught["unrouted_changed"] == 3  # ... and the check reports them
