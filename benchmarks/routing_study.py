@@ -11,7 +11,8 @@ expects that edit's true answer; the evaluation leaves such probes out of locali
 land, and the median time to route the rephrasings in batches of 32 (index search and scope test, keys
 given). `--candidates` adds rows for the default rule with other numbers of HNSW candidates. The
 default rule ranks the members that pass by how closely they name what the query names
-(`index.scope_prefer_same_names`); `--rules default,score-alone` measures it on and off.
+(`index.scope_prefer_same_names`) and raises the threshold by ln(k) for the k members naming what the
+query names (`index.scope_namesake_bar`); `--rules default,flat-bar,score-alone` measures them on and off.
 
     OMP_NUM_THREADS=1 python benchmarks/routing_study.py --n 1000
     OMP_NUM_THREADS=1 python benchmarks/routing_study.py --dataset counterfact --probes neighbour --names-gate 0.1,0.2
@@ -39,7 +40,8 @@ from melo_ray.evaluation import EditedQuestions, superseded
 from core_quality import SOURCES  # the same records as core_quality.py (this script's folder is on sys.path)
 
 DEFAULT_RULE = "latest edit of the question (default)"
-SCORE_ALONE_RULE = "the same, ranked by the verifier's score alone (previous default)"
+SCORE_ALONE_RULE = "the same, ranked by the verifier's score alone, one flat threshold"
+FLAT_BAR_RULE = "the same, one flat threshold (previous default)"
 SHIPPED_THRESHOLD = 3.03  # configs/smollm2-135m.yaml index.scope_threshold
 
 
@@ -51,6 +53,7 @@ class Rule:
     names_gate: float | None = None  # None: the verifier's own
     candidates: int = 8
     prefer_names: bool = True  # scope_prefer_same_names
+    namesake_bar: float = 1.0  # scope_namesake_bar
 
 
 def routing_rules(t: float) -> dict[str, Rule]:
@@ -60,9 +63,12 @@ def routing_rules(t: float) -> dict[str, Rule]:
         f"supersede at logit {t + 1.5:g}": Rule(t, t + 1.5, False, prefer_names=False),
         f"supersede at logit {t:g}": Rule(t, t, False, prefer_names=False),
         DEFAULT_RULE: Rule(t),
-        SCORE_ALONE_RULE: Rule(t, prefer_names=False),
+        SCORE_ALONE_RULE: Rule(t, prefer_names=False, namesake_bar=0.0),
+        FLAT_BAR_RULE: Rule(t, namesake_bar=0.0),
         f"the same, threshold {t - 1:g}": Rule(t - 1),
         f"the same, threshold {t - 2:g}": Rule(t - 2),
+        f"flat bar, threshold {t + 0.5:g}": Rule(t + 0.5, namesake_bar=0.0),
+        f"flat bar, threshold {t + 1:g}": Rule(t + 1, namesake_bar=0.0),
     }
 
 
@@ -81,7 +87,8 @@ def main() -> None:
     parser.add_argument("--keys-cache", type=Path, default=None,
                         help="npz of the keys (written if absent or stale): reruns skip the MiniLM encoder")
     parser.add_argument("--rules", default="", help="comma-separated rule names to run (default: all); "
-                        "'default' is the shipped rule, 'score-alone' the same without index.scope_prefer_same_names. "
+                        "'default' is the shipped rule, 'flat-bar' the same with index.scope_namesake_bar 0, 'score-alone' "
+                        "with neither that nor index.scope_prefer_same_names. "
                         "The names-gate rows always run.")
     args = parser.parse_args()
     fmt, path = SOURCES[args.dataset]
@@ -107,7 +114,7 @@ def main() -> None:
           "| probes routed to an edit of a subject they name | probes asking no edited question, routed "
           "| rephrasings: own edit / other edit, same subject / other edit, other subject / none | ms per batch of 32 |")
     print("|---|---|---|---|---|---|---|---|---|")
-    aliases = {"default": DEFAULT_RULE, "score-alone": SCORE_ALONE_RULE}
+    aliases = {"default": DEFAULT_RULE, "score-alone": SCORE_ALONE_RULE, "flat-bar": FLAT_BAR_RULE}
     wanted = {aliases.get(n, n) for n in filter(None, args.rules.split(","))}
     rules = {n: rule for n, rule in routing_rules(args.threshold).items() if not wanted or n in wanted}
     for value in filter(None, args.names_gate.split(",")):
@@ -117,7 +124,8 @@ def main() -> None:
     for name, rule in rules.items():
         judge = verifier if rule.names_gate is None else verifier.with_names_gate(rule.names_gate)
         index = NeuronIndex(prompts.shape[1], "cosine", args.r_init, candidates=rule.candidates,
-                            scope=ScopeTest(judge, rule.threshold, rule.conflict, rule.latest, rule.prefer_names),
+                            scope=ScopeTest(judge, rule.threshold, rule.conflict, rule.latest, rule.prefer_names,
+                                            rule.namesake_bar),
                             cluster_per_edit=args.cluster_per_edit)
         for i, record in enumerate(records):
             index.add(prompts[i], record.target, i, record.id)

@@ -292,6 +292,52 @@ def test_members_naming_what_the_query_names_rank_first_and_a_rewording_moves_on
     assert not ScopeTest(_toy_scope().verifier, 0.0, prefer_same_names=True).prefer_same_names
 
 
+def test_the_bar_rises_with_the_members_that_name_what_the_query_names():
+    """A subject edited many times gives a question about it that no edit asks one chance per edit to
+    pass: with k members naming what the query names, the threshold rises by ln(k)."""
+    dims = [2, 256]
+    w1 = np.zeros((sum(2 * d + 1 for d in dims), 1), np.float32)
+    w1[4, 0] = 1.0  # logit = routing view's cosine - 0.5
+    verifier = ScopeVerifier({"w1": w1, "b1": np.zeros(1, np.float32), "w2": np.ones(1, np.float32),
+                              "b2": np.array([-0.5], np.float32)}, {"views": "prompt,names", "view_dims": "2,256"})
+
+    def key(angle: float, prompt: str) -> np.ndarray:
+        return np.concatenate([np.array([np.cos(angle), np.sin(angle)], np.float32), names(prompt)])
+
+    def bank(bar: float, edits: list[tuple[float, str]]) -> NeuronIndex:
+        index = NeuronIndex(2 + 256, "cosine", r_init=0.3, candidates=8, cluster_per_edit=True,
+                            scope=ScopeTest(verifier, -1.0, None, True, True, namesake_bar=bar))
+        for block, (angle, prompt) in enumerate(edits):
+            index.add(key(angle, prompt), f"target {block}", block, prompt)
+        return index
+
+    instrument = (0.6435, "What instrument is Ariadne musica scored for?")  # cosine 0.8 to the probe: logit 0.3
+    namesakes = [instrument, (-0.6435, "Who composed Ariadne musica?"), (-0.7, "In what year was Ariadne musica written?"),
+                 (-0.75, "Which language is Ariadne musica in?")]
+    probe = key(0.0, "When was Ariadne musica abolished?")  # asks none of them
+    assert bank(1.0, [instrument]).search(probe[None]).block_ids.tolist() == [0]  # one namesake: the bar is -1
+    many = bank(1.0, namesakes)
+    assert many.search(probe[None]).block_ids.tolist() == [-1]  # four: -1 + ln 4 = 0.39 > 0.3
+    assert bank(0.0, namesakes).search(probe[None]).block_ids[0] >= 0  # a flat threshold lets it through
+    others = [instrument, (-0.6435, "Who composed Boris Godunov?"), (0.7, "In what year was Hamlet written?"),
+              (-0.7, "Which language is Le Monde in?")]
+    assert bank(1.0, others).search(probe[None]).block_ids.tolist() == [0]  # other subjects do not raise it
+    # an edited wording still reaches its edit, and a close rewording clears the raised bar (logit 0.49)
+    close = key(0.6435 - 0.14, "What instrument was Ariadne musica scored for?")
+    assert many.search(np.stack([key(*instrument), close])).block_ids.tolist() == [0, 0]
+
+    config = tiny_config(index={"key_function": "sentence_encoder", "scope_verifier": "builtin"})
+    restored = BlockIndex.from_files(config, 2 + 256, BlockIndex(many, 4).files(), "snapshot")
+    assert restored.index.scope.namesake_bar == 1.0 and restored.search(probe[None])[0].tolist() == [-1]
+    flat = bank(0.0, namesakes)  # a snapshot written before the bar has no such field: one flat threshold
+    assert "scope_namesake_bar" not in flat.state()[1]
+    old = BlockIndex.from_files(config, 2 + 256, BlockIndex(flat, 4).files(), "snapshot")
+    assert old.index.scope.namesake_bar == 0.0 and old.search(probe[None])[0][0] >= 0
+    with pytest.raises(ValueError, match="namesake_bar"):
+        ScopeTest(verifier, 0.0, namesake_bar=-1.0)
+    assert ScopeTest(_toy_scope().verifier, 0.0, namesake_bar=1.0).namesake_bar == 0.0  # no names view: flat
+
+
 def test_a_training_paraphrase_is_another_key_of_its_edit_and_leaves_with_it():
     from melo_ray.records import EditRecord
 

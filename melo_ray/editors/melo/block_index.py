@@ -29,7 +29,7 @@ class BlockIndex(EditIndex):
         scope = None
         if cfg.scope_verifier is not None:
             scope = ScopeTest(load_verifier(cfg.scope_verifier), cfg.scope_threshold, cfg.scope_conflict_threshold,
-                              cfg.scope_latest_of_question, cfg.scope_prefer_same_names)
+                              cfg.scope_latest_of_question, cfg.scope_prefer_same_names, cfg.scope_namesake_bar)
         return cls(NeuronIndex(
             dim, cfg.distance, cfg.r_init, hnsw_m=cfg.hnsw_m, ef_construction=cfg.hnsw_ef_construction,
             ef_search=cfg.hnsw_ef_search, candidates=cfg.candidates, scope=scope,
@@ -54,7 +54,8 @@ class BlockIndex(EditIndex):
                 scope = ScopeTest(ScopeVerifier.from_bytes(files["scope.safetensors"]), float(meta["scope_threshold"]),
                                   None if conflict is None else float(conflict),
                                   bool(meta.get("scope_latest_of_question", False)),
-                                  bool(meta.get("scope_prefer_same_names", False)))
+                                  bool(meta.get("scope_prefer_same_names", False)),
+                                  float(meta.get("scope_namesake_bar", 0.0)))
             with tempfile.TemporaryDirectory() as tmp:
                 graph = Path(tmp) / "index.hnsw"
                 graph.write_bytes(graph_bytes)

@@ -14,7 +14,8 @@ member the verifier scores highest applies if it passes the threshold (else no b
 rewording of a question edited again (in other words) goes to that question's latest edit (with
 `prefer_same_names`, the members that pass and name what the query names most closely rank first, and
 a rewording moves on only to a later edit naming exactly the same: "Ferrari F40" keeps to its own edit
-when "Ferrari FXX" was edited with the same template); at training
+when "Ferrari FXX" was edited with the same template; with `namesake_bar`, the threshold rises with the
+number of members naming what the query names, each one more chance of a wrong pass); at training
 time another label within reach forgets only the members it supersedes (the same prompt, or with
 `scope_conflict_threshold` set, whatever the verifier scores at least that high), no radius shrinks,
 and the new key starts its own cluster of radius R_init. Clusters then may overlap: the verifier, not the geometry, separates their facts.
@@ -348,12 +349,13 @@ class NeuronIndex:
         member_keys = np.stack([self.clusters[c].member_keys[i] for c, i in owners])
         member_blocks = np.array([self.clusters[c].member_blocks[i] for c, i in owners])
         logits = self.scope.logits(key, member_keys)
-        passing = np.flatnonzero(logits >= self.scope.threshold)
+        names = self.scope.names_to(key, member_keys)
+        passing = np.flatnonzero(logits >= self.scope.bar(names))
         if not passing.size:
             return None
         ranked = passing
         if passing.size > 1 and np.isfinite(logits[passing]).all():  # the very prompt wins by its key
-            ranked = passing[self.scope.closest_names(key, member_keys[passing])]
+            ranked = passing[self.scope.closest_names(names[passing])]
         top = ranked[logits[ranked] == logits[ranked].max()]
         best = int(top[np.argmax(member_blocks[top])])
         later = passing[member_blocks[passing] > member_blocks[best]]
@@ -433,6 +435,8 @@ class NeuronIndex:
                         scope_latest_of_question=self.scope.latest_of_question)
             if self.scope.prefer_same_names:  # absent: ranked by the verifier alone, as every snapshot before
                 meta.update(scope_prefer_same_names=True)
+            if self.scope.namesake_bar:  # absent: one flat threshold, as every snapshot before
+                meta.update(scope_namesake_bar=self.scope.namesake_bar)
             if self.cluster_per_edit:  # absent: joined by label, as every snapshot before the rule
                 meta.update(scope_cluster_per_edit=True)
         return arrays, meta

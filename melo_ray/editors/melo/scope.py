@@ -262,6 +262,7 @@ def _metadata(data: bytes) -> dict[str, str]:
 
 SAME_PROMPT_ATOL = 1e-5
 NAMES_TIE = 1e-5  # names views are float32 unit vectors: equal bags agree to ~1e-7
+NAMESAKE_COSINE = 0.5  # names trigram cosine from which a member counts as naming what the query names
 
 
 class ScopeTest:
@@ -271,7 +272,7 @@ class ScopeTest:
     of the whole prompt) is the routing view the clusters and the HNSW graph use."""
 
     def __init__(self, verifier: ScopeVerifier, threshold: float, conflict_threshold: float | None = None,
-                 latest_of_question: bool = True, prefer_same_names: bool = False) -> None:
+                 latest_of_question: bool = True, prefer_same_names: bool = False, namesake_bar: float = 0.0) -> None:
         self.verifier = verifier
         self.threshold = float(threshold)
         # None: only an identical prompt supersedes an earlier edit with another target
@@ -280,6 +281,10 @@ class ScopeTest:
         self.latest_of_question = latest_of_question
         # among members that pass, those naming who the query names win ("Ferrari F40" over "Ferrari FXX")
         self.prefer_same_names = prefer_same_names and "names" in verifier.view_names
+        # the threshold rises by this much per e-fold of members naming what the query names (0: flat)
+        self.namesake_bar = float(namesake_bar) if "names" in verifier.view_names else 0.0
+        if self.namesake_bar < 0:
+            raise ValueError("scope namesake_bar must be >= 0")
 
     @property
     def key_dim(self) -> int:
@@ -299,22 +304,36 @@ class ScopeTest:
         out[identical] = np.inf
         return out
 
-    def closest_names(self, query: np.ndarray, members: np.ndarray) -> np.ndarray:
-        """Which members name what `query` names most closely (all of them when names are not
-        compared): the ones whose names view is nearest the query's, to a rounding tolerance."""
-        cosine = self._names_cosine_to(query, members)
-        return cosine >= cosine.max() - NAMES_TIE
-
-    def same_names(self, query: np.ndarray, members: np.ndarray) -> np.ndarray:
-        """Which members name exactly what `query` names (all of them when names are not compared)."""
-        return self._names_cosine_to(query, members) >= 1.0 - NAMES_TIE
-
-    def _names_cosine_to(self, query: np.ndarray, members: np.ndarray) -> np.ndarray:
-        """Names cosine of each member to `query`; all ones when the rule is off (every member ties)."""
+    def names_to(self, query: np.ndarray, members: np.ndarray) -> np.ndarray:
+        """Names cosine of each member to `query`, computed once per routed query for the rules below
+        that read it; all ones when neither rule is on (every member ties)."""
         members = np.atleast_2d(members)
-        if not self.prefer_same_names:  # also set only when the verifier has a names view
+        if not (self.prefer_same_names or self.namesake_bar):  # both set only with a names view
             return np.ones(members.shape[0])
         return self.verifier.names_cosine(np.asarray(query)[None, :], members)
+
+    def bar(self, names: np.ndarray) -> float:
+        """The logit a member must reach, given every member's `names_to` the query: the threshold,
+        raised by `namesake_bar` x ln(k) for the k members that name what the query names. Each of them
+        is one more chance for a question about their subject that none of them asks to pass by
+        mistake; with a logistic tail, k chances at threshold + ln(k) err about as often as one at the
+        threshold."""
+        if not self.namesake_bar:
+            return self.threshold
+        return self.threshold + self.namesake_bar * float(np.log(max(int((names >= NAMESAKE_COSINE).sum()), 1)))
+
+    def closest_names(self, names: np.ndarray) -> np.ndarray:
+        """Which members (given their `names_to` the query) name what it names most closely, to a
+        rounding tolerance; all of them when the ranking rule is off."""
+        if not self.prefer_same_names:
+            return np.ones(len(names), bool)
+        return names >= names.max() - NAMES_TIE
+
+    def same_names(self, query: np.ndarray, members: np.ndarray) -> np.ndarray:
+        """Which members name exactly what `query` names (all of them when the ranking rule is off)."""
+        if not self.prefer_same_names:
+            return np.ones(np.atleast_2d(members).shape[0], bool)
+        return self.names_to(query, members) >= 1.0 - NAMES_TIE
 
     def supersedes(self, query: np.ndarray, members: np.ndarray) -> np.ndarray:
         """Which members an edit of `query` with another target replaces (conflict rule)."""
