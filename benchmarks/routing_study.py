@@ -67,8 +67,9 @@ def routing_rules(t: float) -> dict[str, Rule]:
         FLAT_BAR_RULE: Rule(t, namesake_bar=0.0),
         f"the same, threshold {t - 1:g}": Rule(t - 1),
         f"the same, threshold {t - 2:g}": Rule(t - 2),
-        f"flat bar, threshold {t + 0.5:g}": Rule(t + 0.5, namesake_bar=0.0),
-        f"flat bar, threshold {t + 1:g}": Rule(t + 1, namesake_bar=0.0),
+        # no comma in these names, so `--rules` can pick them
+        f"flat bar at threshold {t + 0.5:g}": Rule(t + 0.5, namesake_bar=0.0),
+        f"flat bar at threshold {t + 1:g}": Rule(t + 1, namesake_bar=0.0),
     }
 
 

@@ -252,15 +252,20 @@ def test_with_a_cluster_per_edit_a_later_edit_of_the_same_target_keeps_its_rewor
         NeuronIndex(4, "cosine", cluster_per_edit=True)
 
 
+def _routing_cosine_verifier() -> ScopeVerifier:
+    """Keys of a 2-d routing view and a names view; logit = the routing views' cosine - 0.5."""
+    dims = [2, 256]
+    w1 = np.zeros((sum(2 * d + 1 for d in dims), 1), np.float32)
+    w1[4, 0] = 1.0  # the routing view's cosine feature
+    return ScopeVerifier({"w1": w1, "b1": np.zeros(1, np.float32), "w2": np.ones(1, np.float32),
+                          "b2": np.array([-0.5], np.float32)}, {"views": "prompt,names", "view_dims": "2,256"})
+
+
 def test_members_naming_what_the_query_names_rank_first_and_a_rewording_moves_on_only_to_the_same_names():
     """In a large bank "Ferrari F40" and "Ferrari FXX" share a template, and the names gate lets such
     near-identical names through: a rewording about the F40 that lies nearer the FXX's key must still
     reach the F40's edit, and move on to a later edit only when it asks about the F40 again."""
-    dims = [2, 256]
-    w1 = np.zeros((sum(2 * d + 1 for d in dims), 1), np.float32)
-    w1[4, 0] = 1.0  # logit = routing view's cosine - 0.5: every prompt here passes, the nearest scores highest
-    verifier = ScopeVerifier({"w1": w1, "b1": np.zeros(1, np.float32), "w2": np.ones(1, np.float32),
-                              "b2": np.array([-0.5], np.float32)}, {"views": "prompt,names", "view_dims": "2,256"})
+    verifier = _routing_cosine_verifier()  # every prompt here passes at 0, the nearest scores highest
 
     def key(route: tuple[float, float], prompt: str) -> np.ndarray:
         return np.concatenate([np.array(route, np.float32), names(prompt)])
@@ -295,11 +300,7 @@ def test_members_naming_what_the_query_names_rank_first_and_a_rewording_moves_on
 def test_the_bar_rises_with_the_members_that_name_what_the_query_names():
     """A subject edited many times gives a question about it that no edit asks one chance per edit to
     pass: with k members naming what the query names, the threshold rises by ln(k)."""
-    dims = [2, 256]
-    w1 = np.zeros((sum(2 * d + 1 for d in dims), 1), np.float32)
-    w1[4, 0] = 1.0  # logit = routing view's cosine - 0.5
-    verifier = ScopeVerifier({"w1": w1, "b1": np.zeros(1, np.float32), "w2": np.ones(1, np.float32),
-                              "b2": np.array([-0.5], np.float32)}, {"views": "prompt,names", "view_dims": "2,256"})
+    verifier = _routing_cosine_verifier()
 
     def key(angle: float, prompt: str) -> np.ndarray:
         return np.concatenate([np.array([np.cos(angle), np.sin(angle)], np.float32), names(prompt)])

@@ -281,10 +281,10 @@ class ScopeTest:
         self.latest_of_question = latest_of_question
         # among members that pass, those naming who the query names win ("Ferrari F40" over "Ferrari FXX")
         self.prefer_same_names = prefer_same_names and "names" in verifier.view_names
+        if namesake_bar < 0:
+            raise ValueError("scope namesake_bar must be >= 0")
         # the threshold rises by this much per e-fold of members naming what the query names (0: flat)
         self.namesake_bar = float(namesake_bar) if "names" in verifier.view_names else 0.0
-        if self.namesake_bar < 0:
-            raise ValueError("scope namesake_bar must be >= 0")
 
     @property
     def key_dim(self) -> int:
