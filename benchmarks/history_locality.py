@@ -6,7 +6,8 @@ every edit instead of a sample (`evaluation.history_locality`).
 
 The history is the first `rows_done` records of --edits (the job's stream) as the snapshot's manifest
 records them. Only the probes the index routes to an edit are generated both ways; `unrouted_changed`
-reports the check on a random sample of the others (0: they ran on the exact base model).
+reports the check on a random sample of the others (0: they ran on the exact base model). `--generality`
+adds generality over every edit's first rephrasing (`evaluation.generality_split`).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import time
 
 from melo_ray.config import load_config
 from melo_ray.editors.melo.editor import MeloEditor
-from melo_ray.evaluation import history_locality
+from melo_ray.evaluation import generality_split, history_locality
 from melo_ray.records import read_edit_records
 from melo_ray.store import SnapshotStore
 
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--edits", required=True, help="the job's stream of edit records")
     parser.add_argument("--version", type=int, default=None, help="default: the latest")
     parser.add_argument("--check", type=int, default=256, help="probes of each kind generated both ways as a check")
+    parser.add_argument("--generality", action="store_true",
+                        help="also generality over every edit's first rephrasing (one generation per edit)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     config = load_config(args.config)
@@ -39,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     editor.restore_files(manifest, files, f"v{version}")
     started = time.perf_counter()
     result = history_locality(editor, history, config.generate.max_new_tokens, check=args.check)
+    if args.generality:
+        result.update({f"{k}_all": v for k, v in generality_split(editor, history).items()})
     print(json.dumps({"version": version, "history": len(history), "edits": manifest["stats"]["edits"],
                       **result, "seconds": round(time.perf_counter() - started, 1)}, indent=2))
 
