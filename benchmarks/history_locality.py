@@ -20,13 +20,13 @@ from melo_ray.config import load_config
 from melo_ray.editors.melo.editor import MeloEditor
 from melo_ray.evaluation import generality_split, history_locality
 from melo_ray.records import read_edit_records
-from melo_ray.store import SnapshotStore
+from melo_ray.store import open_snapshots
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/smollm2-135m.yaml")
-    parser.add_argument("--store", required=True)
+    parser.add_argument("--store", required=True, help="a snapshot store, or one published snapshot folder")
     parser.add_argument("--edits", required=True, help="the job's stream of edit records")
     parser.add_argument("--version", type=int, default=None, help="default: the latest")
     parser.add_argument("--check", type=int, default=256, help="probes of each kind generated both ways as a check")
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     config = load_config(args.config)
-    manifest, files = SnapshotStore(args.store).read(args.version)
+    manifest, files = open_snapshots(args.store).read(args.version)
     version = int(manifest["version"])
     history = read_edit_records(args.edits)[: int(manifest["job"]["rows_done"])]
     editor = MeloEditor(config)
