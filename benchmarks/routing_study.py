@@ -12,7 +12,8 @@ land, and the median time to route the rephrasings in batches of 32 (index searc
 given). `--candidates` adds rows for the default rule with other numbers of HNSW candidates. The
 default rule ranks the members that pass by how closely they name what the query names
 (`index.scope_prefer_same_names`) and raises the threshold by ln(k) for the k members naming what the
-query names (`index.scope_namesake_bar`); `--rules default,flat-bar,score-alone` measures them on and off.
+query names most closely (`index.scope_namesake_bar`); `--rules default,flat-bar,loose-bar,score-alone` measures
+them on and off, and the bar counting every member from names cosine 0.5 (near-namesakes too).
 
     OMP_NUM_THREADS=1 python benchmarks/routing_study.py --n 1000
     OMP_NUM_THREADS=1 python benchmarks/routing_study.py --dataset counterfact --probes neighbour --names-gate 0.1,0.2
@@ -41,7 +42,8 @@ from core_quality import SOURCES  # the same records as core_quality.py (this sc
 
 DEFAULT_RULE = "latest edit of the question (default)"
 SCORE_ALONE_RULE = "the same, ranked by the verifier's score alone, one flat threshold"
-FLAT_BAR_RULE = "the same, one flat threshold (previous default)"
+FLAT_BAR_RULE = "the same, one flat threshold"
+LOOSE_BAR_RULE = "the same, k counting every member from names cosine 0.5 (previous default)"
 SHIPPED_THRESHOLD = 3.03  # configs/smollm2-135m.yaml index.scope_threshold
 
 
@@ -54,6 +56,7 @@ class Rule:
     candidates: int = 8
     prefer_names: bool = True  # scope_prefer_same_names
     namesake_bar: float = 1.0  # scope_namesake_bar
+    closest_namesakes: bool = True  # False: the bar's k counts every member from NAMESAKE_COSINE
 
 
 def routing_rules(t: float) -> dict[str, Rule]:
@@ -65,6 +68,7 @@ def routing_rules(t: float) -> dict[str, Rule]:
         DEFAULT_RULE: Rule(t),
         SCORE_ALONE_RULE: Rule(t, prefer_names=False, namesake_bar=0.0),
         FLAT_BAR_RULE: Rule(t, namesake_bar=0.0),
+        LOOSE_BAR_RULE: Rule(t, closest_namesakes=False),
         f"the same, threshold {t - 1:g}": Rule(t - 1),
         f"the same, threshold {t - 2:g}": Rule(t - 2),
         # no comma in these names, so `--rules` can pick them
@@ -88,9 +92,9 @@ def main() -> None:
     parser.add_argument("--keys-cache", type=Path, default=None,
                         help="npz of the keys (written if absent or stale): reruns skip the MiniLM encoder")
     parser.add_argument("--rules", default="", help="comma-separated rule names to run (default: all); "
-                        "'default' is the shipped rule, 'flat-bar' the same with index.scope_namesake_bar 0, 'score-alone' "
-                        "with neither that nor index.scope_prefer_same_names. "
-                        "The names-gate rows always run.")
+                        "'default' is the shipped rule, 'flat-bar' the same with index.scope_namesake_bar 0, "
+                        "'loose-bar' the bar counting near-namesakes too, 'score-alone' with neither the bar nor "
+                        "index.scope_prefer_same_names. The names-gate rows always run.")
     args = parser.parse_args()
     fmt, path = SOURCES[args.dataset]
     # zsRE: probes drawn from the whole file, as the T = 1000 evaluation does; CounterFact: its first n records
@@ -115,7 +119,8 @@ def main() -> None:
           "| probes routed to an edit of a subject they name | probes asking no edited question, routed "
           "| rephrasings: own edit / other edit, same subject / other edit, other subject / none | ms per batch of 32 |")
     print("|---|---|---|---|---|---|---|---|---|")
-    aliases = {"default": DEFAULT_RULE, "score-alone": SCORE_ALONE_RULE, "flat-bar": FLAT_BAR_RULE}
+    aliases = {"default": DEFAULT_RULE, "score-alone": SCORE_ALONE_RULE, "flat-bar": FLAT_BAR_RULE,
+               "loose-bar": LOOSE_BAR_RULE}
     wanted = {aliases.get(n, n) for n in filter(None, args.rules.split(","))}
     rules = {n: rule for n, rule in routing_rules(args.threshold).items() if not wanted or n in wanted}
     for value in filter(None, args.names_gate.split(",")):
@@ -126,7 +131,7 @@ def main() -> None:
         judge = verifier if rule.names_gate is None else verifier.with_names_gate(rule.names_gate)
         index = NeuronIndex(prompts.shape[1], "cosine", args.r_init, candidates=rule.candidates,
                             scope=ScopeTest(judge, rule.threshold, rule.conflict, rule.latest, rule.prefer_names,
-                                            rule.namesake_bar),
+                                            rule.namesake_bar, rule.closest_namesakes),
                             cluster_per_edit=args.cluster_per_edit)
         for i, record in enumerate(records):
             index.add(prompts[i], record.target, i, record.id)

@@ -299,7 +299,7 @@ def test_members_naming_what_the_query_names_rank_first_and_a_rewording_moves_on
 
 def test_the_bar_rises_with_the_members_that_name_what_the_query_names():
     """A subject edited many times gives a question about it that no edit asks one chance per edit to
-    pass: with k members naming what the query names, the threshold rises by ln(k)."""
+    pass: with k members naming what the query names (most closely), the threshold rises by ln(k)."""
     verifier = _routing_cosine_verifier()
 
     def key(angle: float, prompt: str) -> np.ndarray:
@@ -323,6 +323,11 @@ def test_the_bar_rises_with_the_members_that_name_what_the_query_names():
     others = [instrument, (-0.6435, "Who composed Boris Godunov?"), (0.7, "In what year was Hamlet written?"),
               (-0.7, "Which language is Le Monde in?")]
     assert bank(1.0, others).search(probe[None]).block_ids.tolist() == [0]  # other subjects do not raise it
+    # nor do near-namesakes (names cosine 0.76-0.80 to the probe's, 1.0 to the instrument edit's): another
+    # subject each, which the ranking rule puts behind the query's own
+    near = [instrument, (-0.6435, "Who composed Ariadne auf Naxos?"), (-0.7, "In what year was Ariadnea written?"),
+            (-0.75, "Which language is Ariadne Ferrara in?")]
+    assert bank(1.0, near).search(probe[None]).block_ids.tolist() == [0]
     # an edited wording still reaches its edit, and a close rewording clears the raised bar (logit 0.49)
     close = key(0.6435 - 0.14, "What instrument was Ariadne musica scored for?")
     assert many.search(np.stack([key(*instrument), close])).block_ids.tolist() == [0, 0]
@@ -334,6 +339,12 @@ def test_the_bar_rises_with_the_members_that_name_what_the_query_names():
     assert "scope_namesake_bar" not in flat.state()[1]
     old = BlockIndex.from_files(config, 2 + 256, BlockIndex(flat, 4).files(), "snapshot")
     assert old.index.scope.namesake_bar == 0.0 and old.search(probe[None])[0][0] >= 0
+    # written before the closest rule: every member from NAMESAKE_COSINE counts, as it did then
+    files = BlockIndex(bank(1.0, near), 4).files()
+    meta = json.loads(files["index.json"])
+    assert meta.pop("scope_closest_namesakes") is True
+    before = BlockIndex.from_files(config, 2 + 256, {**files, "index.json": json.dumps(meta).encode()}, "snapshot")
+    assert not before.index.scope.closest_namesakes and before.search(probe[None])[0].tolist() == [-1]
     with pytest.raises(ValueError, match="namesake_bar"):
         ScopeTest(verifier, 0.0, namesake_bar=-1.0)
     assert ScopeTest(_toy_scope().verifier, 0.0, namesake_bar=1.0).namesake_bar == 0.0  # no names view: flat

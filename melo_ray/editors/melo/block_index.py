@@ -55,7 +55,8 @@ class BlockIndex(EditIndex):
                                   None if conflict is None else float(conflict),
                                   bool(meta.get("scope_latest_of_question", False)),
                                   bool(meta.get("scope_prefer_same_names", False)),
-                                  float(meta.get("scope_namesake_bar", 0.0)))
+                                  float(meta.get("scope_namesake_bar", 0.0)),
+                                  bool(meta.get("scope_closest_namesakes", False)))
             with tempfile.TemporaryDirectory() as tmp:
                 graph = Path(tmp) / "index.hnsw"
                 graph.write_bytes(graph_bytes)

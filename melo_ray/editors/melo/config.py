@@ -80,10 +80,10 @@ class IndexConfig(StrictConfig):
     )
     scope_namesake_bar: float = Field(
         1.0, ge=0.0, description="With a scope test whose verifier has a names view: the threshold rises by this "
-        "much times ln(k), k the members in reach that name what the query names (names trigram cosine >= 0.5). "
-        "A subject edited many times gives a question about it that no edit asks many chances to pass by mistake; "
-        "1.0 keeps that chance near one member's (a logistic tail). 0: one flat threshold. A snapshot keeps the "
-        "bar it was written with.",
+        "much times ln(k), k the members in reach that name what the query names most closely (names trigram "
+        "cosine >= 0.5): one subject's edits, not its near-namesakes. A subject edited many times gives a question "
+        "about it that no edit asks many chances to pass by mistake; 1.0 keeps that chance near one member's (a "
+        "logistic tail). 0: one flat threshold. A snapshot keeps the bar and the rule it was written with.",
     )
     scope_cluster_per_edit: bool = Field(
         True, description="With a scope test: every edit's key starts its own cluster of radius r_init, also when the "

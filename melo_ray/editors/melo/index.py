@@ -437,6 +437,8 @@ class NeuronIndex:
                 meta.update(scope_prefer_same_names=True)
             if self.scope.namesake_bar:  # absent: one flat threshold, as every snapshot before
                 meta.update(scope_namesake_bar=self.scope.namesake_bar)
+                if self.scope.closest_namesakes:  # absent: k counted every member from NAMESAKE_COSINE
+                    meta.update(scope_closest_namesakes=True)
             if self.cluster_per_edit:  # absent: joined by label, as every snapshot before the rule
                 meta.update(scope_cluster_per_edit=True)
         return arrays, meta

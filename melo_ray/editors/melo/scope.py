@@ -262,7 +262,7 @@ def _metadata(data: bytes) -> dict[str, str]:
 
 SAME_PROMPT_ATOL = 1e-5
 NAMES_TIE = 1e-5  # names views are float32 unit vectors: equal bags agree to ~1e-7
-NAMESAKE_COSINE = 0.5  # names trigram cosine from which a member counts as naming what the query names
+NAMESAKE_COSINE = 0.5  # names trigram cosine below which a member never counts as naming what the query names
 
 
 class ScopeTest:
@@ -272,7 +272,8 @@ class ScopeTest:
     of the whole prompt) is the routing view the clusters and the HNSW graph use."""
 
     def __init__(self, verifier: ScopeVerifier, threshold: float, conflict_threshold: float | None = None,
-                 latest_of_question: bool = True, prefer_same_names: bool = False, namesake_bar: float = 0.0) -> None:
+                 latest_of_question: bool = True, prefer_same_names: bool = False, namesake_bar: float = 0.0,
+                 closest_namesakes: bool = True) -> None:
         self.verifier = verifier
         self.threshold = float(threshold)
         # None: only an identical prompt supersedes an earlier edit with another target
@@ -285,6 +286,9 @@ class ScopeTest:
             raise ValueError("scope namesake_bar must be >= 0")
         # the threshold rises by this much per e-fold of members naming what the query names (0: flat)
         self.namesake_bar = float(namesake_bar) if "names" in verifier.view_names else 0.0
+        # k counts the members naming the query most closely; False: every one at NAMESAKE_COSINE or more
+        # (snapshots written before the closest rule)
+        self.closest_namesakes = closest_namesakes
 
     @property
     def key_dim(self) -> int:
@@ -317,10 +321,15 @@ class ScopeTest:
         raised by `namesake_bar` x ln(k) for the k members that name what the query names. Each of them
         is one more chance for a question about their subject that none of them asks to pass by
         mistake; with a logistic tail, k chances at threshold + ln(k) err about as often as one at the
-        threshold."""
+        threshold. The k are the members naming it most closely (and at least `NAMESAKE_COSINE`): one
+        subject's edits share a names view, while "David Mellor" beside "David Yost" or "Windows 7"
+        beside "Windows XP" is another subject, which the ranking rule puts behind the query's own."""
         if not self.namesake_bar:
             return self.threshold
-        return self.threshold + self.namesake_bar * float(np.log(max(int((names >= NAMESAKE_COSINE).sum()), 1)))
+        closest = NAMESAKE_COSINE
+        if self.closest_namesakes:
+            closest = max(closest, float(names.max(initial=0.0)) - NAMES_TIE)
+        return self.threshold + self.namesake_bar * float(np.log(max(int((names >= closest).sum()), 1)))
 
     def closest_names(self, names: np.ndarray) -> np.ndarray:
         """Which members (given their `names_to` the query) name what it names most closely, to a
