@@ -137,12 +137,21 @@ def _success(editor: Any, prompts: list[str], targets: list[str], max_new: int) 
 
 
 def superseded(records: list[EditRecord]) -> list[bool]:
-    """Per record: whether a later record with the same `question` label has another target."""
+    """Per record: whether the last record asking its question has another target. A question is a
+    `question` label, or the very prompt: CounterFact edits one prompt twice under two true answers
+    ("Underdog premieres on"), which a label built from the true answer keeps apart."""
     latest: dict[str, str] = {}
     for record in records:
         if record.question:
             latest[record.question] = record.target
-    return [bool(r.question) and latest[r.question] != r.target for r in records]
+        latest[_same_prompt(record.prompt)] = record.target
+    return [(bool(r.question) and latest[r.question] != r.target) or latest[_same_prompt(r.prompt)] != r.target
+            for r in records]
+
+
+def _same_prompt(prompt: str) -> str:
+    """A prompt's key among the labels: casefolded, runs of white space as one (no label has a NUL)."""
+    return "\0" + " ".join(prompt.casefold().split())
 
 
 def generality_split(editor: Any, records: list[EditRecord]) -> dict[str, float]:

@@ -124,6 +124,9 @@ def test_an_edit_a_later_one_re_asks_is_scored_apart():
         EditRecord(prompt="Who wrote GODI?", target="Ada", rephrases=("GODI's author is",), question="q2", subject="@3"),
     ]
     assert superseded(records) == [True, False, False]
+    # the very prompt edited again counts too, whatever the labels say (CounterFact's one prompt, two true answers)
+    again = EditRecord(prompt="who wrote  GODI?", target="Bo", rephrases=("GODI was written by",), question="q3", subject="@4")
+    assert superseded(records + [again]) == [True, False, True, False]
     editor = _SubjectLeakingEditor()  # rephrasings stay on the base model: generality 0 everywhere
     editor.targets["Kyrre was born to"] = "Boris"  # the latest target of q1 for the later wording
     result = evaluate(editor, records, [], EvalPlan(batch_size=3), progress=False)
