@@ -138,8 +138,8 @@ def _success(editor: Any, prompts: list[str], targets: list[str], max_new: int) 
 
 def superseded(records: list[EditRecord]) -> list[bool]:
     """Per record: whether the last record asking its question has another target. A question is a
-    `question` label, or the very prompt: CounterFact edits one prompt twice under two true answers
-    ("Underdog premieres on"), which a label built from the true answer keeps apart."""
+    `question` label, or the very prompt: CounterFact edits one prompt under two true answers ("Chicago
+    is a twin city of": Warsaw, Prague), which a label built from the true answer keeps apart."""
     latest: dict[str, str] = {}
     for record in records:
         if record.question:
