@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--edits", required=True, help="the job's stream of edit records")
     parser.add_argument("--version", type=int, default=None, help="default: the latest")
     parser.add_argument("--check", type=int, default=256, help="probes of each kind generated both ways as a check")
+    parser.add_argument("--locality", action=argparse.BooleanOptionalAction, default=True,
+                        help="--no-locality: generality alone (with --generality), e.g. where the job measured locality")
     parser.add_argument("--generality", action="store_true",
                         help="also generality over every edit's first rephrasing (one generation per edit)")
     args = parser.parse_args(argv)
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     editor = MeloEditor(config)
     editor.restore_files(manifest, files, f"v{version}")
     started = time.perf_counter()
-    result = history_locality(editor, history, config.generate.max_new_tokens, check=args.check)
+    result = history_locality(editor, history, config.generate.max_new_tokens, check=args.check) if args.locality else {}
     if args.generality:
         result.update({f"{k}_all": v for k, v in generality_split(editor, history).items()})
     print(json.dumps({"version": version, "history": len(history), "edits": manifest["stats"]["edits"],
