@@ -12,8 +12,8 @@ land, and the median time to route the rephrasings in batches of 32 (index searc
 given). `--candidates` adds rows for the default rule with other numbers of HNSW candidates. The
 default rule ranks the members that pass by how closely they name what the query names
 (`index.scope_prefer_same_names`) and raises the threshold by ln(k) for the k members naming what the
-query names most closely (`index.scope_namesake_bar`); `--rules default,flat-bar,loose-bar,score-alone` measures
-them on and off, and the bar counting every member from names cosine 0.5 (near-namesakes too).
+query names most closely (`index.scope_namesake_bar`); `--rules default,flat-bar,score-alone` measures them on
+and off, and `loose-bar` the bar counting every member from names cosine 0.5 (near-namesakes too).
 
     OMP_NUM_THREADS=1 python benchmarks/routing_study.py --n 1000
     OMP_NUM_THREADS=1 python benchmarks/routing_study.py --dataset counterfact --probes neighbour --names-gate 0.1,0.2

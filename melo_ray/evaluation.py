@@ -140,18 +140,17 @@ def superseded(records: list[EditRecord]) -> list[bool]:
     """Per record: whether the last record asking its question has another target. A question is a
     `question` label, or the very prompt: CounterFact edits one prompt under two true answers ("Chicago
     is a twin city of": Warsaw, Prague), which a label built from the true answer keeps apart."""
-    latest: dict[str, str] = {}
+    def same_prompt(prompt: str) -> str:  # casefolded, runs of white space as one
+        return " ".join(prompt.casefold().split())
+
+    by_label: dict[str, str] = {}
+    by_prompt: dict[str, str] = {}
     for record in records:
         if record.question:
-            latest[record.question] = record.target
-        latest[_same_prompt(record.prompt)] = record.target
-    return [(bool(r.question) and latest[r.question] != r.target) or latest[_same_prompt(r.prompt)] != r.target
+            by_label[record.question] = record.target
+        by_prompt[same_prompt(record.prompt)] = record.target
+    return [(bool(r.question) and by_label[r.question] != r.target) or by_prompt[same_prompt(r.prompt)] != r.target
             for r in records]
-
-
-def _same_prompt(prompt: str) -> str:
-    """A prompt's key among the labels: casefolded, runs of white space as one (no label has a NUL)."""
-    return "\0" + " ".join(prompt.casefold().split())
 
 
 def generality_split(editor: Any, records: list[EditRecord]) -> dict[str, float]:

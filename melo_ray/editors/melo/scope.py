@@ -265,6 +265,11 @@ NAMES_TIE = 1e-5  # names views are float32 unit vectors: equal bags agree to ~1
 NAMESAKE_COSINE = 0.5  # names trigram cosine below which a member never counts as naming what the query names
 
 
+def _closest(names: np.ndarray) -> np.ndarray:
+    """Which of the members' names cosines to a query are the highest, to the rounding tolerance."""
+    return names >= names.max(initial=0.0) - NAMES_TIE
+
+
 class ScopeTest:
     """The verifier plus its decision threshold, as the index applies it.
 
@@ -326,17 +331,17 @@ class ScopeTest:
         beside "Windows XP" is another subject, which the ranking rule puts behind the query's own."""
         if not self.namesake_bar:
             return self.threshold
-        closest = NAMESAKE_COSINE
+        namesakes = names >= NAMESAKE_COSINE
         if self.closest_namesakes:
-            closest = max(closest, float(names.max(initial=0.0)) - NAMES_TIE)
-        return self.threshold + self.namesake_bar * float(np.log(max(int((names >= closest).sum()), 1)))
+            namesakes &= _closest(names)
+        return self.threshold + self.namesake_bar * float(np.log(max(int(namesakes.sum()), 1)))
 
     def closest_names(self, names: np.ndarray) -> np.ndarray:
         """Which members (given their `names_to` the query) name what it names most closely, to a
         rounding tolerance; all of them when the ranking rule is off."""
         if not self.prefer_same_names:
             return np.ones(len(names), bool)
-        return names >= names.max() - NAMES_TIE
+        return _closest(names)
 
     def same_names(self, query: np.ndarray, members: np.ndarray) -> np.ndarray:
         """Which members name exactly what `query` names (all of them when the ranking rule is off)."""
