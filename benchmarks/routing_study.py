@@ -13,7 +13,9 @@ given). `--candidates` adds rows for the default rule with other numbers of HNSW
 default rule ranks the members that pass by how closely they name what the query names
 (`index.scope_prefer_same_names`) and raises the threshold by ln(k) for the k members naming what the
 query names most closely (`index.scope_namesake_bar`); `--rules default,flat-bar,score-alone` measures them on
-and off, and `loose-bar` the bar counting every member from names cosine 0.5 (near-namesakes too).
+and off, `loose-bar` the bar counting every member from names cosine 0.5 (near-namesakes too), and
+`prompt-reach` a cluster holding only queries whose whole-prompt view lies in its radius (by default
+the focus view, the last sentence, reaches too: `index.scope_focus_reach`).
 
     OMP_NUM_THREADS=1 python benchmarks/routing_study.py --n 1000
     OMP_NUM_THREADS=1 python benchmarks/routing_study.py --dataset counterfact --probes neighbour --names-gate 0.1,0.2
@@ -43,7 +45,8 @@ from core_quality import SOURCES  # the same records as core_quality.py (this sc
 DEFAULT_RULE = "latest edit of the question (default)"
 SCORE_ALONE_RULE = "the same, ranked by the verifier's score alone, one flat threshold"
 FLAT_BAR_RULE = "the same, one flat threshold"
-LOOSE_BAR_RULE = "the same, k counting every member from names cosine 0.5 (previous default)"
+LOOSE_BAR_RULE = "the same, k counting every member from names cosine 0.5"
+PROMPT_REACH_RULE = "the same, reached by the whole prompt's view alone (previous default)"
 SHIPPED_THRESHOLD = 3.03  # configs/smollm2-135m.yaml index.scope_threshold
 
 
@@ -57,6 +60,7 @@ class Rule:
     prefer_names: bool = True  # scope_prefer_same_names
     namesake_bar: float = 1.0  # scope_namesake_bar
     closest_namesakes: bool = True  # False: the bar's k counts every member from NAMESAKE_COSINE
+    focus_reach: bool = True  # scope_focus_reach
 
 
 def routing_rules(t: float) -> dict[str, Rule]:
@@ -69,6 +73,7 @@ def routing_rules(t: float) -> dict[str, Rule]:
         SCORE_ALONE_RULE: Rule(t, prefer_names=False, namesake_bar=0.0),
         FLAT_BAR_RULE: Rule(t, namesake_bar=0.0),
         LOOSE_BAR_RULE: Rule(t, closest_namesakes=False),
+        PROMPT_REACH_RULE: Rule(t, focus_reach=False),
         f"the same, threshold {t - 1:g}": Rule(t - 1),
         f"the same, threshold {t - 2:g}": Rule(t - 2),
         # no comma in these names, so `--rules` can pick them
@@ -120,7 +125,7 @@ def main() -> None:
           "| rephrasings: own edit / other edit, same subject / other edit, other subject / none | ms per batch of 32 |")
     print("|---|---|---|---|---|---|---|---|---|")
     aliases = {"default": DEFAULT_RULE, "score-alone": SCORE_ALONE_RULE, "flat-bar": FLAT_BAR_RULE,
-               "loose-bar": LOOSE_BAR_RULE}
+               "loose-bar": LOOSE_BAR_RULE, "prompt-reach": PROMPT_REACH_RULE}
     wanted = {aliases.get(n, n) for n in filter(None, args.rules.split(","))}
     rules = {n: rule for n, rule in routing_rules(args.threshold).items() if not wanted or n in wanted}
     for value in filter(None, args.names_gate.split(",")):
@@ -131,7 +136,7 @@ def main() -> None:
         judge = verifier if rule.names_gate is None else verifier.with_names_gate(rule.names_gate)
         index = NeuronIndex(prompts.shape[1], "cosine", args.r_init, candidates=rule.candidates,
                             scope=ScopeTest(judge, rule.threshold, rule.conflict, rule.latest, rule.prefer_names,
-                                            rule.namesake_bar, rule.closest_namesakes),
+                                            rule.namesake_bar, rule.closest_namesakes, rule.focus_reach),
                             cluster_per_edit=args.cluster_per_edit)
         for i, record in enumerate(records):
             index.add(prompts[i], record.target, i, record.id)

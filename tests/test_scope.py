@@ -164,7 +164,8 @@ def test_rewording_routes_to_the_block_and_same_subject_other_relation_runs_on_t
 
 def test_routing_computes_the_scope_views_only_within_reach_and_routes_as_the_whole_keys_do(scoped_editor):
     prompts = ["The native language of Danielle Darrieux is", "The place of birth of Danielle Darrieux is",
-               "Who wrote the novel Moby Dick?", "How many moons does Mars have?"]
+               "Who wrote the novel Moby Dick?", "How many moons does Mars have?",
+               "We walked home after the film. How many moons does Mars have?"]
     encoded = []
     encoder = scoped_editor.key_function.encoder
     original = encoder.keys
@@ -176,7 +177,45 @@ def test_routing_computes_the_scope_views_only_within_reach_and_routes_as_the_wh
     whole = scoped_editor.index.search(scoped_editor.key_function.keys(prompts))
     assert routing.ids.tolist() == whole[0].tolist()
     np.testing.assert_allclose(routing.distances, whole[1], rtol=1e-6)
-    assert encoded[0] == 4 and all(n < 4 for n in encoded[1:])  # the unrelated questions: first view only
+    # every prompt's first view; the focus view (reach) only of the one that is not its own focus; the
+    # rest only of the prompts in reach, never of the unrelated questions
+    assert encoded[:2] == [5, 1] and all(n <= 2 for n in encoded[2:])
+
+
+def test_a_rewording_behind_an_unrelated_sentence_reaches_its_edit_by_its_focus(scoped_editor):
+    prompt = ("I grew up near the sea and spent every summer sailing with my uncle. "
+              "The native language of Danielle Darrieux is")
+    scope = scoped_editor.index.index.scope
+    assert scope.focus_reach  # the default
+    assert scoped_editor.route([prompt]).ids.tolist() == [0]
+    scope.focus_reach = False
+    try:  # by the whole prompt, the rewording lies outside the edit's radius
+        assert scoped_editor.route([prompt]).ids.tolist() == [-1]
+    finally:
+        scope.focus_reach = True
+
+
+def test_focus_reach_offers_a_cluster_its_focus_view_lies_in_and_snapshots_keep_the_rule():
+    w1 = np.zeros((10, 1), np.float32)
+    w1[9, 0] = 1.0  # logit = cosine of the focus views - 0.5
+    verifier = ScopeVerifier({"w1": w1, "b1": np.zeros(1, np.float32), "w2": np.ones(1, np.float32),
+                              "b2": np.array([-0.5], np.float32)}, {"views": "prompt,focus", "view_dims": "2,2"})
+    edit = np.array([1, 0, 1, 0], np.float32)
+    behind_a_prefix = np.array([0, 1, 1, 0], np.float32)  # whole prompt far off, its last sentence the edit's
+    elsewhere = np.array([0, 1, 0, 1], np.float32)
+    routed = {}
+    for focus_reach in (True, False):
+        index = NeuronIndex(4, "cosine", 0.5, scope=ScopeTest(verifier, 0.0, focus_reach=focus_reach))
+        index.add(edit, "Paris", 0, "e0")
+        routed[focus_reach] = index.search(np.stack([edit, behind_a_prefix, elsewhere])).block_ids.tolist()
+        arrays, meta = index.state()
+        assert meta.get("scope_focus_reach", False) == focus_reach
+        block_index = BlockIndex(index, 1)
+        restored = BlockIndex.from_files(tiny_config(index={"key_function": "sentence_encoder", "key_module": None,
+                                                            "scope_verifier": "builtin"}),
+                                         4, block_index.files(), "test")
+        assert restored.index.scope.focus_reach == focus_reach
+    assert routed == {True: [0, 0, -1], False: [0, -1, -1]}
 
 
 def test_scoped_editor_snapshot_round_trip(scoped_editor, tmp_path):

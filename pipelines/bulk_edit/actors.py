@@ -107,25 +107,34 @@ class CommitResult:
 
 
 class WriterActor:
-    """The single writer of a pooled editor's state: bank, index and edit log (MELO: MeloWriter)."""
+    """The single writer of a pooled editor's state: bank, index and edit log (MELO: MeloWriter).
 
-    def __init__(self, config: Mapping[str, Any], layout: Mapping[str, Any]) -> None:
+    It starts beside the trainers, before any of them has said what the bank looks like, so its start-up
+    does not wait on theirs; the layout (`Editor.writer_layout`) comes with `reset` / `restore`. A
+    restarted writer holds nothing until it is restored, and says so instead of committing."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = load_config(dict(config))
         writer_type = editor_class(self.config.editor).writer_type
         if writer_type is None:
             raise ValueError(f"editor '{self.config.editor}' trains in one process; it has no writer")
         self.writer_type: type[BatchWriter] = writer_type
-        self.layout = dict(layout)
-        self.reset()
+        self._writer: BatchWriter | None = None
 
-    def reset(self) -> int:
-        self.writer = self.writer_type.create(self.config, self.layout)
+    @property
+    def writer(self) -> BatchWriter:
+        if self._writer is None:
+            raise StaleStateError("the writer holds no state (it restarted); restore it from a snapshot")
+        return self._writer
+
+    def reset(self, layout: Mapping[str, Any]) -> int:
+        self._writer = self.writer_type.create(self.config, dict(layout))
         return 0
 
-    def restore(self, manifest: Mapping[str, Any], files: Mapping[str, bytes]) -> int:
-        self.writer = self.writer_type.from_files(self.config, self.layout, manifest, files,
-                                                  f"snapshot v{manifest.get('version')}")
-        return self.writer.version
+    def restore(self, layout: Mapping[str, Any], manifest: Mapping[str, Any], files: Mapping[str, bytes]) -> int:
+        self._writer = self.writer_type.from_files(self.config, dict(layout), manifest, files,
+                                                   f"snapshot v{manifest.get('version')}")
+        return self._writer.version
 
     def commit(self, trained: TrainedBatch) -> CommitResult:
         """Commit one trained batch; batches must arrive in stream order, each once."""

@@ -19,19 +19,20 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from melo_ray.cluster import init_ray
 from melo_ray.config import EditorConfig
 from melo_ray.editors.protocol import IndexUpdate, StaleStateError, TrainedBatch
+from melo_ray.editors.registry import editor_class
 from melo_ray.records import EditRecord, RecordError, parse_record
 from melo_ray.snapshots import SnapshotError
 from melo_ray.store import SnapshotStore
 from melo_ray.training import label_error, length_error
 from pipelines.bulk_edit.actors import CommitResult, TrainerActor, TrainerInfo, WriterActor
-from pipelines.bulk_edit.source import EditSource
+from pipelines.bulk_edit.source import EditSource, ReadAhead
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,8 @@ class BulkEditJob:
 
     # -- actors ----------------------------------------------------------------------------------
     def _start_actors(self) -> _Actors:
+        """Start the whole pool and the writer at once (each start loads a backbone or imports torch:
+        seconds apiece), then wait for them together."""
         import ray
 
         gpus = self.cfg.trainer_gpus
@@ -192,6 +195,8 @@ class BulkEditJob:
         if gpus == "auto":
             gpus = 1 if cluster_gpus >= 1 else 0
         config = self.config.model_dump(mode="json")
+        pooled = editor_class(self.config.editor).writer_type is not None
+        wanted = self._pool_size(pooled, gpus, cluster_gpus)
         # spread over the cluster's nodes: one trainer per node (or GPU) before two share one
         # A killed trainer is restarted and its call retried: a pool trainer's call is a pure function
         # of (batch, position); a shared-state trainer restarts blank and the retried call fails its
@@ -199,13 +204,26 @@ class BulkEditJob:
         options = dict(num_cpus=self.cfg.trainer_cpus, num_gpus=gpus, max_restarts=self.cfg.max_actor_restarts,
                        max_task_retries=self.cfg.max_actor_restarts, scheduling_strategy="SPREAD")
         args = (config, "cuda" if gpus else None, max(1, int(self.cfg.trainer_cpus)))
-        first = ray.remote(TrainerActor).options(**options).remote(*args)
-        info: TrainerInfo = ray.get(first.info.remote())
+        trainer = ray.remote(TrainerActor).options(**options)
+        launched = [trainer.remote(*args) for _ in range(wanted)]
+        writer = ray.remote(WriterActor).options(num_cpus=0, max_restarts=self.cfg.max_actor_restarts).remote(
+            config) if pooled else None
+        info: TrainerInfo = ray.get(launched[0].info.remote())
+        trainers = [launched[0]] + self._placed(launched[1:])
+        log.info("%s: %d trainer(s) on %s%s", info.editor, len(trainers), info.device,
+                 ", one writer" if writer is not None else "")
+        return _Actors(trainers, writer, info)
+
+    def _pool_size(self, pooled: bool, gpus: int, cluster_gpus: int) -> int:
+        """How many trainers to start: `pipeline.trainers`, unless the editor's batches share state or
+        the cluster has no room for them."""
+        import ray
+
         wanted = self.cfg.trainers
-        if wanted > 1 and not info.pooled:
+        if wanted > 1 and not pooled:
             log.warning("pipeline.trainers=%d: the '%s' editor's batches edit shared state (each trains on the "
-                        "last), so they cannot train at once; using one trainer", wanted, info.editor)
-            wanted = 1
+                        "last), so they cannot train at once; using one trainer", wanted, self.config.editor)
+            return 1
         free = ray.cluster_resources().get("CPU", 0) - self.cfg.trainer_cpus  # the first trainer holds its CPUs
         fit = 1 + int(max(0.0, free - READER_CPUS) // self.cfg.trainer_cpus) if not gpus else wanted
         if wanted > fit:
@@ -218,16 +236,7 @@ class BulkEditJob:
             log.warning("pipeline.trainers=%d but the cluster has %d GPUs; using %d trainers", wanted,
                         cluster_gpus, cluster_gpus)
             wanted = cluster_gpus
-        trainers, writer = [first], None
-        if info.pooled:
-            pooled = ray.remote(TrainerActor).options(**options)
-            trainers = [first] + self._placed([pooled.remote(*args) for _ in range(wanted - 1)])
-            writer = ray.remote(WriterActor).options(
-                num_cpus=0, max_restarts=self.cfg.max_actor_restarts,
-            ).remote(config, info.layout)
-        log.info("%s: %d trainer(s) on %s%s", info.editor, len(trainers), info.device,
-                 ", one writer" if writer is not None else "")
-        return _Actors(trainers, writer, info)
+        return wanted
 
     def _placed(self, extra: list[Any]) -> list[Any]:
         """The extra trainers that start within `pipeline.trainer_start_s`: a cluster without room for
@@ -254,8 +263,8 @@ class BulkEditJob:
         if self.actors is None:
             return False
         try:
-            ray.get([t.info.remote() for t in self.actors.trainers] + [self.actors.stateful.stats.remote()],
-                    timeout=600)
+            writer = [self.actors.writer.peak_rss_bytes.remote()] if self.actors.writer is not None else []
+            ray.get([t.info.remote() for t in self.actors.trainers] + writer, timeout=600)
             return True
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             return False
@@ -265,16 +274,18 @@ class BulkEditJob:
         import ray
 
         assert self.actors is not None
-        stateful = self.actors.stateful
+        writer, layout = self.actors.writer, self.actors.info.layout
         if version is None:
-            return ray.get(stateful.reset.remote())
+            return ray.get(writer.reset.remote(layout) if writer is not None else self.actors.trainers[0].reset.remote())
         manifest, files = self.store.read(version)
         if manifest.get("base_checksum") != self.actors.info.base_checksum:
             raise SnapshotError(f"{self.store.uri} v{version}: made on other base weights than this job's backbone")
         if manifest.get("editor") != self.config.editor:
             raise JobError(f"{self.store.uri} v{version} holds a '{manifest.get('editor')}' snapshot; "
                            f"this job runs '{self.config.editor}': use another --out")
-        return ray.get(stateful.restore.remote(manifest, ray.put(files)))
+        files_ref = ray.put(files)
+        return ray.get(writer.restore.remote(layout, manifest, files_ref) if writer is not None
+                       else self.actors.trainers[0].restore.remote(manifest, files_ref))
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> JobSummary:
@@ -296,9 +307,6 @@ class BulkEditJob:
         _save_state(self.store, self.state)
         try:
             for attempt in range(self.cfg.max_attempts):
-                if not self._actors_alive():
-                    self._stop_actors()  # whatever is left of the old ones gives its CPUs/GPUs back first
-                    self.actors = self._start_actors()
                 try:
                     self._run_from_latest()
                     break
@@ -334,11 +342,20 @@ class BulkEditJob:
         self.actors = None
 
     def _run_from_latest(self) -> None:
+        version, rows_done = self._committed_progress()
+        # Ray Data starts reading while the actors start and restore, instead of after them
+        with ReadAhead(self.source.rows(rows_done, self.cfg.read_rows), depth=self.cfg.read_rows) as rows:
+            if not self._actors_alive():
+                self._stop_actors()  # whatever is left of the old ones gives its CPUs/GPUs back first
+                self.actors = self._start_actors()
+            self._run_restored(rows, self._restore_actors(version), rows_done)
+
+    def _run_restored(self, rows: Iterator[tuple[int, dict[str, Any]]], expected: int, rows_done: int) -> None:
+        """Train, commit and publish the stream's `rows` (from `rows_done` on) on actors restored to
+        version `expected`."""
         import ray
         from tqdm import tqdm
 
-        version, rows_done = self._committed_progress()
-        expected = self._restore_actors(version)
         rejects = _load_rejects(self.store, self.job_id, rows_done)
         self.state.rows_done = rows_done
         self.state.rejected = len(rejects)
@@ -429,7 +446,7 @@ class BulkEditJob:
         publishing: deque[Future] = deque()
         failed: list[int] = []  # versions whose publish failed (the publisher thread stops there)
         with ThreadPoolExecutor(1, thread_name_prefix="publisher") as publisher:
-            last_row = self._stream(rows_done, rejects, labels, pending, submit)
+            last_row = self._stream(rows, rows_done, rejects, labels, pending, submit)
             if pending:
                 submit(last_row, final=True)
             while inflight:
@@ -443,12 +460,12 @@ class BulkEditJob:
         bar.close()
         self.state.seconds = seconds_before + time.perf_counter() - started
 
-    def _stream(self, rows_done: int, rejects: list[dict[str, Any]], labels: tuple[str, ...] | None,
-                pending: list[EditRecord], submit: Callable[[int, bool], None]) -> int:
-        """Read and validate the stream from `rows_done`, submitting each full batch; bad rows go to
-        `rejects`. Returns the last row read."""
+    def _stream(self, rows: Iterator[tuple[int, dict[str, Any]]], rows_done: int, rejects: list[dict[str, Any]],
+                labels: tuple[str, ...] | None, pending: list[EditRecord], submit: Callable[[int, bool], None]) -> int:
+        """Validate the stream's `rows` (from `rows_done` on), submitting each full batch; bad rows go
+        to `rejects`. Returns the last row read."""
         last_row = rows_done - 1
-        for row, raw in self.source.rows(rows_done, self.cfg.read_rows):
+        for row, raw in rows:
             last_row = row
             try:
                 record = parse_record(raw, self.source.uri, row)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,3 +93,51 @@ class EditSource:
                     if row >= start:
                         yield row, raw
                     row += 1
+
+
+_END = object()
+
+
+class ReadAhead:
+    """Iterates `items` on a thread from the moment it is made, up to `depth` items ahead: the job's
+    first rows are read (Ray Data starts its read tasks) while its actors start, not after them.
+    Closing it lets the thread stop after at most one more item."""
+
+    def __init__(self, items: Iterable[Any], depth: int) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(items,), name="stream-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _fill(self, items: Iterable[Any]) -> None:
+        try:
+            for item in items:
+                self._queue.put((item, None))
+                if self._stop.is_set():
+                    return
+            self._queue.put((_END, None))
+        except BaseException as exc:  # handed to the reader, which raises it where it reads
+            self._queue.put((_END, exc))
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item, error = self._queue.get()
+            if error is not None:
+                raise error
+            if item is _END:
+                return
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:  # a full queue would hold the thread in put() forever
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def __enter__(self) -> "ReadAhead":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -29,7 +29,8 @@ class BlockIndex(EditIndex):
         scope = None
         if cfg.scope_verifier is not None:
             scope = ScopeTest(load_verifier(cfg.scope_verifier), cfg.scope_threshold, cfg.scope_conflict_threshold,
-                              cfg.scope_latest_of_question, cfg.scope_prefer_same_names, cfg.scope_namesake_bar)
+                              cfg.scope_latest_of_question, cfg.scope_prefer_same_names, cfg.scope_namesake_bar,
+                              focus_reach=cfg.scope_focus_reach)
         return cls(NeuronIndex(
             dim, cfg.distance, cfg.r_init, hnsw_m=cfg.hnsw_m, ef_construction=cfg.hnsw_ef_construction,
             ef_search=cfg.hnsw_ef_search, candidates=cfg.candidates, scope=scope,
@@ -56,7 +57,8 @@ class BlockIndex(EditIndex):
                                   bool(meta.get("scope_latest_of_question", False)),
                                   bool(meta.get("scope_prefer_same_names", False)),
                                   float(meta.get("scope_namesake_bar", 0.0)),
-                                  bool(meta.get("scope_closest_namesakes", False)))
+                                  bool(meta.get("scope_closest_namesakes", False)),
+                                  bool(meta.get("scope_focus_reach", False)))
             with tempfile.TemporaryDirectory() as tmp:
                 graph = Path(tmp) / "index.hnsw"
                 graph.write_bytes(graph_bytes)

@@ -85,6 +85,12 @@ class IndexConfig(StrictConfig):
         "about it that no edit asks many chances to pass by mistake; 1.0 keeps that chance near one member's (a "
         "logistic tail). 0: one flat threshold. A snapshot keeps the bar and the rule it was written with.",
     )
+    scope_focus_reach: bool = Field(
+        True, description="With a scope test whose verifier has a focus view: a cluster also holds a query whose "
+        "focus (its last sentence) lies within the cluster's radius, so a rewording behind a long unrelated prefix "
+        "still reaches its edit's members; the scope test decides as before. Costs a second encoder pass only for "
+        "prompts of more than one sentence. A snapshot keeps the rule it was written with.",
+    )
     scope_cluster_per_edit: bool = Field(
         True, description="With a scope test: every edit's key starts its own cluster of radius r_init, also when the "
         "nearest cluster has its target, so each edit's rewordings are judged around its own key. False: a key "

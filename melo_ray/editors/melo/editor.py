@@ -175,9 +175,15 @@ class MeloEditor(Editor):
         first = keys_of.routing_keys(prompts)
         keys = np.zeros((len(prompts), keys_of.dim), np.float32)
         keys[:, : first.shape[1]] = first
-        reach = np.nonzero(self.index.index.within_reach(first))[0]
+        known: dict[str, np.ndarray] = {}
+        reach_starts = self.index.index.scope.reach_starts
+        if len(reach_starts) > 1:  # focus_reach: the focus view decides reach too
+            known["focus"] = keys_of.focus_keys(prompts, first)
+            keys[:, reach_starts[1] : reach_starts[1] + first.shape[1]] = known["focus"]
+        reach = np.nonzero(self.index.index.within_reach(keys))[0]
         if len(reach):
-            keys[reach] = keys_of.complete([prompts[i] for i in reach], first[reach])
+            keys[reach] = keys_of.complete([prompts[i] for i in reach], first[reach],
+                                           {view: k[reach] for view, k in known.items()})
         return keys
 
     def routed(self, routing: Routing, batch: EditBatch | None = None) -> AbstractContextManager:

@@ -182,6 +182,24 @@ class NeuronIndex:
             labels = ids[order]
         return labels, self._distances_to(keys, labels)  # (n, k) exact
 
+    def _reach(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Candidate clusters per key and their exact distances: the `candidates` nearest to each view a
+        radius is measured on (the routing view; with the scope test's focus_reach also the focus
+        view), side by side in one (n, k x views) pair of arrays."""
+        labels, dist = self._knn(keys)
+        reached = [(labels, dist)]
+        for start in self.scope.reach_starts[1:] if self.scope is not None else ():
+            view = keys[:, start : start + self.route_dim]
+            more, more_dist = labels.copy(), dist.copy()
+            # a one-sentence prompt is its own focus: its nearest clusters are the routing view's
+            apart = np.flatnonzero((view != keys[:, : self.route_dim]).any(axis=1))
+            if apart.size:
+                more[apart], more_dist[apart] = self._knn(np.ascontiguousarray(view[apart]))
+            reached.append((more, more_dist))
+        if len(reached) == 1:
+            return labels, dist
+        return np.concatenate([r[0] for r in reached], axis=1), np.concatenate([r[1] for r in reached], axis=1)
+
     def _distances_to(self, keys: np.ndarray, cluster_ids: np.ndarray) -> np.ndarray:
         """Exact distance from keys[i] to the centres of cluster_ids[i, j], without a loop over rows."""
         centres = self._centre_matrix[cluster_ids]  # (n, k, d)
@@ -306,13 +324,14 @@ class NeuronIndex:
                 edits[row] = cluster.member_ids[member]
         return SearchResult(block_ids=blocks, distances=dists, clusters=ids, edit_ids=tuple(edits))
 
-    def within_reach(self, routing_keys: np.ndarray) -> np.ndarray:
-        """Per routing key (the first view only): whether any candidate cluster holds it. Keys out of
-        reach route to no block whatever their other views say, so those need not be computed."""
-        keys = np.atleast_2d(np.asarray(routing_keys, dtype=np.float32))
+    def within_reach(self, keys: np.ndarray) -> np.ndarray:
+        """Per key, of which only the views reach is measured on need be filled in (the routing view, and
+        the focus view with the scope test's focus_reach): whether any candidate cluster holds it. Keys
+        out of reach route to no block whatever their other views say, so those need not be computed."""
+        keys = np.atleast_2d(np.asarray(keys, dtype=np.float32))
         if self.num_alive == 0:
             return np.zeros(keys.shape[0], bool)
-        labels, dist = self._knn(keys)
+        labels, dist = self._reach(keys)
         radii = np.array([[self.clusters[c].radius for c in row] for row in labels.tolist()])
         return (dist <= radii).any(axis=1)
 
@@ -325,13 +344,14 @@ class NeuronIndex:
         edits: list[str | None] = [None] * n
         if self.num_alive == 0:
             return SearchResult(blocks, np.full(n, np.inf), np.full(n, -1, np.int64), tuple(edits))
-        labels, dist = self._knn(keys)
+        labels, dist = self._reach(keys)
         nearest = dist.min(axis=1)
         clusters = np.where(dist == nearest[:, None], labels, -1).max(axis=1)
         radii = np.array([[self.clusters[c].radius for c in row] for row in labels.tolist()])
         for row in np.nonzero((dist <= radii).any(axis=1))[0]:
-            chosen = self._scoped_member(keys[row], [c for c, d, r in zip(labels[row].tolist(), dist[row], radii[row])
-                                                     if d <= r])
+            # a cluster both views reach offers its members once
+            holding = dict.fromkeys(c for c, d, r in zip(labels[row].tolist(), dist[row], radii[row]) if d <= r)
+            chosen = self._scoped_member(keys[row], list(holding))
             if chosen is not None:
                 cluster, member = chosen
                 clusters[row], blocks[row] = cluster, self.clusters[cluster].member_blocks[member]
@@ -439,6 +459,8 @@ class NeuronIndex:
                 meta.update(scope_namesake_bar=self.scope.namesake_bar)
                 if self.scope.closest_namesakes:  # absent: k counted every member from NAMESAKE_COSINE
                     meta.update(scope_closest_namesakes=True)
+            if self.scope.focus_reach:  # absent: reached by the routing view alone, as every snapshot before
+                meta.update(scope_focus_reach=True)
             if self.cluster_per_edit:  # absent: joined by label, as every snapshot before the rule
                 meta.update(scope_cluster_per_edit=True)
         return arrays, meta

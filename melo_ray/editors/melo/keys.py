@@ -5,6 +5,7 @@ A key is computed once per prompt, before any LoRA layer runs, and is held fixed
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -149,14 +150,30 @@ class ScopedSentenceKeys:
         """The first view alone (the whole prompt): what the index searches clusters with."""
         return self.encoder.keys(list(prompts))
 
-    def complete(self, prompts: list[str], routing: np.ndarray) -> np.ndarray:
-        """Whole keys from the first view already computed: the other views, concatenated after it."""
+    def focus_keys(self, prompts: list[str], routing: np.ndarray) -> np.ndarray:
+        """The focus view of each prompt, given its routing view: a prompt that is its own focus (one
+        sentence, the usual query) reuses its routing key instead of a second encoder pass."""
+        from melo_ray.editors.melo.scope import focus
+
+        texts = [focus(p) for p in prompts]
+        out = np.array(routing, np.float32, copy=True)
+        apart = [i for i, (text, prompt) in enumerate(zip(texts, prompts)) if text != prompt]
+        if apart:
+            out[apart] = self.encoder.keys([texts[i] for i in apart])
+        return out
+
+    def complete(self, prompts: list[str], routing: np.ndarray,
+                 known: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+        """Whole keys from the first view already computed (and any other view in `known`): the other
+        views, concatenated after it."""
         from melo_ray.editors.melo.scope import HASHED_VIEWS, TEXT_VIEWS
 
         if not prompts:
             return np.zeros((0, self.dim), np.float32)
+        known = known or {}
         parts = [routing] + [
-            np.stack([HASHED_VIEWS[view](p) for p in prompts]) if view in HASHED_VIEWS
+            known[view] if view in known
+            else np.stack([HASHED_VIEWS[view](p) for p in prompts]) if view in HASHED_VIEWS
             else self.encoder.keys([TEXT_VIEWS[view](p) for p in prompts])
             for view in self.views[1:]
         ]

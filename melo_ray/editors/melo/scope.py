@@ -278,7 +278,7 @@ class ScopeTest:
 
     def __init__(self, verifier: ScopeVerifier, threshold: float, conflict_threshold: float | None = None,
                  latest_of_question: bool = True, prefer_same_names: bool = False, namesake_bar: float = 0.0,
-                 closest_namesakes: bool = True) -> None:
+                 closest_namesakes: bool = True, focus_reach: bool = False) -> None:
         self.verifier = verifier
         self.threshold = float(threshold)
         # None: only an identical prompt supersedes an earlier edit with another target
@@ -294,6 +294,11 @@ class ScopeTest:
         # k counts the members naming the query most closely; False: every one at NAMESAKE_COSINE or more
         # (snapshots written before the closest rule)
         self.closest_namesakes = closest_namesakes
+        # a cluster also holds a query whose focus view (its last sentence) lies within its radius: a
+        # rewording behind a long unrelated prefix is farther by the whole prompt than by its question
+        self.focus_reach = focus_reach and "focus" in verifier.view_names
+        if self.focus_reach and verifier.view_dims[verifier.view_names.index("focus")] != verifier.view_dims[0]:
+            raise ValueError("scope focus_reach: the focus view must be as wide as the routing view")
 
     @property
     def key_dim(self) -> int:
@@ -302,6 +307,14 @@ class ScopeTest:
     @property
     def route_dim(self) -> int:
         return self.verifier.view_dims[0]
+
+    @property
+    def reach_starts(self) -> tuple[int, ...]:
+        """Where each view that a cluster's radius is measured on starts in a key: the routing view, and
+        with `focus_reach` the focus view (both MiniLM keys of a text, so both comparable to a centre)."""
+        if not self.focus_reach:
+            return (0,)
+        return (0, sum(self.verifier.view_dims[: self.verifier.view_names.index("focus")]))
 
     def logits(self, query: np.ndarray, members: np.ndarray) -> np.ndarray:
         """Logit per member that it asks what `query` asks; identical keys always pass (+inf)."""
