@@ -41,7 +41,6 @@ class TrainerInfo:
     editor: str
     version: int
     base_checksum: str
-    pooled: bool  # batches train independently: stateless trainers and a writer actor
     labels: tuple[str, ...] | None  # a classification backbone's labels: the only targets it can learn
     device: str
     pid: int
@@ -60,10 +59,10 @@ class TrainerActor:
 
     def info(self) -> TrainerInfo:
         labels = self.editor.backbone.labels
-        pooled = self.editor.writer_type is not None
+        pooled = self.editor.writer_type is not None  # batches train independently: a writer commits them
         return TrainerInfo(
             editor=self.editor.name, version=self.editor.version, base_checksum=self.editor.base_checksum,
-            pooled=pooled, labels=tuple(labels) if labels is not None else None,
+            labels=tuple(labels) if labels is not None else None,
             device=str(self.editor.backbone.device), pid=os.getpid(), peak_rss_bytes=_peak_rss_bytes(),
             layout=self.editor.writer_layout() if pooled else {}, node_id=_node_id(),
         )
