@@ -6,6 +6,11 @@ NQ-open questions (they stay on the base model). Prints one JSON line per batch 
 
     melo-ray edit --config configs/smollm2-135m.yaml --edits zsre.parquet --out runs/zsre-1000 --quiet
     python benchmarks/routed_inference.py --snapshot runs/zsre-1000
+
+`--rephrasings` asks each edit's first rephrasing instead of its prompt (CounterFact's sit behind an
+unrelated sentence, so with `index.scope_focus_reach` each pays a second, short encoder pass), and
+`--focus-reach-off` adds a routed column with that rule switched off in place (the blocks and the
+index do not depend on it), so both costs come from one run.
 """
 from __future__ import annotations
 
@@ -38,9 +43,14 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rephrasings", action="store_true", help="ask each edit's first rephrasing, not its prompt")
+    parser.add_argument("--focus-reach-off", action="store_true",
+                        help="also time routing with index.scope_focus_reach switched off")
     args = parser.parse_args()
     editor = MeloEditor.load(args.snapshot)
-    edited = [r.prompt for r in read_edit_records(args.edits)] if args.edits else []
+    records = read_edit_records(args.edits) if args.edits else []
+    edited = ([r.rephrases[0] for r in records if r.rephrases] if args.rephrasings
+              else [r.prompt for r in records])
     if not edited:  # the members' edit ids are not prompts; fall back to the zsRE prompts in shared data
         from melo_ray.data import convert
 
@@ -55,12 +65,23 @@ def main() -> None:
         base = _timed(lambda: editor.generate(prompts, args.max_new_tokens, base=True), args.repeats)
         row = {"batch": size, "routed_s": routed, "base_s": base, "ratio": routed / base,
                "blocks": editor.stats()["blocks"], "edits": editor.stats()["edits"]}
+        scope = editor.index.index.scope if editor.index is not None else None
+        if args.focus_reach_off and scope is not None and scope.focus_reach:
+            scope.focus_reach = False
+            try:
+                row["routed_prompt_reach_s"] = _timed(lambda: editor.generate(prompts, args.max_new_tokens),
+                                                      args.repeats)
+            finally:
+                scope.focus_reach = True
+            row["ratio_prompt_reach"] = row["routed_prompt_reach_s"] / base
         print(json.dumps(row), flush=True)
         rows.append(row)
-    print("\n| batch | base s | routed s | routed / base |")
-    print("|---|---|---|---|")
+    print("\n| batch | base s | routed s | routed / base | routed s, whole-prompt reach | routed / base |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['base_s']:.3f} | {r['routed_s']:.3f} | {r['ratio']:.2f} |")
+        off = (f"{r['routed_prompt_reach_s']:.3f} | {r['ratio_prompt_reach']:.3f}" if "ratio_prompt_reach" in r
+               else "– | –")
+        print(f"| {r['batch']} | {r['base_s']:.3f} | {r['routed_s']:.3f} | {r['ratio']:.3f} | {off} |")
 
 
 if __name__ == "__main__":

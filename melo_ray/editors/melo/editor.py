@@ -176,10 +176,11 @@ class MeloEditor(Editor):
         keys = np.zeros((len(prompts), keys_of.dim), np.float32)
         keys[:, : first.shape[1]] = first
         known: dict[str, np.ndarray] = {}
-        reach_starts = self.index.index.scope.reach_starts
-        if len(reach_starts) > 1:  # focus_reach: the focus view decides reach too
+        scope = self.index.index.scope
+        if scope.focus_reach:  # the focus view decides reach too, so every prompt needs it first
             known["focus"] = keys_of.focus_keys(prompts, first)
-            keys[:, reach_starts[1] : reach_starts[1] + first.shape[1]] = known["focus"]
+            start = scope.reach_starts[1]
+            keys[:, start : start + first.shape[1]] = known["focus"]
         reach = np.nonzero(self.index.index.within_reach(keys))[0]
         if len(reach):
             keys[reach] = keys_of.complete([prompts[i] for i in reach], first[reach],

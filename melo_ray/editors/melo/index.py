@@ -15,7 +15,9 @@ rewording of a question edited again (in other words) goes to that question's la
 `prefer_same_names`, the members that pass and name what the query names most closely rank first, and
 a rewording moves on only to a later edit naming exactly the same: "Ferrari F40" keeps to its own edit
 when "Ferrari FXX" was edited with the same template; with `namesake_bar`, the threshold rises with the
-number of members naming what the query names, each one more chance of a wrong pass); at training
+number of members naming what the query names, each one more chance of a wrong pass; with
+`focus_reach`, a cluster also holds a query whose focus view, its last sentence, lies within its
+radius, so a rewording behind an unrelated sentence still reaches its edit); at training
 time another label within reach forgets only the members it supersedes (the same prompt, or with
 `scope_conflict_threshold` set, whatever the verifier scores at least that high), no radius shrinks,
 and the new key starts its own cluster of radius R_init. Clusters then may overlap: the verifier, not the geometry, separates their facts.
