@@ -10,7 +10,9 @@ NQ-open questions (they stay on the base model). Prints one JSON line per batch 
 `--rephrasings` asks each edit's first rephrasing instead of its prompt (CounterFact's sit behind an
 unrelated sentence, so with `index.scope_focus_reach` each pays a second, short encoder pass), and
 `--focus-reach-off` adds a routed column with that rule switched off in place (the blocks and the
-index do not depend on it), so both costs come from one run.
+index do not depend on it), so both costs come from one run. A routed row that answers its edit stops
+at end-of-sequence sooner than the base model does, so whole-generation ratios mix in output length;
+"routing alone" times `route()` (keys, reach, scope test) on the same batch.
 """
 from __future__ import annotations
 
@@ -63,7 +65,10 @@ def main() -> None:
         editor.generate(prompts, args.max_new_tokens)  # warm-up
         routed = _timed(lambda: editor.generate(prompts, args.max_new_tokens), args.repeats)
         base = _timed(lambda: editor.generate(prompts, args.max_new_tokens, base=True), args.repeats)
-        row = {"batch": size, "routed_s": routed, "base_s": base, "ratio": routed / base,
+        # routing alone (keys, reach, scope test): a routed row that answers its target stops at
+        # end-of-sequence sooner than the base model, so whole-generation times mix in output length
+        route = _timed(lambda: editor.route(prompts), args.repeats)
+        row = {"batch": size, "routed_s": routed, "base_s": base, "ratio": routed / base, "route_s": route,
                "blocks": editor.stats()["blocks"], "edits": editor.stats()["edits"]}
         scope = editor.index.index.scope if editor.index is not None else None
         if args.focus_reach_off and scope is not None and scope.focus_reach:
@@ -71,17 +76,20 @@ def main() -> None:
             try:
                 row["routed_prompt_reach_s"] = _timed(lambda: editor.generate(prompts, args.max_new_tokens),
                                                       args.repeats)
+                row["route_prompt_reach_s"] = _timed(lambda: editor.route(prompts), args.repeats)
             finally:
                 scope.focus_reach = True
             row["ratio_prompt_reach"] = row["routed_prompt_reach_s"] / base
         print(json.dumps(row), flush=True)
         rows.append(row)
-    print("\n| batch | base s | routed s | routed / base | routed s, whole-prompt reach | routed / base |")
-    print("|---|---|---|---|---|---|")
+    print("\n| batch | base s | routed s | routed / base | routing alone ms | routed s, whole-prompt reach "
+          "| routed / base | routing alone ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        off = (f"{r['routed_prompt_reach_s']:.3f} | {r['ratio_prompt_reach']:.3f}" if "ratio_prompt_reach" in r
-               else "– | –")
-        print(f"| {r['batch']} | {r['base_s']:.3f} | {r['routed_s']:.3f} | {r['ratio']:.3f} | {off} |")
+        off = (f"{r['routed_prompt_reach_s']:.3f} | {r['ratio_prompt_reach']:.3f} | {1000 * r['route_prompt_reach_s']:.1f}"
+               if "ratio_prompt_reach" in r else "– | – | –")
+        print(f"| {r['batch']} | {r['base_s']:.3f} | {r['routed_s']:.3f} | {r['ratio']:.3f} | "
+              f"{1000 * r['route_s']:.1f} | {off} |")
 
 
 if __name__ == "__main__":
