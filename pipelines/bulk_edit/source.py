@@ -118,6 +118,10 @@ class ReadAhead:
             self._queue.put((_END, None))
         except BaseException as exc:  # handed to the reader, which raises it where it reads
             self._queue.put((_END, exc))
+        finally:  # a generator stopped early (a Ray Data read) ends here, not whenever it is collected
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
     def __iter__(self) -> Iterator[Any]:
         while True:
