@@ -188,19 +188,17 @@ class NeuronIndex:
         """Candidate clusters per key and their exact distances: the `candidates` nearest to each view a
         radius is measured on (the routing view; with the scope test's focus_reach also the focus
         view), side by side in one (n, k x views) pair of arrays."""
-        labels, dist = self._knn(keys)
-        reached = [(labels, dist)]
+        first_labels, first_dist = labels, dist = self._knn(keys)
         for start in self.scope.reach_starts[1:] if self.scope is not None else ():
             view = keys[:, start : start + self.route_dim]
-            more, more_dist = labels.copy(), dist.copy()
             # a one-sentence prompt is its own focus: its nearest clusters are the routing view's
             apart = np.flatnonzero((view != keys[:, : self.route_dim]).any(axis=1))
-            if apart.size:
-                more[apart], more_dist[apart] = self._knn(np.ascontiguousarray(view[apart]))
-            reached.append((more, more_dist))
-        if len(reached) == 1:
-            return labels, dist
-        return np.concatenate([r[0] for r in reached], axis=1), np.concatenate([r[1] for r in reached], axis=1)
+            if not apart.size:  # the usual query: no second search, no second column of candidates
+                continue
+            more, more_dist = first_labels.copy(), first_dist.copy()
+            more[apart], more_dist[apart] = self._knn(np.ascontiguousarray(view[apart]))
+            labels, dist = np.concatenate([labels, more], axis=1), np.concatenate([dist, more_dist], axis=1)
+        return labels, dist
 
     def _distances_to(self, keys: np.ndarray, cluster_ids: np.ndarray) -> np.ndarray:
         """Exact distance from keys[i] to the centres of cluster_ids[i, j], without a loop over rows."""

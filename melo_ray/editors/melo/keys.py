@@ -165,12 +165,15 @@ class ScopedSentenceKeys:
     def complete(self, prompts: list[str], routing: np.ndarray,
                  known: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """Whole keys from the first view already computed (and any other view in `known`): the other
-        views, concatenated after it."""
+        views, concatenated after it. The focus view comes from `focus_keys`, so a prompt that is its own
+        focus is encoded once, in training as in routing."""
         from melo_ray.editors.melo.scope import HASHED_VIEWS, TEXT_VIEWS
 
         if not prompts:
             return np.zeros((0, self.dim), np.float32)
-        known = known or {}
+        known = dict(known or {})
+        if "focus" in self.views and "focus" not in known:
+            known["focus"] = self.focus_keys(prompts, routing)
         parts = [routing] + [
             known[view] if view in known
             else np.stack([HASHED_VIEWS[view](p) for p in prompts]) if view in HASHED_VIEWS
