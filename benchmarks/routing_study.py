@@ -36,6 +36,7 @@ import numpy as np
 
 from melo_ray.data import convert
 from melo_ray.editors.melo.index import NeuronIndex
+from melo_ray.editors.melo.keys import scoped_keys_for
 from melo_ray.editors.melo.scope import ScopeTest, load_verifier
 from melo_ray.editors.melo.scope_training import cached_embed, embed
 from melo_ray.evaluation import EditedQuestions, superseded
@@ -47,7 +48,7 @@ SCORE_ALONE_RULE = "the same, ranked by the verifier's score alone, one flat thr
 FLAT_BAR_RULE = "the same, one flat threshold"
 LOOSE_BAR_RULE = "the same, k counting every member from names cosine 0.5"
 PROMPT_REACH_RULE = "the same, reached by the whole prompt's view alone (previous default)"
-SHIPPED_THRESHOLD = 3.03  # configs/smollm2-135m.yaml index.scope_threshold
+SHIPPED_THRESHOLD = 34.94  # configs/smollm2-135m.yaml index.scope_threshold
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,8 @@ def main() -> None:
     probe_list = [p for r in records for p in r.probes(args.probes)]
     probe_texts = [p.prompt for p in probe_list]
     texts = [r.prompt for r in records] + [r.rephrases[0] for r in records] + probe_texts
-    views = tuple(verifier.view_names)
-    keys = cached_embed(texts, views, args.keys_cache)[0] if args.keys_cache else embed(texts, views)[0]
+    key_function = scoped_keys_for(verifier)
+    keys = cached_embed(texts, key_function, args.keys_cache)[0] if args.keys_cache else embed(texts, key_function)[0]
     prompts, rephrasings, probes = np.split(keys, [len(records), 2 * len(records)])
     asked = EditedQuestions(records)
     unasked = np.array([not asked.asks(p) for p in probe_list], bool)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from melo_ray.data import convert
+from melo_ray.editors.melo.keys import scoped_keys_for
 from melo_ray.editors.melo.scope import BUILTIN_VERIFIER, ScopeVerifier
 from melo_ray.editors.melo.scope_training import embed
 
@@ -59,7 +60,7 @@ def main() -> None:
     nq = [json.loads(x)["question"] for x in (DATA / "nq-open/NQ-open.dev.jsonl").read_text().splitlines()[: args.n_nq]]
     texts = sorted({t for pairs in sets.values() for a, b, _ in pairs for t in (a, b)} | set(nq))
     row = {t: i for i, t in enumerate(texts)}
-    keys, _ = embed(texts, tuple(verifier.view_names))
+    keys, _ = embed(texts, scoped_keys_for(verifier))
     route = keys[:, : verifier.view_dims[0]]
     edited = np.array([row[r.prompt] for r in zsre + cf])
     nearest = edited[np.argmax(route[[row[q] for q in nq]] @ route[edited].T, axis=1)]

@@ -62,7 +62,8 @@ def export_peft(editor: MeloEditor, out: str | Path, *, base_model: str | None =
                  "the scope verifier (scope_verifier.safetensors) scores highest applies if its score reaches "
                  "scope_threshold; else the base model" if editor.index.index.scope is not None else
                  "nearest cluster centre; inside its radius, the adapter of the nearest member key; else the base model"),
-        "scope_threshold": cfg.scope_threshold if editor.index.index.scope is not None else None,
+        # the index's own: a store written with another verifier keeps the threshold it was written with
+        "scope_threshold": index.scope.threshold if index.scope is not None else None,
         "snapshot_version": editor.version,
         "edits": [{"id": edit_id, "adapter": adapter_name(block), "cluster": cluster_id, "key_row": row}
                   for row, (_, block, edit_id, cluster_id) in enumerate(members)],

@@ -140,10 +140,11 @@ def test_scoped_index_snapshot_round_trips_exactly():
 
 @pytest.fixture(scope="module")
 def scoped_editor() -> MeloEditor:
-    # threshold 1.0: the shipped 3.03 turns this rewording away (logit 1.06), and these tests are about
-    # what the index does with a verdict, not the verifier's recall (docs/results.md measures that)
+    # the shipped verifier and threshold (configs/smollm2-135m.yaml): the rewording below scores 39.0,
+    # the same-subject questions 31.0 and 4.4 (with the relation view; without it, 1.06 and the
+    # rewording was turned away at the shipped threshold of the time)
     config = tiny_config(index={"key_function": "sentence_encoder", "key_module": None,
-                                "scope_verifier": "builtin", "scope_threshold": 1.0, "r_init": 0.35},
+                                "scope_verifier": "builtin", "scope_threshold": 34.94, "r_init": 0.35},
                          train={"num_iter": 80})
     editor = MeloEditor(config)
     editor.edit([{"prompt": "The mother tongue of Danielle Darrieux is", "target": "English"}])

@@ -351,6 +351,10 @@ class Editor(ABC):
         """Dimension of the keys train_batch hands to the index (0: no separate index)."""
         return 0
 
+    def key_dim_for(self, files: Mapping[str, bytes], where: str) -> int:
+        """Dimension of the keys a snapshot's index holds, which restore_state makes this editor's."""
+        return self.key_dim()
+
     def apply_batch(self, records: list[EditRecord]) -> TrainedBatch:
         """train_batch, and the applied edits entered in the edit log (what the job's trainer calls)."""
         trained = self.train_batch(records)
@@ -533,7 +537,7 @@ class Editor(ABC):
         swap = self.restore_state(manifest, files, where)
         index = None
         if self.index is not None and self.index_type is not None:
-            index = self.index_type.from_files(self.config, self.key_dim(), files, where)
+            index = self.index_type.from_files(self.config, self.key_dim_for(files, where), files, where)
         swap()
         if index is not None:
             self.index = index

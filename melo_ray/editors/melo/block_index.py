@@ -16,6 +16,26 @@ from melo_ray.editors.melo.scope import ScopeTest, ScopeVerifier, load_verifier
 from melo_ray.editors.protocol import EditIndex, IndexUpdate, StaleStateError, TrainedBatch
 from melo_ray.snapshots import SnapshotError
 
+SCOPE_FILE = "scope.safetensors"
+
+
+def snapshot_verifier(files: Mapping[str, bytes], where: str) -> ScopeVerifier | None:
+    """The scope verifier a snapshot's index was written with (None: no scope test)."""
+    if SCOPE_FILE not in files:
+        return None
+    try:
+        return ScopeVerifier.from_bytes(files[SCOPE_FILE])
+    except ValueError as exc:
+        raise SnapshotError(f"{where}: {SCOPE_FILE} is malformed ({exc})") from exc
+
+
+def snapshot_key_dim(files: Mapping[str, bytes], where: str, default: int) -> int:
+    """The width of the keys a snapshot's index holds: its own verifier's views, so a store written with
+    another verifier than the config's still opens (its queries are keyed the way it was written)."""
+    verifier = snapshot_verifier(files, where)
+    return default if verifier is None else verifier.key_dim
+
+
 class BlockIndex(EditIndex):
     """The neuron index plus how many blocks it has indexed (blocks arrive in order, each once)."""
 
@@ -52,7 +72,7 @@ class BlockIndex(EditIndex):
             if "route_dim" in meta:  # the snapshot's own verifier and threshold: it routes as it did
                 conflict = meta["scope_conflict_threshold"]
                 # snapshots written before the latest-of-question rule routed to the best-scoring member
-                scope = ScopeTest(ScopeVerifier.from_bytes(files["scope.safetensors"]), float(meta["scope_threshold"]),
+                scope = ScopeTest(ScopeVerifier.from_bytes(files[SCOPE_FILE]), float(meta["scope_threshold"]),
                                   None if conflict is None else float(conflict),
                                   bool(meta.get("scope_latest_of_question", False)),
                                   bool(meta.get("scope_prefer_same_names", False)),
@@ -104,7 +124,7 @@ class BlockIndex(EditIndex):
             "index.hnsw": graph_bytes,
         }
         if self.index.scope is not None:
-            files["scope.safetensors"] = self.index.scope.verifier.to_bytes()
+            files[SCOPE_FILE] = self.index.scope.verifier.to_bytes()
         return files
 
     def stats(self) -> dict[str, int]:

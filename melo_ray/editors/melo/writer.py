@@ -13,7 +13,7 @@ import torch
 
 from melo_ray.config import EditorConfig
 from melo_ray.editors.melo.bank import GrowingRows, bank_files, read_bank
-from melo_ray.editors.melo.block_index import BlockIndex
+from melo_ray.editors.melo.block_index import BlockIndex, snapshot_key_dim
 from melo_ray.editors.melo.layer import BlockBankFull
 from melo_ray.editors.protocol import (
     BatchWriter,
@@ -75,7 +75,7 @@ class MeloWriter(BatchWriter):
         for name, (a, b) in banks.items():
             if a.shape[1:] != empty[name][0].shape[1:] or b.shape[1:] != empty[name][1].shape[1:] or len(a) != len(b):
                 raise SnapshotError(f"{where}: bank for '{name}' has the wrong shape")
-        index = BlockIndex.from_files(config, int(layout["key_dim"]), files, where)
+        index = BlockIndex.from_files(config, snapshot_key_dim(files, where, int(layout["key_dim"])), files, where)
         return cls(config, layout, index, banks, read_edit_log(files, where), version, edits)
 
     @property
