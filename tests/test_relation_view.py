@@ -37,9 +37,7 @@ def _plain_verifier() -> ScopeVerifier:
 
 
 def _with_relation(plain: ScopeVerifier, tensors: dict[str, np.ndarray], weight: float) -> ScopeVerifier:
-    meta = {**plain.meta, "views": plain.meta["views"] + ",relation", "view_dims": plain.meta["view_dims"] + ",384",
-            RELATION_META_KEY: AdapterSettings().to_meta(), "relation_weight": str(weight)}
-    return ScopeVerifier({"w1": plain.w1, "b1": plain.b1, "w2": plain.w2, "b2": np.array([plain.b2]), **tensors}, meta)
+    return plain.with_relation_view(tensors, AdapterSettings().to_meta(), 384, weight)
 
 
 def test_a_fresh_adapter_is_the_stock_focus_view_and_training_pulls_wordings_together(encoder):

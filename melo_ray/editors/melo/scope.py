@@ -219,6 +219,16 @@ class ScopeVerifier:
         """The same weights with another weight on the relation view's cosine."""
         return ScopeVerifier(self._weights(), {**self.meta, "relation_weight": str(weight)})
 
+    def with_relation_view(self, tensors: Mapping[str, np.ndarray], settings: str, dim: int,
+                           weight: float = 0.0, **meta: str) -> "ScopeVerifier":
+        """This verifier (without a relation view) plus one: its adapter's tensors, settings (JSON) and
+        width, and the weight on its cosine."""
+        if self.relation_tensors:
+            raise ValueError("scope verifier: it has a relation view already")
+        return ScopeVerifier({**self._weights(), **tensors}, {
+            **self.meta, **meta, "views": self.meta["views"] + ",relation", "view_dims": self.meta["view_dims"] + f",{dim}",
+            RELATION_META_KEY: settings, "relation_weight": str(weight)})
+
     def logits(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """(n,) logits for rows a[i], b[i] (a broadcasts when it has one row)."""
         a, b = np.atleast_2d(a), np.atleast_2d(b)

@@ -38,11 +38,11 @@ import torch
 from melo_ray.data import RelationGroups, convert, relation_template
 from melo_ray.editors.melo.keys import ScopedSentenceKeys, SentenceEncoderKeys
 from melo_ray.editors.melo.relation import AdapterSettings, RelationEncoder, train_adapter
-from melo_ray.editors.melo.scope import RELATION_META_KEY, ScopeVerifier, focus, pair_features
+from melo_ray.editors.melo.scope import ScopeVerifier, focus, pair_features
 
 log = logging.getLogger(__name__)
 DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
-DEFAULT_VIEWS = ("prompt", "focus", "masked", "words", "names")  # the shipped verifier's
+DEFAULT_VIEWS = ("prompt", "focus", "masked", "words", "names")  # the shipped MLP's (the relation view comes after)
 
 Pair = tuple[str, str, int, str, str]  # (a, b, label, kind, source)
 HIDDEN, EPOCHS = 256, 60  # measured: docs/results.md, "Scope test"
@@ -274,10 +274,7 @@ def with_relation_view(verifier: ScopeVerifier, pairs: list[Pair], held: set[str
     settings = AdapterSettings()
     tensors = train_adapter(examples, settings, epochs=args.relation_epochs, seed=args.seed, base=encoder,
                             progress=lambda step, loss: log.info("relation view: step %d, loss %.3f", step, loss))
-    meta = {**verifier.meta, "views": verifier.meta["views"] + ",relation",
-            "view_dims": verifier.meta["view_dims"] + f",{encoder.dim}", RELATION_META_KEY: settings.to_meta(),
-            "relation_weight": "0", "relation_trained_on": str(len(examples))}
-    return ScopeVerifier({**verifier._weights(), **tensors}, meta)
+    return verifier.with_relation_view(tensors, settings.to_meta(), encoder.dim, relation_trained_on=str(len(examples)))
 
 
 def best_relation_weight(verifier: ScopeVerifier, firsts: np.ndarray, seconds: np.ndarray, held_pairs: list[Pair],
