@@ -117,18 +117,22 @@ class SentenceEncoderKeys:
         self.batch_size = batch_size
         self.dim = int(self.model.config.hidden_size)
 
-    @torch.no_grad()
+    def embed(self, texts: list[str], model: nn.Module | None = None) -> torch.Tensor:
+        """Unit-length mean-pooled embeddings of one batch by `model` (default: this encoder's; a tuned
+        copy shares the tokenizer and pooling), with gradients when the caller allows them."""
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=256)
+        batch = {k: v.to(self.model.device) for k, v in batch.items()}
+        hidden = (model or self.model)(**batch).last_hidden_state
+        return torch.nn.functional.normalize(_pool(hidden, batch["attention_mask"], "mean"), dim=-1)
+
     def keys(self, prompts: list[str]) -> np.ndarray:
-        out: list[np.ndarray] = []
-        for start in range(0, len(prompts), self.batch_size):
-            batch = self.tokenizer(
-                prompts[start : start + self.batch_size], return_tensors="pt", padding=True,
-                truncation=True, max_length=256,
-            )
-            batch = {k: v.to(self.model.device) for k, v in batch.items()}
-            hidden = self.model(**batch).last_hidden_state
-            pooled = _pool(hidden, batch["attention_mask"], "mean")
-            out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy())
+        return self.encode(prompts)
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], model: nn.Module | None = None) -> np.ndarray:
+        """`embed` in batches, without gradients, as float32 arrays."""
+        out = [self.embed(texts[start : start + self.batch_size], model).cpu().numpy()
+               for start in range(0, len(texts), self.batch_size)]
         return np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.dim), np.float32)
 
 
@@ -160,9 +164,9 @@ class ScopedSentenceKeys:
             return False
         if self.relation is None:
             return not verifier.relation_tensors
-        mine = self.relation.tensors
-        return mine.keys() == verifier.relation_tensors.keys() and all(
-            np.array_equal(mine[k], verifier.relation_tensors[k]) for k in mine)
+        from melo_ray.editors.melo.relation import adapter_digest
+
+        return self.relation.digest == adapter_digest(verifier.relation_tensors)
 
     def routing_keys(self, prompts: list[str]) -> np.ndarray:
         """The first view alone (the whole prompt): what the index searches clusters with."""

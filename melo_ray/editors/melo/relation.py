@@ -12,6 +12,7 @@ MiniLM pass for the view.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -19,7 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from melo_ray.editors.melo.keys import SentenceEncoderKeys, _pool
+from melo_ray.editors.melo.keys import SentenceEncoderKeys
 from melo_ray.editors.melo.scope import RELATION_META_KEY as META_KEY
 from melo_ray.editors.melo.scope import RELATION_TENSOR_PREFIX as TENSOR_PREFIX
 from melo_ray.editors.melo.scope import ScopeVerifier, relation_text
@@ -63,14 +64,12 @@ def adapter_tensors(peft_model) -> dict[str, np.ndarray]:
             for name, t in get_peft_model_state_dict(peft_model).items()}
 
 
-def relation_embeddings(encoder: SentenceEncoderKeys, model: torch.nn.Module, prompts: list[str]) -> torch.Tensor:
-    """Unit-length mean-pooled embeddings of each prompt's `relation_text` by `model` (MiniLM, tuned or
-    not), with gradients when the caller allows them (training) and the encoder's tokenizer and pooling."""
-    batch = encoder.tokenizer([relation_text(p) for p in prompts], return_tensors="pt", padding=True, truncation=True,
-                              max_length=128)
-    batch = {k: v.to(encoder.model.device) for k, v in batch.items()}
-    hidden = model(**batch).last_hidden_state
-    return torch.nn.functional.normalize(_pool(hidden, batch["attention_mask"], "mean"), dim=-1)
+def adapter_digest(tensors: Mapping[str, np.ndarray]) -> str:
+    """A short fingerprint of an adapter's tensors: which adapter keys were made with."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        digest.update(name.encode() + np.ascontiguousarray(tensor, np.float32).tobytes())
+    return digest.hexdigest()[:16]
 
 
 class RelationEncoder:
@@ -81,7 +80,7 @@ class RelationEncoder:
 
         self.base = base
         self.dim = base.dim
-        self.tensors = dict(tensors)
+        self.digest = adapter_digest(tensors)
         peft_model = with_adapter(copy.deepcopy(base.model), settings)
         state = {name[len(TENSOR_PREFIX):]: torch.from_numpy(np.array(t, np.float32)) for name, t in tensors.items()}
         result = set_peft_model_state_dict(peft_model, state)
@@ -94,11 +93,8 @@ class RelationEncoder:
     def of(cls, verifier: ScopeVerifier, base: SentenceEncoderKeys) -> "RelationEncoder":
         return cls(verifier.relation_tensors, AdapterSettings.from_meta(verifier.meta[META_KEY]), base)
 
-    @torch.no_grad()
     def keys(self, prompts: list[str]) -> np.ndarray:
-        out = [relation_embeddings(self.base, self.model, prompts[s : s + self.base.batch_size]).cpu().numpy()
-               for s in range(0, len(prompts), self.base.batch_size)]
-        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.dim), np.float32)
+        return self.base.encode([relation_text(p) for p in prompts], self.model)
 
 
 def train_adapter(examples: list[tuple[str, list[str], list[str], list[str]]], settings: AdapterSettings, *,
@@ -125,10 +121,10 @@ def train_adapter(examples: list[tuple[str, list[str], list[str], list[str]]], s
         order = rng.permutation(len(usable))
         for start in range(0, len(order) - batch_size + 1, batch_size):
             batch = [usable[i] for i in order[start : start + batch_size]]
-            anchors = relation_embeddings(base, model, [prompt for prompt, *_ in batch])
-            others = relation_embeddings(base, model, [pick(same) for _, same, _, _ in batch]
-                                         + [pick(subject) for _, _, subject, _ in batch]
-                                         + [pick(other or subject) for _, _, subject, other in batch])
+            anchors = base.embed([relation_text(prompt) for prompt, *_ in batch], model)
+            others = base.embed([relation_text(t) for t in [pick(same) for _, same, _, _ in batch]
+                                 + [pick(subject) for _, _, subject, _ in batch]
+                                 + [pick(other or subject) for _, _, subject, other in batch]], model)
             loss = torch.nn.functional.cross_entropy(anchors @ others.T * scale, torch.arange(len(batch)))
             optimiser.zero_grad()
             loss.backward()

@@ -26,7 +26,6 @@ the view, so it cannot learn to trust an adapter that was tuned on its own pairs
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import random
@@ -131,13 +130,6 @@ def embed(texts: list[str], key_function: "ScopedSentenceKeys") -> tuple[np.ndar
     return key_function.keys(texts), key_function.view_dims
 
 
-def _relation_digest(relation: RelationEncoder) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(relation.tensors.items()):
-        digest.update(name.encode() + np.ascontiguousarray(tensor).tobytes())
-    return digest.hexdigest()[:16]
-
-
 def _cached(texts: list[str], tag: list[str], compute, path: Path) -> tuple[np.ndarray, list[int]]:
     """compute(texts) -> (keys, dims) through a cache file (npz: `keys`, `texts` and `views` as JSON
     strings; no pickle) that must match `tag`."""
@@ -162,7 +154,7 @@ def cached_embed(texts: list[str], key_function: ScopedSentenceKeys, path: Path)
     keys, dims = _cached(texts, views, lambda t: embed(t, stock), path)
     if key_function.relation is None:
         return keys, dims
-    digest = _relation_digest(key_function.relation)
+    digest = key_function.relation.digest
     relation, _ = _cached(texts, [f"relation@{digest}"], lambda t: (key_function.relation.keys(t), [key_function.relation.dim]),
                           path.with_name(f"{path.stem}-relation-{digest}.npz"))
     return np.concatenate([keys, relation], axis=1), dims + [key_function.relation.dim]
