@@ -92,9 +92,11 @@ class TrainConfig(StrictConfig):
         "See docs/results.md, 'Mixed-precision training'.",
     )
     seed: int = Field(0, description="Seed for block initialisation.")
-    formats: list[Literal["raw", "chat"]] = Field(
-        ["raw"], min_length=1, description="How each edit is shown to the model in training: raw (the prompt "
-        "template) and/or chat (a user turn of the backbone's chat template), the formats the deployment serves.",
+    formats: list[Literal["raw", "chat"]] | None = Field(
+        None, min_length=1, description="How each edit is shown to the model in training: raw (the prompt "
+        "template) and/or chat (a user turn of the backbone's chat template), the formats the deployment serves. "
+        "Unset (the default): raw, plus chat when the backbone is a causal LM with a chat template, so an edit "
+        "holds for /v1/chat/completions clients too (docs/results.md, 'Chat by default').",
     )
     max_text_chars: int = Field(
         2000, ge=1, description="Longest prompt or target accepted, in characters; longer records are rejected "

@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import socket
 import uuid
 from typing import Any
 
@@ -262,7 +263,8 @@ class MeloServer:
             "editor": self.engine.editor.name, "edits": self.engine.stats.get("edits", 0), "stats": self.engine.stats,
             "clusters": self.engine.stats.get("clusters", 0), "blocks": self.engine.stats.get("blocks", 0),
             "backbone": {"source": backbone.source, "family": backbone.family, "path": backbone.path},
-            "model": self.settings.model_name, "replica": self.replica, "decode": self.batcher.stats(),
+            "model": self.settings.model_name, "replica": self.replica, "pid": os.getpid(),
+            "host": socket.gethostname(), "decode": self.batcher.stats(),
             "pinned": self.pinned, "freshness": self.follower.freshness(self.engine.version).as_json(),
         }
 
