@@ -34,8 +34,12 @@ class S3Server:
 
 
 def start_server() -> Iterator[S3Server]:
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -48,4 +52,4 @@ def start_server() -> Iterator[S3Server]:
     try:
         yield running
     finally:
-        server.stop()
+        running.server.stop()  # a test may have replaced it (stopped and started again)
