@@ -103,8 +103,21 @@ class LocalAtomicFiles:
             return True
         except FileExistsError:
             return False
+        except OSError:  # a filesystem without hard links: O_EXCL, then the content
+            return self._create_exclusive(name, data)
         finally:
             os.unlink(temp)
+
+    def _create_exclusive(self, name: str, data: bytes) -> bool:
+        try:
+            fd = os.open(self._path(name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return True
 
     def swap(self, name: str, data: bytes, token: str) -> bool:
         temp = self._staged(name, data)
