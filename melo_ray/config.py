@@ -124,6 +124,11 @@ class PipelineConfig(StrictConfig):
     )
     max_actor_restarts: int = Field(3, ge=0, description="Ray restarts of a killed trainer or writer actor.")
     max_attempts: int = Field(5, ge=1, description="Recoveries from the last snapshot after an actor failure.")
+    publish_retries: int = Field(
+        4, ge=0, description="Retries of a commit point (publish, job state) that failed to reach the store "
+        "(an OSError: endpoint down, disk full); each waits twice as long as the last. Then the job fails.",
+    )
+    publish_backoff_s: float = Field(0.5, ge=0, description="Seconds before the first publish retry.")
     trainer_gpus: Literal["auto", 0, 1] = Field(
         "auto", description="GPUs for each trainer actor; auto: 1 when the cluster has a GPU."
     )
