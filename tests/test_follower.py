@@ -75,3 +75,24 @@ def test_a_replica_started_after_a_bad_publish_serves_the_newest_version_that_ve
         stream.write(bytes(data))
     start = start_engine(ServeSettings(snapshots=str(store.root)))
     assert start.engine.version == 1 and list(start.refused) == [2] and "checksum" in start.refused[2]
+
+
+def test_a_read_that_could_not_reach_the_store_is_retried_and_a_bad_file_is_refused():
+    from melo_ray.serving.app import _unreachable
+    from melo_ray.snapshots import SnapshotError
+
+    def failed(cause: BaseException | None) -> SnapshotError:
+        try:
+            try:
+                if cause is not None:
+                    raise cause
+                raise SnapshotError("v3/bank.safetensors: checksum mismatch")
+            except OSError as exc:
+                raise SnapshotError("v3/bank.safetensors: missing or unreadable") from exc
+        except SnapshotError as error:
+            return error
+
+    assert _unreachable(failed(ConnectionError("connection refused")))  # tried again at the next poll
+    assert _unreachable(failed(OSError("AWS Error NETWORK_CONNECTION")))
+    assert not _unreachable(failed(FileNotFoundError("no such file")))  # the version lacks a file: refused
+    assert not _unreachable(failed(None))  # a checksum mismatch: refused
