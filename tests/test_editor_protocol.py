@@ -11,14 +11,15 @@ import pytest
 from pydantic import Field
 
 from conftest import CONFIGS, fact_records, tiny_config
-from melo_ray.backbones import load_backbone, weights_checksum
+from melo_ray.backbones import load_backbone
 from melo_ray.config import ConfigError, load_config
 from melo_ray.config_base import StrictConfig
 from melo_ray.editors import registry
-from melo_ray.editors.layers import EditLayer, remove_edit_layers
+from melo_ray.editors.layers import EditLayer, remove_edit_layers, weights_checksum
 from melo_ray.editors.melo.editor import MeloEditor
 from melo_ray.editors.protocol import Routing, StaleStateError
-from melo_ray.editors.registry import EditorSpec, build_editor, editor_names, load_editor
+from melo_ray.editors.loading import load_editor, restore_editor
+from melo_ray.editors.registry import INDEX, LORA, ConfigSection, EditorSpec, build_editor, editor_names
 from melo_ray.records import RecordError, parse_record
 from melo_ray.serving.app import ApiError, ServeSettings, describe_serving, start_engine
 from melo_ray.serving.engine import CompletionRequest, ServingEngine
@@ -176,8 +177,8 @@ class EchoEditor(MeloEditor):
 def test_a_fifth_editor_is_its_module_plus_one_registry_line(tmp_path, monkeypatch, capsys):
     from melo_ray.cli.main import main
 
-    spec = EditorSpec("echo", f"{__name__}:EchoEditor", "a user's editor", False, section="echo",
-                      config=f"{__name__}:EchoConfig")
+    spec = EditorSpec("echo", f"{__name__}:EchoEditor", "a user's editor", False,
+                      (LORA, INDEX, ConfigSection("echo", f"{__name__}:EchoConfig")))
     monkeypatch.setitem(registry.EDITORS, "echo", spec)  # the one registry line
     config_file = tmp_path / "echo.yaml"
     data = load_config(TINY).model_dump(mode="json") | {"editor": "echo", "echo": {"block_seed_offset": 7}}
@@ -191,7 +192,7 @@ def test_a_fifth_editor_is_its_module_plus_one_registry_line(tmp_path, monkeypat
                  "--quiet"]) == 0
     assert "editor=echo edits=4" in capsys.readouterr().out
     manifest, files, _ = read_any_snapshot(tmp_path / "snap")
-    assert manifest["editor"] == "echo" and manifest["config"]["sections"] == {"echo": {"block_seed_offset": 7}}
+    assert manifest["editor"] == "echo" and manifest["config"]["echo"] == {"block_seed_offset": 7}
     engine = ServingEngine.from_snapshot(manifest, files)
     out = engine.complete([CompletionRequest(r["prompt"], 6) for r in records])
     assert sum(o.text.strip().startswith(r["target"]) for o, r in zip(out, records)) >= 3
@@ -223,4 +224,4 @@ def test_a_backbone_loads_in_its_configured_dtype_and_snapshots_stay_with_it(tmp
     assert sum(o.startswith(r["target"]) for o, r in zip(outputs, records)) >= 4
     editor.save(tmp_path / "bf16")
     with pytest.raises(SnapshotError, match="other base weights"):
-        MeloEditor(tiny_config()).restore(tmp_path / "bf16")  # fp32 base: another checksum
+        restore_editor(MeloEditor(tiny_config()), tmp_path / "bf16")  # fp32 base: another checksum

@@ -20,37 +20,12 @@ PACKAGES = ("melo_ray", "pipelines")
 
 # (importing module, imported module) -> why the import waits for the function that needs it. An entry
 # must save something: the imported module brings in a HEAVY package that the importer does not load.
-LAZY: dict[tuple[str, str], str] = {}
+LAZY: dict[tuple[str, str], str] = {
+    ("melo_ray.cli.main", "melo_ray.serving.app"): "Ray Serve and FastAPI, for `melo-ray serve` only",
+    ("melo_ray.operations", "melo_ray.export"): "peft, for `melo-ray export` only",
+}
 HEAVY = frozenset({"torch", "transformers", "ray", "mlflow", "peft", "matplotlib", "fastapi"})
 
-# Cycles and cycle-dodging imports found when this test was written (issue 34); the layering refactor
-# removes them one by one, and this list only shrinks.
-PENDING: frozenset[tuple[str, str]] = frozenset({
-    ("melo_ray.backbones", "melo_ray.editors.layers"),
-    ("melo_ray.cli.main", "melo_ray.backbones"),
-    ("melo_ray.cli.main", "melo_ray.cli.demo"),
-    ("melo_ray.cli.main", "melo_ray.cluster"),
-    ("melo_ray.cli.main", "melo_ray.data"),
-    ("melo_ray.cli.main", "melo_ray.evaluation"),
-    ("melo_ray.cli.main", "melo_ray.operations"),
-    ("melo_ray.cli.main", "melo_ray.serving.app"),
-    ("melo_ray.cli.main", "melo_ray.snapshots"),
-    ("melo_ray.cli.main", "melo_ray.training"),
-    ("melo_ray.cli.main", "pipelines.bulk_edit.cli"),
-    ("melo_ray.cli.main", "pipelines.bulk_edit.job"),
-    ("melo_ray.data", "melo_ray.editors.melo.scope"),
-    ("melo_ray.editors.melo.keys", "melo_ray.editors.melo.relation"),
-    ("melo_ray.editors.melo.keys", "melo_ray.editors.melo.scope"),
-    ("melo_ray.editors.melo.relation", "melo_ray.editors.melo.keys"),
-    ("melo_ray.editors.melo.scope", "melo_ray.data"),
-    ("melo_ray.editors.protocol", "melo_ray.store"),
-    ("melo_ray.editors.registry", "melo_ray.snapshots"),
-    ("melo_ray.editors.registry", "melo_ray.store"),
-    ("melo_ray.operations", "melo_ray.export"),
-    ("pipelines.bulk_edit.cli", "pipelines.bulk_edit.job"),
-    ("pipelines.bulk_edit.job", "pipelines.bulk_edit.tracking"),
-    ("pipelines.scalability", "pipelines.bulk_edit.tracking"),
-})
 
 
 @dataclass(frozen=True)
@@ -225,7 +200,7 @@ def _where(edges: list[Import], source: str, target: str) -> str:
 
 
 def test_no_import_cycles() -> None:
-    edges = [e for e in import_graph() if (e.source, e.target) not in PENDING]
+    edges = import_graph()
     cycles = find_cycles(edges)
     report = ["cycle: " + "; ".join(_where(edges, a, b) for a, b in zip(cycle, cycle[1:])) for cycle in cycles]
     assert not cycles, "import cycles (move the shared piece down a layer):\n" + "\n".join(report)
@@ -233,7 +208,7 @@ def test_no_import_cycles() -> None:
 
 def test_no_function_local_project_imports() -> None:
     local = sorted({(e.source, e.target, e.line) for e in import_graph()
-                    if e.local and (e.source, e.target) not in LAZY and (e.source, e.target) not in PENDING})
+                    if e.local and (e.source, e.target) not in LAZY})
     assert not local, "function-local imports of project modules (import at the top; if that makes a cycle, " \
         "move the shared piece down; a lazy import of a heavy optional part goes in LAZY with why):\n" + \
         "\n".join(f"{s}:{line} imports {t}" for s, t, line in local)
@@ -243,7 +218,6 @@ def test_each_lazy_import_is_listed_saves_a_heavy_package_and_exists() -> None:
     project = read_project()
     local = {(e.source, e.target) for found in project.values() for e in found.edges if e.local}
     assert not set(LAZY) - local, f"LAZY entries with no such import: {sorted(set(LAZY) - local)}"
-    assert not PENDING - local - {(e.source, e.target) for e in import_graph()}, "PENDING entries that are gone"
     for source, target in LAZY:
         saved = heavy_packages(project, target) - heavy_packages(project, source)
         assert saved, f"LAZY ({source}, {target}): {source} loads what {target} brings already; import it at the top"

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from melo_ray.config import LoraConfig
 from melo_ray.editors.melo.bank import SEGMENT_BLOCKS, GrowingRows, bank_files, read_bank
+from melo_ray.editors.melo.config import LoraConfig
 from melo_ray.editors.melo.layer import (
     NO_BLOCK,
     BlockBankFull,

@@ -26,11 +26,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from melo_ray.backbones import Backbone, load_backbone, weights_checksum
+from melo_ray.backbones import Backbone, load_backbone
+from melo_ray.editors.layers import weights_checksum
 from melo_ray.config import EditorConfig, load_config
 from melo_ray.inference import generate_texts, next_token_logits, target_token_hits, target_token_nlls
 from melo_ray.records import EditRecord, RecordError, parse_records
-from melo_ray.snapshots import SnapshotError, write_snapshot
+from melo_ray.snapshots import SnapshotError, check_editor, write_snapshot
 from melo_ray.training import EditBatch, build_batch, length_error
 
 log = logging.getLogger(__name__)
@@ -492,20 +493,9 @@ class Editor(ABC):
         return store.publish(self.version, self.snapshot_files(), self.snapshot_meta(**extra))
 
     @classmethod
-    def load(cls, source: str | Path, backbone: Backbone | None = None) -> "Editor":
-        """Rebuild an editor from a snapshot folder, or a store root (its latest version), local or URI.
-
-        The backbone must hash to the snapshot's base checksum."""
-        from melo_ray.store import read_any_snapshot
-
-        manifest, files, where = read_any_snapshot(source)
-        return cls.from_files(manifest, files, where, backbone)
-
-    @classmethod
     def from_files(cls, manifest: Mapping[str, Any], files: Mapping[str, bytes], where: str = "snapshot",
                    backbone: Backbone | None = None) -> "Editor":
-        if manifest.get("editor") != cls.name:
-            raise SnapshotError(f"{where}: snapshot is for editor '{manifest.get('editor')}', not '{cls.name}'")
+        check_editor(manifest.get("editor"), cls.name, where)
         try:
             config = load_config(manifest["config"])
         except (KeyError, ValueError) as exc:
@@ -514,19 +504,11 @@ class Editor(ABC):
         editor.restore_files(manifest, files, where)
         return editor
 
-    def restore(self, source: str | Path) -> None:
-        """Replace this editor's state with a snapshot folder's or a store's latest (same backbone)."""
-        from melo_ray.store import read_any_snapshot
-
-        manifest, files, where = read_any_snapshot(source)
-        self.restore_files(manifest, files, where)
-
     def restore_files(self, manifest: Mapping[str, Any], files: Mapping[str, bytes], where: str = "snapshot") -> None:
         """Replace this editor's state (and index, unless detached) with a verified snapshot's.
 
         All checks run before any change: a snapshot that does not fit leaves the editor as it was."""
-        if manifest.get("editor") != self.name:
-            raise SnapshotError(f"{where}: snapshot is for editor '{manifest.get('editor')}', not '{self.name}'")
+        check_editor(manifest.get("editor"), self.name, where)
         if manifest.get("base_checksum") != self.base_checksum:
             raise SnapshotError(f"{where}: snapshot was made on other base weights (checksum differs)")
         try:

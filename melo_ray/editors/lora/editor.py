@@ -30,10 +30,9 @@ class SequentialLoraEditor(Editor):
 
     def __init__(self, config: EditorConfig, backbone: Backbone | None = None, device: str | None = None) -> None:
         super().__init__(config, backbone, device)
-        peft_config = PeftLoraConfig(
-            r=config.lora.block_rank, lora_alpha=config.lora.alpha, lora_dropout=0.0,
-            target_modules=list(config.lora.target_modules),
-        )
+        lora = config.section("lora")
+        peft_config = PeftLoraConfig(r=lora.block_rank, lora_alpha=lora.alpha, lora_dropout=0.0,
+                                     target_modules=list(lora.target_modules))
         inject_adapter_in_model(peft_config, self.backbone.model)
         self.params = [p for n, p in self.backbone.model.named_parameters() if "lora_" in n]
         for p in self.params:
@@ -69,7 +68,7 @@ class SequentialLoraEditor(Editor):
         try:
             stats = train_block(
                 self.backbone, batch, self.params, self.config.train,
-                trained_modules=list(self.config.lora.target_modules), active=nullcontext,
+                trained_modules=list(self.config.section("lora").target_modules), active=nullcontext,
             )
         except BaseException:
             set_peft_model_state_dict(self.backbone.model, before)  # all or nothing

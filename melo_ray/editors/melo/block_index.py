@@ -45,7 +45,7 @@ class BlockIndex(EditIndex):
 
     @classmethod
     def create(cls, config: EditorConfig, dim: int) -> "BlockIndex":
-        cfg = config.index
+        cfg = config.section("index")
         scope = None
         if cfg.scope_verifier is not None:
             scope = ScopeTest(load_verifier(cfg.scope_verifier), cfg.scope_threshold, cfg.scope_conflict_threshold,
@@ -66,9 +66,10 @@ class BlockIndex(EditIndex):
             if int(meta["dim"]) != dim:
                 raise SnapshotError(f"{where}: index keys have {meta['dim']} dims, the key function {dim}")
             scope = None
-            if (config.index.scope_verifier is not None) != ("route_dim" in meta):
+            verifier = config.section("index").scope_verifier
+            if (verifier is not None) != ("route_dim" in meta):
                 raise SnapshotError(f"{where}: the index was written with" + ("" if "route_dim" in meta else "out")
-                                    + " a scope test; this config has " + ("one" if config.index.scope_verifier else "none"))
+                                    + " a scope test; this config has " + ("one" if verifier else "none"))
             if "route_dim" in meta:  # the snapshot's own verifier and threshold: it routes as it did
                 conflict = meta["scope_conflict_threshold"]
                 # snapshots written before the latest-of-question rule routed to the best-scoring member

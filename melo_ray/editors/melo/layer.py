@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from melo_ray.editors.layers import EditLayer, get_parent, linear_shape
-from melo_ray.editors.melo.bank import GrowingRows
+from melo_ray.editors.melo.bank import GrowingRows, check_bank_shape
 from melo_ray.editors.melo.config import LoraConfig
 
 NO_BLOCK = -1
@@ -79,9 +79,7 @@ class DynamicLoraLinear(EditLayer):
         """Append n trained blocks (A: n x p x in, B: n x out x p) to the bank; returns the first one's id."""
         if self.num_blocks + a.shape[0] > self.max_blocks:
             raise BlockBankFull(f"max_blocks={self.max_blocks} reached; raise lora.max_blocks")
-        if (a.ndim != 3 or tuple(a.shape[1:]) != tuple(self.lora_bank_A.shape[1:])
-                or tuple(b.shape) != (a.shape[0], *self.lora_bank_B.shape[1:])):
-            raise ValueError(f"block shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit this layer")
+        check_bank_shape(a, b, self.lora_bank_A, self.lora_bank_B, "blocks for this layer")
         first = self.num_blocks
         self.lora_bank_A = self._grow_A.append(self.lora_bank_A, a)
         self.lora_bank_B = self._grow_B.append(self.lora_bank_B, b)
@@ -92,11 +90,7 @@ class DynamicLoraLinear(EditLayer):
         self.lora_staging_B = None
 
     def load_bank(self, bank_a: torch.Tensor, bank_b: torch.Tensor) -> None:
-        if bank_a.shape[1:] != self.lora_bank_A.shape[1:] or bank_b.shape[1:] != self.lora_bank_B.shape[1:]:
-            raise ValueError(
-                f"bank shapes {tuple(bank_a.shape)}/{tuple(bank_b.shape)} do not fit this layer "
-                f"(rank {self.block_rank}, {self.in_features}->{self.out_features})"
-            )
+        check_bank_shape(bank_a, bank_b, self.lora_bank_A, self.lora_bank_B, "bank for this layer")
         self.lora_bank_A = bank_a.to(self.lora_bank_A)
         self.lora_bank_B = bank_b.to(self.lora_bank_B)
 
@@ -255,9 +249,8 @@ class BlockRouter:
         if self.num_blocks + counts.pop() > cap:
             raise BlockBankFull(f"lora.max_blocks={cap} reached: raise it in the config or start a new bank")
         for name, layer in self.layers.items():  # shapes first: a misfit must not leave some layers grown
-            a, b = weights[f"{name}.A"], weights[f"{name}.B"]
-            if tuple(a.shape[1:]) != tuple(layer.lora_bank_A.shape[1:]) or tuple(b.shape[1:]) != tuple(layer.lora_bank_B.shape[1:]):
-                raise ValueError(f"trained block for '{name}' has shapes {tuple(a.shape)}/{tuple(b.shape)}")
+            check_bank_shape(weights[f"{name}.A"], weights[f"{name}.B"], layer.lora_bank_A, layer.lora_bank_B,
+                             f"trained block for '{name}'")
         ids = {layer.append_blocks(weights[f"{name}.A"], weights[f"{name}.B"]) for name, layer in self.layers.items()}
         return ids.pop()
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from melo_ray.config import EditorConfig
-from melo_ray.editors.melo.bank import GrowingRows, bank_files, read_bank
+from melo_ray.editors.melo.bank import GrowingRows, bank_files, check_bank_shape, read_bank
 from melo_ray.editors.melo.block_index import BlockIndex, snapshot_key_dim
 from melo_ray.editors.melo.layer import BlockBankFull
 from melo_ray.editors.protocol import (
@@ -30,10 +30,9 @@ from melo_ray.snapshots import SnapshotError
 
 def check_bank_config(config: EditorConfig, manifest: Mapping[str, Any], where: str) -> None:
     """A snapshot's bank fits only the LoRA settings it was trained with."""
-    lora = manifest.get("config", {}).get("lora")
-    fields = config.lora.BANK_FIELDS
-    if not isinstance(lora, dict) or {k: lora.get(k) for k in fields} != config.lora.model_dump(
-            mode="json", include=set(fields)):
+    lora, ours = manifest.get("config", {}).get("lora"), config.section("lora")
+    fields = ours.BANK_FIELDS
+    if not isinstance(lora, dict) or {k: lora.get(k) for k in fields} != ours.model_dump(mode="json", include=set(fields)):
         raise SnapshotError(f"{where}: snapshot's lora config differs from this editor's")
 
 
@@ -53,7 +52,7 @@ class MeloWriter(BatchWriter):
 
     @staticmethod
     def _empty_banks(config: EditorConfig, layout: Mapping[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        rank, dtype = config.lora.block_rank, getattr(torch, config.backbone.dtype)  # blocks follow the base dtype
+        rank, dtype = config.section("lora").block_rank, getattr(torch, config.backbone.dtype)  # blocks follow the base dtype
         return {name: (torch.zeros(0, rank, int(shape["in"]), dtype=dtype), torch.zeros(0, int(shape["out"]), rank, dtype=dtype))
                 for name, shape in layout["layers"].items()}
 
@@ -73,8 +72,7 @@ class MeloWriter(BatchWriter):
         empty = cls._empty_banks(config, layout)
         banks = read_bank(files, list(empty), where)
         for name, (a, b) in banks.items():
-            if a.shape[1:] != empty[name][0].shape[1:] or b.shape[1:] != empty[name][1].shape[1:] or len(a) != len(b):
-                raise SnapshotError(f"{where}: bank for '{name}' has the wrong shape")
+            check_bank_shape(a, b, *empty[name], f"{where}: bank for '{name}'", error=SnapshotError)
         index = BlockIndex.from_files(config, snapshot_key_dim(files, where, int(layout["key_dim"])), files, where)
         return cls(config, layout, index, banks, read_edit_log(files, where), version, edits)
 
@@ -93,12 +91,11 @@ class MeloWriter(BatchWriter):
             raise ValueError(f"trained block lacks weights for {missing}")
         count = trained.block_count
         for name, (a, b) in self.banks.items():  # every check before the first change: all or nothing
-            got_a, got_b = trained.weights[f"{name}.A"], trained.weights[f"{name}.B"]
-            if tuple(got_a.shape) != (count, *a.shape[1:]) or tuple(got_b.shape) != (count, *b.shape[1:]):
-                raise ValueError(f"trained blocks for '{name}' have the wrong shape: {tuple(got_a.shape)}/"
-                                 f"{tuple(got_b.shape)} for {count} block(s)")
-        if self.num_blocks + count > self.config.lora.max_blocks:
-            raise BlockBankFull(f"lora.max_blocks={self.config.lora.max_blocks} reached: raise it in the config")
+            check_bank_shape(trained.weights[f"{name}.A"], trained.weights[f"{name}.B"], a, b,
+                             f"trained blocks for '{name}'", blocks=count)
+        max_blocks = self.config.section("lora").max_blocks
+        if self.num_blocks + count > max_blocks:
+            raise BlockBankFull(f"lora.max_blocks={max_blocks} reached: raise it in the config")
         block = self.num_blocks
         committed = TrainedBatch(**{**vars(trained), "block": block, "weights": None})
         update = self.index.add(committed)  # checks the block number against the index first
