@@ -23,7 +23,6 @@ from melo_ray.editors.melo.bank import GrowingRows, check_bank_shape
 from melo_ray.editors.melo.config import LoraConfig
 
 NO_BLOCK = -1
-STAGING_BLOCK = -2
 
 
 class BlockBankFull(RuntimeError):
@@ -66,14 +65,6 @@ class DynamicLoraLinear(EditLayer):
         self.lora_staging_B = nn.Parameter(
             torch.zeros(slots, self.out_features, self.block_rank, dtype=a.dtype, device=device)
         )
-
-    def commit_block(self) -> int:
-        """Append the staging blocks to the bank; returns the first one's block id."""
-        if self.lora_staging_A is None or self.lora_staging_B is None:
-            raise RuntimeError("no staging block to commit")
-        block = self.append_blocks(self.lora_staging_A.detach(), self.lora_staging_B.detach())
-        self.discard_block()
-        return block
 
     def append_blocks(self, a: torch.Tensor, b: torch.Tensor) -> int:
         """Append n trained blocks (A: n x p x in, B: n x out x p) to the bank; returns the first one's id."""
@@ -140,8 +131,6 @@ class RoutePlan:
     def build(cls, block_ids: torch.Tensor | np.ndarray, device: torch.device) -> "RoutePlan":
         ids = torch.as_tensor(np.asarray(block_ids.cpu() if isinstance(block_ids, torch.Tensor) else block_ids),
                               dtype=torch.long)
-        if ids.numel() and bool((ids == STAGING_BLOCK).all()):
-            return cls(len(ids), staging=True)
         rows = torch.nonzero(ids >= 0).flatten()
         if rows.numel() == 0:
             return cls(len(ids))
@@ -215,12 +204,6 @@ class BlockRouter:
             layer.start_block(generator, slots)
             params += [layer.lora_staging_A, layer.lora_staging_B]  # type: ignore[list-item]
         return params
-
-    def commit_block(self) -> int:
-        """Move the trained staging blocks into every layer's bank (all or none); returns the first id."""
-        block = self.append_blocks(self.staging_weights())
-        self.discard_block()
-        return block
 
     def discard_block(self) -> None:
         for layer in self.layers.values():
