@@ -1,6 +1,8 @@
 """Forward passes every editor shares; each editor wraps them in its own routing context."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from melo_ray.backbones import Backbone
@@ -11,6 +13,12 @@ def encode(backbone: Backbone, prompts: list[str], padding_side: str) -> dict[st
     texts = [backbone.format_prompt(p) for p in prompts]
     encoded = backbone.tokenize(texts, return_tensors="pt", padding=True, padding_side=padding_side)
     return {k: v.to(backbone.device) for k, v in encoded.items()}
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The forward's keyword for the KV cache: `cache` in transformers 5.x (which deprecates the older
+    `past_key_values`), `past_key_values` in the releases before it; the output field has the same name."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()

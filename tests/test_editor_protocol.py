@@ -17,9 +17,10 @@ from melo_ray.config_base import StrictConfig
 from melo_ray.editors import registry
 from melo_ray.editors.layers import EditLayer, remove_edit_layers, weights_checksum
 from melo_ray.editors.melo.editor import MeloEditor
-from melo_ray.editors.protocol import Routing, StaleStateError
 from melo_ray.editors.loading import load_editor, restore_editor
+from melo_ray.editors.protocol import StaleStateError
 from melo_ray.editors.registry import INDEX, LORA, ConfigSection, EditorSpec, build_editor, editor_names
+from melo_ray.editors.routing import Routing
 from melo_ray.records import RecordError, parse_record
 from melo_ray.serving.app import ApiError, ServeSettings, describe_serving, start_engine
 from melo_ray.serving.engine import CompletionRequest, ServingEngine
@@ -81,7 +82,7 @@ def test_an_elder_server_with_an_empty_store_serves_the_base_model():
     # and a routing object carries the ELDER keys, so no hidden order between route() and routed()
     editor = engine.editor
     routing = editor.routing(["a", "b"], base=True)
-    assert routing.payload is None and (routing.ids == -1).all()
+    assert routing.keys is None and (routing.ids == -1).all()
 
 
 def test_records_without_ids_never_share_an_elder_allocation():

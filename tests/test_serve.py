@@ -60,6 +60,8 @@ def test_edited_prompts_get_their_targets_and_unrelated_ones_the_base_output(app
     base = app["editor"].generate(UNRELATED[:2], 8, base=True)
     assert [outputs[1]["output"], outputs[3]["output"]] == [g.output for g in base]
     assert outputs[1]["block"] is None and outputs[1]["distance"] > 0
+    assert [o["edit_id"] for o in outputs] == ["f2", None, "f5", None]  # the edit behind each answer, as explain names it
+    assert [app["editor"].explain(p)["edit_id"] for p in (records[2]["prompt"], records[5]["prompt"])] == ["f2", "f5"]
     assert {o["snapshot_version"] for o in outputs} == {1}
 
 
@@ -68,6 +70,7 @@ def test_openai_client_gets_a_correct_completion(app):
     record = fact_records(0, 10)[4]
     completion = client.completions.create(model="melo-ray", prompt=record["prompt"], max_tokens=8, temperature=0)
     assert completion.choices[0].text.strip().startswith(record["target"])
+    assert completion.choices[0].model_extra["melo"]["edit_id"] == "f4"
     assert completion.usage.completion_tokens >= 1
     many = client.completions.create(model="melo-ray", prompt=[record["prompt"], UNRELATED[2]], max_tokens=3,
                                      temperature=0, stop=["\n"])
@@ -108,9 +111,15 @@ def test_bad_requests_get_a_4xx_with_a_json_error(app, case, status):
 
 
 def test_health_is_open_and_version_describes_the_snapshot(app):
-    assert httpx.get(f"http://127.0.0.1:{app['port']}/healthz").status_code == 200
+    health = httpx.get(f"http://127.0.0.1:{app['port']}/healthz")
+    assert health.status_code == 200
     info = app["client"].get("/v1/version").json()
     assert info["edits"] >= 10 and info["clusters"] >= 10 and info["backbone"]["family"] == "llama"
+    # each replica says whether it is behind the store and when it last reached it
+    fresh = info["freshness"]
+    assert fresh["serving_version"] == info["snapshot_version"] and fresh["store_reachable"]
+    assert fresh["latest_seen"] == app["store"].latest_version() and fresh["seconds_since_good_poll"] < 30
+    assert health.json()["freshness"]["store_reachable"] and health.json()["status"] in ("ok", "stale")
 
 
 def test_publishing_under_steady_traffic_switches_every_replica_with_zero_failures(app):
@@ -266,10 +275,11 @@ def test_chat_completions_keep_the_edit_and_say_which_edit_fired(app):
     choice = chat.choices[0]
     assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
     melo = choice.model_extra["melo"]  # the extension field; the client keeps it aside
-    assert melo["block"] == 0 and melo["snapshot_version"] >= 1 and melo["distance"] is not None
+    assert melo["block"] == 0 and melo["edit_id"] == "f1" and melo["snapshot_version"] >= 1 and melo["distance"] is not None
     unrelated = _openai(app).chat.completions.create(model="melo-ray", max_tokens=4,
                                                      messages=[{"role": "user", "content": UNRELATED[1]}])
     assert unrelated.choices[0].model_extra["melo"]["block"] is None
+    assert unrelated.choices[0].model_extra["melo"]["edit_id"] is None
 
 
 def test_streaming_chat_and_completions_with_the_openai_client(app):
@@ -286,6 +296,7 @@ def test_streaming_chat_and_completions_with_the_openai_client(app):
     assert parts[0].choices[0].delta.role == "assistant"
     assert parts[-1].choices[0].finish_reason in ("stop", "length")
     assert parts[-1].choices[0].model_extra["melo"]["block"] == 0
+    assert parts[-1].choices[0].model_extra["melo"]["edit_id"] == "f5"
 
 
 def test_sampling_is_validated_and_seeded(app):

@@ -29,6 +29,7 @@ import torch
 from melo_ray.backbones import Backbone, load_backbone
 from melo_ray.editors.layers import weights_checksum
 from melo_ray.config import EditorConfig, load_config
+from melo_ray.editors.routing import Routing, SearchResult
 from melo_ray.inference import generate_texts, next_token_logits, target_token_hits, target_token_nlls
 from melo_ray.records import EditRecord, RecordError, parse_records
 from melo_ray.snapshots import SnapshotError, check_editor, write_snapshot
@@ -42,54 +43,12 @@ class StaleStateError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Routing:
-    """Per prompt of one batch: the edit that applies (-1: none, the exact base model), the distance
-    behind that decision (nan: not known), and what the editor's routed pass needs (e.g. ELDER's
-    query keys); `payload` is None when every row runs on the base model."""
-
-    ids: np.ndarray
-    distances: np.ndarray
-    payload: Any = None
-    edit_ids: tuple[str | None, ...] | None = None  # the edit behind each routed row, where the editor can tell
-
-    @classmethod
-    def base(cls, rows: int) -> "Routing":
-        return cls(np.full(rows, -1, np.int64), np.full(rows, np.nan))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def take(self, rows: list[int] | np.ndarray) -> "Routing":
-        """The routing of some rows, in the given order (a payload is row-aligned, like ids)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        payload = None if self.payload is None else np.asarray(self.payload)[rows]
-        edit_ids = None if self.edit_ids is None else tuple(self.edit_ids[i] for i in rows)
-        return Routing(self.ids[rows], self.distances[rows], payload, edit_ids)
-
-    @classmethod
-    def concat(cls, parts: list["Routing"]) -> "Routing":
-        """Rows of several routings as one batch (rows without a payload get zeros where others have one)."""
-        if not parts:
-            return cls.base(0)
-        with_payload = [p.payload for p in parts if p.payload is not None]
-        payload = None
-        if with_payload:
-            width = np.asarray(with_payload[0]).shape[1:]
-            payload = np.concatenate([np.asarray(p.payload) if p.payload is not None
-                                      else np.zeros((len(p), *width), np.float32) for p in parts])
-        edit_ids = None
-        if any(p.edit_ids is not None for p in parts):
-            edit_ids = tuple(i for p in parts for i in (p.edit_ids if p.edit_ids is not None else (None,) * len(p)))
-        return cls(np.concatenate([p.ids for p in parts]), np.concatenate([p.distances for p in parts]), payload,
-                   edit_ids)
-
-
-@dataclass(frozen=True)
 class Generation:
     prompt: str
     output: str
     block: int | None  # the block / entry used, None for the base model
     distance: float | None  # distance to the nearest cluster centre, None when not known
+    edit_id: str | None = None  # the edit that fired, where the editor can tell
 
 
 @dataclass(frozen=True)
@@ -206,8 +165,8 @@ class EditIndex(ABC):
         """Index one trained batch; batches must arrive in stream order, each once."""
 
     @abstractmethod
-    def search(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per key: the edit that applies (-1: none) and the distance behind it."""
+    def search(self, keys: np.ndarray) -> SearchResult:
+        """Per key: the block that applies (-1: none), the distance behind it and the edit it serves."""
 
     @abstractmethod
     def files(self) -> dict[str, bytes]:
@@ -333,19 +292,12 @@ class Editor(ABC):
 
     def explain(self, prompt: str) -> dict[str, Any]:
         """Which edit would fire for `prompt`, the distance behind the decision, and the decision."""
-        routing = self.routing([prompt])
-        block, distance = int(routing.ids[0]), float(routing.distances[0])
-        fires = block >= 0
+        block, distance, edit_id = self.routing([prompt]).row(0)
+        fires = block is not None
         return {
-            "prompt": prompt, "fires": fires, "block": block if fires else None,
-            "edit_id": self.edit_behind(prompt, routing) if fires else None,
-            "distance": distance if np.isfinite(distance) else None,
+            "prompt": prompt, "fires": fires, "block": block, "edit_id": edit_id, "distance": distance,
             "decision": "routed to an edit" if fires else "outside every edit's scope: the base model answers",
         }
-
-    def edit_behind(self, prompt: str, routing: Routing) -> str | None:
-        """The id of the edit that makes `routing` fire for this one prompt (None: not known)."""
-        return None
 
     # -- editing, written once -------------------------------------------------------------------
     def key_dim(self) -> int:
@@ -433,10 +385,7 @@ class Editor(ABC):
             routing = self.routing(chunk, base=base)
             with self.routed(routing):
                 outputs = generate_texts(self.backbone, chunk, max_new)
-            results += [
-                Generation(p, o, int(i) if i >= 0 else None, float(d) if np.isfinite(d) else None)
-                for p, o, i, d in zip(chunk, outputs, routing.ids, routing.distances)
-            ]
+            results += [Generation(p, o, *routing.row(i)) for i, (p, o) in enumerate(zip(chunk, outputs))]
         return results
 
     def next_token_logits(self, prompts: list[str], *, base: bool = False) -> torch.Tensor:

@@ -13,7 +13,8 @@ import numpy as np
 
 from melo_ray.backbones import Backbone, load_backbone
 from melo_ray.config import EditorConfig, load_config
-from melo_ray.editors.protocol import Editor, Routing
+from melo_ray.editors.protocol import Editor
+from melo_ray.editors.routing import Routing
 from melo_ray.editors.registry import build_editor
 from melo_ray.inference import generate_token_ids
 from melo_ray.serving.decoding import DecodeLoop, SamplingParams, Sequence, run_to_completion
@@ -98,14 +99,11 @@ class ServingEngine:
 
     def completion(self, request: CompletionRequest, seq: Sequence) -> Completion:
         """What a finished row answers, with which edit fired and the snapshot version."""
-        routing = seq.routing
-        block, distance = int(routing.ids[0]), float(routing.distances[0])
+        block, distance, edit_id = seq.routing.row(0)
         return Completion(
-            text=seq.text, block=block if block >= 0 else None,
-            distance=distance if np.isfinite(distance) else None, version=self.version,
+            text=seq.text, block=block, distance=distance, version=self.version,
             prompt_tokens=request.prompt_tokens if request.prompt_tokens is not None else len(seq.prompt_ids),
-            completion_tokens=len(seq.tokens), finish_reason=seq.finish_reason or "length",
-            edit_id=routing.edit_ids[0] if routing.edit_ids is not None and block >= 0 else None,
+            completion_tokens=len(seq.tokens), finish_reason=seq.finish_reason or "length", edit_id=edit_id,
         )
 
     def complete(self, requests: list[CompletionRequest], *, base: bool = False, max_batch: int = 32) -> list[Completion]:

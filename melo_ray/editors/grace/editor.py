@@ -24,7 +24,8 @@ from melo_ray.editors.grace.config import GraceConfig
 from melo_ray.editors.grace.layer import STAGING_ENTRY, GraceLayer
 from melo_ray.editors.layers import get_parent
 from melo_ray.editors.melo.keys import HiddenStateKeys, prompt_and_paraphrase_keys
-from melo_ray.editors.protocol import Editor, IndexUpdate, Routing, TrainedBatch
+from melo_ray.editors.protocol import Editor, IndexUpdate, TrainedBatch
+from melo_ray.editors.routing import Routing
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError
 from melo_ray.text import normalise_label
@@ -73,7 +74,10 @@ class GraceEditor(Editor):
         nearest = dist.argmin(1)
         nearest_d = dist[torch.arange(len(prompts)), nearest]
         inside = nearest_d <= self.layer.eps[nearest]
-        return Routing(torch.where(inside, nearest, -1).numpy(), nearest_d.numpy())
+        entries = torch.where(inside, nearest, -1).numpy()
+        # an entry several edits share (same label, merged) answers for the latest of them
+        edit_ids = tuple(self.entry_edits[e][-1] if e >= 0 else None for e in entries.tolist())
+        return Routing(entries, nearest_d.numpy(), edit_ids)
 
     def train_batch(self, records: list[EditRecord]) -> TrainedBatch:
         """GRACE edits one record at a time; the batch only groups them. All or nothing: a failure
@@ -196,10 +200,6 @@ class GraceEditor(Editor):
             self.layer.labels, self.splits, self.entry_edits = labels, splits, entry_edits
 
         return swap
-
-    def edit_behind(self, prompt: str, routing: Routing) -> str | None:
-        entry = int(routing.ids[0])
-        return self.entry_edits[entry][-1] if 0 <= entry < len(self.entry_edits) else None
 
     def revert_state(self, ids: set[str]) -> Callable[[], None]:
         """The edits' ids leave their entries; an entry that holds no edit any more is dropped."""

@@ -14,6 +14,7 @@ from melo_ray.config import EditorConfig
 from melo_ray.editors.melo.index import NeuronIndex
 from melo_ray.editors.melo.scope import ScopeTest, ScopeVerifier, load_verifier
 from melo_ray.editors.protocol import EditIndex, IndexUpdate, StaleStateError, TrainedBatch
+from melo_ray.editors.routing import SearchResult
 from melo_ray.snapshots import SnapshotError
 
 SCOPE_FILE = "scope.safetensors"
@@ -108,9 +109,8 @@ class BlockIndex(EditIndex):
                            conflicts=self.index.conflicts, forgotten=tuple(forgotten),
                            forgotten_total=self.index.forgotten)
 
-    def search(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        result = self.index.search(np.asarray(keys, dtype=np.float32))
-        return result.block_ids, result.distances
+    def search(self, keys: np.ndarray) -> SearchResult:
+        return self.index.search(np.asarray(keys, dtype=np.float32))
 
     def files(self) -> dict[str, bytes]:
         arrays, meta = self.index.state()

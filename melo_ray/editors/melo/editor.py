@@ -24,7 +24,8 @@ from melo_ray.editors.melo.keys import (
 )
 from melo_ray.editors.melo.layer import BlockRouter, inject_dynamic_lora
 from melo_ray.editors.melo.writer import MeloWriter, check_bank_config
-from melo_ray.editors.protocol import Editor, Routing, TrainedBatch
+from melo_ray.editors.protocol import Editor, TrainedBatch
+from melo_ray.editors.routing import Routing
 from melo_ray.inference import generate_texts
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError
@@ -166,8 +167,7 @@ class MeloEditor(Editor):
         """Block id (-1 for none) and nearest-centre distance for each prompt."""
         if self.index is None:
             raise RuntimeError("this editor's index lives in another process (detach_index)")
-        ids, dists = self.index.search(self._routing_keys(prompts))
-        return Routing(ids, dists)
+        return Routing.from_search(self.index.search(self._routing_keys(prompts)))
 
     def _routing_keys(self, prompts: list[str]) -> np.ndarray:
         """Keys for routing. With the scope test, the views it reads beyond the first are computed only
@@ -231,11 +231,6 @@ class MeloEditor(Editor):
         return swap
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def edit_behind(self, prompt: str, routing: Routing) -> str | None:
-        if self.index is None:
-            return None
-        return self.index.index.search(self.key_function.keys([prompt])).edit_ids[0]
-
     def revert_state(self, ids: set[str]) -> Callable[[], None]:
         """The edits' members leave the index; a cluster with no members dies. Blocks stay in the
         bank (a batch's block may serve its other edits) until compact()."""

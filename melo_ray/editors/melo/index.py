@@ -36,6 +36,7 @@ import hnswlib
 import numpy as np
 
 from melo_ray.editors.melo.scope import ScopeTest
+from melo_ray.editors.routing import SearchResult
 from melo_ray.text import normalise_label
 
 log = logging.getLogger(__name__)
@@ -76,14 +77,6 @@ class IndexEvent:
     cluster: int
     distance: float | None
     forgotten: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    block_ids: np.ndarray  # (n,) int64, -1 where no block applies
-    distances: np.ndarray  # (n,) distance to the nearest centre (inf when the index is empty)
-    clusters: np.ndarray  # (n,) int64 nearest cluster id, -1 when empty
-    edit_ids: tuple[str | None, ...] = ()  # (n,) the edit of the member that serves each row, None where no block
 
 
 class NeuronIndex:

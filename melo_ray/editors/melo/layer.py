@@ -161,10 +161,28 @@ class BlockRouter:
 
     def __init__(self, layers: dict[str, DynamicLoraLinear]) -> None:
         self.layers = layers
+        # The plans of the last routing, by its block ids: a decode loop routes the same rows step after
+        # step, so its plans (host-side nonzero, copies to the device) are built when rows join or leave.
+        self._last_plans: tuple[bytes, dict[torch.device, RoutePlan]] | None = None
 
     @contextmanager
     def route(self, block_ids: torch.Tensor | np.ndarray | None) -> Iterator[None]:
-        with self._planned(None if block_ids is None else lambda device: RoutePlan.build(block_ids, device)):
+        if block_ids is None:
+            with self._planned(None):
+                yield
+            return
+        ids = np.ascontiguousarray(block_ids.cpu() if isinstance(block_ids, torch.Tensor) else block_ids, np.int64)
+        key = ids.tobytes()
+        if self._last_plans is None or self._last_plans[0] != key:
+            self._last_plans = (key, {})
+        plans = self._last_plans[1]
+
+        def plan_for(device: torch.device) -> RoutePlan:
+            if device not in plans:
+                plans[device] = RoutePlan.build(ids, device)
+            return plans[device]
+
+        with self._planned(plan_for):
             yield
 
     @contextmanager
