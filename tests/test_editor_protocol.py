@@ -16,11 +16,12 @@ from melo_ray.config import ConfigError, load_config
 from melo_ray.config_base import StrictConfig
 from melo_ray.editors import registry
 from melo_ray.editors.layers import EditLayer, remove_edit_layers, weights_checksum
-from melo_ray.editors.melo.editor import MeloEditor
 from melo_ray.editors.loading import load_editor, restore_editor
-from melo_ray.editors.protocol import StaleStateError
+from melo_ray.editors.melo.editor import MeloEditor
+from melo_ray.editors.messages import StaleStateError
 from melo_ray.editors.registry import INDEX, LORA, ConfigSection, EditorSpec, build_editor, editor_names
 from melo_ray.editors.routing import Routing
+from melo_ray.editors.single_writer import WriterLayout
 from melo_ray.records import RecordError, parse_record
 from melo_ray.serving.app import ApiError, ServeSettings, describe_serving, start_engine
 from melo_ray.serving.engine import CompletionRequest, ServingEngine
@@ -139,6 +140,17 @@ def test_our_exceptions_survive_pickling(error):
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is type(error) and str(copy) == str(error)
     assert vars(copy) == vars(error)
+
+
+def test_a_writer_layout_is_typed_and_crosses_processes():
+    """The trainer hands the writer actor a typed layout (shapes by layer, key size), not a dict."""
+    editor = MeloEditor(tiny_config())
+    layout = editor.writer_layout()
+    assert isinstance(layout, WriterLayout) and layout.key_dim == editor.key_dim()
+    assert {name: (s.in_features, s.out_features) for name, s in layout.layers.items()} == {
+        name: (layer.in_features, layer.out_features) for name, layer in editor.layers.items()}
+    assert pickle.loads(pickle.dumps(layout)) == layout
+    assert build_editor("grace", tiny_config()).writer_layout() is None  # no writer, no layout
 
 
 def test_edit_layers_are_found_by_type_and_leave_the_base_checksum_alone():

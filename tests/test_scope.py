@@ -122,7 +122,7 @@ def test_scoped_index_snapshot_round_trips_exactly():
     rng = np.random.default_rng(1)
     index = BlockIndex.create(config, verifier.key_dim)
     for block in range(3):
-        from melo_ray.editors.protocol import TrainedBatch
+        from melo_ray.editors.messages import TrainedBatch
 
         keys = rng.normal(size=(4, verifier.key_dim)).astype(np.float32)
         index.add(TrainedBatch(version=block + 1, edits=4, steps=1, final_loss=0.0, learned=1.0, seconds=0.0,

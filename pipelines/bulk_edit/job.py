@@ -25,7 +25,7 @@ from typing import Any
 
 from melo_ray.cluster import init_ray
 from melo_ray.config import EditorConfig
-from melo_ray.editors.protocol import IndexUpdate, StaleStateError, TrainedBatch
+from melo_ray.editors.messages import IndexUpdate, StaleStateError, TrainedBatch
 from melo_ray.editors.registry import editor_class
 from melo_ray.records import EditRecord, RecordError, parse_record
 from melo_ray.snapshots import SnapshotError, check_editor

@@ -19,7 +19,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from melo_ray.backbones import Backbone
 from melo_ray.config import EditorConfig
-from melo_ray.editors.protocol import Editor, IndexUpdate, TrainedBatch
+from melo_ray.editors.messages import IndexUpdate, TrainedBatch
+from melo_ray.editors.protocol import Editor
 from melo_ray.editors.routing import Routing
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError

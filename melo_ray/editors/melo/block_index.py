@@ -13,7 +13,8 @@ import safetensors.numpy
 from melo_ray.config import EditorConfig
 from melo_ray.editors.melo.index import NeuronIndex
 from melo_ray.editors.melo.scope import ScopeTest, ScopeVerifier, load_verifier
-from melo_ray.editors.protocol import EditIndex, IndexUpdate, StaleStateError, TrainedBatch
+from melo_ray.editors.messages import IndexUpdate, StaleStateError, TrainedBatch
+from melo_ray.editors.single_writer import EditIndex
 from melo_ray.editors.routing import SearchResult
 from melo_ray.snapshots import SnapshotError
 

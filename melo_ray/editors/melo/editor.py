@@ -24,8 +24,10 @@ from melo_ray.editors.melo.keys import (
 )
 from melo_ray.editors.melo.layer import BlockRouter, inject_dynamic_lora
 from melo_ray.editors.melo.writer import MeloWriter, check_bank_config
-from melo_ray.editors.protocol import Editor, TrainedBatch
+from melo_ray.editors.messages import TrainedBatch
+from melo_ray.editors.protocol import Editor
 from melo_ray.editors.routing import Routing
+from melo_ray.editors.single_writer import LayerShape, WriterLayout
 from melo_ray.inference import generate_texts
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError
@@ -68,9 +70,9 @@ class MeloEditor(Editor):
     def key_dim(self) -> int:
         return self.key_function.dim
 
-    def writer_layout(self) -> dict[str, Any]:
-        return {"key_dim": self.key_dim(),
-                "layers": {name: {"in": layer.in_features, "out": layer.out_features} for name, layer in self.layers.items()}}
+    def writer_layout(self) -> WriterLayout:
+        return WriterLayout(self.key_dim(), {name: LayerShape(layer.in_features, layer.out_features)
+                                             for name, layer in self.layers.items()})
 
     def _check_key_precedes_lora(self) -> None:
         key = self.config.section("index").key_module

@@ -15,16 +15,9 @@ from melo_ray.config import EditorConfig
 from melo_ray.editors.melo.bank import GrowingRows, bank_files, check_bank_shape, read_bank
 from melo_ray.editors.melo.block_index import BlockIndex, snapshot_key_dim
 from melo_ray.editors.melo.layer import BlockBankFull
-from melo_ray.editors.protocol import (
-    BatchWriter,
-    EditEntry,
-    IndexUpdate,
-    StaleStateError,
-    TrainedBatch,
-    edit_log_files,
-    log_batch,
-    read_edit_log,
-)
+from melo_ray.editors.edit_log import EditEntry, edit_log_files, log_batch, read_edit_log
+from melo_ray.editors.messages import IndexUpdate, StaleStateError, TrainedBatch
+from melo_ray.editors.single_writer import BatchWriter
 from melo_ray.snapshots import SnapshotError
 
 
@@ -37,11 +30,11 @@ def check_bank_config(config: EditorConfig, manifest: Mapping[str, Any], where: 
 
 
 class MeloWriter(BatchWriter):
-    def __init__(self, config: EditorConfig, layout: Mapping[str, Any], index: BlockIndex,
+    def __init__(self, config: EditorConfig, layout: WriterLayout, index: BlockIndex,
                  banks: Mapping[str, tuple[torch.Tensor, torch.Tensor]], edit_log: dict[str, EditEntry],
                  version: int, edits: int) -> None:
         self.config = config
-        self.layout = dict(layout)
+        self.layout = layout
         self.index = index
         self.banks = {name: list(pair) for name, pair in banks.items()}
         self.grow = {name: (GrowingRows(), GrowingRows()) for name in banks}
@@ -51,18 +44,18 @@ class MeloWriter(BatchWriter):
         self.edits = edits
 
     @staticmethod
-    def _empty_banks(config: EditorConfig, layout: Mapping[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def _empty_banks(config: EditorConfig, layout: WriterLayout) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         rank, dtype = config.section("lora").block_rank, getattr(torch, config.backbone.dtype)  # blocks follow the base dtype
-        return {name: (torch.zeros(0, rank, int(shape["in"]), dtype=dtype), torch.zeros(0, int(shape["out"]), rank, dtype=dtype))
-                for name, shape in layout["layers"].items()}
+        return {name: (torch.zeros(0, rank, shape.in_features, dtype=dtype), torch.zeros(0, shape.out_features, rank, dtype=dtype))
+                for name, shape in layout.layers.items()}
 
     @classmethod
-    def create(cls, config: EditorConfig, layout: Mapping[str, Any]) -> "MeloWriter":
-        return cls(config, layout, BlockIndex.create(config, int(layout["key_dim"])),
+    def create(cls, config: EditorConfig, layout: WriterLayout) -> "MeloWriter":
+        return cls(config, layout, BlockIndex.create(config, layout.key_dim),
                    cls._empty_banks(config, layout), {}, 0, 0)
 
     @classmethod
-    def from_files(cls, config: EditorConfig, layout: Mapping[str, Any], manifest: Mapping[str, Any],
+    def from_files(cls, config: EditorConfig, layout: WriterLayout, manifest: Mapping[str, Any],
                    files: Mapping[str, bytes], where: str) -> "MeloWriter":
         check_bank_config(config, manifest, where)
         try:
@@ -73,7 +66,7 @@ class MeloWriter(BatchWriter):
         banks = read_bank(files, list(empty), where)
         for name, (a, b) in banks.items():
             check_bank_shape(a, b, *empty[name], f"{where}: bank for '{name}'", error=SnapshotError)
-        index = BlockIndex.from_files(config, snapshot_key_dim(files, where, int(layout["key_dim"])), files, where)
+        index = BlockIndex.from_files(config, snapshot_key_dim(files, where, layout.key_dim), files, where)
         return cls(config, layout, index, banks, read_edit_log(files, where), version, edits)
 
     @property
