@@ -20,6 +20,7 @@ from melo_ray import metrics
 from melo_ray.backbones import load_backbone
 from melo_ray.config import load_config, with_overrides
 from melo_ray.records import read_edit_records
+from melo_ray.training import training_formats
 from melo_ray.editors.registry import build_editor
 
 NQ = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nq-open" / "NQ-open.dev.jsonl"
@@ -59,7 +60,7 @@ def main() -> None:
     prompts, targets = [r.prompt for r in records], [r.target for r in records]
     rephrased = [(p, r.target) for r in records for p in r.rephrases[:1]]
     row: dict = {"label": args.label, "overrides": args.set, "edits": len(records),
-                 "formats": list(config.train.formats), "edits_per_min": round(60 * len(records) / seconds, 1)}
+                 "formats": training_formats(editor.backbone, config.train.formats), "edits_per_min": round(60 * len(records) / seconds, 1)}
     for view in ("raw", "chat"):
         row[f"reliability_{view}"] = metrics.success_rate(_answers(editor, prompts, view, args.max_new_tokens), targets)
         row[f"generality_{view}"] = metrics.success_rate(

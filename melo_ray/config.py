@@ -95,9 +95,11 @@ class TrainConfig(StrictConfig):
         "See docs/results.md, 'Mixed-precision training'.",
     )
     seed: int = Field(0, description="Seed for block initialisation.")
-    formats: list[Literal["raw", "chat"]] = Field(
-        ["raw"], min_length=1, description="How each edit is shown to the model in training: raw (the prompt "
-        "template) and/or chat (a user turn of the backbone's chat template), the formats the deployment serves.",
+    formats: list[Literal["raw", "chat"]] | None = Field(
+        None, min_length=1, description="How each edit is shown to the model in training: raw (the prompt "
+        "template) and/or chat (a user turn of the backbone's chat template), the formats the deployment serves. "
+        "Unset (the default): raw, plus chat when the backbone is a causal LM with a chat template, so an edit "
+        "holds for /v1/chat/completions clients too (docs/results.md, 'Chat by default').",
     )
     max_text_chars: int = Field(
         2000, ge=1, description="Longest prompt or target accepted, in characters; longer records are rejected "
@@ -125,6 +127,11 @@ class PipelineConfig(StrictConfig):
     )
     max_actor_restarts: int = Field(3, ge=0, description="Ray restarts of a killed trainer or writer actor.")
     max_attempts: int = Field(5, ge=1, description="Recoveries from the last snapshot after an actor failure.")
+    publish_retries: int = Field(
+        4, ge=0, description="Retries of a commit point (publish, job state) that failed to reach the store "
+        "(an OSError: endpoint down, disk full); each waits twice as long as the last. Then the job fails.",
+    )
+    publish_backoff_s: float = Field(0.5, ge=0, description="Seconds before the first publish retry.")
     trainer_gpus: Literal["auto", 0, 1] = Field(
         "auto", description="GPUs for each trainer actor; auto: 1 when the cluster has a GPU."
     )

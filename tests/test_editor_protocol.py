@@ -109,7 +109,8 @@ def test_the_server_serves_a_snapshot_folder_written_by_edit(tmp_path):
     assert isinstance(open_snapshots(tmp_path / "snap"), SnapshotFolder)
     assert isinstance(open_snapshots(tmp_path / "empty-store"), SnapshotStore)
 
-    source, engine = start_engine(ServeSettings(snapshots=str(tmp_path / "snap"), config=TINY))
+    start = start_engine(ServeSettings(snapshots=str(tmp_path / "snap"), config=TINY))
+    source, engine = start.source, start.engine
     assert isinstance(source, SnapshotFolder) and source.latest_version() == 1
     assert engine.version == 1 and engine.stats["edits"] == 5
     assert describe_serving(ServeSettings(snapshots="x"), engine.version) == "snapshot v1"
@@ -123,7 +124,7 @@ def test_the_server_serves_a_snapshot_folder_written_by_edit(tmp_path):
 
     # an empty store with a config serves the base model and says so; without a config it refuses
     settings = ServeSettings(snapshots=str(tmp_path / "nothing"), config=TINY)
-    _, base = start_engine(settings)
+    base = start_engine(settings).engine
     assert base.version is None and describe_serving(settings, base.version).startswith("base model")
     with pytest.raises(SnapshotError, match="no snapshot yet"):
         start_engine(ServeSettings(snapshots=str(tmp_path / "nothing")))

@@ -54,3 +54,24 @@ def test_the_follower_names_the_next_version_and_how_stale_the_replica_is():
     back = follower.freshness(3)
     assert back.store_reachable and not back.behind and back.seconds_since_good_poll == 0.0 and back.last_error is None
     assert back.as_json()["refused_versions"] == [2]
+
+
+def test_a_replica_started_after_a_bad_publish_serves_the_newest_version_that_verifies(tmp_path):
+    from conftest import fact_records, tiny_config
+    from melo_ray.editors.melo.editor import MeloEditor
+    from melo_ray.serving.app import ServeSettings, start_engine
+    from melo_ray.store import SnapshotStore
+
+    store = SnapshotStore(tmp_path / "store")
+    editor = MeloEditor(tiny_config())
+    for start in (0, 3):
+        editor.edit(fact_records(start, 3))
+        editor.publish(store)
+    files = store.read_manifest(2)["files"]
+    path = f"{store.version_path(2)}/{max(files, key=lambda n: files[n]['bytes'])}"
+    data = bytearray(store.fs.open_input_stream(path).read())
+    data[len(data) // 2] ^= 0xFF  # corrupted after it was written and published
+    with store.fs.open_output_stream(path) as stream:
+        stream.write(bytes(data))
+    start = start_engine(ServeSettings(snapshots=str(store.root)))
+    assert start.engine.version == 1 and list(start.refused) == [2] and "checksum" in start.refused[2]

@@ -352,3 +352,96 @@ def test_a_stream_finishes_on_the_version_it_started_on(app):
     deadline = time.time() + 30
     while time.time() < deadline and {o["snapshot_version"] for o in generate(client, ["a"]).json()["outputs"]} != {new}:
         pass
+
+
+# -- faults under load (the short version of benchmarks/soak.py) ------------------------------------
+def _replicas(app, want: int = 2, timeout: float = 120) -> dict[str, dict]:
+    """Each replica's /v1/version, asked until `want` distinct replicas have answered."""
+    seen: dict[str, dict] = {}
+    deadline = time.time() + timeout
+    while len(seen) < want:
+        assert time.time() < deadline, f"only {len(seen)} of {want} replicas answered"
+        try:
+            info = app["client"].get("/v1/version", timeout=10).json()
+            seen[info["replica"]] = info
+        except (httpx.HTTPError, KeyError, ValueError):
+            pass
+    return seen
+
+
+def test_faults_under_load_a_corrupted_version_is_never_served_and_a_killed_replica_costs_its_rows(app):
+    import os
+    import signal
+
+    client, editor, store = app["client"], app["editor"], app["store"]
+    answers: list[tuple[float, bool, int | None]] = []  # (started, ok, version)
+    stop, lock = threading.Event(), threading.Lock()
+    in_flight = [0]
+    prompts = [r["prompt"] for r in fact_records(0, 10)] + UNRELATED
+
+    def user(i: int) -> None:
+        with httpx.Client(base_url=f"http://127.0.0.1:{app['port']}", headers=AUTH, timeout=120) as http:
+            while not stop.is_set():
+                began = time.time()
+                with lock:
+                    in_flight[0] += 1
+                try:
+                    response = http.post("/v1/generate", json={"prompts": [prompts[i % len(prompts)]], "max_new_tokens": 4})
+                    ok = response.status_code == 200
+                    version = response.json()["outputs"][0]["snapshot_version"] if ok else None
+                except httpx.HTTPError:
+                    ok, version = False, None
+                with lock:
+                    in_flight[0] -= 1
+                    answers.append((began, ok, version))
+                i += 1
+
+    users = [threading.Thread(target=user, args=(i,), daemon=True) for i in range(16)]
+    for thread in users:
+        thread.start()
+    try:
+        # a version whose file is corrupted after writing: every replica refuses it and says so
+        good = store.latest_version()
+        store.pin(good)
+        editor.edit(fact_records(40, 3))
+        editor.publish(store)
+        bad = store.latest_version()
+        files = store.read_manifest(bad)["files"]
+        path = f"{store.version_path(bad)}/{max(files, key=lambda n: files[n]['bytes'])}"
+        data = bytearray(store.fs.open_input_stream(path).read())
+        data[len(data) // 2] ^= 0xFF
+        with store.fs.open_output_stream(path) as stream:
+            stream.write(bytes(data))
+        store.unpin()
+        deadline = time.time() + 60
+        while not all(bad in r["freshness"]["refused_versions"] and r["freshness"]["behind"]
+                      for r in _replicas(app).values()):
+            assert time.time() < deadline, "replicas did not refuse the corrupted version"
+        corrupt_done = time.time()
+
+        # one replica's process killed under load: Serve replaces it; only rows in flight may fail
+        victim = next(iter(_replicas(app).values()))
+        with lock:
+            at_kill = in_flight[0]
+        killed_at = time.time()
+        os.kill(victim["pid"], signal.SIGKILL)
+        deadline = time.time() + 180
+        while victim["replica"] in _replicas(app, timeout=180):
+            assert time.time() < deadline, "the killed replica was not replaced"
+        replaced_at = time.time()
+
+        editor.edit(fact_records(43, 2))  # the next good version reaches every replica, old and new
+        editor.publish(store)
+        latest = store.latest_version()
+        deadline = time.time() + 60
+        while {r["snapshot_version"] for r in _replicas(app).values()} != {latest}:
+            assert time.time() < deadline, "replicas did not move past the bad version"
+    finally:
+        stop.set()
+        for thread in users:
+            thread.join(120)
+    assert answers and not any(version == bad for _, ok, version in answers if ok)  # never served
+    during_bad_version = [ok for began, ok, _ in answers if began < corrupt_done]
+    assert len(during_bad_version) > 16 and all(during_bad_version)  # none failed while the bad version was out
+    failed = sum(not ok for _, ok, _ in answers)
+    assert failed <= at_kill, f"{failed} requests failed; {at_kill} were in flight when the replica was killed"

@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import socket
 import uuid
 from typing import Any
 
@@ -91,14 +92,36 @@ async def _parse(request: Request, model: type[BaseModel], limit: int) -> Any:
     return parse_body(await request.body(), model, limit)
 
 
-def start_engine(settings: ServeSettings) -> tuple[SnapshotStore | SnapshotFolder, ServingEngine]:
+@dataclasses.dataclass(frozen=True)
+class ReplicaStart:
+    """What a replica starts with: the source it follows, its engine, and the versions it found bad."""
+
+    source: SnapshotStore | SnapshotFolder
+    engine: ServingEngine
+    refused: dict[int, str]  # version -> why it failed verification
+
+
+def start_engine(settings: ServeSettings) -> ReplicaStart:
     """The snapshot source a replica follows (a store, or one snapshot folder) and its engine on the
-    latest version there; the base model only while a store is still empty and a config is given."""
+    version the store names, or, when that one fails verification, the newest older version that
+    passes (a replica started after a bad publish still comes up); the base model only while a store
+    is still empty and a config is given."""
     source = open_snapshots(settings.snapshots)
-    latest = source.serving_version()
-    if latest is not None:
-        manifest, files = source.read(latest)
-        return source, ServingEngine.from_snapshot(manifest, files)
+    wanted = source.serving_version()
+    refused: dict[int, str] = {}
+    if wanted is not None:
+        older = sorted((v for v in source.versions() if v < wanted), reverse=True) \
+            if isinstance(source, SnapshotStore) else []
+        for version in [wanted, *older]:
+            try:
+                manifest, files = source.read(version)
+                return ReplicaStart(source, ServingEngine.from_snapshot(manifest, files), refused)
+            except SnapshotError as exc:
+                if _unreachable(exc):
+                    raise
+                refused[version] = str(exc)
+                log.error("snapshot version %s fails verification (%s); trying the one before", version, exc)
+        raise SnapshotError(f"{settings.snapshots}: no kept version passes verification: {refused}")
     if not settings.config:
         raise SnapshotError(f"{settings.snapshots}: no snapshot yet (neither a store with LATEST.json nor a "
                             "snapshot folder with manifest.json), and no config to serve the base model")
@@ -106,7 +129,7 @@ def start_engine(settings: ServeSettings) -> tuple[SnapshotStore | SnapshotFolde
     # publishes into this store, requests run on the unedited model.
     log.warning("%s has no published snapshot yet: serving the BASE model of %s until one appears",
                 settings.snapshots, settings.config)
-    return source, ServingEngine(load_config(settings.config))
+    return ReplicaStart(source, ServingEngine(load_config(settings.config)), refused)
 
 
 def describe_serving(settings: ServeSettings, version: int | None) -> str:
@@ -123,7 +146,8 @@ class MeloServer:
         self.token = self.settings.api_token or os.environ.get(TOKEN_ENV) or None
         # One torch thread per CPU the replica holds: more threads than cores spin against each other.
         torch.set_num_threads(max(1, int(self.settings.replica_cpus)))
-        self.store, self.engine = start_engine(self.settings)
+        start = start_engine(self.settings)
+        self.store, self.engine = start.source, start.engine
         self.replica = uuid.uuid4().hex[:8]
         # Continuous batching (rows join between decode steps, finished rows leave) is ours:
         # @serve.batch can only hand over whole batches.
@@ -132,6 +156,10 @@ class MeloServer:
         self.pinned: int | None = None
         self.follower = SnapshotFollower(self.store)
         self.follower.started(self.engine.version)
+        for version, reason in start.refused.items():
+            self.follower.refuse(version, reason)
+        if start.refused:  # the store names a version this replica could not verify: it is behind
+            self.follower.latest_seen = max(start.refused)
         self.poller: asyncio.Task | None = None
         log.info("replica %s serving version %s", self.replica, self.engine.version)
 
@@ -262,7 +290,8 @@ class MeloServer:
             "editor": self.engine.editor.name, "edits": self.engine.stats.get("edits", 0), "stats": self.engine.stats,
             "clusters": self.engine.stats.get("clusters", 0), "blocks": self.engine.stats.get("blocks", 0),
             "backbone": {"source": backbone.source, "family": backbone.family, "path": backbone.path},
-            "model": self.settings.model_name, "replica": self.replica, "decode": self.batcher.stats(),
+            "model": self.settings.model_name, "replica": self.replica, "pid": os.getpid(),
+            "host": socket.gethostname(), "decode": self.batcher.stats(),
             "pinned": self.pinned, "freshness": self.follower.freshness(self.engine.version).as_json(),
         }
 

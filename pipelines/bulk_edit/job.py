@@ -29,7 +29,7 @@ from melo_ray.editors.messages import IndexUpdate, StaleStateError, TrainedBatch
 from melo_ray.editors.registry import editor_class
 from melo_ray.records import EditRecord, RecordError, parse_record
 from melo_ray.snapshots import SnapshotError, check_editor
-from melo_ray.store import SnapshotStore
+from melo_ray.store import FencedError, Lease, SnapshotStore, StoreBusyError
 from melo_ray.training import label_error, length_error
 from pipelines.bulk_edit.actors import CommitResult, TrainerActor, TrainerInfo, WriterActor
 from pipelines.bulk_edit.source import EditSource, ReadAhead
@@ -89,6 +89,16 @@ def _rejects_path(job_id: str) -> str:
 def _check_job_id(job_id: str) -> None:
     if not job_id or not all(c.isalnum() or c in "-_." for c in job_id) or job_id.startswith("."):
         raise JobError(f"--job-id '{job_id}': use letters, digits, '-', '_' and '.' only")
+
+
+def _unreachable(exc: BaseException | None) -> bool:
+    """A failure to reach or write the store (OSError, also when wrapped in a SnapshotError), not a
+    refusal or a damaged snapshot."""
+    while exc is not None:
+        if isinstance(exc, OSError):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 def _save_state(store: SnapshotStore, state: JobState) -> None:
@@ -151,6 +161,7 @@ class BulkEditJob:
         self.state = self._load_or_start_state()
         self.actors: _Actors | None = None
         self.tracker = None
+        self.lease: Lease | None = None  # held while run() runs; every publish is fenced by it
         self.last_publish_seconds = 0.0
 
     # -- job state -------------------------------------------------------------------------------
@@ -293,7 +304,7 @@ class BulkEditJob:
             log.info("job %s already completed; nothing to do", self.job_id)
             return self._summary()
         init_ray()
-        with self.store.writing(f"job:{self.job_id}"):  # one writer: a revert or rollback waits for us
+        with self.store.writing(f"job:{self.job_id}") as self.lease:  # one writer: a revert waits for us
             return self._run_tracked()
 
     def _run_tracked(self) -> JobSummary:
@@ -319,7 +330,10 @@ class BulkEditJob:
         except BaseException as exc:
             self.state.status = "failed"
             self.state.error = f"{type(exc).__name__}: {exc}"
-            _save_state(self.store, self.state)
+            try:
+                _save_state(self.store, self.state)
+            except OSError as unsaved:  # the store is what failed: the error raised below says more
+                log.warning("job %s: could not record the failure in the store: %s", self.job_id, unsaved)
             self.tracker.end("FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED")
             raise
         finally:
@@ -487,7 +501,35 @@ class BulkEditJob:
 
     def _publish(self, version: int, rows_done: int, rejects: list[dict[str, Any]], final: bool,
                  parts_refs: list[Any]) -> None:
-        """The commit point: rejects first (idempotent), then the snapshot version, then job state."""
+        """The commit point, retried (each step is idempotent) while the store cannot be reached."""
+        retries, wait = self.cfg.publish_retries, self.cfg.publish_backoff_s
+        for attempt in range(retries + 1):
+            try:
+                return self._publish_once(version, rows_done, rejects, final, parts_refs)
+            except (FencedError, StoreBusyError):
+                raise  # another writer holds the store: retrying cannot help
+            except (OSError, SnapshotError) as exc:
+                if not _unreachable(exc):
+                    raise
+                if attempt == retries:
+                    raise JobError(
+                        f"job '{self.job_id}': could not publish version {version} to {self.store.uri} after "
+                        f"{retries + 1} tries: {exc}. Nothing partial was published (LATEST.json names v"
+                        f"{self._latest_or_unknown()}); run the same command again to resume") from exc
+                log.warning("job %s: publishing version %d failed (%s); retry %d of %d in %.1f s", self.job_id,
+                            version, exc, attempt + 1, retries, wait)
+                time.sleep(wait)
+                wait *= 2
+
+    def _latest_or_unknown(self) -> str:
+        try:
+            return str(self.store.latest_version())
+        except (OSError, SnapshotError):
+            return "? (unreachable)"
+
+    def _publish_once(self, version: int, rows_done: int, rejects: list[dict[str, Any]], final: bool,
+                      parts_refs: list[Any]) -> None:
+        """Rejects first (idempotent), then the snapshot version (fenced by the lease), then job state."""
         import ray
 
         _save_rejects(self.store, self.job_id, [r for r in rejects if r["row"] < rows_done])
@@ -502,7 +544,7 @@ class BulkEditJob:
                     "edits_uri": self.source.uri, "fingerprint": self.source.fingerprint},
         }
         started = time.perf_counter()
-        self.store.publish(version, files, meta)
+        self.store.publish(version, files, meta, lease=self.lease)
         self.last_publish_seconds = time.perf_counter() - started
         self.state.edits_applied = stats["edits"] - self.state.edits_before
         self.state.last_version = version

@@ -33,7 +33,7 @@ from melo_ray.editors.protocol import Editor
 from melo_ray.editors.routing import Routing
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError
-from melo_ray.training import EditBatch, build_batch, in_formats, train_block
+from melo_ray.training import EditBatch, build_batch, in_formats, train_block, training_formats
 
 
 class ElderEditor(Editor):
@@ -191,7 +191,7 @@ class ElderEditor(Editor):
         assigned = torch.as_tensor(np.stack([allocations[r.id] for r in batch_records]))  # (rows, layers, k)
         device = self.backbone.device
         query = torch.as_tensor(keys, dtype=torch.float32, device=device)
-        formats = self.config.train.formats  # every format's rows use the record's own key
+        formats = training_formats(self.backbone, self.config.train.formats)  # each format's rows: the record's key
         model_query = query.repeat(len(formats), 1)
         rows = torch.arange(len(batch_records) * len(formats), device=device)
         batch = build_batch(self.backbone, in_formats(self.backbone, batch_records, formats), self.config.train.append_eos,

@@ -31,7 +31,7 @@ from melo_ray.editors.single_writer import LayerShape, WriterLayout
 from melo_ray.inference import generate_texts
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError
-from melo_ray.training import EditBatch, IndependentRows, build_batch, in_formats, train_block
+from melo_ray.training import EditBatch, IndependentRows, build_batch, in_formats, train_block, training_formats
 
 log = logging.getLogger(__name__)
 PREFIX_OPENINGS = ("The", "I think", "In the", "It was", "A new", "We", "This is", "There are", "When", "My",
@@ -107,7 +107,7 @@ class MeloEditor(Editor):
         keys, extra_keys, extra_key_edits = prompt_and_paraphrase_keys(
             self.key_function, batch_records, self.config.train.train_rephrases)
         rows, edit_of_row = self._training_rows(batch_records, position)
-        formats = self.config.train.formats
+        formats = training_formats(self.backbone, self.config.train.formats)
         trained_on = in_formats(self.backbone, rows, formats)
         per_edit = self.config.section("lora").block_per_edit
         # each training row trains its own edit's block (per-edit blocks) or the batch's one block
@@ -122,6 +122,7 @@ class MeloEditor(Editor):
                 # a block per edit: each edit's rows train only its block, so a learned edit can retire
                 independent=IndependentRows(slots, lambda rows: self.router.staging([slots[r] for r in rows]))
                 if per_edit else None,
+                segments=[len(rows)] * len(formats),  # each format's rows at their own width
             )
             weights = self.router.staging_weights()
         finally:
