@@ -13,7 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from melo_ray.editors.protocol import Editor, read_edit_log
+from melo_ray.editors.edit_log import read_edit_log
+from melo_ray.editors.protocol import Editor
 from melo_ray.editors.registry import editor_from_snapshot
 from melo_ray.snapshots import SnapshotError
 from melo_ray.store import LATEST, Lease, SnapshotStore, open_snapshots

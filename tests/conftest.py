@@ -20,7 +20,7 @@ def tiny_config(name: str = "tiny-llama", **sections: dict) -> EditorConfig:
     """A tiny config with some sections overridden."""
     data = load_config(CONFIGS / f"{name}.yaml").model_dump()
     for section, values in sections.items():
-        data[section] = {**data[section], **values}
+        data[section] = {**data.get(section, {}), **values}
     return load_config(data)
 
 

@@ -11,15 +11,17 @@ import pytest
 from pydantic import Field
 
 from conftest import CONFIGS, fact_records, tiny_config
-from melo_ray.backbones import load_backbone, weights_checksum
+from melo_ray.backbones import load_backbone
 from melo_ray.config import ConfigError, load_config
 from melo_ray.config_base import StrictConfig
 from melo_ray.editors import registry
-from melo_ray.editors.layers import EditLayer, remove_edit_layers
+from melo_ray.editors.layers import EditLayer, remove_edit_layers, weights_checksum
+from melo_ray.editors.loading import load_editor, restore_editor
 from melo_ray.editors.melo.editor import MeloEditor
-from melo_ray.editors.protocol import StaleStateError
+from melo_ray.editors.messages import StaleStateError
+from melo_ray.editors.registry import INDEX, LORA, ConfigSection, EditorSpec, build_editor, editor_names
 from melo_ray.editors.routing import Routing
-from melo_ray.editors.registry import EditorSpec, build_editor, editor_names, load_editor
+from melo_ray.editors.single_writer import WriterLayout
 from melo_ray.records import RecordError, parse_record
 from melo_ray.serving.app import ApiError, ServeSettings, describe_serving, start_engine
 from melo_ray.serving.engine import CompletionRequest, ServingEngine
@@ -141,6 +143,17 @@ def test_our_exceptions_survive_pickling(error):
     assert vars(copy) == vars(error)
 
 
+def test_a_writer_layout_is_typed_and_crosses_processes():
+    """The trainer hands the writer actor a typed layout (shapes by layer, key size), not a dict."""
+    editor = MeloEditor(tiny_config())
+    layout = editor.writer_layout()
+    assert isinstance(layout, WriterLayout) and layout.key_dim == editor.key_dim()
+    assert {name: (s.in_features, s.out_features) for name, s in layout.layers.items()} == {
+        name: (layer.in_features, layer.out_features) for name, layer in editor.layers.items()}
+    assert pickle.loads(pickle.dumps(layout)) == layout
+    assert build_editor("grace", tiny_config()).writer_layout() is None  # no writer, no layout
+
+
 def test_edit_layers_are_found_by_type_and_leave_the_base_checksum_alone():
     backbone = load_backbone(tiny_config().backbone)
     base = weights_checksum(backbone.model)
@@ -178,8 +191,8 @@ class EchoEditor(MeloEditor):
 def test_a_fifth_editor_is_its_module_plus_one_registry_line(tmp_path, monkeypatch, capsys):
     from melo_ray.cli.main import main
 
-    spec = EditorSpec("echo", f"{__name__}:EchoEditor", "a user's editor", False, section="echo",
-                      config=f"{__name__}:EchoConfig")
+    spec = EditorSpec("echo", f"{__name__}:EchoEditor", "a user's editor", False,
+                      (LORA, INDEX, ConfigSection("echo", f"{__name__}:EchoConfig")))
     monkeypatch.setitem(registry.EDITORS, "echo", spec)  # the one registry line
     config_file = tmp_path / "echo.yaml"
     data = load_config(TINY).model_dump(mode="json") | {"editor": "echo", "echo": {"block_seed_offset": 7}}
@@ -193,7 +206,7 @@ def test_a_fifth_editor_is_its_module_plus_one_registry_line(tmp_path, monkeypat
                  "--quiet"]) == 0
     assert "editor=echo edits=4" in capsys.readouterr().out
     manifest, files, _ = read_any_snapshot(tmp_path / "snap")
-    assert manifest["editor"] == "echo" and manifest["config"]["sections"] == {"echo": {"block_seed_offset": 7}}
+    assert manifest["editor"] == "echo" and manifest["config"]["echo"] == {"block_seed_offset": 7}
     engine = ServingEngine.from_snapshot(manifest, files)
     out = engine.complete([CompletionRequest(r["prompt"], 6) for r in records])
     assert sum(o.text.strip().startswith(r["target"]) for o, r in zip(out, records)) >= 3
@@ -225,4 +238,4 @@ def test_a_backbone_loads_in_its_configured_dtype_and_snapshots_stay_with_it(tmp
     assert sum(o.startswith(r["target"]) for o, r in zip(outputs, records)) >= 4
     editor.save(tmp_path / "bf16")
     with pytest.raises(SnapshotError, match="other base weights"):
-        MeloEditor(tiny_config()).restore(tmp_path / "bf16")  # fp32 base: another checksum
+        restore_editor(MeloEditor(tiny_config()), tmp_path / "bf16")  # fp32 base: another checksum

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 
 
+from melo_ray.editors.loading import load_editor
 from melo_ray.editors.melo.block_index import BlockIndex
 from melo_ray.editors.melo.editor import MeloEditor
 from melo_ray.editors.melo.index import NeuronIndex
-from melo_ray.editors.melo.scope import BUILTIN_VERIFIER, ScopeTest, ScopeVerifier, focus, masked, names
+from melo_ray.editors.melo.scope import BUILTIN_VERIFIER, ScopeTest, ScopeVerifier, masked, names
 from melo_ray.snapshots import SnapshotError
+from melo_ray.text import focus
 from tests.conftest import tiny_config
 
 
@@ -120,7 +122,7 @@ def test_scoped_index_snapshot_round_trips_exactly():
     rng = np.random.default_rng(1)
     index = BlockIndex.create(config, verifier.key_dim)
     for block in range(3):
-        from melo_ray.editors.protocol import TrainedBatch
+        from melo_ray.editors.messages import TrainedBatch
 
         keys = rng.normal(size=(4, verifier.key_dim)).astype(np.float32)
         index.add(TrainedBatch(version=block + 1, edits=4, steps=1, final_loss=0.0, learned=1.0, seconds=0.0,
@@ -223,7 +225,7 @@ def test_focus_reach_offers_a_cluster_its_focus_view_lies_in_and_snapshots_keep_
 
 def test_scoped_editor_snapshot_round_trip(scoped_editor, tmp_path):
     scoped_editor.save(tmp_path / "snap")
-    loaded = MeloEditor.load(tmp_path / "snap", backbone=scoped_editor.backbone)
+    loaded = load_editor(tmp_path / "snap", backbone=scoped_editor.backbone)
     prompts = ["The native language of Danielle Darrieux is", "The place of birth of Danielle Darrieux is"]
     assert loaded.route(prompts).ids.tolist() == scoped_editor.route(prompts).ids.tolist()
     assert loaded.index.files() == scoped_editor.index.files()
@@ -240,7 +242,7 @@ def test_block_levers_add_train_rephrases_and_prefixed_copies_to_the_batch():
     assert [r.prompt for r in rows[:2]] == ["Where does the apple live?", "Apple's home is"]
     assert len(rows) == 4 and all(r.target == "Oslo" and r.prompt.endswith(record.prompt) for r in rows[2:])
     assert all(len(r.prompt) > len(record.prompt) + 1 for r in rows[2:])  # a real prefix before the prompt
-    off = MeloEditor(tiny_config(lora={"train_rephrases": False}), backbone=editor.backbone)
+    off = MeloEditor(tiny_config(train={"train_rephrases": False}), backbone=editor.backbone)
     assert [r.prompt for r in off._training_rows([record], 0)[0]] == [record.prompt]
 
 

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from melo_ray.editors.protocol import Editor
-from melo_ray.inference import cache_keyword
 from melo_ray.editors.routing import Routing
+from melo_ray.inference import cache_keyword
+from melo_ray.text import cut_at_stop
 
 
 @dataclass(frozen=True)
@@ -177,9 +178,9 @@ class DecodeLoop:
             else:
                 seq.tokens.append(token)
                 seq.text = tokenizer.decode(seq.tokens, skip_special_tokens=True)
-                cut = min((seq.text.find(s) for s in seq.stop if s and s in seq.text), default=-1)
-                if cut >= 0:
-                    seq.text, seq.finish_reason = seq.text[:cut], "stop"
+                seq.text, stopped = cut_at_stop(seq.text, seq.stop)
+                if stopped:
+                    seq.finish_reason = "stop"
                 elif len(seq.tokens) >= seq.max_new_tokens:
                     seq.finish_reason = "length"
             self._emit(seq)

@@ -18,7 +18,8 @@ from melo_ray.editors.routing import Routing
 from melo_ray.editors.registry import build_editor
 from melo_ray.inference import generate_token_ids
 from melo_ray.serving.decoding import DecodeLoop, SamplingParams, Sequence, run_to_completion
-from melo_ray.snapshots import SnapshotError
+from melo_ray.snapshots import check_editor
+from melo_ray.text import cut_at_stop
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,9 @@ class ServingEngine:
 
     def install(self, manifest: Mapping[str, Any], files: Mapping[str, bytes]) -> None:
         """Swap in a verified snapshot (raises, keeping the current one, if it does not fit)."""
-        if manifest.get("editor") != self.editor.name:
-            raise SnapshotError(f"snapshot v{manifest.get('version')} is for editor '{manifest.get('editor')}'; "
-                                f"this replica serves '{self.editor.name}'")
-        self.editor.restore_files(manifest, files, f"snapshot v{manifest.get('version')}")  # raises before any change
+        where = f"snapshot v{manifest.get('version')}"
+        check_editor(manifest.get("editor"), self.editor.name, where, "this replica serves the latter")
+        self.editor.restore_files(manifest, files, where)  # raises before any change
         self.version = int(manifest["version"])
         self.stats = dict(manifest.get("stats", {}))
 
@@ -128,8 +128,7 @@ class ServingEngine:
             seq = Sequence([], request.max_new_tokens, routing.take([i]), stop=request.stop)
             seq.tokens = row[: request.max_new_tokens]  # greedy decoding is prefix-consistent
             text = editor.backbone.tokenizer.decode(seq.tokens, skip_special_tokens=True)
-            cut = min((text.find(s) for s in request.stop if s and s in text), default=-1)
-            seq.text = text[:cut] if cut >= 0 else text
-            seq.finish_reason = "stop" if cut >= 0 or len(seq.tokens) < request.max_new_tokens else "length"
+            seq.text, stopped = cut_at_stop(text, request.stop)
+            seq.finish_reason = "stop" if stopped or len(seq.tokens) < request.max_new_tokens else "length"
             out.append(self.completion(request, seq))
         return out

@@ -25,14 +25,15 @@ from typing import Any
 
 from melo_ray.cluster import init_ray
 from melo_ray.config import EditorConfig
-from melo_ray.editors.protocol import IndexUpdate, StaleStateError, TrainedBatch
+from melo_ray.editors.messages import IndexUpdate, StaleStateError, TrainedBatch
 from melo_ray.editors.registry import editor_class
 from melo_ray.records import EditRecord, RecordError, parse_record
-from melo_ray.snapshots import SnapshotError
+from melo_ray.snapshots import SnapshotError, check_editor
 from melo_ray.store import FencedError, Lease, SnapshotStore, StoreBusyError
 from melo_ray.training import label_error, length_error
 from pipelines.bulk_edit.actors import CommitResult, TrainerActor, TrainerInfo, WriterActor
 from pipelines.bulk_edit.source import EditSource, ReadAhead
+from pipelines.bulk_edit.tracking import JobTracker
 
 log = logging.getLogger(__name__)
 
@@ -291,9 +292,8 @@ class BulkEditJob:
         manifest, files = self.store.read(version)
         if manifest.get("base_checksum") != self.actors.info.base_checksum:
             raise SnapshotError(f"{self.store.uri} v{version}: made on other base weights than this job's backbone")
-        if manifest.get("editor") != self.config.editor:
-            raise JobError(f"{self.store.uri} v{version} holds a '{manifest.get('editor')}' snapshot; "
-                           f"this job runs '{self.config.editor}': use another --out")
+        check_editor(manifest.get("editor"), self.config.editor, f"{self.store.uri} v{version}",
+                     "this job runs the latter: use another --out")
         files_ref = ray.put(files)
         return ray.get(writer.restore.remote(layout, manifest, files_ref) if writer is not None
                        else self.actors.trainers[0].restore.remote(manifest, files_ref))
@@ -309,8 +309,6 @@ class BulkEditJob:
 
     def _run_tracked(self) -> JobSummary:
         import ray
-
-        from pipelines.bulk_edit.tracking import JobTracker
 
         self.tracker = JobTracker(self.config, self.store, self.job_id, self.state.mlflow_run_id)
         self.state.mlflow_run_id = self.tracker.run_id

@@ -24,10 +24,12 @@ from torch import nn
 
 from melo_ray.backbones import Backbone
 from melo_ray.config import EditorConfig
+from melo_ray.editors.elder.config import ElderConfig
 from melo_ray.editors.elder.layer import ElderLinear
 from melo_ray.editors.layers import get_parent
 from melo_ray.editors.melo.keys import build_key_function, prompt_and_paraphrase_keys
-from melo_ray.editors.protocol import Editor, IndexUpdate, TrainedBatch
+from melo_ray.editors.messages import IndexUpdate, TrainedBatch
+from melo_ray.editors.protocol import Editor
 from melo_ray.editors.routing import Routing
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError
@@ -39,11 +41,12 @@ class ElderEditor(Editor):
 
     def __init__(self, config: EditorConfig, backbone: Backbone | None = None, device: str | None = None) -> None:
         super().__init__(config, backbone, device)
-        self.cfg = config.elder
-        self.key_function = build_key_function(self.backbone, config.index)
+        self.cfg: ElderConfig = config.section("elder")
+        self.key_function = build_key_function(self.backbone, config.section("index"))
         generator = torch.Generator().manual_seed(self.cfg.seed)
         self.layers: dict[str, ElderLinear] = {}
-        for name in self.cfg.target_modules or config.lora.target_modules:
+        # its own layers, else the LoRA layers of the config (an error naming lora.target_modules if none)
+        for name in self.cfg.target_modules or config.section("lora").target_modules:
             parent, child = get_parent(self.backbone.model, name)
             layer = ElderLinear(getattr(parent, child), self.key_function.dim, self.cfg.num_experts, self.cfg.rank,
                                 self.cfg.alpha, self.cfg.top_k, generator)
@@ -179,7 +182,7 @@ class ElderEditor(Editor):
         new_records = records
         # training paraphrases: router-only rows (below) that teach each wording its fact's allocation
         new_keys, paraphrase_keys, paraphrase_owners = prompt_and_paraphrase_keys(
-            self.key_function, new_records, self.config.lora.train_rephrases)
+            self.key_function, new_records, self.config.train.train_rephrases)
         rng_state, known_facts = self.rng.bit_generator.state, set(self.allocations)
         replayed = self._replay_sample()
         batch_records = new_records + [self.edit_records[i] for i in replayed]

@@ -13,7 +13,8 @@ import safetensors.numpy
 from melo_ray.config import EditorConfig
 from melo_ray.editors.melo.index import NeuronIndex
 from melo_ray.editors.melo.scope import ScopeTest, ScopeVerifier, load_verifier
-from melo_ray.editors.protocol import EditIndex, IndexUpdate, StaleStateError, TrainedBatch
+from melo_ray.editors.messages import IndexUpdate, StaleStateError, TrainedBatch
+from melo_ray.editors.single_writer import EditIndex
 from melo_ray.editors.routing import SearchResult
 from melo_ray.snapshots import SnapshotError
 
@@ -46,7 +47,7 @@ class BlockIndex(EditIndex):
 
     @classmethod
     def create(cls, config: EditorConfig, dim: int) -> "BlockIndex":
-        cfg = config.index
+        cfg = config.section("index")
         scope = None
         if cfg.scope_verifier is not None:
             scope = ScopeTest(load_verifier(cfg.scope_verifier), cfg.scope_threshold, cfg.scope_conflict_threshold,
@@ -67,9 +68,10 @@ class BlockIndex(EditIndex):
             if int(meta["dim"]) != dim:
                 raise SnapshotError(f"{where}: index keys have {meta['dim']} dims, the key function {dim}")
             scope = None
-            if (config.index.scope_verifier is not None) != ("route_dim" in meta):
+            verifier = config.section("index").scope_verifier
+            if (verifier is not None) != ("route_dim" in meta):
                 raise SnapshotError(f"{where}: the index was written with" + ("" if "route_dim" in meta else "out")
-                                    + " a scope test; this config has " + ("one" if config.index.scope_verifier else "none"))
+                                    + " a scope test; this config has " + ("one" if verifier else "none"))
             if "route_dim" in meta:  # the snapshot's own verifier and threshold: it routes as it did
                 conflict = meta["scope_conflict_threshold"]
                 # snapshots written before the latest-of-question rule routed to the best-scoring member

@@ -17,15 +17,17 @@ import torch
 
 from melo_ray.backbones import Backbone
 from melo_ray.config import EditorConfig
-from melo_ray.editors.melo.bank import bank_files, read_bank
+from melo_ray.editors.melo.bank import bank_files, check_bank_shape, read_bank
 from melo_ray.editors.melo.block_index import BlockIndex, snapshot_key_dim, snapshot_verifier
 from melo_ray.editors.melo.keys import (
     KeyFunction, ScopedSentenceKeys, build_key_function, prompt_and_paraphrase_keys, scoped_keys_for,
 )
 from melo_ray.editors.melo.layer import BlockRouter, inject_dynamic_lora
 from melo_ray.editors.melo.writer import MeloWriter, check_bank_config
-from melo_ray.editors.protocol import Editor, TrainedBatch
+from melo_ray.editors.messages import TrainedBatch
+from melo_ray.editors.protocol import Editor
 from melo_ray.editors.routing import Routing
+from melo_ray.editors.single_writer import LayerShape, WriterLayout
 from melo_ray.inference import generate_texts
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError
@@ -57,9 +59,9 @@ class MeloEditor(Editor):
 
     def __init__(self, config: EditorConfig, backbone: Backbone | None = None, device: str | None = None) -> None:
         super().__init__(config, backbone, device)
-        self.key_function = build_key_function(self.backbone, config.index)
+        self.key_function = build_key_function(self.backbone, config.section("index"))
         self._config_key_function = self.key_function  # a restored snapshot may bring its own views
-        self.layers = inject_dynamic_lora(self.backbone.model, config.lora)
+        self.layers = inject_dynamic_lora(self.backbone.model, config.section("lora"))
         self._check_key_precedes_lora()
         self.router = BlockRouter(self.layers)
         self.index = BlockIndex.create(config, self.key_function.dim)
@@ -68,13 +70,13 @@ class MeloEditor(Editor):
     def key_dim(self) -> int:
         return self.key_function.dim
 
-    def writer_layout(self) -> dict[str, Any]:
-        return {"key_dim": self.key_dim(),
-                "layers": {name: {"in": layer.in_features, "out": layer.out_features} for name, layer in self.layers.items()}}
+    def writer_layout(self) -> WriterLayout:
+        return WriterLayout(self.key_dim(), {name: LayerShape(layer.in_features, layer.out_features)
+                                             for name, layer in self.layers.items()})
 
     def _check_key_precedes_lora(self) -> None:
-        key = self.config.index.key_module
-        if self.config.index.key_function == "sentence_encoder" or not key:
+        key = self.config.section("index").key_module
+        if self.config.section("index").key_function == "sentence_encoder" or not key:
             return
         order = {name: i for i, (name, _) in enumerate(self.backbone.model.named_modules())}
         for name in self.layers:
@@ -103,11 +105,11 @@ class MeloEditor(Editor):
             raise ValueError("edit batch is empty")
         # train_rephrases: more keys (members) of their edit, not only more training rows
         keys, extra_keys, extra_key_edits = prompt_and_paraphrase_keys(
-            self.key_function, batch_records, self.config.lora.train_rephrases)
+            self.key_function, batch_records, self.config.train.train_rephrases)
         rows, edit_of_row = self._training_rows(batch_records, position)
         formats = training_formats(self.backbone, self.config.train.formats)
         trained_on = in_formats(self.backbone, rows, formats)
-        per_edit = self.config.lora.block_per_edit
+        per_edit = self.config.section("lora").block_per_edit
         # each training row trains its own edit's block (per-edit blocks) or the batch's one block
         slots = edit_of_row * len(formats) if per_edit else [0] * len(trained_on)
         batch = build_batch(self.backbone, trained_on, self.config.train.append_eos, rendered=True)
@@ -135,12 +137,12 @@ class MeloEditor(Editor):
         )
 
     def _training_rows(self, records: list[EditRecord], position: int) -> tuple[list[EditRecord], list[int]]:
-        """The batch's rows: each edit's prompt, its train_rephrases, and prefixed copies (lora section),
+        """The batch's rows: each edit's prompt, its train_rephrases, and prefixed copies (lora.prefix_augment),
         with the position in `records` of the edit each row teaches."""
-        cfg = self.config.lora
+        cfg = self.config.section("lora")
         rows = list(records)
         edit_of_row = list(range(len(records)))
-        if cfg.train_rephrases:
+        if self.config.train.train_rephrases:
             for i, r in enumerate(records):
                 rows += [EditRecord(prompt=p, target=r.target, id=r.id) for p in r.train_rephrases]
                 edit_of_row += [i] * len(r.train_rephrases)
@@ -221,10 +223,8 @@ class MeloEditor(Editor):
         key_function = self._key_function_for(files, where)
         banks = read_bank(files, list(self.layers), where)
         for name, layer in self.layers.items():
-            bank_a, bank_b = banks[name]
-            if (bank_a.shape[1:] != layer.lora_bank_A.shape[1:] or bank_b.shape[1:] != layer.lora_bank_B.shape[1:]
-                    or bank_a.shape[0] != bank_b.shape[0]):
-                raise SnapshotError(f"{where}: bank for '{name}' has the wrong shape")
+            check_bank_shape(*banks[name], layer.lora_bank_A, layer.lora_bank_B, f"{where}: bank for '{name}'",
+                             error=SnapshotError)
 
         def swap() -> None:
             for name, layer in self.layers.items():

@@ -28,7 +28,6 @@ first member's centre, and the verifier, not a shared target, decides which edit
 from __future__ import annotations
 
 import logging
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -38,16 +37,12 @@ import numpy as np
 
 from melo_ray.editors.melo.scope import ScopeTest
 from melo_ray.editors.routing import SearchResult
+from melo_ray.text import normalise_label
 
 log = logging.getLogger(__name__)
 
 Metric = Literal["l2", "cosine"]
 EventKind = Literal["added", "expanded", "member", "conflict", "separated"]
-
-
-def normalise_label(text: str) -> str:
-    """Labels are compared exactly after Unicode and white-space normalisation."""
-    return " ".join(unicodedata.normalize("NFKC", text).split())
 
 
 def distances(metric: Metric, query: np.ndarray, points: np.ndarray) -> np.ndarray:
