@@ -75,6 +75,7 @@ class FencedError(SnapshotError):
 
 # v00000042 (stores written before epochs) or v00000042-<epoch>-<tag>
 _VERSION_DIR = re.compile(r"^v(\d{8})(?:-(\d+)-([0-9a-f]{12}))?$")
+_REREADS = 5  # of a pointer file caught half-replaced on an object store
 _LEFTOVER = re.compile(r"^\.v\d{8}(?:-\d+-[0-9a-f]{12})?\.(tmp|old)-[0-9a-f]{32}$")
 
 
@@ -163,6 +164,19 @@ class SnapshotStore:
         with self.fs.open_input_stream(path) as stream:
             return stream.read()
 
+    def get_json_bytes(self, relative: str) -> bytes | None:
+        """A small JSON file that writers replace in place (LATEST.json, PIN.json, WRITER.json).
+
+        pyarrow reads an object with a HEAD, then ranged GETs of the size the HEAD gave: read while the
+        object is being replaced by a longer one, it comes back cut at the old size. A cut JSON object
+        never parses, so such a read is simply made again."""
+        data = self.get_bytes(relative)
+        for _ in range(_REREADS):
+            if data is None or self.is_local or _parses(data):
+                break
+            data = self.get_bytes(relative)
+        return data
+
     def put_bytes(self, relative: str, data: bytes) -> None:
         """Write a file so that readers see the old or the new bytes, never a part."""
         path = self._path(relative)
@@ -199,7 +213,7 @@ class SnapshotStore:
 
     def _pointer(self) -> _Pointer:
         """LATEST.json as readers see it (no token)."""
-        return self._parse_pointer(Versioned(self.get_bytes(LATEST), None))
+        return self._parse_pointer(Versioned(self.get_json_bytes(LATEST), None))
 
     # -- versions ----------------------------------------------------------------------------------
     @staticmethod
@@ -221,7 +235,7 @@ class SnapshotStore:
 
     def _version_file(self, name: str) -> int | None:
         """The version PIN.json names; None when it does not exist."""
-        data = self.get_bytes(name)
+        data = self.get_json_bytes(name)
         if data is None:
             return None
         try:
@@ -342,7 +356,7 @@ class SnapshotStore:
 
     # -- one writer at a time -----------------------------------------------------------------------
     def writer(self) -> dict[str, Any] | None:
-        data = self.get_bytes(WRITER)
+        data = self.get_json_bytes(WRITER)
         return None if data is None else _parse_holder(data)
 
     def _busy_message(self, holder: dict[str, Any]) -> str:
@@ -496,6 +510,14 @@ class SnapshotStore:
                 else:
                     self.fs.delete_file(info.path)
         return sorted(removed)
+
+
+def _parses(data: bytes) -> bool:
+    try:
+        json.loads(data)
+        return True
+    except (ValueError, RecursionError):
+        return False
 
 
 def _parse_holder(data: bytes) -> dict[str, Any]:

@@ -59,3 +59,14 @@ def test_revert_rollback_pin_compact_and_export_on_an_s3_store(s3_env, tmp_path)
     routing = json.loads((tmp_path / "adapters" / "routing.json").read_text())
     assert routing["snapshot_version"] == 5 and len(routing["edits"]) == 10
     assert (tmp_path / "adapters" / "block-00001" / "adapter_model.safetensors").is_file()
+
+
+def test_a_pointer_read_while_it_is_replaced_is_read_again(s3_env, monkeypatch):
+    """Bug: a replica polling LATEST.json on S3 got it cut at the old object's size (pyarrow reads with
+    a HEAD, then ranged GETs) while a writer replaced it with a longer one: "unreadable"."""
+    store = SnapshotStore(s3_env.new_prefix())
+    store.publish(1, {"a.bin": b"a"}, {"version": 1})
+    whole = store.get_bytes("LATEST.json")
+    reads = iter([whole[: len(whole) // 2], whole])
+    monkeypatch.setattr(store, "get_bytes", lambda name: next(reads))
+    assert store.latest_version() == 1

@@ -62,7 +62,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         if job.get("edits_sha256") != digest or job.get("batch_size") != size:
             raise SnapshotError(f"{out}: was written from another edit file or batch size; cannot resume it")
         editor = load_editor(out)
-        done = int(job["records_done"])
+        done = int(job["rows_done"] if "rows_done" in job else job["records_done"])  # records_done: older snapshots' name
         print(f"resuming {out}: {done} of {len(records)} edits already applied", file=sys.stderr)
     elif args.resume_from:
         editor = load_editor(args.resume_from)
@@ -75,7 +75,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         editor.edit(batch)
         done += len(batch)
         # atomic: a crash leaves the last whole batch published, with how far the job got
-        editor.save(out, job={"edits_sha256": digest, "batch_size": size, "records_done": done})
+        editor.save(out, job={"edits_sha256": digest, "batch_size": size, "rows_done": done})
     minutes = (time.perf_counter() - started) / 60
     applied = sum(len(b) for b in batches)
     stats = editor.stats()
