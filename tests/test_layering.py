@@ -1,10 +1,11 @@
 """The layering of `melo_ray` and `pipelines`, read from the source with `ast` (nothing is imported).
 
-Two rules a reader can trust:
+Rules a reader can trust:
 - no import cycle, counting imports at module level and inside functions alike;
 - no function-local import of a project module (such an import usually hides a cycle: the two modules
   are in the wrong place, and the shared piece belongs lower down). The few lazy imports that keep
-  heavy optional parts off the import path of light commands are listed in `LAZY`, each with why.
+  heavy optional parts off the import path of light commands are listed in `LAZY`, each with why;
+- the library never imports the jobs (`pipelines`); only the command line may.
 
 Loading a class from a "module:Class" string (the editor registry) is not an import statement, so it
 is no edge here: the registry is above the editors by design and reaches them only by name.
@@ -25,7 +26,6 @@ LAZY: dict[tuple[str, str], str] = {
     ("melo_ray.operations", "melo_ray.export"): "peft, for `melo-ray export` only",
 }
 HEAVY = frozenset({"torch", "transformers", "ray", "mlflow", "peft", "matplotlib", "fastapi"})
-
 
 
 @dataclass(frozen=True)
