@@ -28,7 +28,8 @@ import torch
 
 from melo_ray.backbones import Backbone, load_backbone, weights_checksum
 from melo_ray.config import EditorConfig, load_config
-from melo_ray.inference import generate_texts, next_token_logits, target_token_hits, target_token_nlls
+from melo_ray.inference import (generate_texts, next_token_logits, target_token_argmax, target_token_hits,
+                                target_token_nlls)
 from melo_ray.records import EditRecord, RecordError, parse_records
 from melo_ray.snapshots import SnapshotError, write_snapshot
 from melo_ray.training import EditBatch, build_batch, length_error
@@ -446,6 +447,10 @@ class Editor(ABC):
     def target_token_hits(self, records: list[EditRecord], *, base: bool = False) -> list[list[bool]]:
         """Teacher-forced: whether each target token is the argmax, each record routed by its prompt."""
         return self._teacher_forced(records, base, target_token_hits)
+
+    def target_token_argmax(self, records: list[EditRecord], *, base: bool = False) -> list[list[int]]:
+        """Teacher-forced: the argmax token at each target position (locality compares them with the base's)."""
+        return self._teacher_forced(records, base, target_token_argmax)
 
     def target_token_nlls(self, records: list[EditRecord], *, base: bool = False) -> list[list[float]]:
         """Teacher-forced negative log-likelihood of each target token (for perplexity)."""
