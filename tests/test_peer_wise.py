@@ -12,8 +12,8 @@ from melo_ray.editors.wise.editor import ties_merge
 
 # The tiny model's random weights need bigger steps, a looser norm constraint and margins on the scale of
 # its activation scores (hundreds, where a real model's are tens).
-SETTINGS = {"lr": 10.0, "num_iter": 100, "mask_ratio": 0.5, "norm_constraint": 10.0, "negatives": 2,
-            "alpha": 100.0, "beta": 300.0, "gamma": 150.0}
+SETTINGS = {"lr": 10.0, "num_iter": 100, "mask_ratio": 0.5, "norm_constraint": 10.0, "negatives": 1,
+            "alpha": 150.0, "beta": 250.0, "gamma": 50.0}
 
 
 def _editor(**settings):

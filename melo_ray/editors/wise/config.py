@@ -33,7 +33,8 @@ class WiseConfig(StrictConfig):
     merge_freq: int = Field(1000, ge=1, description="Every this many edits the set-aside shards are merged (Ties) "
                             "into one memory (WISE-Retrieve keeps each merged memory).")
     density: float = Field(0.53, gt=0, le=1, description="Ties merge: share of each shard's change kept, by magnitude.")
-    negatives: int = Field(1, ge=1, description="Out-of-scope texts trained beside each batch (the reference: one).")
+    negatives: int = Field(1, ge=1, description="Out-of-scope texts trained beside each edit of a batch (the "
+                           "reference trains each edit with one).")
     negative_text: str = Field(DEFAULT_NEGATIVE_TEXT, description="JSONL ('question' or 'text' per line) the "
                                "out-of-scope texts are drawn from, in order.")
     seed: int = Field(0, description="Seed of the shards' gradient masks.")

@@ -139,10 +139,10 @@ class WiseEditor(Editor):
         return self._using(torch.as_tensor(np.asarray(routing.ids), dtype=torch.long))
 
     # -- editing --------------------------------------------------------------------------------------
-    def _negatives(self) -> list[str]:
-        pool = read_texts(self.cfg.negative_text, self.negatives_used + self.cfg.negatives)
-        chosen = [pool[(self.negatives_used + i) % len(pool)] for i in range(self.cfg.negatives)]
-        self.negatives_used += self.cfg.negatives
+    def _negatives(self, count: int) -> list[str]:
+        pool = read_texts(self.cfg.negative_text, self.negatives_used + count)
+        chosen = [pool[(self.negatives_used + i) % len(pool)] for i in range(count)]
+        self.negatives_used += count
         return chosen
 
     def _activation_loss(self, trace: dict[str, torch.Tensor], real: torch.Tensor, edits: int) -> torch.Tensor:
@@ -155,7 +155,7 @@ class WiseEditor(Editor):
 
     def train_batch(self, records: list[EditRecord]) -> TrainedBatch:
         started = time.perf_counter()
-        negatives = [EditRecord(prompt=text, target=".") for text in self._negatives()]
+        negatives = [EditRecord(prompt=text, target=".") for text in self._negatives(self.cfg.negatives * len(records))]
         batch = build_batch(self.backbone, records + negatives, self.config.train.append_eos)
         batch.labels[len(records):] = IGNORE  # out-of-scope rows only enter the activation loss
         real = batch.inputs["attention_mask"].float()
