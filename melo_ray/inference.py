@@ -77,6 +77,14 @@ def target_token_hits(backbone: Backbone, batch: EditBatch) -> list[list[bool]]:
 
 
 @torch.no_grad()
+def target_token_argmax(backbone: Backbone, batch: EditBatch) -> list[list[int]]:
+    """Teacher-forced: for each row, the model's argmax token at each target position."""
+    logits, labels, mask = _target_logits(backbone, batch)
+    predicted = logits.argmax(-1)
+    return [predicted[row][mask[row]].tolist() for row in range(labels.shape[0])]
+
+
+@torch.no_grad()
 def target_token_nlls(backbone: Backbone, batch: EditBatch) -> list[list[float]]:
     """Teacher-forced negative log-likelihood of each target token, per row."""
     logits, labels, mask = _target_logits(backbone, batch)

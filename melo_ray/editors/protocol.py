@@ -35,7 +35,8 @@ from melo_ray.editors.layers import weights_checksum
 from melo_ray.editors.messages import IndexUpdate, TrainedBatch
 from melo_ray.editors.routing import Routing
 from melo_ray.editors.single_writer import BatchWriter, EditIndex, WriterLayout
-from melo_ray.inference import generate_texts, next_token_logits, target_token_hits, target_token_nlls
+from melo_ray.inference import (generate_texts, next_token_logits, target_token_argmax, target_token_hits,
+                                target_token_nlls)
 from melo_ray.records import EditRecord, RecordError, parse_records
 from melo_ray.snapshots import SnapshotError, check_editor, write_snapshot
 from melo_ray.training import EditBatch, build_batch, length_error
@@ -252,6 +253,10 @@ class Editor(ABC):
     def target_token_hits(self, records: list[EditRecord], *, base: bool = False) -> list[list[bool]]:
         """Teacher-forced: whether each target token is the argmax, each record routed by its prompt."""
         return self._teacher_forced(records, base, target_token_hits)
+
+    def target_token_argmax(self, records: list[EditRecord], *, base: bool = False) -> list[list[int]]:
+        """Teacher-forced: the argmax token at each target position (locality compares them with the base's)."""
+        return self._teacher_forced(records, base, target_token_argmax)
 
     def target_token_nlls(self, records: list[EditRecord], *, base: bool = False) -> list[list[float]]:
         """Teacher-forced negative log-likelihood of each target token (for perplexity)."""

@@ -67,6 +67,14 @@ EDITORS: dict[str, EditorSpec] = {spec.name: spec for spec in (
     EditorSpec("grace", "melo_ray.editors.grace.editor:GraceEditor", "codebook at one layer (baseline)", True, (GRACE,)),
     EditorSpec("lora", "melo_ray.editors.lora.editor:SequentialLoraEditor", "sequential LoRA fine-tuning (baseline)",
                True, (LORA,)),
+    EditorSpec("alphaedit", "melo_ray.editors.alphaedit.editor:AlphaEditEditor", "null-space locate-then-edit (peer)",
+               True, (ConfigSection("alphaedit", "melo_ray.editors.alphaedit.config:AlphaEditConfig"),)),
+    EditorSpec("wise", "melo_ray.editors.wise.editor:WiseEditor", "side memory with an activation router (peer)", True,
+               (ConfigSection("wise", "melo_ray.editors.wise.config:WiseConfig"),)),
+    EditorSpec("memoir", "melo_ray.editors.memoir.editor:MemoirEditor", "sparse residual memory, mask-overlap routing "
+               "(peer)", True, (ConfigSection("memoir", "melo_ray.editors.memoir.config:MemoirConfig"),)),
+    EditorSpec("ultraedit", "melo_ray.editors.ultraedit.editor:UltraEditEditor", "closed-form lifelong-normalised edit "
+               "(peer)", True, (ConfigSection("ultraedit", "melo_ray.editors.ultraedit.config:UltraEditConfig"),)),
 )}
 
 
