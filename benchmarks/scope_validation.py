@@ -20,14 +20,15 @@ Caveat printed with the table: today's verifier was trained on all of zsRE train
 wiki_recent[:285], so on those sources "unseen relations" holds only for the cross-encoder; the
 template rows are new text to both.
 
-    OMP_NUM_THREADS=1 python benchmarks/scope_validation.py --seed 1 --cross runs/cross_scope_seed1.safetensors
+    OMP_NUM_THREADS=1 python benchmarks/scope_validation.py --seed 1 --cap 1000 --json runs/scope_validation_verifier.json
+    OMP_NUM_THREADS=1 python benchmarks/scope_validation.py --seed 1 --cap 1000 --skip-verifier \
+        --cross runs/cross_scope_seed1.safetensors --merge runs/scope_validation_verifier.json
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -116,24 +117,38 @@ def main() -> None:
     parser.add_argument("--cap", type=int, default=1500, help="test pairs per (source, kind) at most")
     parser.add_argument("--keys-cache", type=Path, default=ROOT / "runs/scope-validation-keys.npz")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here too")
+    parser.add_argument("--skip-verifier", action="store_true", help="score only the cross-encoder files")
+    parser.add_argument("--merge", type=Path, action="append", default=[],
+                        help="a --json of an earlier run (same seed) whose columns join the table")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pairs = all_pairs(DataPaths.under(DATA))
     relations_out = leave_relations_out(pairs, args.seed, tuple(s for s in args.exclude_sources.split(",") if s))
     splits = [relations_out, leave_dataset_out(pairs, "wiki_recent", args.seed)]
-    scorers: dict[str, object] = {"today's verifier": VerifierScorer(args.verifier, args.keys_cache)}
+    scorers: dict[str, object] = {} if args.skip_verifier else {
+        "today's verifier": VerifierScorer(args.verifier, args.keys_cache)}
     for path in args.cross:
         scorers[f"cross-encoder {path.name}"] = CrossScorer(path)
     calibration = capped(list(relations_out.calibration), 800, args.seed)
     results: dict = {"seed": args.seed, "splits": {}, "thresholds": {}, "batch_ms": {}}
-    table: dict[tuple[str, str, str], dict[str, str]] = defaultdict(dict)  # (split, source, metric) -> column
+    for earlier in args.merge:  # columns measured by an earlier run of this script on the same split
+        old = json.loads(earlier.read_text())
+        if old["seed"] != args.seed:
+            raise SystemExit(f"{earlier}: seed {old['seed']}, not {args.seed}")
+        for key in ("thresholds", "batch_ms"):
+            results[key].update(old[key])
+        for split, sources in old["splits"].items():
+            for source, metrics in sources.items():
+                for metric, cells in metrics.items():
+                    results["splits"].setdefault(split, {}).setdefault(source, {}).setdefault(metric, {}).update(cells)
     for name, scorer in scorers.items():
         columns = {}
         if isinstance(scorer, VerifierScorer):
             columns[f"{name} @ {SHIPPED_THRESHOLD}"] = SHIPPED_THRESHOLD
             columns[f"{name} @ calibrated"] = calibrate(scorer.logits(calibration), calibration)[0]
         else:
-            columns[f"{name} @ {scorer.model.threshold:.3f}"] = scorer.model.threshold
+            columns[f"{name} @ {scorer.model.threshold:.3f} (calibrated)"] = scorer.model.threshold
+            columns[f"{name} @ 0 (p = 0.5)"] = 0.0  # the loss's own decision point, set before any test
         results["thresholds"].update(columns)
         for split in splits:
             test = capped(list(split.test), args.cap, args.seed)
@@ -142,26 +157,34 @@ def main() -> None:
                 for source in ["all", *sorted({p.source for p in test})]:
                     chosen = [i for i, p in enumerate(test) if source in ("all", p.source)]
                     for metric, (rate, n) in rates(logits[chosen] >= threshold, [test[i] for i in chosen]).items():
-                        table[(split.name, source, metric)][column] = f"{rate:.4f} ({n})"
                         results["splits"].setdefault(split.name, {}).setdefault(source, {}).setdefault(
                             metric, {})[column] = {"rate": rate, "n": n}
         queries = [p.b for p in calibration[:32]]
         candidates = [p.a for p in calibration[:128]]
         scorer.batch_ms(queries, candidates)  # warm up
         results["batch_ms"][name] = float(np.median([scorer.batch_ms(queries, candidates) for _ in range(5)]))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    print_table(results, args.cap)
+
+
+def print_table(results: dict, cap: int) -> None:
     columns = list(results["thresholds"])
-    print(f"Splits: {', '.join(s.name for s in splits)}; test pairs capped at {args.cap} per (source, kind).")
+    print(f"Splits: {', '.join(results['splits'])}; test pairs capped at {cap} per (source, kind). Cells: rate (pairs).")
     print("Today's verifier trained on all of zsRE train-1k, CounterFact train and wiki_recent[:285]: on those "
           "sources its relations are not unseen.\n")
     print("| split | source | metric | target | " + " | ".join(columns) + " |")
     print("|---|---|---|---|" + "---|" * len(columns))
-    for (split, source, metric), cells in table.items():
-        print(f"| {split} | {source} | {metric} | {TARGETS.get(metric, '')} | "
-              + " | ".join(cells.get(c, "") for c in columns) + " |")
-    print("\nms per batch of 32 queries x 4 candidates (CPU, 1 thread):",
+    for split, sources in results["splits"].items():
+        for source, metrics in sources.items():
+            for metric, _ in METRICS:
+                cells = metrics.get(metric)
+                if cells:
+                    print(f"| {split} | {source} | {metric} | {TARGETS.get(metric, '')} | " + " | ".join(
+                        f"{cells[c]['rate']:.4f} ({cells[c]['n']})" if c in cells else "" for c in columns) + " |")
+    print("\nThresholds:", json.dumps({k: round(v, 3) for k, v in results["thresholds"].items()}))
+    print("ms per batch of 32 queries x 4 candidates (CPU, 1 thread, a shared machine):",
           json.dumps({k: round(v, 1) for k, v in results["batch_ms"].items()}))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

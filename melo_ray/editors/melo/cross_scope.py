@@ -1,5 +1,6 @@
-"""A scope model that reads both prompts at once: MiniLM fine-tuned on (edited prompt, query) pairs, its
-[CLS] state through one linear head giving the logit that the two ask the same question.
+"""A scope model that reads both prompts at once: MiniLM fine-tuned on (edited prompt, query) pairs, the
+mean of its states over the pair through one linear head giving the logit that the two ask the same
+question.
 
 Two separately embedded prompts can only be compared feature by feature; a cross-encoder attends from
 "follows" to "is followed by" and from "place of death" to "gender" directly. Its file is safetensors:
@@ -19,12 +20,12 @@ import torch
 from torch import nn
 
 FORMAT = "melo-scope-cross-encoder"
-VERSION = "1"
+VERSION = "1"  # mean-pooled head
 MAX_LENGTH = 48  # both prompts together; the edit prompts and queries here are one or two sentences
 
 
 class CrossEncoder(nn.Module):
-    """BERT body + a linear head on the [CLS] state: (batch,) logits."""
+    """BERT body + a linear head on the mean-pooled states of the pair: (batch,) logits."""
 
     def __init__(self, body: nn.Module) -> None:
         super().__init__()
@@ -35,7 +36,12 @@ class CrossEncoder(nn.Module):
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.body(input_ids=input_ids, attention_mask=attention_mask,
                            token_type_ids=token_type_ids).last_hidden_state  # (B, T, H)
-        return self.head(hidden[:, 0]).squeeze(-1)  # (B,)
+        # the mean over the pair's tokens, not [CLS]: MiniLM was tuned with mean pooling and its [CLS]
+        # state is one vector for every input (cosine 0.999998 across unrelated pairs), which left the
+        # loss at ln 2 for 100 steps at two learning rates
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, H)
+        return self.head(pooled).squeeze(-1)  # (B,)
 
 
 def tokenizer_folder() -> Path:

@@ -53,7 +53,7 @@ def batches(pairs: list[Pair], batch_size: int, rng: random.Random):
 
 
 def train(model: CrossScopeModel, pairs: list[Pair], *, steps: int, batch_size: int, lr: float, seed: int,
-          warmup: int = 50) -> float:
+          warmup: int = 30) -> float:
     """Fine-tune in place; returns seconds spent."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -61,7 +61,10 @@ def train(model: CrossScopeModel, pairs: list[Pair], *, steps: int, batch_size: 
     # the word embeddings stay as MiniLM learned them: most of the weights, little of what a pair needs
     for parameter in net.body.embeddings.parameters():
         parameter.requires_grad = False
-    optimiser = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
+    # the head starts from nothing: it learns at 20x the body's rate, or a few hundred steps teach it little
+    body = [p for p in net.body.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW([{"params": body, "lr": lr}, {"params": net.head.parameters(), "lr": 20 * lr}],
+                                  weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / steps))
     started, losses = time.perf_counter(), []
@@ -113,7 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--exclude-sources", default="wiki_recent", help="sources never trained or calibrated on")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=4e-5)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--init", type=Path, default=None,
+                        help="continue from this model file (trained on the same split), not from MiniLM")
     parser.add_argument("--layers", type=int, default=3, help="MiniLM layers kept (of 6)")
     parser.add_argument("--calibration-cap", type=int, default=800, help="calibration pairs per (source, kind) at most")
     parser.add_argument("--threads", type=int, default=1)
@@ -124,13 +129,16 @@ def main(argv: list[str] | None = None) -> None:
     split = leave_relations_out(pairs, args.seed, tuple(s for s in args.exclude_sources.split(",") if s))
     log.info("%s: %d train, %d calibration, %d test pairs", split.name, len(split.train), len(split.calibration),
              len(split.test))
-    model = CrossScopeModel.from_pretrained_body(args.layers)
-    seconds = train(model, list(split.train), steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    model = CrossScopeModel.load(args.init) if args.init else CrossScopeModel.from_pretrained_body(args.layers)
+    earlier = int(model.meta.get("steps", 0)) if args.init else 0
+    # a continued run draws other batches than the run it continues
+    seconds = train(model, list(split.train), steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                    seed=args.seed + earlier)
     calibration = capped(list(split.calibration), args.calibration_cap, args.seed)
     logits = model.logits([p.a for p in calibration], [p.b for p in calibration])
     model.threshold, report = calibrate(logits, calibration)
-    model.meta.update(split=split.name, train_pairs=str(len(split.train)), steps=str(args.steps), layers=str(args.layers),
-                      batch_size=str(args.batch_size), lr=str(args.lr), train_seconds=f"{seconds:.0f}",
+    model.meta.update(split=split.name, train_pairs=str(len(split.train)), steps=str(earlier + args.steps), layers=str(model.model.body.config.num_hidden_layers),
+                      batch_size=str(args.batch_size), lr=str(args.lr), train_seconds=f"{seconds + float(model.meta.get('train_seconds', 0) if args.init else 0):.0f}",
                       trained_on="zsre_mend_train-1k, counterfact-train[:4000], wiki_recent train, wikidata_relations "
                                  f"(minus {args.exclude_sources or 'none'}), train relations only")
     model.save(args.out)
