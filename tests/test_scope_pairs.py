@@ -1,0 +1,101 @@
+"""Scope validation pairs: kinds, re-asking probes kept apart, and splits that hold whole relations out."""
+from __future__ import annotations
+
+import json
+import random
+
+from melo_ray.editors.melo.scope_pairs import (
+    DataPaths,
+    Pair,
+    all_pairs,
+    family_part,
+    leave_dataset_out,
+    leave_relations_out,
+    template_pairs,
+    wiki_recent_pairs,
+)
+from melo_ray.editors.melo.wikidata_relations import BY_PID, PROPERTIES, property_of_template
+
+
+def test_catalog_is_broad_and_inverse_pairs_share_a_family() -> None:
+    assert len(PROPERTIES) >= 100
+    for prop in PROPERTIES:
+        assert len(prop.wordings()) >= 2, prop.pid
+        assert all(w.count("{}") == 1 for w in prop.wordings()), prop.pid
+        if prop.inverse:
+            assert BY_PID[prop.inverse].family == prop.family  # a split never parts "follows" from "followed by"
+    assert property_of_template("When was {} born?").pid == "P569"  # the longest match, not "born"
+    assert property_of_template("{} is followed by").pid == "P156"
+    assert property_of_template("{} follows").pid == "P155"
+
+
+def test_template_pairs_hold_every_kind_with_the_right_label() -> None:
+    pairs = template_pairs(random.Random(0), per_property=3)
+    kinds = {p.kind for p in pairs}
+    assert {"reword", "subject_other_relation", "relation_other_subject", "inverse", "namesake"} <= kinds
+    assert all(p.label == (p.kind == "reword") for p in pairs)
+    inverse = [p for p in pairs if p.kind == "inverse"]
+    assert any("follows" in p.a + p.b or "followed by" in p.a + p.b or "came" in p.a + p.b for p in inverse)
+
+
+def _wiki_recent_file(tmp_path) -> DataPaths:
+    records = [
+        {"subject": "Ada Brandt", "prompt": "The gender of Ada Brandt is", "target_new": "female",
+         "portability": {"Subject_Aliasing": [{"prompt": "The gender of A. Brandt is", "ground_truth": [["female"]]}]},
+         "locality": {"Relation_Specificity": [
+             {"prompt": "The place of death of Ada Brandt is", "ground_truth": [["Oslo"]]},
+             {"prompt": "The sex of Ada Brandt is", "ground_truth": [["male"]]}]}},
+        {"subject": "Book One", "prompt": "Book One follows", "target_new": "Book Zero", "portability": {},
+         "locality": {"Relation_Specificity": [{"prompt": "Book One is followed by", "ground_truth": [["Two"]]}]}},
+        {"subject": "Ivo Lind", "prompt": "The gender of Ivo Lind is", "target_new": "male", "portability": {},
+         "locality": {}},
+    ]
+    path = tmp_path / "wr.json"
+    path.write_text(json.dumps(records))
+    return DataPaths(tmp_path / "none", tmp_path / "none", path)
+
+
+def test_wiki_recent_reasking_probes_are_apart_and_inverse_probes_are_negatives(tmp_path) -> None:
+    pairs = wiki_recent_pairs(_wiki_recent_file(tmp_path).wiki_recent, random.Random(0))
+    kind_of = {(p.a, p.b): p.kind for p in pairs}
+    # "The sex of X" re-asks the edited gender: a perfect editor changes it, so it is no negative
+    assert kind_of[("The gender of Ada Brandt is", "The sex of Ada Brandt is")] == "reasking"
+    assert kind_of[("The gender of Ada Brandt is", "The place of death of Ada Brandt is")] == "subject_other_relation"
+    assert kind_of[("Book One follows", "Book One is followed by")] == "inverse"
+    assert kind_of[("The gender of Ada Brandt is", "The gender of A. Brandt is")] == "alias"
+    assert kind_of[("The gender of Ada Brandt is", "The gender of Ivo Lind is")] == "relation_other_subject"
+
+
+def test_leave_relations_out_never_shares_a_family_between_parts() -> None:
+    pairs = template_pairs(random.Random(0), per_property=4)
+    split = leave_relations_out(pairs, seed=1)
+    seen = {part: {f for p in getattr(split, part) for f in p.families} for part in ("train", "calibration", "test")}
+    assert seen["train"] and seen["calibration"] and seen["test"]
+    assert not seen["train"] & seen["test"] and not seen["train"] & seen["calibration"]
+    assert not seen["calibration"] & seen["test"]
+    # a pair whose two relations fall in different parts is in none
+    across = [p for p in pairs if len({family_part(f, 1) for f in p.families}) > 1]
+    assert across and not set(across) & set(split.train + split.calibration + split.test)
+
+
+def test_excluded_source_is_tested_but_never_trained_or_calibrated() -> None:
+    pairs = template_pairs(random.Random(0), per_property=2)
+    other = [Pair(p.a, p.b, p.label, p.kind, "wiki_recent", p.families) for p in pairs[:200]]
+    split = leave_relations_out(pairs + other, seed=1, exclude_sources=("wiki_recent",))
+    assert all(p.source != "wiki_recent" for p in split.train + split.calibration)
+    assert any(p.source == "wiki_recent" for p in split.test)
+    held = leave_dataset_out(pairs + other, "wiki_recent", seed=1)
+    assert {p.source for p in held.test} == {"wiki_recent"}
+    assert all(p.source == "templates" for p in held.train + held.calibration)
+
+
+def test_all_pairs_drops_identical_prompts(tmp_path) -> None:
+    paths = _wiki_recent_file(tmp_path)
+    zsre = [{"src": "Who founded Acme?", "rephrase": "Who founded Acme?", "subject": "Acme"}]
+    cf = [{"prompt": "Acme is based in", "subject": "Acme", "rephrase_prompt": "Acme has its seat in"}]
+    (tmp_path / "zs.json").write_text(json.dumps(zsre))
+    (tmp_path / "cf.json").write_text(json.dumps(cf))
+    pairs = all_pairs(DataPaths(tmp_path / "zs.json", tmp_path / "cf.json", paths.wiki_recent), per_property=1)
+    assert all(p.a.strip() != p.b.strip() for p in pairs)
+    assert {"zsre", "counterfact", "wiki_recent", "templates"} >= {p.source for p in pairs}
+    assert any(p.source == "counterfact" and p.kind == "reword" for p in pairs)
