@@ -34,7 +34,9 @@ from melo_ray.config import EditorConfig
 from melo_ray.editors.alphaedit.config import AlphaEditConfig
 from melo_ray.editors.alphaedit.layer import DeltaLayer, mlp_down_name
 from melo_ray.editors.layers import get_parent
-from melo_ray.editors.protocol import Editor, IndexUpdate, Routing, TrainedBatch
+from melo_ray.editors.messages import IndexUpdate, TrainedBatch
+from melo_ray.editors.protocol import Editor
+from melo_ray.editors.routing import Routing
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError
 from melo_ray.training import IGNORE, EditBatch, _CachedPrefix, build_batch

@@ -29,7 +29,9 @@ from melo_ray.config import EditorConfig
 from melo_ray.editors.layers import get_parent
 from melo_ray.editors.memoir.config import MemoirConfig
 from melo_ray.editors.memoir.layer import MemoirLayer, prompt_layer_inputs
-from melo_ray.editors.protocol import Editor, IndexUpdate, Routing, TrainedBatch
+from melo_ray.editors.messages import IndexUpdate, TrainedBatch
+from melo_ray.editors.protocol import Editor
+from melo_ray.editors.routing import Routing
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError
 from melo_ray.training import EditBatch, _CachedPrefix, build_batch, _learned_fraction
@@ -98,7 +100,7 @@ class MemoirEditor(Editor):
     # -- routing -------------------------------------------------------------------------------------
     def route(self, prompts: list[str]) -> Routing:
         """Per prompt: the stored edit whose mask overlaps its own most, if that share reaches the threshold
-        (distance = 1 - share); the payload is the prompt's own mask."""
+        (distance = 1 - share); the routing's keys are the prompt's own mask."""
         if not len(self.masks):
             return Routing.base(len(prompts))
         masks = self.prompt_masks(prompts)
@@ -107,7 +109,7 @@ class MemoirEditor(Editor):
         fires = best >= self.cfg.threshold
         ids = torch.where(fires, nearest, -1).numpy()
         edit_ids = tuple(self.mask_edits[int(i)] if i >= 0 else None for i in ids)
-        return Routing(ids, (1 - best).double().numpy(), masks.numpy(), edit_ids)
+        return Routing(ids, (1 - best).double().numpy(), edit_ids, keys=masks.numpy().astype(np.float32))
 
     @contextmanager
     def _masked(self, masks: torch.Tensor) -> Iterator[None]:
@@ -118,14 +120,11 @@ class MemoirEditor(Editor):
             self.layer.masks = None
 
     def routed(self, routing: Routing, batch: EditBatch | None = None) -> AbstractContextManager:
-        if routing.payload is None:
+        if routing.keys is None:
             return self._masked(torch.zeros(len(routing), self.layer.in_features))
-        masks = torch.as_tensor(np.asarray(routing.payload), dtype=torch.float32)
+        masks = torch.as_tensor(routing.keys, dtype=torch.float32)
         on = torch.as_tensor(np.asarray(routing.ids) >= 0, dtype=torch.float32)
         return self._masked(masks * on[:, None])
-
-    def edit_behind(self, prompt: str, routing: Routing) -> str | None:
-        return routing.edit_ids[0] if routing.edit_ids is not None else None
 
     # -- editing -------------------------------------------------------------------------------------
     def train_batch(self, records: list[EditRecord]) -> TrainedBatch:

@@ -25,7 +25,7 @@ from melo_ray.editors.alphaedit.editor import WeightDeltaEditor
 from melo_ray.editors.ultraedit.config import UltraEditConfig
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError
-from melo_ray.editors.protocol import TrainedBatch
+from melo_ray.editors.messages import TrainedBatch
 from melo_ray.training import IGNORE, build_batch
 
 NORMALISERS = "normalisers.safetensors"

@@ -35,7 +35,9 @@ from melo_ray.config import EditorConfig
 from melo_ray.editors.layers import get_parent
 from melo_ray.editors.memoir.editor import read_texts
 from melo_ray.editors.memoir.layer import prompt_layer_inputs
-from melo_ray.editors.protocol import Editor, IndexUpdate, Routing, TrainedBatch
+from melo_ray.editors.messages import IndexUpdate, TrainedBatch
+from melo_ray.editors.protocol import Editor
+from melo_ray.editors.routing import Routing
 from melo_ray.editors.wise.config import WiseConfig
 from melo_ray.editors.wise.layer import WiseLayer
 from melo_ray.records import EditRecord
