@@ -9,7 +9,8 @@ import torch
 
 from conftest import UNRELATED, fact_records, tiny_config
 from melo_ray.config import load_config
-from melo_ray.editors.registry import build_editor, load_editor
+from melo_ray.editors.loading import load_editor
+from melo_ray.editors.registry import build_editor
 
 
 def _records(n: int) -> list[dict]:

@@ -6,7 +6,8 @@ import pytest
 
 from conftest import UNRELATED, fact_records, tiny_config
 from melo_ray.config import load_config
-from melo_ray.editors.registry import build_editor, load_editor
+from melo_ray.editors.loading import load_editor
+from melo_ray.editors.registry import build_editor
 
 SETTINGS = {"num_iter": 100, "lr": 30.0, "top_k": 64, "threshold": 0.6, "background_samples": 20}
 

@@ -7,7 +7,8 @@ import torch
 
 from conftest import UNRELATED, fact_records, tiny_config
 from melo_ray.config import load_config
-from melo_ray.editors.registry import build_editor, load_editor
+from melo_ray.editors.loading import load_editor
+from melo_ray.editors.registry import build_editor
 from melo_ray.editors.wise.editor import ties_merge
 
 # The tiny model's random weights need bigger steps, a looser norm constraint and margins on the scale of
