@@ -10,13 +10,18 @@ import pytest
 from conftest import UNRELATED, fact_records, tiny_config
 from melo_ray import operations
 from melo_ray.cli.main import main as cli
-from melo_ray.editors.melo.editor import MeloEditor
-from melo_ray.store import SnapshotStore, StoreBusyError, open_snapshots
+from melo_ray.editors.registry import build_editor, editor_from_snapshot
+from melo_ray.store import SnapshotStore, StoreBusyError, open_snapshots, read_any_snapshot
 
+
+def load(uri: str):
+    """The editor of a store's latest version, read straight from its URI."""
+    manifest, files, where = read_any_snapshot(uri)
+    return editor_from_snapshot(manifest, files, where)
 
 def test_revert_rollback_pin_compact_and_export_on_an_s3_store(s3_env, tmp_path):
     uri = s3_env.new_prefix()
-    editor = MeloEditor(tiny_config())
+    editor = build_editor("melo", tiny_config())
     store = SnapshotStore(uri, keep=10)
     records = fact_records(0, 10)
     for start in (0, 5):  # two batches: blocks 0 and 1
@@ -30,11 +35,11 @@ def test_revert_rollback_pin_compact_and_export_on_an_s3_store(s3_env, tmp_path)
     assert {e["id"] for e in operations.diff(uri, 2, 3)["removed"]} == {r["id"] for r in records[:5]}
 
     # compaction drops block 0 and answers exactly as before
-    reverted = MeloEditor.load(uri)
+    reverted = load(uri)
     prompts = [r["prompt"] for r in records] + UNRELATED
     before = [g.output for g in reverted.generate(prompts, 6)]
     assert cli(["store", "compact", "--store", uri]) == 0
-    compacted = MeloEditor.load(uri)
+    compacted = load(uri)
     assert compacted.version == 4 and [g.output for g in compacted.generate(prompts, 6)] == before
     assert operations.versions(uri)[-1]["made_by"]["compact"]["dropped_blocks"] == [0]
 
@@ -43,7 +48,7 @@ def test_revert_rollback_pin_compact_and_export_on_an_s3_store(s3_env, tmp_path)
     with pytest.raises(StoreBusyError, match="job:dead"):
         operations.rollback(uri, 2)
     assert cli(["store", "rollback", "--store", uri, "--to", "2", "--break-lock"]) == 0
-    rolled = MeloEditor.load(uri)
+    rolled = load(uri)
     assert rolled.version == 5 and set(rolled.edit_log) == {r["id"] for r in records}
     assert store.writer() is None  # the operator's lease was given back
 
