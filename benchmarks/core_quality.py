@@ -62,7 +62,7 @@ def run(dataset: str, n: int, key_function: str, config_path: Path, backbone, nq
     seconds = time.perf_counter() - started
     result = {
         "dataset": dataset, "n_edits": len(records), "key_function": key_function,
-        "r_init": config.index.r_init, "batch_size": size,
+        "r_init": config.section("index").r_init, "batch_size": size,
         "edit_success": _rate(editor.generate([r.prompt for r in records]), [r.target for r in records]),
         # why generality falls short: rephrasings outside every cluster, or the block not generalising
         **generality_split(editor, records),

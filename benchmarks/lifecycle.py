@@ -91,7 +91,7 @@ def _peft_max_abs_diff(store: SnapshotStore, folder: Path, blocks: tuple[int, ..
     from peft import PeftModel
 
     from melo_ray.backbones import load_backbone
-    from melo_ray.editors.protocol import Routing
+    from melo_ray.editors.routing import Routing
     from melo_ray.export import adapter_name
     from melo_ray.inference import next_token_logits
 

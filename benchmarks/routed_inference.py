@@ -22,7 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
-from melo_ray.editors.melo.editor import MeloEditor
+from melo_ray.editors.loading import load_editor
 from melo_ray.records import read_edit_records
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--focus-reach-off", action="store_true",
                         help="also time routing with index.scope_focus_reach switched off")
     args = parser.parse_args()
-    editor = MeloEditor.load(args.snapshot)
+    editor = load_editor(args.snapshot)
     records = read_edit_records(args.edits) if args.edits else []
     edited = ([r.rephrases[0] for r in records if r.rephrases] if args.rephrasings
               else [r.prompt for r in records])

@@ -89,7 +89,7 @@ def main() -> None:
             row["x_one_trainer"] = round(row["edits_per_min"] / one["edits_per_min"], 2)
             row["efficiency"] = round(row["x_one_trainer"] / (row["trainers"] / one["trainers"]), 2)
             row["same_snapshot_as_first"] = same_state(stores[one["trainers"]], stores[row["trainers"]],
-                                                       list(config.lora.target_modules))
+                                                       list(config.section("lora").target_modules))
     ray.shutdown()
     print("| trainers | edits | edits/min | x one trainer | efficiency (x / N) | same snapshot |")
     print("|---|---|---|---|---|---|")

@@ -5,7 +5,6 @@ Hugging Face folder), any local Hugging Face folder, and tiny random-weights mod
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -240,21 +239,3 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
     if family.task == "classification":
         labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     return Backbone(model=model, tokenizer=tokenizer, family=family, config=cfg, labels=labels)
-
-
-def weights_checksum(model: nn.Module) -> str:
-    """SHA-256 over the base model's parameters and buffers, ignoring every editor's own state.
-
-    Edit layers (melo_ray.editors.layers.EditLayer) and PEFT adapters add state beside the base
-    weights; names are normalised so the same weights hash the same before and after injection.
-    """
-    from melo_ray.editors.layers import edit_layer_state_names
-
-    owned = edit_layer_state_names(model)
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if name in owned or ".lora_" in name or name.startswith("lora_"):
-            continue
-        digest.update(name.replace(".base_layer", "").encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()

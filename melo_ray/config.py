@@ -1,7 +1,9 @@
 """Typed configuration for an editor, loaded from YAML and validated on load.
 
-Every default lives here, or in a method's own section (melo_ray/editors/<method>/config.py).
-Errors name the file and the dotted field that is wrong.
+Every default lives here, or in a method's own section (melo_ray/editors/<method>/config.py), which
+the registry names (EditorSpec.sections): this module imports no editor. Errors name the file and
+the dotted field that is wrong. Files written by older versions are translated once, on load
+(`upgrade`).
 """
 from __future__ import annotations
 
@@ -9,14 +11,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_serializer, model_validator
+from pydantic_core import PydanticCustomError
 
-from melo_ray.config_base import ConfigError
-from melo_ray.config_base import StrictConfig
-from melo_ray.editors.elder.config import ElderConfig
-from melo_ray.editors.grace.config import GraceConfig
-from melo_ray.editors.melo.config import IndexConfig, LoraConfig
-from melo_ray.editors.registry import editor_names, editor_specs
+from melo_ray.config_base import ConfigError, StrictConfig
+from melo_ray.editors.registry import config_sections, editor_names, editor_spec
 
 
 class BackboneConfig(StrictConfig):
@@ -65,6 +64,10 @@ class TrainConfig(StrictConfig):
     batch_size: int = Field(100, ge=1, description="Edits per batch; a batch trains its block(s) together (lora.block_per_edit).")
     num_iter: int = Field(40, ge=1, description="Optimiser steps per batch.")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate for the block.")
+    train_rephrases: bool = Field(
+        True, description="Use records' `train_rephrases` (every editor): MELO trains the edit's block on each (same "
+        "target) and indexes it as another key of the edit; GRACE adds codebook keys, ELDER guided-loss rows.",
+    )
     append_eos: bool = Field(True, description="Train the end-of-sequence token after the target.")
     early_stop: bool = Field(
         True, description="Stop a batch once every target token is the argmax by `early_stop_margin`."
@@ -92,9 +95,11 @@ class TrainConfig(StrictConfig):
         "See docs/results.md, 'Mixed-precision training'.",
     )
     seed: int = Field(0, description="Seed for block initialisation.")
-    formats: list[Literal["raw", "chat"]] = Field(
-        ["raw"], min_length=1, description="How each edit is shown to the model in training: raw (the prompt "
-        "template) and/or chat (a user turn of the backbone's chat template), the formats the deployment serves.",
+    formats: list[Literal["raw", "chat"]] | None = Field(
+        None, min_length=1, description="How each edit is shown to the model in training: raw (the prompt "
+        "template) and/or chat (a user turn of the backbone's chat template), the formats the deployment serves. "
+        "Unset (the default): raw, plus chat when the backbone is a causal LM with a chat template, so an edit "
+        "holds for /v1/chat/completions clients too (docs/results.md, 'Chat by default').",
     )
     max_text_chars: int = Field(
         2000, ge=1, description="Longest prompt or target accepted, in characters; longer records are rejected "
@@ -122,6 +127,11 @@ class PipelineConfig(StrictConfig):
     )
     max_actor_restarts: int = Field(3, ge=0, description="Ray restarts of a killed trainer or writer actor.")
     max_attempts: int = Field(5, ge=1, description="Recoveries from the last snapshot after an actor failure.")
+    publish_retries: int = Field(
+        4, ge=0, description="Retries of a commit point (publish, job state) that failed to reach the store "
+        "(an OSError: endpoint down, disk full); each waits twice as long as the last. Then the job fails.",
+    )
+    publish_backoff_s: float = Field(0.5, ge=0, description="Seconds before the first publish retry.")
     trainer_gpus: Literal["auto", 0, 1] = Field(
         "auto", description="GPUs for each trainer actor; auto: 1 when the cluster has a GPU."
     )
@@ -147,49 +157,59 @@ class EditorConfig(StrictConfig):
         "or a baseline: grace (codebook), lora (sequential LoRA).",
     )
     backbone: BackboneConfig = BackboneConfig()
-    lora: LoraConfig
-    index: IndexConfig
     train: TrainConfig = TrainConfig()
     generate: GenerateConfig = GenerateConfig()
-    grace: GraceConfig = GraceConfig()
-    elder: ElderConfig = ElderConfig()
     pipeline: PipelineConfig = PipelineConfig()
-    sections: dict[str, Any] = Field(
-        default_factory=dict, description="Sections of editors registered with a config class of their own "
-        "(EditorSpec.config); written at the top level of a YAML file like any other section.",
+    sections: dict[str, SerializeAsAny[StrictConfig]] = Field(
+        default_factory=dict, description="Editors' own sections (EditorSpec.sections), each written at the top "
+        "level of a YAML file under its name: MELO's `lora` and `index`, `elder`, `grace`. The chosen editor's "
+        "are always here; another editor's are kept (and validated) when the file has them.",
     )
 
     @model_validator(mode="before")
     @classmethod
     def _collect_sections(cls, data: Any) -> Any:
-        """Top-level keys that name a registered editor's own section move into `sections`, typed."""
+        """Top-level keys that name a registered section move into `sections`, typed; the chosen
+        editor's sections are built from their defaults where the file has none."""
         if not isinstance(data, dict):
             return data
-        specs = {spec.section: spec for spec in editor_specs() if spec.section}
-        found = {k: v for k, v in data.items() if k in specs and k not in cls.model_fields}
-        if not found and not data.get("sections"):
-            return data
-        if not isinstance(data.get("sections") or {}, dict):
-            raise ValueError("sections: must be a mapping of section name to settings")
-        sections = dict(data.get("sections") or {})
-        for name, value in found.items():  # a top-level key (or a --set override) updates its section
-            before = sections.get(name)
-            sections[name] = {**before, **value} if isinstance(before, dict) and isinstance(value, dict) else value
-        typed = {}
-        for name, value in sections.items():
-            if name not in specs:
-                raise ValueError(f"sections: no registered editor has a section '{name}'")
-            typed[name] = specs[name].load_config_class().model_validate(value or {})
-        return {**{k: v for k, v in data.items() if k not in found}, "sections": typed}
+        data = upgrade(data)
+        registered = config_sections()
+        given = {k: v for k, v in data.items() if k in registered}
+        try:
+            wanted = {s.name for s in editor_spec(str(data.get("editor", "melo"))).sections}
+        except ValueError:
+            wanted = set()  # an unknown editor: the `editor` field's own check says so
+        typed, problems = {}, []
+        for name in sorted(set(given) | wanted):
+            try:
+                typed[name] = registered[name].load_class().model_validate(given.get(name) or {})
+            except ValidationError as exc:
+                problems += [(".".join([name, *map(str, e["loc"])]), e["msg"]) for e in exc.errors()]
+        if problems:
+            raise PydanticCustomError("config_section", "{detail}", {
+                "detail": "; ".join(f"{field}: {msg}" for field, msg in problems), "fields": tuple(problems)})
+        return {**{k: v for k, v in data.items() if k not in given}, "sections": typed}
+
+    @model_serializer(mode="wrap")
+    def _sections_at_top_level(self, handler: Any) -> dict[str, Any]:
+        """Written the way a YAML file reads: each section under its own name, beside backbone and train."""
+        data = handler(self)
+        return {**{k: v for k, v in data.items() if k != "sections"}, **data.get("sections", {})}
 
     def section(self, name: str) -> Any:
-        """A registered editor's own config section (its defaults when the file has none)."""
+        """A registered editor's config section: the file's, else its defaults (a ConfigError names the
+        field when those are not enough, e.g. `lora.target_modules` for an editor that needs it)."""
         if name in self.sections:
             return self.sections[name]
-        spec = next((s for s in editor_specs() if s.section == name), None)
-        if spec is None:
+        registered = config_sections()
+        if name not in registered:
             raise KeyError(f"no registered editor has a config section '{name}'")
-        return spec.load_config_class()()
+        try:
+            return registered[name].load_class()()
+        except ValidationError as exc:
+            raise ConfigError(_format_error(exc, f"config has no '{name}' section, and its defaults are not enough",
+                                            prefix=name)) from None
 
     @field_validator("editor")
     @classmethod
@@ -199,10 +219,36 @@ class EditorConfig(StrictConfig):
         return name
 
 
-def _format_error(err: ValidationError, where: str) -> str:
+def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A config as older versions wrote it, translated to today's keys (the one place that knows them):
+    - `sections: {name: ...}` (manifests written while editors' sections were nested) -> top-level keys;
+    - `lora.train_rephrases` (every editor reads it) -> `train.train_rephrases`."""
+    data = dict(data)
+    nested = data.pop("sections", None) or {}
+    if not isinstance(nested, dict):
+        raise ValueError("sections: must be a mapping of section name to settings")
+    for name, value in nested.items():  # a top-level key (or a --set override) updates its section
+        before = data.get(name)
+        data[name] = {**value, **before} if isinstance(before, dict) and isinstance(value, dict) else (
+            before if before is not None else value)
+    lora = data.get("lora")
+    if isinstance(lora, dict) and "train_rephrases" in lora:
+        lora = dict(lora)
+        moved = lora.pop("train_rephrases")
+        train = dict(data.get("train") or {})
+        if train.setdefault("train_rephrases", moved) != moved:
+            raise ValueError("lora.train_rephrases is now train.train_rephrases; give it there only")
+        data["lora"], data["train"] = lora, train
+    return data
+
+
+def _format_error(err: ValidationError, where: str, prefix: str = "") -> str:
     lines = []
     for item in err.errors():
-        field = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        if item["type"] == "config_section":  # an editor's section, checked on its own: its fields by name
+            lines += [f"{where}: field '{field}': {msg}" for field, msg in item["ctx"]["fields"]]
+            continue
+        field = ".".join([prefix, *map(str, item["loc"])] if prefix else map(str, item["loc"])) or "(top level)"
         lines.append(f"{where}: field '{field}': {item['msg']}")
     return "\n".join(lines)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from melo_ray.records import LOCALITY_KINDS, EditRecord, LocalityProbe, PortabilityProbe, question_label
+from melo_ray.text import content_words, focus  # focus: the same last-sentence rule the scope test uses
 
 log = logging.getLogger(__name__)
 
@@ -179,20 +180,6 @@ def zsre_subject_probes(rows: list[Any]) -> dict[int, tuple[LocalityProbe, ...]]
     return probes
 
 
-_STOPWORDS = frozenset(
-    "a an the of in on at to for by with from and or is are was were be been being does do did has have had "
-    "what which who whom whose when where why how that this it its it's as into than then there their his her "
-    "name called belong belongs belonged".split()
-)
-
-
-def content_words(text: str, *, keep_repeats: bool = False) -> list[str]:
-    """Lower-case words of three letters or more that are not stop words, a trailing "s" dropped."""
-    words = [w.rstrip("s") for w in re.findall(r"[a-z]+", text.replace("{}", " ").lower())
-             if w not in _STOPWORDS and len(w) > 2]
-    return words if keep_repeats else sorted(set(words))
-
-
 def _content_words(template: str) -> set[str]:
     return set(content_words(template))
 
@@ -226,12 +213,6 @@ class RelationGroups:
         return self.find(a) != self.find(b) and not (_content_words(a) & _content_words(b))
 
 
-def _rephrase_focus(text: str) -> str:
-    from melo_ray.editors.melo.scope import focus  # the same last-sentence rule the scope test uses
-
-    return focus(text)
-
-
 def synthetic_subject_probes(records: list[EditRecord], per_record: int = 2, seed: int = 0) -> list[EditRecord]:
     """Add same-subject, other-relation probes to records that have none: the record's subject put into
     the relation templates of other records of the same list ("{} was born in" -> "Ada Lovelace was
@@ -245,7 +226,7 @@ def synthetic_subject_probes(records: list[EditRecord], per_record: int = 2, see
     asked: dict[str, str] = {}  # question label -> a template that asks it
     for template, record in templates:
         for rephrase in record.rephrases if template else ():
-            groups.link(template, relation_template(_rephrase_focus(rephrase), record.subject))
+            groups.link(template, relation_template(focus(rephrase), record.subject))
         if template and record.question:  # two wordings of one labelled question: one relation
             groups.link(template, asked.setdefault(record.question, template))
     out = []

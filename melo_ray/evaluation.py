@@ -13,7 +13,12 @@ them). `measure(history=...)` takes these from the whole history when quality is
 Data that labels its questions (`EditRecord.question`; zsRE asks many questions several times, in other
 words and with other targets) also gives `superseded`, the share of edits whose question a later edit
 asks again with another target, and `generality_latest`, generality on the others: a rewording of a
-superseded edit has no one right answer (its own target, or the later one), so it is scored apart."""
+superseded edit has no one right answer (its own target, or the later one), so it is scored apart.
+
+Beside the generation metrics, each quality metric is also given as teacher-forced token accuracy the way
+EasyEdit computes it, so figures can sit beside published ones: reliability (`token_accuracy`) and
+generality on prompt + target, locality as the share of the probe's answer tokens (or, for a probe
+without one, the base model's output) where the edited model's argmax token is the unedited model's."""
 from __future__ import annotations
 
 import json
@@ -38,6 +43,9 @@ METRIC_NAMES = (
     "reliability", "reliability_f1", "token_accuracy", "generality", "generality_f1", "generality_latest",
     "superseded", "generality_alias",
     "portability", "locality_nq", "locality_neighbours", "locality_subject",
+    # teacher-forced token accuracy as the common toolkit (EasyEdit) scores it, beside the generation metrics
+    "generality_token_accuracy", "locality_nq_token_accuracy", "locality_neighbours_token_accuracy",
+    "locality_subject_token_accuracy",
 )
 # Perplexities (WikiBio hallucination protocol): of the edited targets given their prompts, of the
 # answers of the records' "neighbour" and "nq" probes (ppl_locality) and of their "subject" probes
@@ -121,6 +129,25 @@ def _answer_ppl(editor: Any, probes: list[LocalityProbe], *, base: bool) -> floa
     return metrics.perplexity(_flat(editor.target_token_nlls(answered, base=base))) if answered else math.nan
 
 
+def _record_mean(rows: list[list[bool]]) -> float:
+    """Token accuracy as EasyEdit reports it: the share of each record's target tokens that are right,
+    averaged over records (so a long target counts once, like a short one)."""
+    rows = [row for row in rows if row]
+    return sum(sum(row) / len(row) for row in rows) / len(rows) if rows else math.nan
+
+
+def _token_locality(editor: Any, probes: list[LocalityProbe], answers: dict[str, str]) -> float:
+    """EasyEdit's locality: teacher-forced on probe + answer, the share of answer positions where the
+    edited model's argmax token is the pre-edit model's. A probe without a known answer is scored on the
+    base model's own output for it (`answers`)."""
+    rows = [EditRecord(prompt=p.prompt, target=p.answer or answers.get(p.prompt, "")) for p in probes]
+    rows = [r for r in rows if r.target.strip()]
+    if not rows:
+        return math.nan
+    edited, base = editor.target_token_argmax(rows), editor.target_token_argmax(rows, base=True)
+    return _record_mean([[a == b for a, b in zip(e, o)] for e, o in zip(edited, base)])
+
+
 def _target_budget(editor: Any, targets: list[str], max_new: int) -> int:
     """New tokens enough for the longest target: a target longer than `max_new` tokens (KnowEdit's
     timestamps take 21) could never count as reached otherwise."""
@@ -184,7 +211,8 @@ def measure(editor: Any, edited: list[EditRecord], nq: list[str], baseline: _Bas
     gone = {r.id for r, s in zip(history, superseded(history)) if s}
     latest = [i for i, r in enumerate(rephrased) if r.id not in gone]
     labelled = any(r.question for r in edited)
-    hits = [h for row in editor.target_token_hits(edited) for h in row]
+    hits = editor.target_token_hits(edited)
+    rephrase_hits = editor.target_token_hits([EditRecord(prompt=r.rephrases[0], target=r.target) for r in rephrased])
     scope, asked = _edit_scope(history), EditedQuestions(history)
     neighbours, subject = _probes(edited, "neighbour", scope, asked), _probes(edited, "subject", scope, asked)
     nq_probes = _probes(edited, "nq", scope, asked)
@@ -200,7 +228,8 @@ def measure(editor: Any, edited: list[EditRecord], nq: list[str], baseline: _Bas
         "ppl_subject_base": _answer_ppl(editor, subject, base=True),
         "reliability": metrics.success_rate(outputs, targets),
         "reliability_f1": metrics.mean_token_f1(outputs, targets),
-        "token_accuracy": metrics.token_accuracy(hits),
+        "token_accuracy": _record_mean(hits),
+        "generality_token_accuracy": _record_mean(rephrase_hits),
         "generality": metrics.success_rate(rephrase_outputs, [r.target for r in rephrased]) if rephrased else math.nan,
         "generality_f1": metrics.mean_token_f1(rephrase_outputs, [r.target for r in rephrased]) if rephrased else math.nan,
         "generality_latest": metrics.success_rate([rephrase_outputs[i] for i in latest], [rephrased[i].target for i in latest])
@@ -211,6 +240,10 @@ def measure(editor: Any, edited: list[EditRecord], nq: list[str], baseline: _Bas
         "locality_nq": _probe_locality(editor, unrelated, {**baseline.nq_probes, **dict(zip(nq, baseline.nq))}, max_new),
         "locality_neighbours": _probe_locality(editor, neighbours, baseline.neighbours, max_new),
         "locality_subject": _probe_locality(editor, subject, baseline.subject, max_new),
+        "locality_nq_token_accuracy": _token_locality(
+            editor, unrelated, {**baseline.nq_probes, **dict(zip(nq, baseline.nq))}),
+        "locality_neighbours_token_accuracy": _token_locality(editor, neighbours, baseline.neighbours),
+        "locality_subject_token_accuracy": _token_locality(editor, subject, baseline.subject),
     }
 
 

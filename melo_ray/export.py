@@ -35,7 +35,7 @@ def export_peft(editor: MeloEditor, out: str | Path, *, base_model: str | None =
         raise ValueError("export needs the editor's index (a snapshot restored in this process)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    lora = editor.config.lora
+    lora = editor.config.section("lora")
     if any(type(layer.base_layer).__name__ == "Conv1D" for layer in editor.layers.values()):
         raise NotImplementedError("export of GPT-2 style Conv1D layers is not supported yet")
     index = editor.index.index
@@ -55,7 +55,7 @@ def export_peft(editor: MeloEditor, out: str | Path, *, base_model: str | None =
             tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_bank_A[block].detach().cpu().contiguous()
             tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_bank_B[block].detach().cpu().contiguous()
         safetensors.torch.save_file(tensors, str(folder / "adapter_model.safetensors"))
-    cfg = editor.config.index
+    cfg = editor.config.section("index")
     routing = {
         "key_function": cfg.key_function, "key_module": cfg.key_module, "metric": cfg.distance,
         "rule": ("every cluster whose radius holds the query's whole-prompt view offers its members; the member "

@@ -1,6 +1,8 @@
 """Forward passes every editor shares; each editor wraps them in its own routing context."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from melo_ray.backbones import Backbone
@@ -11,6 +13,12 @@ def encode(backbone: Backbone, prompts: list[str], padding_side: str) -> dict[st
     texts = [backbone.format_prompt(p) for p in prompts]
     encoded = backbone.tokenize(texts, return_tensors="pt", padding=True, padding_side=padding_side)
     return {k: v.to(backbone.device) for k, v in encoded.items()}
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The forward's keyword for the KV cache: `cache` in transformers 5.x (which deprecates the older
+    `past_key_values`), `past_key_values` in the releases before it; the output field has the same name."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
@@ -66,6 +74,14 @@ def target_token_hits(backbone: Backbone, batch: EditBatch) -> list[list[bool]]:
     logits, labels, mask = _target_logits(backbone, batch)
     hits = logits.argmax(-1) == labels
     return [hits[row][mask[row]].tolist() for row in range(labels.shape[0])]
+
+
+@torch.no_grad()
+def target_token_argmax(backbone: Backbone, batch: EditBatch) -> list[list[int]]:
+    """Teacher-forced: for each row, the model's argmax token at each target position."""
+    logits, labels, mask = _target_logits(backbone, batch)
+    predicted = logits.argmax(-1)
+    return [predicted[row][mask[row]].tolist() for row in range(labels.shape[0])]
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ import string
 from collections import Counter
 from collections.abc import Sequence
 
-from melo_ray.editors.melo.index import normalise_label
+from melo_ray.text import normalise_label
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.IGNORECASE)
 

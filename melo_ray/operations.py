@@ -13,10 +13,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from melo_ray.editors.protocol import Editor, read_edit_log
+from melo_ray.editors.edit_log import read_edit_log
+from melo_ray.editors.protocol import Editor
 from melo_ray.editors.registry import editor_from_snapshot
 from melo_ray.snapshots import SnapshotError
-from melo_ray.store import LATEST, SnapshotStore, open_snapshots
+from melo_ray.store import LATEST, Lease, SnapshotStore, open_snapshots
 
 
 def _store(uri: str | Path) -> SnapshotStore:
@@ -91,12 +92,12 @@ def diff(uri: str | Path, old: int, new: int) -> dict[str, Any]:
 
 
 # -- change: each publishes a new version under the writer lease ---------------------------------
-def _publish(store: SnapshotStore, editor: Editor, manifest: dict[str, Any], operation: dict[str, Any],
-             *, keep_job: bool) -> dict[str, Any]:
+def _publish(store: SnapshotStore, lease: Lease, editor: Editor, manifest: dict[str, Any],
+             operation: dict[str, Any], *, keep_job: bool) -> dict[str, Any]:
     extra: dict[str, Any] = {"operation": operation, "published_at": _now()}
     if keep_job and manifest.get("job"):
         extra["job"] = manifest["job"]  # a job resumed later continues from where it was
-    return editor.publish(store, **extra)
+    return store.publish(editor.version, editor.snapshot_files(), editor.snapshot_meta(**extra), lease=lease)
 
 
 def revert(uri: str | Path, ids: list[str], *, break_lock: bool = False) -> dict[str, Any]:
@@ -106,12 +107,12 @@ def revert(uri: str | Path, ids: list[str], *, break_lock: bool = False) -> dict
         raise ValueError("revert: no edit ids given")
     started = time.perf_counter()
     store = _store(uri)
-    with store.writing("melo-ray edits revert", take_over=break_lock):
+    with store.writing("melo-ray edits revert", take_over=break_lock) as lease:
         manifest, files = store.read()
         editor = editor_from_snapshot(manifest, files, f"{uri} v{manifest['version']}")
         loaded = time.perf_counter()
         reverted = editor.revert(ids)  # moves the version on by one
-        published = _publish(store, editor, manifest, {"revert": reverted, "from_version": manifest["version"]},
+        published = _publish(store, lease, editor, manifest, {"revert": reverted, "from_version": manifest["version"]},
                              keep_job=True)
     return {"version": published["version"], "reverted": reverted, "edits": published["stats"]["edits"],
             "seconds": time.perf_counter() - started, "load_seconds": loaded - started}
@@ -120,14 +121,14 @@ def revert(uri: str | Path, ids: list[str], *, break_lock: bool = False) -> dict
 def rollback(uri: str | Path, to: int, *, break_lock: bool = False) -> dict[str, Any]:
     """Publish a new version whose state equals version `to` (which must still be in the store)."""
     store = _store(uri)
-    with store.writing("melo-ray store rollback", take_over=break_lock):
+    with store.writing("melo-ray store rollback", take_over=break_lock) as lease:
         latest = store.latest_version()
         assert latest is not None
         manifest, files = store.read(to)  # verified
         meta = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files", "checksum",
                                                              "signature", "job", "operation", "published_at")}
         meta.update(version=latest + 1, operation={"rollback_to": to, "from_version": latest}, published_at=_now())
-        published = store.publish(latest + 1, dict(files), meta)
+        published = store.publish(latest + 1, dict(files), meta, lease=lease)
     return {"version": published["version"], "rolled_back_to": to, "edits": published["stats"]["edits"]}
 
 
@@ -135,7 +136,7 @@ def compact(uri: str | Path, *, break_lock: bool = False) -> dict[str, Any]:
     """Drop blocks no live edit uses and renumber the rest, in a new version that answers exactly as
     the old one; the snapshot shrinks by what was dropped."""
     store = _store(uri)
-    with store.writing("melo-ray store compact", take_over=break_lock):
+    with store.writing("melo-ray store compact", take_over=break_lock) as lease:
         manifest, files = store.read()
         editor = editor_from_snapshot(manifest, files, f"{uri} v{manifest['version']}")
         compacting = getattr(editor, "compact", None)
@@ -143,7 +144,7 @@ def compact(uri: str | Path, *, break_lock: bool = False) -> dict[str, Any]:
             raise NotImplementedError(f"the '{editor.name}' editor has no blocks to compact")
         dropped = compacting()
         editor.version = int(manifest["version"]) + 1
-        published = _publish(store, editor, manifest, {"compact": {"dropped_blocks": dropped},
+        published = _publish(store, lease, editor, manifest, {"compact": {"dropped_blocks": dropped},
                                                        "from_version": manifest["version"]}, keep_job=True)
     before = sum(f["bytes"] for f in manifest["files"].values())
     after = sum(f["bytes"] for f in published["files"].values())

@@ -31,6 +31,13 @@ class SnapshotError(RuntimeError):
     """A snapshot that is missing, incomplete or does not match its checksums."""
 
 
+def check_editor(found: Any, expected: str, where: str, hint: str = "") -> None:
+    """Refuse a snapshot written by another editor than `expected` (`found`: its manifest's `editor`);
+    each editor reads only its own snapshots, and a store holds one editor's."""
+    if found != expected:
+        raise SnapshotError(f"{where}: snapshot is for editor '{found}', not '{expected}'" + (f"; {hint}" if hint else ""))
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

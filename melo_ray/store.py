@@ -1,23 +1,38 @@
 """A versioned snapshot store on a local folder or any URI pyarrow.fs understands (s3://, gs://, ...).
 
 Layout under the root:
-    versions/v00000042/{manifest.json, adapters-*.safetensors, index.*} one verified snapshot each
-    LATEST.json                                                       {"version": 42, "checksum": ...}
-    PIN.json                                                          optional: replicas serve this version
-    WRITER.json                                                       who writes now (a job, a revert)
-    jobs/<job id>/...                                                 job state and rejects
+    versions/v00000042-7-3f2a9c01b2d4/{manifest.json, ...}   one verified snapshot each; the name holds the
+                                                           version, the writer's epoch and a random tag
+    LATEST.json     {"version": 42, "checksum": ..., "epoch": 7, "folders": {"42": "v00000042-7-...", ...}}
+    PIN.json        optional: replicas serve this version
+    WRITER.json     the writer lease: owner (job id, operation), epoch, pid, host, since
+    jobs/<job id>/...                                      job state and rejects
 
-Publishing writes the version's files, the manifest last, reads them back and verifies them, and only
-then points LATEST.json at the version. On a local folder the version is written to a temporary name
-and renamed (atomic); object stores have no rename, so there a version without a verified manifest is
-simply never pointed at, and is removed by the next prune. Readers go through LATEST.json.
-A file whose name, size and SHA-256 match the previous version's is reused (hard link; server-side
-copy on object stores) rather than written again: a large LoRA bank in segments costs one segment
-per version. Readers verify every file whatever its origin.
+Publishing writes the version's files into a folder no other writer uses (its name carries the
+writer's epoch and a random tag), the manifest last, reads them back and verifies them, and only then
+moves LATEST.json to name that folder. Two writers therefore never mix files in one folder, and a
+version that was not verified is never named by LATEST.json. Readers go through LATEST.json, whose
+`folders` map names the folder of every version the store keeps (stores written before it had the
+map use plain `v00000042` folders, still read). A file whose name, size and SHA-256 match the previous
+version's is reused (hard link; server-side copy on object stores) rather than written again.
+
+One writer at a time, fenced (melo_ray/atomic_files.py gives the compare-and-swap each backend has:
+O_EXCL-style link and flock locally, If-None-Match / If-Match requests on S3):
+- The lease, WRITER.json, is taken by an exclusive create; a second writer that starts at the same
+  moment fails the create and gets an error naming the holder. Breaking a lease (`--break-lock`, or
+  a job resuming its own dead run) replaces it only if it is still the one read.
+- Every lease carries an epoch, one more than any before. Taking a lease also writes its epoch into
+  LATEST.json, by compare-and-swap, before the new holder does anything else.
+- LATEST.json moves only by compare-and-swap against the content the publisher read, and only if the
+  epoch in it is the publisher's own. A writer whose lease was broken either reads a newer epoch there
+  or finds LATEST.json changed under it: it can never publish again, and its folder is left for the
+  next prune.
+On backends without conditional writes (not local, not S3) the same steps check, then write.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
@@ -25,11 +40,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
+from melo_ray.atomic_files import AtomicFiles, Versioned, atomic_files
 from melo_ray.snapshots import (
     MANIFEST,
     SnapshotError,
@@ -41,6 +58,8 @@ from melo_ray.snapshots import (
     write_snapshot,
 )
 
+log = logging.getLogger(__name__)
+
 LATEST = "LATEST.json"
 PIN = "PIN.json"
 WRITER = "WRITER.json"
@@ -48,12 +67,49 @@ WRITER = "WRITER.json"
 
 class StoreBusyError(SnapshotError):
     """Another writer (a running job, another operation) holds the store."""
-_VERSION_DIR = re.compile(r"^v(\d{8})$")
-_LEFTOVER = re.compile(r"^\.v\d{8}\.(tmp|old)-[0-9a-f]{32}$")
+
+
+class FencedError(SnapshotError):
+    """This writer's lease was broken (a newer epoch holds the store): it may not publish any more."""
+
+
+# v00000042 (stores written before epochs) or v00000042-<epoch>-<tag>
+_VERSION_DIR = re.compile(r"^v(\d{8})(?:-(\d+)-([0-9a-f]{12}))?$")
+_REREADS = 5  # of a pointer file caught half-replaced on an object store
+_LEFTOVER = re.compile(r"^\.v\d{8}(?:-\d+-[0-9a-f]{12})?\.(tmp|old)-[0-9a-f]{32}$")
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A held writer lease: who, and the epoch every publish under it must still find current."""
+
+    owner: str
+    epoch: int
+    pid: int
+    host: str
+    since: str
+
+
+@dataclass(frozen=True)
+class _Pointer:
+    """LATEST.json: the published version, the current epoch and the folder of every kept version."""
+
+    version: int | None
+    checksum: str | None
+    epoch: int
+    folders: dict[int, str]
+    token: str | None  # names the bytes it was read from (None: there is no LATEST.json)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"version": self.version, "checksum": self.checksum, "epoch": self.epoch,
+                           "folders": {str(v): name for v, name in sorted(self.folders.items())}}).encode()
 
 
 def resolve_uri(uri: str | Path) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or a URI; local paths become absolute."""
+    """(filesystem, path) for a local path or a URI; local paths become absolute.
+
+    s3:// URIs take their endpoint, keys and region from the standard AWS variables
+    (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION), which pyarrow reads."""
     text = str(uri)
     if "://" in text:
         try:
@@ -61,6 +117,20 @@ def resolve_uri(uri: str | Path) -> tuple[pafs.FileSystem, str]:
         except (ValueError, OSError) as exc:  # pyarrow raises ArrowInvalid (a ValueError) for bad URIs
             raise SnapshotError(f"{text}: not a usable storage URI: {exc}") from exc
     return pafs.LocalFileSystem(), os.path.abspath(text)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 class SnapshotStore:
@@ -73,6 +143,14 @@ class SnapshotStore:
         self.fs, self.root = resolve_uri(uri)
         self.keep = keep
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+        self._atomic: AtomicFiles | None = None
+
+    @property
+    def atomic(self) -> AtomicFiles:
+        """Compare-and-swap on the lease and the pointer (made when first needed: readers never need it)."""
+        if self._atomic is None:
+            self._atomic = atomic_files(self.fs, self.root)
+        return self._atomic
 
     # -- plain files under the root ----------------------------------------------------------------
     def _path(self, relative: str) -> str:
@@ -85,6 +163,19 @@ class SnapshotStore:
             return None
         with self.fs.open_input_stream(path) as stream:
             return stream.read()
+
+    def get_json_bytes(self, relative: str) -> bytes | None:
+        """A small JSON file that writers replace in place (LATEST.json, PIN.json, WRITER.json).
+
+        pyarrow reads an object with a HEAD, then ranged GETs of the size the HEAD gave: read while the
+        object is being replaced by a longer one, it comes back cut at the old size. A cut JSON object
+        never parses, so such a read is simply made again."""
+        data = self.get_bytes(relative)
+        for _ in range(_REREADS):
+            if data is None or self.is_local or _parses(data):
+                break
+            data = self.get_bytes(relative)
+        return data
 
     def put_bytes(self, relative: str, data: bytes) -> None:
         """Write a file so that readers see the old or the new bytes, never a part."""
@@ -101,13 +192,38 @@ class SnapshotStore:
             with self.fs.open_output_stream(path) as stream:
                 stream.write(data)
 
+    # -- the pointer ---------------------------------------------------------------------------------
+    def _parse_pointer(self, found: Versioned) -> _Pointer:
+        if found.data is None:
+            return _Pointer(None, None, 0, {}, None)
+        try:
+            body = json.loads(found.data)
+            version, epoch = body["version"], body.get("epoch", 0)
+            for value in (version, epoch):
+                if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                    raise ValueError(f"{value!r} is not a non-negative integer")
+            folders = body.get("folders") or {}
+            if not isinstance(folders, dict) or not all(
+                    isinstance(n, str) and _VERSION_DIR.match(n) and int(n[1:9]) == int(v) for v, n in folders.items()):
+                raise ValueError("'folders' is not a map of versions to their folders")
+            return _Pointer(version, body.get("checksum"), epoch or 0, {int(v): n for v, n in folders.items()},
+                            found.token)
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise SnapshotError(f"{self._path(LATEST)}: unreadable: {exc}") from exc
+
+    def _pointer(self) -> _Pointer:
+        """LATEST.json as readers see it (no token)."""
+        return self._parse_pointer(Versioned(self.get_json_bytes(LATEST), None))
+
     # -- versions ----------------------------------------------------------------------------------
     @staticmethod
     def version_name(version: int) -> str:
+        """The folder name of a version in stores written before epochs (still read)."""
         return f"v{version:08d}"
 
-    def version_path(self, version: int) -> str:
-        return self._path(f"versions/{self.version_name(version)}")
+    def version_path(self, version: int, pointer: _Pointer | None = None) -> str:
+        folders = (pointer or self._pointer()).folders
+        return self._path(f"versions/{folders.get(version, self.version_name(version))}")
 
     def local_folder(self, version: int) -> Path:
         if not self.is_local:
@@ -115,11 +231,11 @@ class SnapshotStore:
         return Path(self.version_path(version))
 
     def latest_version(self) -> int | None:
-        return self._version_file(LATEST)
+        return self._pointer().version
 
     def _version_file(self, name: str) -> int | None:
-        """The version a pointer file (LATEST.json, PIN.json) names; None when it does not exist."""
-        data = self.get_bytes(name)
+        """The version PIN.json names; None when it does not exist."""
+        data = self.get_json_bytes(name)
         if data is None:
             return None
         try:
@@ -130,48 +246,109 @@ class SnapshotStore:
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise SnapshotError(f"{self._path(name)}: unreadable: {exc}") from exc
 
-    def versions(self) -> list[int]:
-        """Version numbers that have a folder (published or not), oldest first."""
+    def _folders(self) -> list[tuple[int, int | None, str]]:
+        """(version, writer epoch or None, name) of every version folder, published or not."""
         selector = pafs.FileSelector(self._path("versions"), allow_not_found=True)
         found = []
         for info in self.fs.get_file_info(selector):
             match = _VERSION_DIR.match(info.base_name)
             if match and info.type == pafs.FileType.Directory:
-                found.append(int(match.group(1)))
-        return sorted(found)
+                epoch = int(match.group(2)) if match.group(2) is not None else None
+                found.append((int(match.group(1)), epoch, info.base_name))
+        return found
 
-    def publish(self, version: int, files: dict[str, bytes], meta: dict[str, Any]) -> dict[str, Any]:
-        """Write, verify and publish `version`; then prune old versions. Returns the manifest."""
-        latest = self.latest_version()
+    def versions(self) -> list[int]:
+        """Version numbers that have a folder (published or not), oldest first."""
+        return sorted({version for version, _, _ in self._folders()})
+
+    def publish(self, version: int, files: dict[str, bytes], meta: dict[str, Any],
+                lease: Lease | None = None) -> dict[str, Any]:
+        """Write, verify and publish `version`; then prune old versions. Returns the manifest.
+
+        With `lease` (from `writing`) the publish is fenced: it fails with FencedError, and publishes
+        nothing, once the lease was broken. Without one (a store no job writes: tests, one-off
+        scripts) it is refused while anyone holds the lease. Publishing again a version this writer
+        already published with the same content (a retry whose answer was lost) returns its manifest."""
+        pointer = self._parse_pointer(self.atomic.read(LATEST))
+        if lease is not None:
+            self._check_epoch(lease, pointer)
+        elif (holder := self.writer()) is not None:
+            raise StoreBusyError(self._busy_message(holder))
+        epoch = lease.epoch if lease is not None else pointer.epoch
+        manifest = build_manifest(files, meta)  # hashed once here; the read-back below verifies them
+        latest = pointer.version
+        if latest is not None and version == latest and pointer.checksum == manifest["checksum"]:
+            return manifest  # already published: an earlier try went through
         if latest is not None and version <= latest:
             raise SnapshotError(f"{self.uri}: version {version} is not newer than the published {latest}")
-        manifest = build_manifest(files, meta)  # hashed once here; the read-back below verifies them
-        unchanged = self._unchanged_files(latest, manifest)
-        if self.is_local:
-            reuse = {name: Path(self.version_path(latest)) / name for name in unchanged}
-            write_snapshot(self.version_path(version), files, meta, reuse, manifest)
-        else:
-            folder = self.version_path(version)
-            self.fs.create_dir(folder, recursive=True)
-            for name, data in files.items():
-                if name in unchanged:  # a server-side copy: the bytes do not travel again
-                    self.fs.copy_file(f"{self.version_path(latest)}/{name}", f"{folder}/{name}")
-                    continue
-                with self.fs.open_output_stream(f"{folder}/{name}") as stream:
-                    stream.write(data)
-            with self.fs.open_output_stream(f"{folder}/{MANIFEST}") as stream:
-                stream.write(manifest_bytes(manifest))
-            self.read(version)  # verify before it is published
-        self.put_bytes(LATEST, json.dumps({"version": version, "checksum": manifest["checksum"]}).encode())
+        name = f"{self.version_name(version)}-{epoch}-{uuid.uuid4().hex[:12]}"
+        self._write_version(name, files, meta, manifest, pointer)
+        self._move_latest(pointer, version, manifest["checksum"], epoch, name, lease)
         self.prune()
         return manifest
 
-    def _unchanged_files(self, latest: int | None, manifest: dict[str, Any]) -> set[str]:
+    def _write_version(self, name: str, files: dict[str, bytes], meta: dict[str, Any], manifest: dict[str, Any],
+                       pointer: _Pointer) -> None:
+        """Write and verify one version's folder (a name no other writer uses)."""
+        latest = pointer.version
+        unchanged = self._unchanged_files(pointer, manifest)
+        folder = self._path(f"versions/{name}")
+        previous = self.version_path(latest, pointer) if latest is not None else ""
+        if self.is_local:
+            reuse = {file: Path(previous) / file for file in unchanged}
+            write_snapshot(folder, files, meta, reuse, manifest)
+            return
+        self.fs.create_dir(folder, recursive=True)
+        for file, data in files.items():
+            if file in unchanged:  # a server-side copy: the bytes do not travel again
+                self.fs.copy_file(f"{previous}/{file}", f"{folder}/{file}")
+                continue
+            with self.fs.open_output_stream(f"{folder}/{file}") as stream:
+                stream.write(data)
+        with self.fs.open_output_stream(f"{folder}/{MANIFEST}") as stream:
+            stream.write(manifest_bytes(manifest))
+        self._read_folder(folder)  # verify before it is published
+
+    def _kept_folders(self, pointer: _Pointer, version: int, name: str) -> dict[int, str]:
+        """The folders LATEST.json names after publishing `version`: the newest `keep`, and the pinned one."""
+        folders = dict(pointer.folders)
+        if pointer.version is not None and not folders:  # a store written before the map: plain folders
+            folders = {v: n for v, epoch, n in self._folders() if epoch is None and v <= pointer.version}
+        folders[version] = name
+        newest = sorted(folders)[-self.keep:]
+        pinned = self.pinned_version()
+        return {v: n for v, n in folders.items() if v in newest or v == pinned}
+
+    def _move_latest(self, pointer: _Pointer, version: int, checksum: str, epoch: int, name: str,
+                     lease: Lease | None) -> None:
+        """LATEST.json -> the new version, only if nobody changed it since `pointer` was read."""
+        moved = _Pointer(version, checksum, epoch, self._kept_folders(pointer, version, name), None)
+        if pointer.token is None:
+            done = self.atomic.create(LATEST, moved.to_bytes())
+        else:
+            done = self.atomic.swap(LATEST, moved.to_bytes(), pointer.token)
+        if done:
+            return
+        now = self._parse_pointer(self.atomic.read(LATEST))
+        if lease is not None:
+            self._check_epoch(lease, now)
+        raise SnapshotError(f"{self.uri}: LATEST.json changed while version {version} was written (now version "
+                            f"{now.version}, epoch {now.epoch}); nothing published")
+
+    def _check_epoch(self, lease: Lease, pointer: _Pointer) -> None:
+        if pointer.epoch != lease.epoch:
+            holder = self.writer() or {}
+            raise FencedError(
+                f"{self.uri}: the writer lease of '{lease.owner}' (epoch {lease.epoch}) was broken; epoch "
+                f"{pointer.epoch} ('{holder.get('owner', 'unknown')}' on {holder.get('host', '?')}) holds the "
+                "store now, so this writer publishes nothing more")
+
+    def _unchanged_files(self, pointer: _Pointer, manifest: dict[str, Any]) -> set[str]:
         """Files whose bytes the latest version already holds (same name, size and SHA-256)."""
-        if latest is None:
+        if pointer.version is None:
             return set()
         try:
-            listed = self.read_manifest(latest)["files"]
+            listed = self._read_folder_manifest(self.version_path(pointer.version, pointer))["files"]
         except SnapshotError:
             return set()  # nothing reused from a version that does not read back
         return {name for name, info in manifest["files"].items() if name in listed
@@ -179,46 +356,77 @@ class SnapshotStore:
 
     # -- one writer at a time -----------------------------------------------------------------------
     def writer(self) -> dict[str, Any] | None:
-        data = self.get_bytes(WRITER)
-        if data is None:
-            return None
-        try:
-            holder = json.loads(data)
-        except (ValueError, RecursionError):
-            return {"owner": "unreadable WRITER.json"}
-        return holder if isinstance(holder, dict) else {"owner": "unreadable WRITER.json"}
+        data = self.get_json_bytes(WRITER)
+        return None if data is None else _parse_holder(data)
+
+    def _busy_message(self, holder: dict[str, Any]) -> str:
+        return (f"{self.uri}: '{holder.get('owner')}' is writing to this store (since {holder.get('since')}, "
+                f"pid {holder.get('pid')} on {holder.get('host')}, epoch {holder.get('epoch')}); wait for it to "
+                "end, or pass --break-lock if it is dead")
 
     @contextmanager
-    def writing(self, owner: str, *, take_over: bool = False) -> Iterator[None]:
-        """Hold the store's writer lease for `owner` (e.g. "job:day-1", "revert"). Another owner's
-        lease is an error naming it; `take_over` lets the same owner resume after a crash, and an
-        operator break a dead writer's lease. On a local store the lease is created exclusively;
-        object stores have no exclusive create, so there it guards against mistakes, not races."""
-        holder = self.writer()
-        if holder is not None and not (take_over or holder.get("owner") == owner):
-            raise StoreBusyError(
-                f"{self.uri}: '{holder.get('owner')}' is writing to this store (since {holder.get('since')}, "
-                f"pid {holder.get('pid')} on {holder.get('host')}); wait for it to end, or pass --break-lock "
-                "if it is dead")
-        lease = json.dumps({"owner": owner, "pid": os.getpid(), "host": socket.gethostname(),
-                            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
-        path = self._path(WRITER)
-        if self.is_local and holder is None:
-            self.fs.create_dir(self.root, recursive=True)
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                raise StoreBusyError(f"{self.uri}: another writer took the store just now") from None
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(lease)
-        else:
-            self.put_bytes(WRITER, lease)
+    def writing(self, owner: str, *, take_over: bool = False) -> Iterator[Lease]:
+        """Hold the store's writer lease for `owner` (e.g. "job:day-1", "revert"); yields the Lease that
+        `publish` checks. Another owner's lease is an error naming it; `take_over` breaks it (an operator
+        taking the store from a dead writer), and the same owner takes its own lease over (a job resuming
+        after its driver died) unless that holder is a live process on this host. Either way the old
+        holder is fenced: it can publish nothing more."""
+        lease = self._acquire(owner, take_over)
         try:
-            yield
+            yield lease
         finally:
-            current = self.writer()
-            if current is not None and current.get("owner") == owner and current.get("pid") == os.getpid():
-                self.fs.delete_file(path)
+            self._release(lease)
+
+    def _acquire(self, owner: str, take_over: bool) -> Lease:
+        found = self.atomic.read(WRITER)
+        pointer = self._parse_pointer(self.atomic.read(LATEST))
+        holder = _parse_holder(found.data) if found.data is not None else None
+        if holder is not None and not take_over:
+            ours = holder.get("owner") == owner
+            alive_here = (holder.get("host") == socket.gethostname() and holder.get("pid") != os.getpid()
+                          and isinstance(holder.get("pid"), int) and _pid_alive(holder["pid"]))
+            if not ours or alive_here:
+                raise StoreBusyError(self._busy_message(holder))
+        held_epoch = holder.get("epoch") if holder is not None else 0
+        epoch = max(pointer.epoch, held_epoch if isinstance(held_epoch, int) else 0) + 1
+        lease = Lease(owner=owner, epoch=epoch, pid=os.getpid(), host=socket.gethostname(), since=_now())
+        data = json.dumps(asdict(lease)).encode()
+        if found.data is None:
+            taken = self.atomic.create(WRITER, data)
+        else:
+            taken = self.atomic.swap(WRITER, data, found.token)
+        if not taken:
+            raise StoreBusyError(self._busy_message(self.writer() or {"owner": "another writer, just now"}))
+        if holder is not None:
+            log.warning("%s: took the writer lease from '%s' (epoch %s); it can publish nothing more",
+                        self.uri, holder.get("owner"), holder.get("epoch"))
+        self._fence(lease)
+        return lease
+
+    def _fence(self, lease: Lease) -> None:
+        """Write the new epoch into LATEST.json, so that every older writer's next move of it fails."""
+        for _ in range(20):  # only a publish racing this one changes it; each try is one request
+            pointer = self._parse_pointer(self.atomic.read(LATEST))
+            if pointer.epoch >= lease.epoch:
+                raise StoreBusyError(f"{self.uri}: a newer writer (epoch {pointer.epoch}) took the store while "
+                                     f"'{lease.owner}' was taking it")
+            fenced = _Pointer(pointer.version, pointer.checksum, lease.epoch, pointer.folders, None).to_bytes()
+            if pointer.token is None:
+                if self.atomic.create(LATEST, fenced):
+                    return
+            elif self.atomic.swap(LATEST, fenced, pointer.token):
+                return
+        raise StoreBusyError(f"{self.uri}: LATEST.json keeps changing; another writer is publishing")
+
+    def _release(self, lease: Lease) -> None:
+        """Give the lease back if it is still ours; a store that cannot be reached keeps it (the next
+        run of the same owner takes it over)."""
+        try:
+            found = self.atomic.read(WRITER)
+            if found.data is not None and _parse_holder(found.data).get("epoch") == lease.epoch:
+                self.atomic.delete(WRITER, found.token)
+        except OSError as exc:
+            log.warning("%s: could not release the writer lease of '%s': %s", self.uri, lease.owner, exc)
 
     # -- pinning ------------------------------------------------------------------------------------
     def pinned_version(self) -> int | None:
@@ -238,9 +446,8 @@ class SnapshotStore:
         pinned = self.pinned_version()
         return pinned if pinned is not None else self.latest_version()
 
-    def read_manifest(self, version: int | None = None) -> dict[str, Any]:
-        version = self._pick(version)
-        path = f"{self.version_path(version)}/{MANIFEST}"
+    def _read_folder_manifest(self, folder: str) -> dict[str, Any]:
+        path = f"{folder}/{MANIFEST}"
         try:
             with self.fs.open_input_stream(path) as stream:
                 data = stream.read()
@@ -248,11 +455,17 @@ class SnapshotStore:
             raise SnapshotError(f"{path}: missing or unreadable: {exc}") from exc
         return parse_manifest(data, path)
 
+    def read_manifest(self, version: int | None = None) -> dict[str, Any]:
+        pointer = self._pointer()
+        return self._read_folder_manifest(self.version_path(self._pick(version, pointer), pointer))
+
     def read(self, version: int | None = None) -> tuple[dict[str, Any], dict[str, bytes]]:
         """A verified (manifest, files) of `version` (default: the latest published)."""
-        version = self._pick(version)
-        manifest = self.read_manifest(version)
-        folder = self.version_path(version)
+        pointer = self._pointer()
+        return self._read_folder(self.version_path(self._pick(version, pointer), pointer))
+
+    def _read_folder(self, folder: str) -> tuple[dict[str, Any], dict[str, bytes]]:
+        manifest = self._read_folder_manifest(folder)
 
         def read(name: str) -> bytes:
             with self.fs.open_input_stream(f"{folder}/{name}") as stream:
@@ -262,26 +475,33 @@ class SnapshotStore:
         check_no_strays(manifest, _names_in(self.fs, folder), folder)
         return manifest, files
 
-    def _pick(self, version: int | None) -> int:
+    def _pick(self, version: int | None, pointer: _Pointer) -> int:
         if version is not None:
             return version
-        latest = self.latest_version()
-        if latest is None:
+        if pointer.version is None:
             raise SnapshotError(f"{self.uri}: no published snapshot yet")
-        return latest
+        return pointer.version
 
     def prune(self) -> list[int]:
-        """Keep the newest `keep` versions up to LATEST; remove older ones and crashed-write leftovers.
-
-        One writer per store (the job's driver), so a leftover temporary folder is never in use."""
-        latest = self.latest_version()
-        if latest is None:
+        """Remove version folders LATEST.json no longer names (older than the newest `keep`, or written
+        by a writer that lost), and crashed-write leftovers. A folder of a version newer than LATEST is
+        kept while its writer's epoch is the current one: that writer may still be publishing it."""
+        pointer = self._pointer()
+        if pointer.version is None:
             return []
-        candidates = [v for v in self.versions() if v <= latest]
+        named = set(pointer.folders.values())
         pinned = self.pinned_version()
-        removed = [v for v in candidates[: max(0, len(candidates) - self.keep)] if v != pinned]
-        for version in removed:
-            self.fs.delete_dir(self.version_path(version))
+        if not named:  # a store written before the map: keep the newest `keep` plain folders
+            plain = sorted(v for v, _, _ in self._folders() if v <= pointer.version)
+            named = {self.version_name(v) for v in plain[-self.keep:]} | (
+                {self.version_name(pinned)} if pinned is not None else set())
+        removed = []
+        for version, epoch, name in self._folders():
+            in_flight = version > pointer.version and (epoch is None or epoch >= pointer.epoch)
+            if name in named or in_flight:
+                continue
+            self.fs.delete_dir(self._path(f"versions/{name}"))
+            removed.append(version)
         selector = pafs.FileSelector(self._path("versions"), allow_not_found=True)
         for info in self.fs.get_file_info(selector):
             if _LEFTOVER.match(info.base_name):
@@ -289,7 +509,23 @@ class SnapshotStore:
                     self.fs.delete_dir(info.path)
                 else:
                     self.fs.delete_file(info.path)
-        return removed
+        return sorted(removed)
+
+
+def _parses(data: bytes) -> bool:
+    try:
+        json.loads(data)
+        return True
+    except (ValueError, RecursionError):
+        return False
+
+
+def _parse_holder(data: bytes) -> dict[str, Any]:
+    try:
+        holder = json.loads(data)
+    except (ValueError, RecursionError):
+        return {"owner": "unreadable WRITER.json"}
+    return holder if isinstance(holder, dict) else {"owner": "unreadable WRITER.json"}
 
 
 class SnapshotFolder:

@@ -52,6 +52,15 @@ def label_error(labels: list[str] | tuple[str, ...], target: str) -> str | None:
     return f"'{target}' is not one of the backbone's labels {shown}"
 
 
+def training_formats(backbone: Backbone, formats: list[str] | None) -> list[str]:
+    """The formats edits are trained in: as configured, else every format this backbone can be served in
+    (raw, and chat where it is a causal LM with a chat template: the server's chat route needs one)."""
+    if formats is not None:
+        return list(formats)
+    chat = backbone.task == "causal_lm" and bool(getattr(backbone.tokenizer, "chat_template", None))
+    return ["raw", "chat"] if chat else ["raw"]
+
+
 def in_formats(backbone: Backbone, records: list[EditRecord], formats: list[str] | tuple[str, ...]) -> list[EditRecord]:
     """Training rows of `records` in each format, their prompts rendered as the model will read them
     (pass them to build_batch with rendered=True): raw through the prompt template, chat as a user
@@ -237,6 +246,37 @@ class _CachedPrefix(_TargetForward):
         return self._call(self.head, self._call(self.norm, hidden[rows, self.cols[mask]]))  # type: ignore[return-value]
 
 
+class _Segments(_TargetForward):
+    """Consecutive runs of rows, each replayed at its own width: a batch of short raw prompts and long
+    chat-template prompts would otherwise pad every raw row to the chat width at every step.
+
+    Targets keep the batch's row-major order, so losses, margins and retiring read them as one batch."""
+
+    def __init__(self, parts: list[tuple[int, _TargetForward]], batch: int,
+                 active: Callable[[list[int]], AbstractContextManager] | None = None) -> None:
+        self.parts = parts  # (first row, the forward over this run's rows)
+        self.active = active  # independent rows: the context in which a forward over these rows runs
+        self.rows = torch.cat([forward.rows + first for first, forward in parts])
+        self.cols = torch.cat([forward.cols for _, forward in parts])
+        self.targets = torch.cat([forward.targets for _, forward in parts])
+        self.batch = batch
+
+    def logits(self, keep: torch.Tensor | None = None) -> torch.Tensor:
+        out = []
+        for first, forward in self.parts:
+            inside = (torch.arange(forward.batch) if keep is None
+                      else keep[(keep >= first) & (keep < first + forward.batch)] - first)  # keep is ascending
+            if not len(inside):
+                continue
+            with self.active((inside + first).tolist()) if self.active is not None else nullcontext():
+                out.append(forward.logits(None if keep is None else inside))
+        return torch.cat(out)
+
+
+def _rows_of_batch(batch: EditBatch, start: int, stop: int) -> EditBatch:
+    return EditBatch({k: v[start:stop] for k, v in batch.inputs.items()}, batch.labels[start:stop])
+
+
 class _WholeModel(_TargetForward):
     """The plain forward of a causal LM, full vocabulary at every position (the loss reads the targets)."""
 
@@ -320,6 +360,7 @@ def train_block(
     active: Callable[[], AbstractContextManager],
     extra_loss: Callable[[], tuple[torch.Tensor, bool]] | None = None,
     independent: IndependentRows | None = None,
+    segments: list[int] | None = None,
 ) -> TrainStats:
     """Optimise `params` for cfg.num_iter steps, or until every target is learned.
 
@@ -327,7 +368,8 @@ def train_block(
     is cached); `active` is the context in which the forward uses them (e.g. a staging route).
     `extra_loss` (e.g. ELDER's guided loss) returns a loss to add and whether its goal is met; early
     stopping then waits for both. With `independent` rows (and cfg.retire_learned), a group whose
-    targets are all learned leaves the forward and its slices stop moving.
+    targets are all learned leaves the forward and its slices stop moving. `segments`: the batch's rows
+    as consecutive runs of these sizes (e.g. one per prompt format), each replayed at its own width.
     """
     started = time.perf_counter()
     names = trained_modules
@@ -337,7 +379,14 @@ def train_block(
     # Causal LMs only: seq2seq and classification backbones keep float32 (a tiny T5 lost an edit in bf16).
     mixed = (training_dtype(cfg.compute_dtype, device, params[0].dtype)
              if params and backbone.task == "causal_lm" else None)
-    if fast:  # the plain forward stays as the reference trainers run it (the naive baselines use it)
+    if fast and segments and len(segments) > 1:
+        if sum(segments) != batch.labels.shape[0]:
+            raise ValueError(f"segments {segments} do not add up to the batch's {batch.labels.shape[0]} rows")
+        starts = [sum(segments[:i]) for i in range(len(segments))]
+        forward = _Segments([(start, _CachedPrefix(backbone, names, _through_last_target(
+            _rows_of_batch(batch, start, start + size)), mixed)) for start, size in zip(starts, segments) if size],
+            batch.labels.shape[0], independent.active if independent is not None else None)
+    elif fast:  # the plain forward stays as the reference trainers run it (the naive baselines use it)
         forward = _CachedPrefix(backbone, names, _through_last_target(batch), mixed)
     elif backbone.task == "causal_lm":
         forward = _WholeModel(backbone, batch)

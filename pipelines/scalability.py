@@ -34,6 +34,7 @@ from melo_ray.evaluation import base_outputs, history_locality, measure
 from melo_ray.editors.melo.index import distances
 from pipelines.bulk_edit.job import BulkEditJob
 from melo_ray.records import read_edit_records, write_parquet
+from pipelines.bulk_edit.tracking import tracking_uri
 
 log = logging.getLogger("pipelines.scalability")
 ROOT = Path(__file__).resolve().parent.parent
@@ -226,8 +227,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _reopen(job: BulkEditJob, summary: Any) -> Any:
     import mlflow
-
-    from pipelines.bulk_edit.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri(job.config, job.store))
     return mlflow.start_run(run_id=summary.state.mlflow_run_id)

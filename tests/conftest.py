@@ -20,7 +20,7 @@ def tiny_config(name: str = "tiny-llama", **sections: dict) -> EditorConfig:
     """A tiny config with some sections overridden."""
     data = load_config(CONFIGS / f"{name}.yaml").model_dump()
     for section, values in sections.items():
-        data[section] = {**data[section], **values}
+        data[section] = {**data.get(section, {}), **values}
     return load_config(data)
 
 
@@ -48,3 +48,19 @@ settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True
 settings.register_profile("long", max_examples=1000, deadline=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# An S3-compatible server (moto) for the object-storage tests; see tests/moto_s3.py.
+@pytest.fixture(scope="session")
+def s3_server():
+    from moto_s3 import start_server
+
+    yield from start_server()
+
+
+@pytest.fixture()
+def s3_env(s3_server, monkeypatch):
+    """The four standard AWS variables point at the test server (and nothing else of ours does)."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    return s3_server

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import CONFIGS, UNRELATED, fact_records
 from melo_ray.cli.main import main
+from melo_ray.editors.loading import load_editor
 from melo_ray.metrics import starts_with_target as edit_success
 
 TINY = str(CONFIGS / "tiny-llama.yaml")
@@ -107,12 +108,12 @@ def test_an_interrupted_edit_resumes_without_losing_or_repeating_edits(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         main(args + ["--out", str(tmp_path / "resumed")])
     monkeypatch.setattr(MeloEditor, "edit", real_edit)
-    assert MeloEditor.load(tmp_path / "resumed").stats()["edits"] == 8
+    assert load_editor(tmp_path / "resumed").stats()["edits"] == 8
     capsys.readouterr()
     assert main(args + ["--out", str(tmp_path / "resumed"), "--resume"]) == 0
     assert "8 of 12 edits already applied" in capsys.readouterr().err
 
-    whole, resumed = MeloEditor.load(tmp_path / "whole"), MeloEditor.load(tmp_path / "resumed")
+    whole, resumed = load_editor(tmp_path / "whole"), load_editor(tmp_path / "resumed")
     assert resumed.stats() == whole.stats() and resumed.version == whole.version == 3
     prompts = [r["prompt"] for r in fact_records(0, 12)] + UNRELATED
     assert [g.output for g in resumed.generate(prompts)] == [g.output for g in whole.generate(prompts)]
@@ -151,5 +152,5 @@ def test_edit_and_generate_with_the_elder_editor(tmp_path, capsys):
     before = (tmp_path / "snap" / "manifest.json").read_bytes()
     assert main(["edit", "--config", TINY, "--edits", str(tmp_path / "edits.parquet"), "--out",
                  str(tmp_path / "other"), "--resume-from", str(tmp_path / "snap"), "--quiet"]) != 0
-    assert "holds a 'elder' editor" in capsys.readouterr().err
+    assert "snapshot is for editor 'elder', not 'melo'" in capsys.readouterr().err
     assert (tmp_path / "snap" / "manifest.json").read_bytes() == before

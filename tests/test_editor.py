@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from conftest import UNRELATED, fact_records, tiny_config
-from melo_ray.backbones import load_backbone, weights_checksum
+from melo_ray.backbones import load_backbone
+from melo_ray.editors.layers import weights_checksum
+from melo_ray.editors.loading import load_editor, restore_editor
 from melo_ray.editors.melo.editor import MeloEditor
 from melo_ray.metrics import starts_with_target as edit_success
 from melo_ray.records import RecordError, parse_records
@@ -79,7 +81,7 @@ def test_snapshot_round_trip_gives_identical_outputs(edited, tmp_path):
     editor, batches, _ = edited
     manifest = editor.save(tmp_path / "snap")
     assert manifest["version"] == 5 and manifest["stats"]["blocks"] == 5
-    loaded = MeloEditor.load(tmp_path / "snap")
+    loaded = load_editor(tmp_path / "snap")
     prompts = [r["prompt"] for b in batches for r in b] + UNRELATED
     assert [g.output for g in loaded.generate(prompts)] == [g.output for g in editor.generate(prompts)]
     assert torch.equal(loaded.next_token_logits(prompts), editor.next_token_logits(prompts))
@@ -93,12 +95,12 @@ def test_corrupted_snapshot_is_refused(edited, tmp_path):
     blob[-1] ^= 0xFF
     (tmp_path / "snap" / "adapters-00000.safetensors").write_bytes(bytes(blob))
     with pytest.raises(SnapshotError, match="checksum mismatch"):
-        MeloEditor.load(tmp_path / "snap")
+        load_editor(tmp_path / "snap")
     manifest = json.loads((tmp_path / "snap" / "manifest.json").read_text())
     manifest["version"] = 99
     (tmp_path / "snap" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(SnapshotError, match="manifest checksum"):
-        MeloEditor.load(tmp_path / "snap")
+        load_editor(tmp_path / "snap")
 
 
 def test_snapshot_on_other_base_weights_is_refused(edited, tmp_path):
@@ -106,7 +108,7 @@ def test_snapshot_on_other_base_weights_is_refused(edited, tmp_path):
     editor.save(tmp_path / "snap")
     other = MeloEditor(tiny_config("tiny-llama", backbone={"seed": 1}))
     with pytest.raises(SnapshotError, match="other base weights"):
-        other.restore(tmp_path / "snap")
+        restore_editor(other, tmp_path / "snap")
 
 
 def test_a_failed_batch_leaves_blocks_and_index_untouched(monkeypatch):

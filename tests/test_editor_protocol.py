@@ -11,14 +11,17 @@ import pytest
 from pydantic import Field
 
 from conftest import CONFIGS, fact_records, tiny_config
-from melo_ray.backbones import load_backbone, weights_checksum
+from melo_ray.backbones import load_backbone
 from melo_ray.config import ConfigError, load_config
 from melo_ray.config_base import StrictConfig
 from melo_ray.editors import registry
-from melo_ray.editors.layers import EditLayer, remove_edit_layers
+from melo_ray.editors.layers import EditLayer, remove_edit_layers, weights_checksum
+from melo_ray.editors.loading import load_editor, restore_editor
 from melo_ray.editors.melo.editor import MeloEditor
-from melo_ray.editors.protocol import Routing, StaleStateError
-from melo_ray.editors.registry import EditorSpec, build_editor, editor_names, load_editor
+from melo_ray.editors.messages import StaleStateError
+from melo_ray.editors.registry import INDEX, LORA, ConfigSection, EditorSpec, build_editor, editor_names
+from melo_ray.editors.routing import Routing
+from melo_ray.editors.single_writer import WriterLayout
 from melo_ray.records import RecordError, parse_record
 from melo_ray.serving.app import ApiError, ServeSettings, describe_serving, start_engine
 from melo_ray.serving.engine import CompletionRequest, ServingEngine
@@ -80,7 +83,7 @@ def test_an_elder_server_with_an_empty_store_serves_the_base_model():
     # and a routing object carries the ELDER keys, so no hidden order between route() and routed()
     editor = engine.editor
     routing = editor.routing(["a", "b"], base=True)
-    assert routing.payload is None and (routing.ids == -1).all()
+    assert routing.keys is None and (routing.ids == -1).all()
 
 
 def test_records_without_ids_never_share_an_elder_allocation():
@@ -106,7 +109,8 @@ def test_the_server_serves_a_snapshot_folder_written_by_edit(tmp_path):
     assert isinstance(open_snapshots(tmp_path / "snap"), SnapshotFolder)
     assert isinstance(open_snapshots(tmp_path / "empty-store"), SnapshotStore)
 
-    source, engine = start_engine(ServeSettings(snapshots=str(tmp_path / "snap"), config=TINY))
+    start = start_engine(ServeSettings(snapshots=str(tmp_path / "snap"), config=TINY))
+    source, engine = start.source, start.engine
     assert isinstance(source, SnapshotFolder) and source.latest_version() == 1
     assert engine.version == 1 and engine.stats["edits"] == 5
     assert describe_serving(ServeSettings(snapshots="x"), engine.version) == "snapshot v1"
@@ -120,7 +124,7 @@ def test_the_server_serves_a_snapshot_folder_written_by_edit(tmp_path):
 
     # an empty store with a config serves the base model and says so; without a config it refuses
     settings = ServeSettings(snapshots=str(tmp_path / "nothing"), config=TINY)
-    _, base = start_engine(settings)
+    base = start_engine(settings).engine
     assert base.version is None and describe_serving(settings, base.version).startswith("base model")
     with pytest.raises(SnapshotError, match="no snapshot yet"):
         start_engine(ServeSettings(snapshots=str(tmp_path / "nothing")))
@@ -137,6 +141,17 @@ def test_our_exceptions_survive_pickling(error):
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is type(error) and str(copy) == str(error)
     assert vars(copy) == vars(error)
+
+
+def test_a_writer_layout_is_typed_and_crosses_processes():
+    """The trainer hands the writer actor a typed layout (shapes by layer, key size), not a dict."""
+    editor = MeloEditor(tiny_config())
+    layout = editor.writer_layout()
+    assert isinstance(layout, WriterLayout) and layout.key_dim == editor.key_dim()
+    assert {name: (s.in_features, s.out_features) for name, s in layout.layers.items()} == {
+        name: (layer.in_features, layer.out_features) for name, layer in editor.layers.items()}
+    assert pickle.loads(pickle.dumps(layout)) == layout
+    assert build_editor("grace", tiny_config()).writer_layout() is None  # no writer, no layout
 
 
 def test_edit_layers_are_found_by_type_and_leave_the_base_checksum_alone():
@@ -176,8 +191,8 @@ class EchoEditor(MeloEditor):
 def test_a_fifth_editor_is_its_module_plus_one_registry_line(tmp_path, monkeypatch, capsys):
     from melo_ray.cli.main import main
 
-    spec = EditorSpec("echo", f"{__name__}:EchoEditor", "a user's editor", False, section="echo",
-                      config=f"{__name__}:EchoConfig")
+    spec = EditorSpec("echo", f"{__name__}:EchoEditor", "a user's editor", False,
+                      (LORA, INDEX, ConfigSection("echo", f"{__name__}:EchoConfig")))
     monkeypatch.setitem(registry.EDITORS, "echo", spec)  # the one registry line
     config_file = tmp_path / "echo.yaml"
     data = load_config(TINY).model_dump(mode="json") | {"editor": "echo", "echo": {"block_seed_offset": 7}}
@@ -191,7 +206,7 @@ def test_a_fifth_editor_is_its_module_plus_one_registry_line(tmp_path, monkeypat
                  "--quiet"]) == 0
     assert "editor=echo edits=4" in capsys.readouterr().out
     manifest, files, _ = read_any_snapshot(tmp_path / "snap")
-    assert manifest["editor"] == "echo" and manifest["config"]["sections"] == {"echo": {"block_seed_offset": 7}}
+    assert manifest["editor"] == "echo" and manifest["config"]["echo"] == {"block_seed_offset": 7}
     engine = ServingEngine.from_snapshot(manifest, files)
     out = engine.complete([CompletionRequest(r["prompt"], 6) for r in records])
     assert sum(o.text.strip().startswith(r["target"]) for o, r in zip(out, records)) >= 3
@@ -223,4 +238,4 @@ def test_a_backbone_loads_in_its_configured_dtype_and_snapshots_stay_with_it(tmp
     assert sum(o.startswith(r["target"]) for o, r in zip(outputs, records)) >= 4
     editor.save(tmp_path / "bf16")
     with pytest.raises(SnapshotError, match="other base weights"):
-        MeloEditor(tiny_config()).restore(tmp_path / "bf16")  # fp32 base: another checksum
+        restore_editor(MeloEditor(tiny_config()), tmp_path / "bf16")  # fp32 base: another checksum

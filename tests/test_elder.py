@@ -7,6 +7,7 @@ import torch
 
 from conftest import UNRELATED, fact_records, tiny_config
 from melo_ray.backbones import load_backbone
+from melo_ray.editors.loading import load_editor
 from melo_ray.editors.registry import build_editor
 from melo_ray.editors.elder.editor import ElderEditor
 from melo_ray.inference import next_token_logits
@@ -64,7 +65,7 @@ def test_deferred_inputs_are_bit_identical_to_the_base_model(edited):
 def test_snapshot_round_trip_is_exact(edited, tmp_path):
     editor, records = edited
     editor.save(tmp_path / "snap")
-    loaded = ElderEditor.load(tmp_path / "snap")
+    loaded = load_editor(tmp_path / "snap")
     prompts = [r["prompt"] for r in records[:5]] + OTHER[:3]
     assert torch.equal(loaded.next_token_logits(prompts), editor.next_token_logits(prompts))
     assert loaded.stats() == editor.stats()

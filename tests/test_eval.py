@@ -78,6 +78,9 @@ class _SubjectLeakingEditor:
     def target_token_hits(self, records, *, base=False):
         return [[self._output(r.prompt, base).startswith(r.target)] for r in records]
 
+    def target_token_argmax(self, records, *, base=False):  # one "token": the whole output
+        return [[self._output(r.prompt, base)] for r in records]
+
     def target_token_nlls(self, records, *, base=False):
         return [[1.0 if self._output(r.prompt, base) == self._output(r.prompt, True) else 3.0] for r in records]
 
@@ -108,6 +111,10 @@ def test_locality_is_measured_apart_for_each_kind_of_probe():
     assert result["locality_subject"] == pytest.approx(1 / 3)  # 2 of 3 same-subject probes moved
     assert result["locality_neighbours"] == 1.0
     assert result["locality_nq"] == pytest.approx(2 / 3)  # the NQ list and the records' own "nq" probes pooled
+    # the toolkit's teacher-forced locality sees the same leaks (argmax tokens against the base model's)
+    assert result["locality_subject_token_accuracy"] == pytest.approx(1 / 3)
+    assert result["locality_neighbours_token_accuracy"] == 1.0
+    assert result["locality_nq_token_accuracy"] == pytest.approx(2 / 3)
     assert result["ppl_subject"] == pytest.approx(math.exp(3.0)) and result["ppl_subject_base"] == pytest.approx(math.e)
     assert result["ppl_locality"] == result["ppl_locality_base"] == pytest.approx(math.e)  # Kim Poe, hamlet
     assert result["generality_alias"] == 0.5 and result["portability"] == 1.0

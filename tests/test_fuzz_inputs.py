@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from conftest import CONFIGS, fact_records, tiny_config
 from melo_ray.config import ConfigError, load_config, with_overrides
+from melo_ray.editors.loading import load_editor
 from melo_ray.editors.melo.editor import MeloEditor
 from melo_ray.records import RecordError, parse_record, read_edit_records
 from melo_ray.serving.engine import ServingEngine
@@ -213,7 +214,7 @@ def test_signing_refuses_unsigned_and_wrongly_signed_versions(published, tmp_pat
     with pytest.raises(SnapshotError, match="signature does not match"):
         read_any_snapshot(tmp_path / "signed")
     with pytest.raises(SnapshotError, match="signature does not match"):
-        MeloEditor.load(tmp_path / "signed")  # generate and resume read through the same check
+        load_editor(tmp_path / "signed")  # generate and resume read through the same check
     monkeypatch.delenv(SIGNING_KEY_ENV)
     assert read_any_snapshot(tmp_path / "signed")[0]["version"] == 1  # signing off: checksums only
     key_file = tmp_path / "key"

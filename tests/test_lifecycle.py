@@ -11,7 +11,8 @@ import torch
 from conftest import UNRELATED, fact_records, tiny_config
 from melo_ray import operations
 from melo_ray.backbones import load_backbone
-from melo_ray.editors.protocol import RevertError, Routing
+from melo_ray.editors.protocol import RevertError
+from melo_ray.editors.routing import Routing
 from melo_ray.editors.registry import build_editor, editor_from_snapshot
 from melo_ray.store import SnapshotStore, StoreBusyError
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from melo_ray.config import LoraConfig
 from melo_ray.editors.melo.bank import SEGMENT_BLOCKS, GrowingRows, bank_files, read_bank
+from melo_ray.editors.melo.config import LoraConfig
 from melo_ray.editors.melo.layer import (
     NO_BLOCK,
     BlockBankFull,
@@ -18,6 +18,17 @@ from melo_ray.editors.melo.layer import (
 from melo_ray.snapshots import SnapshotError
 
 
+def commit_staging(layer: DynamicLoraLinear | BlockRouter) -> int:
+    """Move trained staging blocks into the bank (the editor does this through its writer, from
+    `staging_weights`); returns the first block's id."""
+    if isinstance(layer, BlockRouter):
+        first = layer.append_blocks(layer.staging_weights())
+    else:
+        first = layer.append_blocks(layer.lora_staging_A.detach(), layer.lora_staging_B.detach())
+    layer.discard_block()
+    return first
+
+
 def _layer(blocks: int = 3, max_blocks: int = 10) -> DynamicLoraLinear:
     torch.manual_seed(0)
     layer = DynamicLoraLinear(nn.Linear(6, 5), block_rank=2, alpha=4.0, max_blocks=max_blocks)
@@ -26,7 +37,7 @@ def _layer(blocks: int = 3, max_blocks: int = 10) -> DynamicLoraLinear:
         layer.start_block(gen)
         with torch.no_grad():
             layer.lora_staging_B.normal_()  # non-zero so every block changes the output
-        layer.commit_block()
+        commit_staging(layer)
     return layer
 
 
@@ -59,13 +70,13 @@ def test_training_the_staging_block_leaves_committed_blocks_bit_identical():
     frozen_a, frozen_b = layer.lora_bank_A.clone(), layer.lora_bank_B.clone()
     layer.start_block(torch.Generator().manual_seed(5))
     opt = torch.optim.Adam([layer.lora_staging_A, layer.lora_staging_B], lr=0.1)
-    layer.plan = RoutePlan.build(torch.full((2,), -2), torch.device("cpu"))
+    layer.plan = RoutePlan(2, staging=True)
     for _ in range(5):
         loss = layer(torch.randn(2, 6)).pow(2).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    layer.commit_block()
+    commit_staging(layer)
     assert torch.equal(layer.lora_bank_A[:3], frozen_a) and torch.equal(layer.lora_bank_B[:3], frozen_b)
     assert layer.num_blocks == 4 and not torch.equal(layer.lora_bank_B[3], torch.zeros_like(layer.lora_bank_B[3]))
 
@@ -75,10 +86,10 @@ def test_block_cap_is_a_clear_error_and_nothing_is_committed():
     layers = inject_dynamic_lora(model, LoraConfig(target_modules=["0", "1"], block_rank=1, max_blocks=1))
     router = BlockRouter(layers)
     router.start_block(0)
-    router.commit_block()
+    commit_staging(router)
     router.start_block(1)
     with pytest.raises(BlockBankFull, match="max_blocks=1"):
-        router.commit_block()
+        commit_staging(router)
     assert router.num_blocks == 1
 
 
@@ -105,7 +116,7 @@ def test_the_bank_grows_without_copying_itself_on_every_commit():
     for i in range(40):
         layer.start_block(torch.Generator().manual_seed(i))
         committed.append(layer.lora_staging_A.detach().clone())
-        layer.commit_block()
+        commit_staging(layer)
         if layer.lora_bank_A.data_ptr() != pointer:
             grown += 1
             pointer = layer.lora_bank_A.data_ptr()
@@ -186,7 +197,7 @@ def test_staging_slots_route_each_row_to_its_own_block_and_train_only_it():
     out.pow(2).sum().backward()
     grads = layer.lora_staging_B.grad
     assert grads[1].abs().max() == 0 and grads[0].abs().max() > 0 and grads[2].abs().max() > 0
-    first = layer.commit_block()
+    first = commit_staging(layer)
     assert first == 0 and layer.num_blocks == 3
     with pytest.raises(BlockBankFull):  # 3 more would pass the cap of 5: nothing is appended
         layer.max_blocks = 5

@@ -56,7 +56,7 @@ def test_a_trainer_pool_over_two_nodes_publishes_the_single_process_snapshot(two
     meta_a, meta_b = json.loads(files["index.json"]), one.index.index.state()[1]
     for key in ("labels", "member_ids", "conflicts", "forgotten"):
         assert meta_a[key] == meta_b[key], key
-    layers = list(pool.lora.target_modules)
+    layers = list(pool.section("lora").target_modules)
     banks_a, banks_b = read_bank(files, layers, "pool"), read_bank(one.state_files(), layers, "one")
     for name in layers:
         for a, b in zip(banks_a[name], banks_b[name]):

@@ -26,6 +26,7 @@ import ray  # noqa: E402
 
 from conftest import CITIES, WORDS, tiny_config  # noqa: E402
 from melo_ray.editors.melo.bank import read_bank  # noqa: E402
+from melo_ray.editors.loading import load_editor  # noqa: E402
 from melo_ray.editors.melo.editor import MeloEditor  # noqa: E402
 from pipelines.bulk_edit.job import BulkEditJob  # noqa: E402
 from melo_ray.records import RecordError  # noqa: E402
@@ -69,7 +70,7 @@ def final_state(store_root: Path) -> dict:
 
 
 def _adapters(files) -> dict:
-    banks = read_bank(files, list(job_config().lora.target_modules), "test")
+    banks = read_bank(files, list(job_config().section("lora").target_modules), "test")
     return {f"{name}.{part}": t.numpy() for name, pair in banks.items() for part, t in zip("AB", pair)}
 
 
@@ -125,7 +126,7 @@ def test_job_equals_the_single_process_editor(reference):
     assert reference["state"]["meta"]["conflicts"] > 0  # the re-edits really exercised the conflict rule
 
     # the published snapshot serves the edits: edited prompts give their latest targets
-    served = MeloEditor.load(SnapshotStore(reference["store"]).local_folder(summary.snapshot_version))
+    served = load_editor(SnapshotStore(reference["store"]).local_folder(summary.snapshot_version))
     latest = {r["prompt"]: r["target"] for r in rows}
     sample = list(latest.items())[:40]
     outputs = served.generate([p for p, _ in sample], max_new_tokens=8)

@@ -7,8 +7,10 @@ import copy
 import numpy as np
 import pytest
 
+from melo_ray.editors.loading import restore_editor
 from melo_ray.editors.melo.editor import MeloEditor
-from melo_ray.editors.melo.keys import SentenceEncoderKeys, scoped_keys_for
+from melo_ray.editors.melo.encoder import SentenceEncoderKeys
+from melo_ray.editors.melo.keys import scoped_keys_for
 from melo_ray.editors.melo.relation import AdapterSettings, RelationEncoder, adapter_tensors, train_adapter, with_adapter
 from melo_ray.editors.melo.scope import (
     BUILTIN_VERIFIER, RELATION_META_KEY, RELATION_TENSOR_PREFIX, ScopeVerifier, relation_text,
@@ -115,7 +117,7 @@ def test_a_snapshot_written_with_another_verifier_opens_and_routes_as_it_was_wri
     written.save(tmp_path / "snap")
     reader = editor(tuned_path)
     assert "relation" in reader.key_function.views
-    reader.restore(tmp_path / "snap")
+    restore_editor(reader, tmp_path / "snap")
     assert reader.key_function.views == written.key_function.views  # keyed the way the store was written
     prompts = ["The mother tongue of Danielle Darrieux is", "The native language of Danielle Darrieux is",
                "The place of birth of Danielle Darrieux is"]

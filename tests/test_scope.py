@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 
 
+from melo_ray.editors.loading import load_editor
 from melo_ray.editors.melo.block_index import BlockIndex
 from melo_ray.editors.melo.editor import MeloEditor
 from melo_ray.editors.melo.index import NeuronIndex
-from melo_ray.editors.melo.scope import BUILTIN_VERIFIER, ScopeTest, ScopeVerifier, focus, masked, names
+from melo_ray.editors.melo.scope import BUILTIN_VERIFIER, ScopeTest, ScopeVerifier, masked, names
 from melo_ray.snapshots import SnapshotError
+from melo_ray.text import focus
 from tests.conftest import tiny_config
 
 
@@ -120,7 +122,7 @@ def test_scoped_index_snapshot_round_trips_exactly():
     rng = np.random.default_rng(1)
     index = BlockIndex.create(config, verifier.key_dim)
     for block in range(3):
-        from melo_ray.editors.protocol import TrainedBatch
+        from melo_ray.editors.messages import TrainedBatch
 
         keys = rng.normal(size=(4, verifier.key_dim)).astype(np.float32)
         index.add(TrainedBatch(version=block + 1, edits=4, steps=1, final_loss=0.0, learned=1.0, seconds=0.0,
@@ -131,8 +133,10 @@ def test_scoped_index_snapshot_round_trips_exactly():
     restored = BlockIndex.from_files(config, verifier.key_dim, files, "test")
     assert restored.files() == files and restored.stats() == index.stats()
     queries = rng.normal(size=(16, verifier.key_dim)).astype(np.float32)
-    for a, b in zip(index.search(queries), restored.search(queries)):
-        np.testing.assert_array_equal(a, b)
+    a, b = index.search(queries), restored.search(queries)
+    np.testing.assert_array_equal(a.block_ids, b.block_ids)
+    np.testing.assert_array_equal(a.distances, b.distances)
+    assert a.edit_ids == b.edit_ids
     plain = tiny_config(index={"key_function": "sentence_encoder", "key_module": None})
     with pytest.raises(SnapshotError):
         BlockIndex.from_files(plain, verifier.key_dim, files, "test")
@@ -176,8 +180,8 @@ def test_routing_computes_the_scope_views_only_within_reach_and_routes_as_the_wh
     finally:
         encoder.keys = original
     whole = scoped_editor.index.search(scoped_editor.key_function.keys(prompts))
-    assert routing.ids.tolist() == whole[0].tolist()
-    np.testing.assert_allclose(routing.distances, whole[1], rtol=1e-6)
+    assert routing.ids.tolist() == whole.block_ids.tolist() and routing.edit_ids == whole.edit_ids
+    np.testing.assert_allclose(routing.distances, whole.distances, rtol=1e-6)
     # every prompt's first view; the focus view (reach) only of the one that is not its own focus; the
     # rest only of the prompts in reach, never of the unrelated questions
     assert encoded[:2] == [5, 1] and all(n <= 2 for n in encoded[2:])
@@ -221,7 +225,7 @@ def test_focus_reach_offers_a_cluster_its_focus_view_lies_in_and_snapshots_keep_
 
 def test_scoped_editor_snapshot_round_trip(scoped_editor, tmp_path):
     scoped_editor.save(tmp_path / "snap")
-    loaded = MeloEditor.load(tmp_path / "snap", backbone=scoped_editor.backbone)
+    loaded = load_editor(tmp_path / "snap", backbone=scoped_editor.backbone)
     prompts = ["The native language of Danielle Darrieux is", "The place of birth of Danielle Darrieux is"]
     assert loaded.route(prompts).ids.tolist() == scoped_editor.route(prompts).ids.tolist()
     assert loaded.index.files() == scoped_editor.index.files()
@@ -238,7 +242,7 @@ def test_block_levers_add_train_rephrases_and_prefixed_copies_to_the_batch():
     assert [r.prompt for r in rows[:2]] == ["Where does the apple live?", "Apple's home is"]
     assert len(rows) == 4 and all(r.target == "Oslo" and r.prompt.endswith(record.prompt) for r in rows[2:])
     assert all(len(r.prompt) > len(record.prompt) + 1 for r in rows[2:])  # a real prefix before the prompt
-    off = MeloEditor(tiny_config(lora={"train_rephrases": False}), backbone=editor.backbone)
+    off = MeloEditor(tiny_config(train={"train_rephrases": False}), backbone=editor.backbone)
     assert [r.prompt for r in off._training_rows([record], 0)[0]] == [record.prompt]
 
 
@@ -266,7 +270,7 @@ def test_a_rewording_of_a_question_edited_again_gets_its_latest_target():
     config = tiny_config(index={"key_function": "sentence_encoder", "scope_verifier": "builtin"})
     restored = BlockIndex.from_files(config, 4, BlockIndex(index, 3).files(), "snapshot")
     assert restored.index.scope.latest_of_question is False  # a snapshot routes as it was written
-    assert restored.search(rewording[None])[0].tolist() == [0]
+    assert restored.search(rewording[None]).block_ids.tolist() == [0]
 
 
 def test_with_a_cluster_per_edit_a_later_edit_of_the_same_target_keeps_its_rewordings():
@@ -283,7 +287,7 @@ def test_with_a_cluster_per_edit_a_later_edit_of_the_same_target_keeps_its_rewor
     assert own.search(np.stack([rewording, first, second])).block_ids.tolist() == [1, 0, 1]
     config = tiny_config(index={"key_function": "sentence_encoder", "scope_verifier": "builtin"})
     restored = BlockIndex.from_files(config, 4, BlockIndex(own, 2).files(), "snapshot")
-    assert restored.index.cluster_per_edit and restored.search(rewording[None])[0].tolist() == [1]
+    assert restored.index.cluster_per_edit and restored.search(rewording[None]).block_ids.tolist() == [1]
     arrays, meta = joined.state()  # a snapshot written before the rule has no such field: it keeps joining
     assert "scope_cluster_per_edit" not in meta
     old = NeuronIndex.from_state(arrays, meta, scope=_toy_scope(None))
@@ -328,11 +332,11 @@ def test_members_naming_what_the_query_names_rank_first_and_a_rewording_moves_on
 
     config = tiny_config(index={"key_function": "sentence_encoder", "scope_verifier": "builtin"})
     restored = BlockIndex.from_files(config, 2 + 256, BlockIndex(index, 4).files(), "snapshot")
-    assert restored.index.scope.prefer_same_names and restored.search(rewording[None])[0].tolist() == [3]
+    assert restored.index.scope.prefer_same_names and restored.search(rewording[None]).block_ids.tolist() == [3]
     arrays, meta = bank(prefer=False).state()  # a snapshot written before the rule ranks by score alone
     assert "scope_prefer_same_names" not in meta
     old = BlockIndex.from_files(config, 2 + 256, BlockIndex(bank(prefer=False), 2).files(), "snapshot")
-    assert not old.index.scope.prefer_same_names and old.search(rewording[None])[0].tolist() == [1]
+    assert not old.index.scope.prefer_same_names and old.search(rewording[None]).block_ids.tolist() == [1]
     # a verifier without a names view has nothing to rank by: the rule is off, whatever was asked
     assert not ScopeTest(_toy_scope().verifier, 0.0, prefer_same_names=True).prefer_same_names
 
@@ -374,17 +378,17 @@ def test_the_bar_rises_with_the_members_that_name_what_the_query_names():
 
     config = tiny_config(index={"key_function": "sentence_encoder", "scope_verifier": "builtin"})
     restored = BlockIndex.from_files(config, 2 + 256, BlockIndex(many, 4).files(), "snapshot")
-    assert restored.index.scope.namesake_bar == 1.0 and restored.search(probe[None])[0].tolist() == [-1]
+    assert restored.index.scope.namesake_bar == 1.0 and restored.search(probe[None]).block_ids.tolist() == [-1]
     flat = bank(0.0, namesakes)  # a snapshot written before the bar has no such field: one flat threshold
     assert "scope_namesake_bar" not in flat.state()[1]
     old = BlockIndex.from_files(config, 2 + 256, BlockIndex(flat, 4).files(), "snapshot")
-    assert old.index.scope.namesake_bar == 0.0 and old.search(probe[None])[0][0] >= 0
+    assert old.index.scope.namesake_bar == 0.0 and old.search(probe[None]).block_ids[0] >= 0
     # written before the closest rule: every member from NAMESAKE_COSINE counts, as it did then
     files = BlockIndex(bank(1.0, near), 4).files()
     meta = json.loads(files["index.json"])
     assert meta.pop("scope_closest_namesakes") is True
     before = BlockIndex.from_files(config, 2 + 256, {**files, "index.json": json.dumps(meta).encode()}, "snapshot")
-    assert not before.index.scope.closest_namesakes and before.search(probe[None])[0].tolist() == [-1]
+    assert not before.index.scope.closest_namesakes and before.search(probe[None]).block_ids.tolist() == [-1]
     with pytest.raises(ValueError, match="namesake_bar"):
         ScopeTest(verifier, 0.0, namesake_bar=-1.0)
     assert ScopeTest(_toy_scope().verifier, 0.0, namesake_bar=1.0).namesake_bar == 0.0  # no names view: flat

@@ -60,6 +60,8 @@ def test_edited_prompts_get_their_targets_and_unrelated_ones_the_base_output(app
     base = app["editor"].generate(UNRELATED[:2], 8, base=True)
     assert [outputs[1]["output"], outputs[3]["output"]] == [g.output for g in base]
     assert outputs[1]["block"] is None and outputs[1]["distance"] > 0
+    assert [o["edit_id"] for o in outputs] == ["f2", None, "f5", None]  # the edit behind each answer, as explain names it
+    assert [app["editor"].explain(p)["edit_id"] for p in (records[2]["prompt"], records[5]["prompt"])] == ["f2", "f5"]
     assert {o["snapshot_version"] for o in outputs} == {1}
 
 
@@ -68,6 +70,7 @@ def test_openai_client_gets_a_correct_completion(app):
     record = fact_records(0, 10)[4]
     completion = client.completions.create(model="melo-ray", prompt=record["prompt"], max_tokens=8, temperature=0)
     assert completion.choices[0].text.strip().startswith(record["target"])
+    assert completion.choices[0].model_extra["melo"]["edit_id"] == "f4"
     assert completion.usage.completion_tokens >= 1
     many = client.completions.create(model="melo-ray", prompt=[record["prompt"], UNRELATED[2]], max_tokens=3,
                                      temperature=0, stop=["\n"])
@@ -108,9 +111,15 @@ def test_bad_requests_get_a_4xx_with_a_json_error(app, case, status):
 
 
 def test_health_is_open_and_version_describes_the_snapshot(app):
-    assert httpx.get(f"http://127.0.0.1:{app['port']}/healthz").status_code == 200
+    health = httpx.get(f"http://127.0.0.1:{app['port']}/healthz")
+    assert health.status_code == 200
     info = app["client"].get("/v1/version").json()
     assert info["edits"] >= 10 and info["clusters"] >= 10 and info["backbone"]["family"] == "llama"
+    # each replica says whether it is behind the store and when it last reached it
+    fresh = info["freshness"]
+    assert fresh["serving_version"] == info["snapshot_version"] and fresh["store_reachable"]
+    assert fresh["latest_seen"] == app["store"].latest_version() and fresh["seconds_since_good_poll"] < 30
+    assert health.json()["freshness"]["store_reachable"] and health.json()["status"] in ("ok", "stale")
 
 
 def test_publishing_under_steady_traffic_switches_every_replica_with_zero_failures(app):
@@ -266,10 +275,11 @@ def test_chat_completions_keep_the_edit_and_say_which_edit_fired(app):
     choice = chat.choices[0]
     assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
     melo = choice.model_extra["melo"]  # the extension field; the client keeps it aside
-    assert melo["block"] == 0 and melo["snapshot_version"] >= 1 and melo["distance"] is not None
+    assert melo["block"] == 0 and melo["edit_id"] == "f1" and melo["snapshot_version"] >= 1 and melo["distance"] is not None
     unrelated = _openai(app).chat.completions.create(model="melo-ray", max_tokens=4,
                                                      messages=[{"role": "user", "content": UNRELATED[1]}])
     assert unrelated.choices[0].model_extra["melo"]["block"] is None
+    assert unrelated.choices[0].model_extra["melo"]["edit_id"] is None
 
 
 def test_streaming_chat_and_completions_with_the_openai_client(app):
@@ -286,6 +296,7 @@ def test_streaming_chat_and_completions_with_the_openai_client(app):
     assert parts[0].choices[0].delta.role == "assistant"
     assert parts[-1].choices[0].finish_reason in ("stop", "length")
     assert parts[-1].choices[0].model_extra["melo"]["block"] == 0
+    assert parts[-1].choices[0].model_extra["melo"]["edit_id"] == "f5"
 
 
 def test_sampling_is_validated_and_seeded(app):
@@ -341,3 +352,94 @@ def test_a_stream_finishes_on_the_version_it_started_on(app):
     deadline = time.time() + 30
     while time.time() < deadline and {o["snapshot_version"] for o in generate(client, ["a"]).json()["outputs"]} != {new}:
         pass
+
+
+# -- faults under load (the short version of benchmarks/soak.py) ------------------------------------
+def _replicas(app, want: int = 2, timeout: float = 120) -> dict[str, dict]:
+    """Each replica's /v1/version, asked until `want` distinct replicas have answered."""
+    seen: dict[str, dict] = {}
+    deadline = time.time() + timeout
+    while len(seen) < want:
+        assert time.time() < deadline, f"only {len(seen)} of {want} replicas answered"
+        try:
+            info = app["client"].get("/v1/version", timeout=10).json()
+            seen[info["replica"]] = info
+        except (httpx.HTTPError, KeyError, ValueError):
+            pass
+    return seen
+
+
+def test_faults_under_load_a_corrupted_version_is_never_served_and_a_killed_replica_costs_its_rows(app):
+    import os
+    import signal
+
+    client, editor, store = app["client"], app["editor"], app["store"]
+    answers: list[tuple[float, bool, int | None]] = []  # (ended, ok, version)
+    stop, lock = threading.Event(), threading.Lock()
+    in_flight = [0]
+    prompts = [r["prompt"] for r in fact_records(0, 10)] + UNRELATED
+
+    def user(i: int) -> None:
+        with httpx.Client(base_url=f"http://127.0.0.1:{app['port']}", headers=AUTH, timeout=120) as http:
+            while not stop.is_set():
+                with lock:
+                    in_flight[0] += 1
+                try:
+                    response = http.post("/v1/generate", json={"prompts": [prompts[i % len(prompts)]], "max_new_tokens": 4})
+                    ok = response.status_code == 200
+                    version = response.json()["outputs"][0]["snapshot_version"] if ok else None
+                except httpx.HTTPError:
+                    ok, version = False, None
+                with lock:
+                    in_flight[0] -= 1
+                    answers.append((time.time(), ok, version))
+                i += 1
+
+    users = [threading.Thread(target=user, args=(i,), daemon=True) for i in range(16)]
+    for thread in users:
+        thread.start()
+    try:
+        # a version whose file is corrupted after writing: every replica refuses it and says so
+        good = store.latest_version()
+        store.pin(good)
+        editor.edit(fact_records(40, 3))
+        editor.publish(store)
+        bad = store.latest_version()
+        files = store.read_manifest(bad)["files"]
+        path = f"{store.version_path(bad)}/{max(files, key=lambda n: files[n]['bytes'])}"
+        data = bytearray(store.fs.open_input_stream(path).read())
+        data[len(data) // 2] ^= 0xFF
+        with store.fs.open_output_stream(path) as stream:
+            stream.write(bytes(data))
+        store.unpin()
+        deadline = time.time() + 60
+        while not all(bad in r["freshness"]["refused_versions"] and r["freshness"]["behind"]
+                      for r in _replicas(app).values()):
+            assert time.time() < deadline, "replicas did not refuse the corrupted version"
+
+        # one replica's process killed under load: Serve replaces it; only rows in flight may fail
+        victim = next(iter(_replicas(app).values()))
+        with lock:
+            at_kill = in_flight[0]
+        killed_at = time.time()
+        os.kill(victim["pid"], signal.SIGKILL)
+        deadline = time.time() + 180
+        while victim["replica"] in _replicas(app, timeout=180):
+            assert time.time() < deadline, "the killed replica was not replaced"
+        replaced_at = time.time()
+
+        editor.edit(fact_records(43, 2))  # the next good version reaches every replica, old and new
+        editor.publish(store)
+        latest = store.latest_version()
+        deadline = time.time() + 60
+        while {r["snapshot_version"] for r in _replicas(app).values()} != {latest}:
+            assert time.time() < deadline, "replicas did not move past the bad version"
+    finally:
+        stop.set()
+        for thread in users:
+            thread.join(120)
+    assert answers and not any(version == bad for _, ok, version in answers if ok)  # never served
+    before_kill = [ok for ended, ok, _ in answers if ended < killed_at]
+    assert len(before_kill) > 16 and all(before_kill)  # none failed while the bad version was out
+    failed = sum(not ok for _, ok, _ in answers)
+    assert failed <= at_kill, f"{failed} requests failed; {at_kill} were in flight when the replica was killed"

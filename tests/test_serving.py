@@ -104,7 +104,7 @@ def test_chat_routes_on_the_last_user_message_whatever_the_system_prompt(publish
         model_input = engine.chat_input([{"role": "system", "content": system}, {"role": "user", "content": record["prompt"]}])
         assert record["prompt"] in model_input and system in model_input
         outputs.append(engine.complete([CompletionRequest(record["prompt"], 6, model_input=model_input)])[0])
-    assert [o.block for o in outputs] == [0, 0] and all(o.edit_id is None or o.edit_id == "f4" for o in outputs)
+    assert [(o.block, o.edit_id) for o in outputs] == [(0, "f4"), (0, "f4")]
 
 
 def test_edits_trained_in_chat_format_hold_through_the_chat_template():

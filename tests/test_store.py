@@ -36,14 +36,14 @@ def test_a_corrupted_version_is_refused_and_latest_still_points_at_it(tmp_path):
     store = SnapshotStore(tmp_path, keep=3)
     publish(store, 1)
     publish(store, 2, text="y")  # a.bin differs, so v2 holds its own copy (unchanged files are shared)
-    (tmp_path / "versions" / "v00000002" / "a.bin").write_bytes(b"tampered")
+    (store.local_folder(2) / "a.bin").write_bytes(b"tampered")
     with pytest.raises(SnapshotError, match="checksum mismatch"):
         store.read()
     manifest, _ = store.read(1)  # older versions stay readable
     assert manifest["version"] == 1
-    edited = json.loads((tmp_path / "versions" / "v00000001" / "manifest.json").read_text())
+    edited = json.loads((store.local_folder(1) / "manifest.json").read_text())
     edited["version"] = 7
-    (tmp_path / "versions" / "v00000001" / "manifest.json").write_text(json.dumps(edited))
+    (store.local_folder(1) / "manifest.json").write_text(json.dumps(edited))
     with pytest.raises(SnapshotError, match="manifest checksum"):
         store.read(1)
 

@@ -8,11 +8,20 @@ import sys
 import time
 from pathlib import Path
 
+from melo_ray import operations
+from melo_ray.backbones import load_backbone
+from melo_ray.cli.demo import run_demo
+from melo_ray.cluster import init_ray
 from melo_ray.config import ConfigError, load_config, with_overrides
-from melo_ray.data import CONVERTERS
-from melo_ray.editors.registry import build_editor, editor_names, load_editor
+from melo_ray.data import CONVERTERS, convert
+from melo_ray.editors.loading import load_editor
+from melo_ray.editors.registry import build_editor, editor_names
+from melo_ray.evaluation import EvalPlan, evaluate, results_table, write_results
 from melo_ray.records import RecordError, read_edit_records, read_prompts, write_parquet
-from melo_ray.snapshots import SnapshotError
+from melo_ray.snapshots import SnapshotError, check_editor, read_manifest
+from melo_ray.training import length_error
+from pipelines.bulk_edit.cli import add_arguments, run as run_bulk_edit
+from pipelines.bulk_edit.job import JobError
 
 log = logging.getLogger("melo_ray.cli")
 
@@ -33,16 +42,12 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from melo_ray.snapshots import read_manifest
-
     config = with_overrides(load_config(args.config), args.set)
     if args.editor:
         config = config.model_copy(update={"editor": args.editor})
     records = read_edit_records(args.edits)  # the whole file is validated before any training
     if not records:
         raise RecordError(str(args.edits), None, None, "no records")
-    from melo_ray.training import length_error
-
     for row, record in enumerate(records):
         if too_long := length_error(record, config.train.max_text_chars):
             raise RecordError(str(args.edits), row, *too_long)
@@ -57,21 +62,20 @@ def cmd_edit(args: argparse.Namespace) -> int:
         if job.get("edits_sha256") != digest or job.get("batch_size") != size:
             raise SnapshotError(f"{out}: was written from another edit file or batch size; cannot resume it")
         editor = load_editor(out)
-        done = int(job["records_done"])
+        done = int(job["rows_done"] if "rows_done" in job else job["records_done"])  # records_done: older snapshots' name
         print(f"resuming {out}: {done} of {len(records)} edits already applied", file=sys.stderr)
     elif args.resume_from:
         editor = load_editor(args.resume_from)
     else:
         editor = build_editor(config.editor, config)
-    if editor.name != config.editor:
-        raise SnapshotError(f"the snapshot holds a '{editor.name}' editor; this run asks for '{config.editor}'")
+    check_editor(editor.name, config.editor, str(args.resume_from or out), "this run asks for the latter")
     batches = [records[i : i + size] for i in range(done, len(records), size)]
     started = time.perf_counter()
     for batch in tqdm(batches, desc="edit batches", unit="batch", disable=args.quiet):
         editor.edit(batch)
         done += len(batch)
         # atomic: a crash leaves the last whole batch published, with how far the job got
-        editor.save(out, job={"edits_sha256": digest, "batch_size": size, "records_done": done})
+        editor.save(out, job={"edits_sha256": digest, "batch_size": size, "rows_done": done})
     minutes = (time.perf_counter() - started) / 60
     applied = sum(len(b) for b in batches)
     stats = editor.stats()
@@ -101,8 +105,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from melo_ray.data import convert
-
     result = convert(args.format, args.input, limit=args.limit)
     write_parquet(result.records, args.out)
     for index, reason in result.skipped:
@@ -113,9 +115,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import json as _json
-
-    from melo_ray.backbones import load_backbone
-    from melo_ray.evaluation import EvalPlan, evaluate, results_table, write_results
 
     config = with_overrides(load_config(args.config), args.set)
     names = [n.strip() for n in args.editors.split(",") if n.strip()]
@@ -151,8 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import ray
 
-    from melo_ray.cluster import init_ray
-    from melo_ray.serving.app import ServeSettings, run_http
+    from melo_ray.serving.app import ServeSettings, run_http  # Ray Serve and FastAPI: for `serve` only
 
     settings = ServeSettings(
         snapshots=args.snapshots, config=args.config, replicas=args.replicas, replica_cpus=args.replica_cpus,
@@ -185,8 +183,6 @@ def _ids(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_edits(args: argparse.Namespace) -> int:
-    from melo_ray import operations
-
     if args.edits_command == "list":
         _print(operations.list_edits(args.store, args.contains), args.json,
                lambda e: f"{e['id']}\tv{e['version']}\tblock {e['block']}\t{e['prompt']!r} -> {e['target']!r}")
@@ -199,8 +195,6 @@ def cmd_edits(args: argparse.Namespace) -> int:
 
 
 def cmd_store(args: argparse.Namespace) -> int:
-    from melo_ray import operations
-
     command = args.store_command
     if command == "versions":
         _print(operations.versions(args.store), args.json,
@@ -222,15 +216,11 @@ def cmd_store(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from melo_ray import operations
-
     print(json.dumps(operations.export(args.store, args.out, args.format)))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from melo_ray.cli.demo import run_demo
-
     return run_demo(Path(args.data), args.n, args.config, Path(args.out))
 
 
@@ -356,16 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     job = sub.add_parser("job", help="distributed jobs on Ray")
     job_sub = job.add_subparsers(dest="job_command", required=True)
     bulk = job_sub.add_parser("bulk-edit", help="stream an edit file through the Ray bulk-edit job (resumable)")
-    from pipelines.bulk_edit.cli import add_arguments, run as run_bulk_edit
-
     add_arguments(bulk)
     bulk.set_defaults(func=run_bulk_edit)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.bulk_edit.job import JobError
-
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

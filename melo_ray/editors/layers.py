@@ -1,10 +1,13 @@
 """What every edit layer shares: it wraps one base linear layer and adds an editor's state beside it.
 
 `EditLayer` marks such modules so that removal (one backbone reused by a fresh editor) and the
-base-weights checksum find them by type, never by class name.
+base-weights checksum (`weights_checksum`, which skips them) find them by type, never by class name.
 """
 from __future__ import annotations
 
+import hashlib
+
+import torch
 from torch import nn
 
 
@@ -57,3 +60,19 @@ def edit_layer_state_names(model: nn.Module) -> set[str]:
                 if not name.startswith("base_layer."):
                     owned.add(f"{prefix}.{name}" if prefix else name)
     return owned
+
+
+def weights_checksum(model: nn.Module) -> str:
+    """SHA-256 over the base model's parameters and buffers, ignoring every editor's own state.
+
+    Edit layers and PEFT adapters add state beside the base weights; names are normalised so the same
+    weights hash the same before and after injection.
+    """
+    owned = edit_layer_state_names(model)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name in owned or ".lora_" in name or name.startswith("lora_"):
+            continue
+        digest.update(name.replace(".base_layer", "").encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -15,10 +15,9 @@ with `melo-ray serve`, or as a RayService with import path `melo_ray.serving.app
 
 import asyncio
 import dataclasses
-import json
 import logging
 import os
-import time
+import socket
 import uuid
 from typing import Any
 
@@ -29,10 +28,12 @@ from ray import serve
 import torch
 
 from melo_ray.config import load_config
+from melo_ray.serving import openai_format as oai
 from melo_ray.serving.batcher import Batcher, Ticket, Update
 from melo_ray.serving.decoding import SamplingParams
 from melo_ray.serving.engine import Completion, CompletionRequest, ServingEngine
-from melo_ray.serving.requests import ApiError, ChatBody, CompletionsBody, GenerateBody, parse_body
+from melo_ray.serving.follower import SnapshotFollower
+from melo_ray.serving.requests import ApiError, ChatBody, CompletionsBody, GenerateBody, check_bearer, parse_body
 from melo_ray.snapshots import SnapshotError
 from melo_ray.store import SnapshotFolder, SnapshotStore, open_snapshots
 
@@ -60,6 +61,17 @@ class ServeSettings(BaseModel):
     replica_gpus: float = Field(0.0, ge=0)
 
 
+def _unreachable(exc: BaseException) -> bool:
+    """A read that failed because the store could not be reached (an OSError behind it), not because
+    what it holds is bad: such a version is tried again, never refused."""
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
+            return True
+        cause = cause.__cause__
+    return False
+
+
 def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
     kind = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large"}.get(status, "invalid_request_error")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status_code=status)
@@ -80,14 +92,36 @@ async def _parse(request: Request, model: type[BaseModel], limit: int) -> Any:
     return parse_body(await request.body(), model, limit)
 
 
-def start_engine(settings: ServeSettings) -> tuple[SnapshotStore | SnapshotFolder, ServingEngine]:
+@dataclasses.dataclass(frozen=True)
+class ReplicaStart:
+    """What a replica starts with: the source it follows, its engine, and the versions it found bad."""
+
+    source: SnapshotStore | SnapshotFolder
+    engine: ServingEngine
+    refused: dict[int, str]  # version -> why it failed verification
+
+
+def start_engine(settings: ServeSettings) -> ReplicaStart:
     """The snapshot source a replica follows (a store, or one snapshot folder) and its engine on the
-    latest version there; the base model only while a store is still empty and a config is given."""
+    version the store names, or, when that one fails verification, the newest older version that
+    passes (a replica started after a bad publish still comes up); the base model only while a store
+    is still empty and a config is given."""
     source = open_snapshots(settings.snapshots)
-    latest = source.serving_version()
-    if latest is not None:
-        manifest, files = source.read(latest)
-        return source, ServingEngine.from_snapshot(manifest, files)
+    wanted = source.serving_version()
+    refused: dict[int, str] = {}
+    if wanted is not None:
+        older = sorted((v for v in source.versions() if v < wanted), reverse=True) \
+            if isinstance(source, SnapshotStore) else []
+        for version in [wanted, *older]:
+            try:
+                manifest, files = source.read(version)
+                return ReplicaStart(source, ServingEngine.from_snapshot(manifest, files), refused)
+            except SnapshotError as exc:
+                if _unreachable(exc):
+                    raise
+                refused[version] = str(exc)
+                log.error("snapshot version %s fails verification (%s); trying the one before", version, exc)
+        raise SnapshotError(f"{settings.snapshots}: no kept version passes verification: {refused}")
     if not settings.config:
         raise SnapshotError(f"{settings.snapshots}: no snapshot yet (neither a store with LATEST.json nor a "
                             "snapshot folder with manifest.json), and no config to serve the base model")
@@ -95,55 +129,13 @@ def start_engine(settings: ServeSettings) -> tuple[SnapshotStore | SnapshotFolde
     # publishes into this store, requests run on the unedited model.
     log.warning("%s has no published snapshot yet: serving the BASE model of %s until one appears",
                 settings.snapshots, settings.config)
-    return source, ServingEngine(load_config(settings.config))
+    return ReplicaStart(source, ServingEngine(load_config(settings.config)), refused)
 
 
 def describe_serving(settings: ServeSettings, version: int | None) -> str:
     if version is not None:
         return f"snapshot v{version}"
     return f"base model: {settings.snapshots} has no published snapshot yet"
-
-
-def _sampling(temperature: float | None, top_p: float | None, seed: int | None) -> SamplingParams:
-    temperature = 0.0 if temperature is None else temperature
-    top_p = 1.0 if top_p is None else top_p
-    if not 0.0 <= temperature <= 2.0:
-        raise ApiError(400, f"temperature must be 0..2, got {temperature}", "temperature")
-    if not 0.0 < top_p <= 1.0:
-        raise ApiError(400, f"top_p must be in (0, 1], got {top_p}", "top_p")
-    if seed is not None and not -(2**63) <= seed < 2**63:
-        raise ApiError(400, "seed must fit in 64 bits", "seed")
-    return SamplingParams(temperature, top_p, seed)
-
-
-def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
-    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    if len(stops) > 4:
-        raise ApiError(400, "at most 4 stop sequences", "stop")
-    return stops
-
-
-def explanation(completion: Completion) -> dict[str, Any]:
-    """Why this answer: the edit that fired (null on the base model) and the snapshot version.
-    Sent as the `melo` field of OpenAI responses, which OpenAI clients ignore."""
-    return {"edit_id": completion.edit_id, "block": completion.block, "distance": completion.distance,
-            "snapshot_version": completion.version}
-
-
-def _sse(payload: dict[str, Any] | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n".encode()
-
-
-def _usage(results: list[Completion]) -> dict[str, int]:
-    prompt_tokens = sum(r.prompt_tokens for r in results)
-    completion_tokens = sum(r.completion_tokens for r in results)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def _fingerprint(result: Completion) -> str:
-    return f"snapshot-v{result.version}" if result.version is not None else "base"
 
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10)
@@ -154,14 +146,20 @@ class MeloServer:
         self.token = self.settings.api_token or os.environ.get(TOKEN_ENV) or None
         # One torch thread per CPU the replica holds: more threads than cores spin against each other.
         torch.set_num_threads(max(1, int(self.settings.replica_cpus)))
-        self.store, self.engine = start_engine(self.settings)
+        start = start_engine(self.settings)
+        self.store, self.engine = start.source, start.engine
         self.replica = uuid.uuid4().hex[:8]
         # Continuous batching (rows join between decode steps, finished rows leave) is ours:
         # @serve.batch can only hand over whole batches.
         self.batcher = Batcher(self.engine, self.settings.max_batch_size)
         self.poll_interval = self.settings.poll_interval_s
         self.pinned: int | None = None
-        self.refused: set[int] = set()
+        self.follower = SnapshotFollower(self.store)
+        self.follower.started(self.engine.version)
+        for version, reason in start.refused.items():
+            self.follower.refuse(version, reason)
+        if start.refused:  # the store names a version this replica could not verify: it is behind
+            self.follower.latest_seen = max(start.refused)
         self.poller: asyncio.Task | None = None
         log.info("replica %s serving version %s", self.replica, self.engine.version)
 
@@ -185,30 +183,35 @@ class MeloServer:
             await asyncio.sleep(self.poll_interval)
             if self.pinned is not None:
                 continue
+            wanted = await asyncio.to_thread(self.follower.poll, self.engine.version)  # never raises
+            if wanted is None:
+                continue
             try:
-                latest = await asyncio.to_thread(self.store.serving_version)  # a store's PIN.json wins
-                if latest is not None and latest != self.engine.version and latest not in self.refused:
-                    await self._install(latest)
+                await self._install(wanted)
             except Exception:  # a bad version must not stop the replica; keep serving the current one
-                log.exception("replica %s: could not install a newer snapshot", self.replica)
+                log.exception("replica %s: could not install version %s", self.replica, wanted)
 
     async def _install(self, version: int) -> None:
         try:
             manifest, files = await asyncio.to_thread(self.store.read, version)  # verified, off the decode thread
-        except SnapshotError:
-            self.refused.add(version)
+        except SnapshotError as exc:
+            if _unreachable(exc):  # the store went away mid-read: try again at the next poll
+                self.follower.reachable, self.follower.last_error = False, f"store unreachable: {exc}"
+            else:
+                self.follower.refuse(version, str(exc))
             raise
         # the batcher lets running requests finish on their version, then swaps, then admits again
-        await asyncio.wrap_future(self.batcher.install(manifest, files))
+        try:
+            await asyncio.wrap_future(self.batcher.install(manifest, files))
+        except SnapshotError as exc:  # verified files that do not fit this replica (another editor, base)
+            self.follower.refuse(version, str(exc))
+            raise
+        self.follower.installed()
         log.info("replica %s now serves version %s", self.replica, version)
 
     # -- generation ------------------------------------------------------------------------------
     def _check_auth(self, request: Request) -> None:
-        if self.token is None:
-            return
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {self.token}":
-            raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+        check_bearer(request.headers.get("authorization"), self.token)
 
     def _max_new(self, max_new: int) -> int:
         if max_new < 1 or max_new > self.settings.max_new_tokens:
@@ -266,7 +269,11 @@ class MeloServer:
     # -- routes ----------------------------------------------------------------------------------
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "snapshot_version": self.engine.version}
+        """Open to probes. `status` stays "ok" while the replica answers; `freshness` says whether it
+        serves an older version than the store names, or cannot reach the store, and since when."""
+        freshness = self.follower.freshness(self.engine.version)
+        status = "ok" if freshness.store_reachable and not freshness.behind else "stale"
+        return {"status": status, "snapshot_version": self.engine.version, "freshness": freshness.as_json()}
 
     def check_health(self) -> None:  # Serve's replica health check
         if self.poller is not None and self.poller.done() and not self.poller.cancelled():
@@ -283,7 +290,9 @@ class MeloServer:
             "editor": self.engine.editor.name, "edits": self.engine.stats.get("edits", 0), "stats": self.engine.stats,
             "clusters": self.engine.stats.get("clusters", 0), "blocks": self.engine.stats.get("blocks", 0),
             "backbone": {"source": backbone.source, "family": backbone.family, "path": backbone.path},
-            "model": self.settings.model_name, "replica": self.replica, "decode": self.batcher.stats(),
+            "model": self.settings.model_name, "replica": self.replica, "pid": os.getpid(),
+            "host": socket.gethostname(), "decode": self.batcher.stats(),
+            "pinned": self.pinned, "freshness": self.follower.freshness(self.engine.version).as_json(),
         }
 
     @api.get("/v1/models")
@@ -320,32 +329,20 @@ class MeloServer:
         if body.logprobs is not None or body.echo:
             raise ApiError(400, "logprobs and echo are not supported", "logprobs" if body.logprobs is not None else "echo")
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-        sampling = _sampling(body.temperature, body.top_p, body.seed)
-        requests = self._requests(prompts, 16 if body.max_tokens is None else body.max_tokens, _stops(body.stop),
-                                  "prompt", sampling)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": self.settings.model_name}
+        sampling = oai.sampling_params(body.temperature, body.top_p, body.seed)
+        requests = self._requests(prompts, 16 if body.max_tokens is None else body.max_tokens,
+                                  oai.stop_strings(body.stop), "prompt", sampling)
+        head = oai.completion_head(self.settings.model_name)
         if body.stream:
             if len(requests) != 1:
                 raise ApiError(400, "streaming serves one prompt per request", "prompt")
             return StreamingResponse(self._stream_completion(requests[0], head), media_type="text/event-stream")
-        results = await self._run(requests)
-        return {
-            **head,
-            "choices": [{"text": r.text, "index": i, "logprobs": None, "finish_reason": r.finish_reason,
-                         "melo": explanation(r)} for i, r in enumerate(results)],
-            "usage": _usage(results), "system_fingerprint": _fingerprint(results[0]),
-        }
+        return oai.completion_response(head, await self._run(requests))
 
     async def _stream_completion(self, request: CompletionRequest, head: dict[str, Any]):
         async for update in self._updates(request):
-            done = update.completion
-            choice = {"text": update.delta, "index": 0, "logprobs": None,
-                      "finish_reason": done.finish_reason if done else None}
-            if done:
-                choice["melo"] = explanation(done)
-            yield _sse({**head, "choices": [choice], **({"usage": _usage([done])} if done else {})})
-        yield _sse("[DONE]")
+            yield oai.completion_chunk(head, update.delta, update.completion)
+        yield oai.DONE
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
@@ -368,33 +365,19 @@ class MeloServer:
             raise ApiError(400, f"the chat template cannot render these messages: {exc}", "messages") from exc
         max_new = body.max_completion_tokens or body.max_tokens or self.engine.editor.config.generate.max_new_tokens
         # routing follows the question (the last user message), never the system prompt or the template
-        chat = self._request(users[-1], max_new, _stops(body.stop), "messages", 0,
-                             _sampling(body.temperature, body.top_p, body.seed), model_input)
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.settings.model_name}
+        chat = self._request(users[-1], max_new, oai.stop_strings(body.stop), "messages", 0,
+                             oai.sampling_params(body.temperature, body.top_p, body.seed), model_input)
+        head = oai.chat_head(self.settings.model_name)
         if body.stream:
             return StreamingResponse(self._stream_chat(chat, head), media_type="text/event-stream")
-        result = await self._complete(chat)
-        return {
-            **head, "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "finish_reason": result.finish_reason, "logprobs": None, "melo": explanation(result)}],
-            "usage": _usage([result]), "system_fingerprint": _fingerprint(result),
-        }
+        return oai.chat_response(head, await self._complete(chat))
 
     async def _stream_chat(self, request: CompletionRequest, head: dict[str, Any]):
-        head = {**head, "object": "chat.completion.chunk"}
         first = True
         async for update in self._updates(request):
-            done = update.completion
-            delta: dict[str, Any] = {"role": "assistant"} if first else {}
-            if update.delta:
-                delta["content"] = update.delta
+            yield oai.chat_chunk(head, update.delta, first, update.completion)
             first = False
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": done.finish_reason if done else None}
-            if done:
-                choice["melo"] = explanation(done)
-            yield _sse({**head, "choices": [choice], **({"usage": _usage([done])} if done else {})})
-        yield _sse("[DONE]")
+        yield oai.DONE
 
 
 def build_app(settings: ServeSettings) -> Any:

@@ -16,7 +16,10 @@ from typing import Any
 
 import torch
 
-from melo_ray.editors.protocol import Editor, Routing
+from melo_ray.editors.protocol import Editor
+from melo_ray.editors.routing import Routing
+from melo_ray.inference import cache_keyword
+from melo_ray.text import cut_at_stop
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class DecodeLoop:
         self.cache = None  # transformers DynamicCache, rows aligned with self.rows
         self.mask: torch.Tensor | None = None  # (rows, cached length) 1 = real token
         self.routing: Routing = Routing.base(0)  # of self.rows, rebuilt only when rows join or leave
+        self.cache_keyword = cache_keyword(editor.backbone.model)
         tok = editor.backbone.tokenizer
         self.eos = tok.eos_token_id
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos
@@ -113,7 +117,7 @@ class DecodeLoop:
             out = self.editor.backbone.model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                              position_ids=positions.to(device), use_cache=True,
                                              logits_to_keep=1)  # only the last position's logits are read
-        self._merge(out.past_key_values, mask.to(device), new)
+        self._merge(getattr(out, self.cache_keyword), mask.to(device), new)
         self._advance(new, out.logits[:, -1])
 
     def _merge(self, cache, mask: torch.Tensor, new: list[Sequence]) -> None:
@@ -145,8 +149,8 @@ class DecodeLoop:
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
         with self.editor.routed(self.routing):
             out = self.editor.backbone.model(input_ids=last, attention_mask=self.mask, position_ids=positions,
-                                             past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+                                             use_cache=True, **{self.cache_keyword: self.cache})
+        self.cache = getattr(out, self.cache_keyword)
         self._advance(self.rows, out.logits[:, -1])
         self._drop_finished()
 
@@ -174,9 +178,9 @@ class DecodeLoop:
             else:
                 seq.tokens.append(token)
                 seq.text = tokenizer.decode(seq.tokens, skip_special_tokens=True)
-                cut = min((seq.text.find(s) for s in seq.stop if s and s in seq.text), default=-1)
-                if cut >= 0:
-                    seq.text, seq.finish_reason = seq.text[:cut], "stop"
+                seq.text, stopped = cut_at_stop(seq.text, seq.stop)
+                if stopped:
+                    seq.finish_reason = "stop"
                 elif len(seq.tokens) >= seq.max_new_tokens:
                     seq.finish_reason = "length"
             self._emit(seq)

@@ -13,11 +13,13 @@ import numpy as np
 
 from melo_ray.backbones import Backbone, load_backbone
 from melo_ray.config import EditorConfig, load_config
-from melo_ray.editors.protocol import Editor, Routing
+from melo_ray.editors.protocol import Editor
+from melo_ray.editors.routing import Routing
 from melo_ray.editors.registry import build_editor
 from melo_ray.inference import generate_token_ids
 from melo_ray.serving.decoding import DecodeLoop, SamplingParams, Sequence, run_to_completion
-from melo_ray.snapshots import SnapshotError
+from melo_ray.snapshots import check_editor
+from melo_ray.text import cut_at_stop
 
 
 @dataclass(frozen=True)
@@ -62,10 +64,9 @@ class ServingEngine:
 
     def install(self, manifest: Mapping[str, Any], files: Mapping[str, bytes]) -> None:
         """Swap in a verified snapshot (raises, keeping the current one, if it does not fit)."""
-        if manifest.get("editor") != self.editor.name:
-            raise SnapshotError(f"snapshot v{manifest.get('version')} is for editor '{manifest.get('editor')}'; "
-                                f"this replica serves '{self.editor.name}'")
-        self.editor.restore_files(manifest, files, f"snapshot v{manifest.get('version')}")  # raises before any change
+        where = f"snapshot v{manifest.get('version')}"
+        check_editor(manifest.get("editor"), self.editor.name, where, "this replica serves the latter")
+        self.editor.restore_files(manifest, files, where)  # raises before any change
         self.version = int(manifest["version"])
         self.stats = dict(manifest.get("stats", {}))
 
@@ -98,14 +99,11 @@ class ServingEngine:
 
     def completion(self, request: CompletionRequest, seq: Sequence) -> Completion:
         """What a finished row answers, with which edit fired and the snapshot version."""
-        routing = seq.routing
-        block, distance = int(routing.ids[0]), float(routing.distances[0])
+        block, distance, edit_id = seq.routing.row(0)
         return Completion(
-            text=seq.text, block=block if block >= 0 else None,
-            distance=distance if np.isfinite(distance) else None, version=self.version,
+            text=seq.text, block=block, distance=distance, version=self.version,
             prompt_tokens=request.prompt_tokens if request.prompt_tokens is not None else len(seq.prompt_ids),
-            completion_tokens=len(seq.tokens), finish_reason=seq.finish_reason or "length",
-            edit_id=routing.edit_ids[0] if routing.edit_ids is not None and block >= 0 else None,
+            completion_tokens=len(seq.tokens), finish_reason=seq.finish_reason or "length", edit_id=edit_id,
         )
 
     def complete(self, requests: list[CompletionRequest], *, base: bool = False, max_batch: int = 32) -> list[Completion]:
@@ -130,8 +128,7 @@ class ServingEngine:
             seq = Sequence([], request.max_new_tokens, routing.take([i]), stop=request.stop)
             seq.tokens = row[: request.max_new_tokens]  # greedy decoding is prefix-consistent
             text = editor.backbone.tokenizer.decode(seq.tokens, skip_special_tokens=True)
-            cut = min((text.find(s) for s in request.stop if s and s in text), default=-1)
-            seq.text = text[:cut] if cut >= 0 else text
-            seq.finish_reason = "stop" if cut >= 0 or len(seq.tokens) < request.max_new_tokens else "length"
+            seq.text, stopped = cut_at_stop(text, request.stop)
+            seq.finish_reason = "stop" if stopped or len(seq.tokens) < request.max_new_tokens else "length"
             out.append(self.completion(request, seq))
         return out

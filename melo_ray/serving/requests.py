@@ -131,3 +131,11 @@ def parse_body(body: bytes, model: type[BaseModel], limit: int) -> Any:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or None
         raise ApiError(422, f"field '{field}': {first['msg']}", field) from exc
+
+
+def check_bearer(authorization: str | None, token: str | None) -> None:
+    """Every route but /healthz needs `Authorization: Bearer <token>` when the server has a token."""
+    if token is None:
+        return
+    if authorization != f"Bearer {token}":
+        raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer <token>)")

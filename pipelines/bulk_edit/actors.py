@@ -14,14 +14,15 @@ import dataclasses
 import os
 import resource
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from melo_ray.config import load_config
-from melo_ray.editors.protocol import BatchWriter, IndexUpdate, StaleStateError, TrainedBatch
+from melo_ray.editors.messages import IndexUpdate, StaleStateError, TrainedBatch
+from melo_ray.editors.single_writer import BatchWriter, WriterLayout
 from melo_ray.editors.registry import build_editor, editor_class
 from melo_ray.records import EditRecord
 
@@ -45,7 +46,7 @@ class TrainerInfo:
     device: str
     pid: int
     peak_rss_bytes: int
-    layout: dict[str, Any] = field(default_factory=dict)  # what the writer needs (Editor.writer_layout)
+    layout: WriterLayout | None = None  # what the writer needs (Editor.writer_layout); None: no writer
     node_id: str = ""  # the Ray node it runs on
 
 
@@ -64,7 +65,7 @@ class TrainerActor:
             editor=self.editor.name, version=self.editor.version, base_checksum=self.editor.base_checksum,
             labels=tuple(labels) if labels is not None else None,
             device=str(self.editor.backbone.device), pid=os.getpid(), peak_rss_bytes=_peak_rss_bytes(),
-            layout=self.editor.writer_layout() if pooled else {}, node_id=_node_id(),
+            layout=self.editor.writer_layout() if pooled else None, node_id=_node_id(),
         )
 
     # -- a pooled (stateless) trainer --------------------------------------------------------------
@@ -126,12 +127,12 @@ class WriterActor:
             raise StaleStateError("the writer holds no state (it restarted); restore it from a snapshot")
         return self._writer
 
-    def reset(self, layout: Mapping[str, Any]) -> int:
-        self._writer = self.writer_type.create(self.config, dict(layout))
+    def reset(self, layout: WriterLayout) -> int:
+        self._writer = self.writer_type.create(self.config, layout)
         return 0
 
-    def restore(self, layout: Mapping[str, Any], manifest: Mapping[str, Any], files: Mapping[str, bytes]) -> int:
-        self._writer = self.writer_type.from_files(self.config, dict(layout), manifest, files,
+    def restore(self, layout: WriterLayout, manifest: Mapping[str, Any], files: Mapping[str, bytes]) -> int:
+        self._writer = self.writer_type.from_files(self.config, layout, manifest, files,
                                                    f"snapshot v{manifest.get('version')}")
         return self._writer.version
 

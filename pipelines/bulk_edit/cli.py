@@ -10,6 +10,7 @@ from melo_ray.config import ConfigError, load_config, with_overrides
 from melo_ray.editors.registry import editor_names
 from melo_ray.records import RecordError
 from melo_ray.snapshots import SnapshotError
+from pipelines.bulk_edit.job import BulkEditJob, JobError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,8 +25,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.bulk_edit.job import BulkEditJob
-
     config = with_overrides(load_config(args.config), args.set)
     if args.editor:
         config = config.model_copy(update={"editor": args.editor})
@@ -43,8 +42,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.bulk_edit.job import JobError
-
     parser = argparse.ArgumentParser(prog="python -m pipelines.bulk_edit", description="Bulk-edit job on Ray.")
     add_arguments(parser)
     args = parser.parse_args(argv)

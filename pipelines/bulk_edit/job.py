@@ -11,6 +11,11 @@ actor killed), the job restarts from the latest published version: the stateful 
 from it and the stream is re-read from `rows_done`. Training is seeded by the batch's position in
 the stream, so a batch redone after a crash, or trained by another trainer of the pool, gives the
 same block and the same clusters as an uninterrupted run with one trainer.
+
+The driver's loop is three named pieces: `BatchQueue` queues each batch on the actors without
+waiting, `InFlightWindow` decides when to wait for the oldest, and `CommitPublisher` commits them in
+stream order on one thread. Every publish is fenced by the store's writer lease, and a commit point
+that cannot reach the store is retried with backoff (`pipeline.publish_retries`).
 """
 from __future__ import annotations
 
@@ -25,19 +30,21 @@ from typing import Any
 
 from melo_ray.cluster import init_ray
 from melo_ray.config import EditorConfig
-from melo_ray.editors.protocol import IndexUpdate, StaleStateError, TrainedBatch
+from melo_ray.editors.messages import IndexUpdate, StaleStateError, TrainedBatch
 from melo_ray.editors.registry import editor_class
 from melo_ray.records import EditRecord, RecordError, parse_record
-from melo_ray.snapshots import SnapshotError
-from melo_ray.store import SnapshotStore
+from melo_ray.snapshots import SnapshotError, check_editor
+from melo_ray.store import FencedError, Lease, SnapshotStore, StoreBusyError
 from melo_ray.training import label_error, length_error
 from pipelines.bulk_edit.actors import CommitResult, TrainerActor, TrainerInfo, WriterActor
 from pipelines.bulk_edit.source import EditSource, ReadAhead
+from pipelines.bulk_edit.tracking import JobTracker
 
 log = logging.getLogger(__name__)
 
 
 READER_CPUS = 1.0  # kept free for the stream reader (Ray Data)
+PLOTTED_METRICS = ("loss", "clusters", "index_size", "train_seconds")  # job_metrics.png in the MLflow run
 
 
 class JobError(RuntimeError):
@@ -90,6 +97,16 @@ def _check_job_id(job_id: str) -> None:
         raise JobError(f"--job-id '{job_id}': use letters, digits, '-', '_' and '.' only")
 
 
+def _unreachable(exc: BaseException | None) -> bool:
+    """A failure to reach or write the store (OSError, also when wrapped in a SnapshotError), not a
+    refusal or a damaged snapshot."""
+    while exc is not None:
+        if isinstance(exc, OSError):
+            return True
+        exc = exc.__cause__
+    return False
+
+
 def _save_state(store: SnapshotStore, state: JobState) -> None:
     store.put_bytes(_state_path(state.job_id), json.dumps(asdict(state), indent=2).encode())
 
@@ -133,6 +150,152 @@ class _Actors:
         return self.trainers + ([self.writer] if self.writer is not None else [])
 
 
+@dataclass(frozen=True)
+class StreamBatch:
+    """Validated records of the stream, up to and including row `last_row`."""
+
+    records: list[EditRecord]
+    last_row: int
+    final: bool  # the stream's last batch: published whatever `snapshot_every` says
+
+
+@dataclass
+class _JobClock:
+    """The job's own clock: seconds of earlier runs of this job id plus this run's."""
+
+    started: float
+    before: float
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+
+class BatchQueue:
+    """Queues batches on the actors without waiting: training (round robin over the pool), the commit
+    by the writer (in stream order: Ray runs one caller's calls on an actor in order), and at a publish
+    point the snapshot files as of this batch. The driver goes on reading the stream meanwhile."""
+
+    def __init__(self, actors: _Actors, version: int, snapshot_every: int,
+                 snapshot_parts: Callable[[], list[Any]]) -> None:
+        self.actors = actors
+        self.version = version  # of the last batch queued: every batch moves it by one
+        self.snapshot_every = snapshot_every
+        self.snapshot_parts = snapshot_parts
+        self.unpublished = 0  # batches queued since the last one that will be published
+
+    def submit(self, batch: StreamBatch) -> _InFlight:
+        trainers, writer = self.actors.trainers, self.actors.writer
+        records = list(batch.records)
+        if writer is not None:
+            trained_ref = trainers[self.version % len(trainers)].train_detached.remote(records, self.version)
+            result_ref = writer.commit.remote(trained_ref)  # waits on the trainer's result
+        else:
+            result_ref = trainers[0].train.remote(records, self.version)
+        self.version += 1
+        self.unpublished += 1
+        publish = self.unpublished >= self.snapshot_every or batch.final
+        parts = self.snapshot_parts() if publish else None  # queued now: the state as of this batch
+        if publish:
+            self.unpublished = 0
+        return _InFlight(self.version, batch.last_row, result_ref, parts, batch.final)
+
+
+@dataclass
+class InFlightWindow:
+    """Batches queued on the actors and not yet waited for, oldest first, and when to wait for them."""
+
+    size: int  # batches queued at most
+    max_snapshots: int  # publish points queued at most: each holds a copy of the whole bank
+    items: deque[_InFlight] = field(default_factory=deque)
+
+    @classmethod
+    def for_pool(cls, inflight_batches: int, trainers: int) -> "InFlightWindow":
+        # each trainer keeps its own queue of `inflight_batches`: with one batch ahead per trainer, the
+        # oldest (slowest) batch held the rest idle and 4 trainers reached 0.77 of 4x one (16 cores);
+        # but a wide pool's memory must not grow with its queues: one snapshot per trainer + look-ahead
+        return cls(size=inflight_batches * trainers, max_snapshots=inflight_batches + trainers - 1)
+
+    def push(self, item: _InFlight) -> list[_InFlight]:
+        """Queue `item`; returns the oldest batches to wait for now (all of them after a final one)."""
+        self.items.append(item)
+        due = []
+        while self.items and (len(self.items) > self.size or item.final
+                              or sum(i.parts is not None for i in self.items) > self.max_snapshots):
+            due.append(self.items.popleft())
+        return due
+
+    def drain(self) -> list[_InFlight]:
+        due = list(self.items)
+        self.items.clear()
+        return due
+
+
+class CommitPublisher:
+    """Waits for queued batches in stream order and hands each one's publish (the commit), job state and
+    metrics to one thread: a slow store does not hold up the stream, and one thread keeps publishes,
+    job state and tracking in stream order. A failed publish stops every later one and is raised in the
+    driver at its next `finish` or on leaving the `with` block."""
+
+    def __init__(self, job: "BulkEditJob", bar: Any, clock: _JobClock) -> None:
+        self.job, self.bar, self.clock = job, bar, clock
+        self.pending: deque[Future] = deque()
+        self.failed_at: int | None = None  # the version whose publish failed
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="publisher")
+
+    def __enter__(self) -> "CommitPublisher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                while self.pending:
+                    self.pending.popleft().result()
+        finally:
+            self.thread.shutdown(wait=True)
+
+    def finish(self, item: _InFlight, rejects: list[dict[str, Any]]) -> None:
+        """Wait for `item`'s training and commit, then queue its publish and metrics."""
+        import ray
+
+        result = ray.get(item.result_ref)
+        if isinstance(result, CommitResult):
+            trained, indexed = result.trained, result.update
+        else:  # the one trainer applied everything; its counters stand in for a writer's
+            assert isinstance(result, TrainedBatch)
+            trained, indexed = result, result.update or IndexUpdate()
+        if trained.version != item.version:
+            raise StaleStateError(f"actor answered version {trained.version}, the job expected {item.version}")
+        metrics = {
+            "loss": trained.final_loss, "train_seconds": trained.seconds, "steps": trained.steps,
+            "learned": trained.learned, "clusters": indexed.clusters, "conflicts": indexed.conflicts,
+            "forgotten": indexed.forgotten_total, "index_size": indexed.members,
+        }
+        self.pending.append(self.thread.submit(self._commit, item, metrics, indexed.clusters, list(rejects)))
+        while len(self.pending) > 1 or (self.pending and self.pending[0].done()):
+            self.pending.popleft().result()  # re-raises a failed publish here
+
+    def _commit(self, item: _InFlight, metrics: dict[str, float], clusters: int, rejects: list) -> None:
+        """On the publisher thread: publish at a publish point, then log and report."""
+        if self.failed_at is not None:  # a publish before this one failed: publish nothing after it
+            return
+        job, state = self.job, self.job.state
+        try:
+            state.batches = item.version - state.version_before
+            if item.parts is not None:
+                job._publish(item.version, item.last_row + 1, rejects, item.final, item.parts)
+                state.seconds = self.clock.seconds()
+                metrics.update(edits_total=state.edits_applied, rejected_total=state.rejected,
+                               publish_seconds=job.last_publish_seconds)
+            job.tracker.log_metrics(metrics, step=item.version)
+            self.bar.n = item.last_row + 1
+            self.bar.set_postfix(edits=state.edits_applied, clusters=clusters, rejected=len(rejects))
+            if item.parts is not None and job.on_commit is not None:
+                job.on_commit(job, item.version)
+        except BaseException:
+            self.failed_at = item.version
+            raise
+
+
 class BulkEditJob:
     """One run of one job id. `run()` returns when the whole stream is committed."""
 
@@ -150,6 +313,7 @@ class BulkEditJob:
         self.state = self._load_or_start_state()
         self.actors: _Actors | None = None
         self.tracker = None
+        self.lease: Lease | None = None  # held while run() runs; every publish is fenced by it
         self.last_publish_seconds = 0.0
 
     # -- job state -------------------------------------------------------------------------------
@@ -280,9 +444,8 @@ class BulkEditJob:
         manifest, files = self.store.read(version)
         if manifest.get("base_checksum") != self.actors.info.base_checksum:
             raise SnapshotError(f"{self.store.uri} v{version}: made on other base weights than this job's backbone")
-        if manifest.get("editor") != self.config.editor:
-            raise JobError(f"{self.store.uri} v{version} holds a '{manifest.get('editor')}' snapshot; "
-                           f"this job runs '{self.config.editor}': use another --out")
+        check_editor(manifest.get("editor"), self.config.editor, f"{self.store.uri} v{version}",
+                     "this job runs the latter: use another --out")
         files_ref = ray.put(files)
         return ray.get(writer.restore.remote(layout, manifest, files_ref) if writer is not None
                        else self.actors.trainers[0].restore.remote(manifest, files_ref))
@@ -293,13 +456,11 @@ class BulkEditJob:
             log.info("job %s already completed; nothing to do", self.job_id)
             return self._summary()
         init_ray()
-        with self.store.writing(f"job:{self.job_id}"):  # one writer: a revert or rollback waits for us
+        with self.store.writing(f"job:{self.job_id}") as self.lease:  # one writer: a revert waits for us
             return self._run_tracked()
 
     def _run_tracked(self) -> JobSummary:
         import ray
-
-        from pipelines.bulk_edit.tracking import JobTracker
 
         self.tracker = JobTracker(self.config, self.store, self.job_id, self.state.mlflow_run_id)
         self.state.mlflow_run_id = self.tracker.run_id
@@ -321,7 +482,10 @@ class BulkEditJob:
         except BaseException as exc:
             self.state.status = "failed"
             self.state.error = f"{type(exc).__name__}: {exc}"
-            _save_state(self.store, self.state)
+            try:
+                _save_state(self.store, self.state)
+            except OSError as unsaved:  # the store is what failed: the error raised below says more
+                log.warning("job %s: could not record the failure in the store: %s", self.job_id, unsaved)
             self.tracker.end("FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED")
             raise
         finally:
@@ -350,120 +514,41 @@ class BulkEditJob:
                 self.actors = self._start_actors()
             self._run_restored(rows, self._restore_actors(version), rows_done)
 
-    def _run_restored(self, rows: Iterator[tuple[int, dict[str, Any]]], expected: int, rows_done: int) -> None:
+    def _run_restored(self, rows: Iterator[tuple[int, dict[str, Any]]], version: int, rows_done: int) -> None:
         """Train, commit and publish the stream's `rows` (from `rows_done` on) on actors restored to
-        version `expected`."""
-        import ray
+        `version`: batches are queued on the actors without waiting (BatchQueue), waited for oldest first
+        within a window (InFlightWindow), and committed in stream order on one thread (CommitPublisher)."""
         from tqdm import tqdm
 
         rejects = _load_rejects(self.store, self.job_id, rows_done)
         self.state.rows_done = rows_done
         self.state.rejected = len(rejects)
-        started = time.perf_counter()
-        seconds_before = self.state.seconds
-        pending: list[EditRecord] = []
-        labels = self.actors.info.labels
-        unpublished = 0  # batches submitted since the last version that will be published
-        inflight: deque[_InFlight] = deque()
+        clock = _JobClock(time.perf_counter(), self.state.seconds)
         bar = tqdm(total=self.source.num_rows, initial=rows_done, desc=f"job {self.job_id}", unit="row",
                    disable=not self.progress)
-
-        trainers = self.actors.trainers
-        writer = self.actors.writer
-        # each trainer keeps its own queue of `inflight_batches`: with one batch ahead per trainer, the
-        # oldest (slowest) batch held the rest idle and 4 trainers reached 0.77 of 4x one (16 cores)
-        window = self.cfg.inflight_batches * len(trainers)
-        # but each queued publish point holds a copy of the whole bank until it is written: one per
-        # trainer plus the look-ahead, so a wide pool's memory does not grow with its queues
-        max_snapshots = self.cfg.inflight_batches + len(trainers) - 1
-
-        def submit(last_row: int, final: bool = False) -> None:
-            """Queue one batch without waiting: training (round robin over the pool), the commit by
-            the writer (in stream order: Ray runs one caller's calls on an actor in order), and (at a
-            publish point) the snapshot files as of this batch. The driver goes on reading the stream."""
-            nonlocal expected, unpublished
-            if writer is not None:
-                trained_ref = trainers[expected % len(trainers)].train_detached.remote(list(pending), expected)
-                result_ref = writer.commit.remote(trained_ref)  # waits on the trainer's result
-            else:
-                result_ref = trainers[0].train.remote(list(pending), expected)
-            expected += 1  # every batch moves the version by one
-            unpublished += 1
-            pending.clear()
-            publish = unpublished >= self.cfg.snapshot_every or final
-            parts = self._snapshot_parts() if publish else None
-            if publish:
-                unpublished = 0
-            inflight.append(_InFlight(expected, last_row, result_ref, parts, final))
-            while (len(inflight) > window or (final and inflight)
-                   or sum(item.parts is not None for item in inflight) > max_snapshots):
-                finish(inflight.popleft())
-
-        def finish(item: _InFlight) -> None:
-            """Wait for the oldest batch, then hand its publish (the commit) and its metrics to the
-            publisher thread: a slow store does not hold up the stream, and one thread keeps
-            publishes, job state and tracking in stream order."""
-            result = ray.get(item.result_ref)
-            if isinstance(result, CommitResult):
-                trained, indexed = result.trained, result.update
-            else:  # the one trainer applied everything; its counters stand in for a writer's
-                assert isinstance(result, TrainedBatch)
-                trained, indexed = result, result.update or IndexUpdate()
-            if trained.version != item.version:
-                raise StaleStateError(f"actor answered version {trained.version}, the job expected {item.version}")
-            metrics = {
-                "loss": trained.final_loss, "train_seconds": trained.seconds, "steps": trained.steps,
-                "learned": trained.learned, "clusters": indexed.clusters, "conflicts": indexed.conflicts,
-                "forgotten": indexed.forgotten_total, "index_size": indexed.members,
-            }
-            publishing.append(publisher.submit(record, item, metrics, indexed.clusters, list(rejects)))
-            while len(publishing) > 1 or (publishing and publishing[0].done()):
-                publishing.popleft().result()  # re-raises a failed publish here
-
-        def record(item: _InFlight, metrics: dict[str, float], clusters: int, rejects_now: list) -> None:
-            if failed:  # a publish before this one failed: publish nothing after it
-                return
-            try:
-                record_one(item, metrics, clusters, rejects_now)
-            except BaseException:
-                failed.append(item.version)
-                raise
-
-        def record_one(item: _InFlight, metrics: dict[str, float], clusters: int, rejects_now: list) -> None:
-            self.state.batches = item.version - self.state.version_before
-            if item.parts is not None:
-                self._publish(item.version, item.last_row + 1, rejects_now, item.final, item.parts)
-                self.state.seconds = seconds_before + time.perf_counter() - started
-                metrics["edits_total"] = self.state.edits_applied
-                metrics["rejected_total"] = self.state.rejected
-                metrics["publish_seconds"] = self.last_publish_seconds
-            self.tracker.log_metrics(metrics, step=item.version)
-            bar.n = item.last_row + 1
-            bar.set_postfix(edits=self.state.edits_applied, clusters=clusters, rejected=len(rejects_now))
-            if item.parts is not None and self.on_commit is not None:
-                self.on_commit(self, item.version)
-
-        publishing: deque[Future] = deque()
-        failed: list[int] = []  # versions whose publish failed (the publisher thread stops there)
-        with ThreadPoolExecutor(1, thread_name_prefix="publisher") as publisher:
-            last_row = self._stream(rows, rows_done, rejects, labels, pending, submit)
-            if pending:
-                submit(last_row, final=True)
-            while inflight:
-                finish(inflight.popleft())
-            while publishing:
-                publishing.popleft().result()
-        if unpublished:  # batches after the last publish point (snapshot_every > 1)
-            self._publish(expected, last_row + 1, rejects, True, self._snapshot_parts())
+        queue = BatchQueue(self.actors, version, self.cfg.snapshot_every, self._snapshot_parts)
+        window = InFlightWindow.for_pool(self.cfg.inflight_batches, len(self.actors.trainers))
+        last_row = rows_done - 1
+        with CommitPublisher(self, bar, clock) as publisher:
+            for batch in self._batches(rows, rows_done, rejects, self.actors.info.labels):
+                last_row = batch.last_row
+                if batch.records:
+                    for item in window.push(queue.submit(batch)):
+                        publisher.finish(item, rejects)
+            for item in window.drain():
+                publisher.finish(item, rejects)
+        if queue.unpublished:  # batches after the last publish point (snapshot_every > 1)
+            self._publish(queue.version, last_row + 1, rejects, True, self._snapshot_parts())
         else:  # rows after the last batch (e.g. only rejects) still count as read
             self._record_progress(last_row + 1, rejects)
         bar.close()
-        self.state.seconds = seconds_before + time.perf_counter() - started
+        self.state.seconds = clock.seconds()
 
-    def _stream(self, rows: Iterator[tuple[int, dict[str, Any]]], rows_done: int, rejects: list[dict[str, Any]],
-                labels: tuple[str, ...] | None, pending: list[EditRecord], submit: Callable[[int, bool], None]) -> int:
-        """Validate the stream's `rows` (from `rows_done` on), submitting each full batch; bad rows go
-        to `rejects`. Returns the last row read."""
+    def _batches(self, rows: Iterator[tuple[int, dict[str, Any]]], rows_done: int, rejects: list[dict[str, Any]],
+                 labels: tuple[str, ...] | None) -> Iterator[StreamBatch]:
+        """The stream's `rows` (from `rows_done` on), validated, in batches; bad rows go to `rejects`.
+        The last batch is `final` (it may hold no records: rows after the last full batch were rejects)."""
+        pending: list[EditRecord] = []
         last_row = rows_done - 1
         for row, raw in rows:
             last_row = row
@@ -478,8 +563,9 @@ class BulkEditJob:
                 continue
             pending.append(record)
             if len(pending) == self.batch_size:
-                submit(row, False)
-        return last_row
+                yield StreamBatch(pending, row, final=False)
+                pending = []
+        yield StreamBatch(pending, last_row, final=True)
 
     def _snapshot_parts(self) -> list[Any]:
         """Refs to the stateful actor's files and counters, queued now: they hold the state as of the
@@ -489,7 +575,35 @@ class BulkEditJob:
 
     def _publish(self, version: int, rows_done: int, rejects: list[dict[str, Any]], final: bool,
                  parts_refs: list[Any]) -> None:
-        """The commit point: rejects first (idempotent), then the snapshot version, then job state."""
+        """The commit point, retried (each step is idempotent) while the store cannot be reached."""
+        retries, wait = self.cfg.publish_retries, self.cfg.publish_backoff_s
+        for attempt in range(retries + 1):
+            try:
+                return self._publish_once(version, rows_done, rejects, final, parts_refs)
+            except (FencedError, StoreBusyError):
+                raise  # another writer holds the store: retrying cannot help
+            except (OSError, SnapshotError) as exc:
+                if not _unreachable(exc):
+                    raise
+                if attempt == retries:
+                    raise JobError(
+                        f"job '{self.job_id}': could not publish version {version} to {self.store.uri} after "
+                        f"{retries + 1} tries: {exc}. Nothing partial was published (LATEST.json names v"
+                        f"{self._latest_or_unknown()}); run the same command again to resume") from exc
+                log.warning("job %s: publishing version %d failed (%s); retry %d of %d in %.1f s", self.job_id,
+                            version, exc, attempt + 1, retries, wait)
+                time.sleep(wait)
+                wait *= 2
+
+    def _latest_or_unknown(self) -> str:
+        try:
+            return str(self.store.latest_version())
+        except (OSError, SnapshotError):
+            return "? (unreachable)"
+
+    def _publish_once(self, version: int, rows_done: int, rejects: list[dict[str, Any]], final: bool,
+                      parts_refs: list[Any]) -> None:
+        """Rejects first (idempotent), then the snapshot version (fenced by the lease), then job state."""
         import ray
 
         _save_rejects(self.store, self.job_id, [r for r in rejects if r["row"] < rows_done])
@@ -504,7 +618,7 @@ class BulkEditJob:
                     "edits_uri": self.source.uri, "fingerprint": self.source.fingerprint},
         }
         started = time.perf_counter()
-        self.store.publish(version, files, meta)
+        self.store.publish(version, files, meta, lease=self.lease)
         self.last_publish_seconds = time.perf_counter() - started
         self.state.edits_applied = stats["edits"] - self.state.edits_before
         self.state.last_version = version
@@ -519,11 +633,6 @@ class BulkEditJob:
         _save_state(self.store, self.state)
 
     def _finish(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         state = self.state
         state.status = "completed"
         minutes = state.seconds / 60
@@ -536,29 +645,8 @@ class BulkEditJob:
         if state.last_version is not None:
             self.tracker.log_dict(self.store.read_manifest(state.last_version), "snapshot_manifest.json")
         self.tracker.log_dict(asdict(state), "job_state.json")
-        figure = self._figure(plt)
-        if figure is not None:
-            self.tracker.log_figure(figure, "job_metrics.png")
-            plt.close(figure)
+        self.tracker.log_metric_plots(PLOTTED_METRICS, "job_metrics.png")
         self.tracker.end()
-
-    def _figure(self, plt: Any) -> Any:
-        client = self.tracker.mlflow.tracking.MlflowClient()
-        series = {}
-        for key in ("loss", "clusters", "index_size", "train_seconds"):
-            history = client.get_metric_history(self.tracker.run_id, key)
-            if history:
-                series[key] = sorted((m.step, m.value) for m in history)
-        if not series:
-            return None
-        figure, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3))
-        axes = [axes] if len(series) == 1 else list(axes)
-        for ax, (key, points) in zip(axes, series.items()):
-            ax.plot([p[0] for p in points], [p[1] for p in points])
-            ax.set_title(key)
-            ax.set_xlabel("snapshot version (blocks)")
-        figure.tight_layout()
-        return figure
 
     def _summary(self) -> JobSummary:
         stats = {}

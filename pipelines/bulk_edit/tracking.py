@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from melo_ray.config import EditorConfig
@@ -76,8 +76,32 @@ class JobTracker:
     def log_dict(self, data: Mapping[str, Any], name: str) -> None:
         self.mlflow.log_dict(dict(data), name)
 
-    def log_figure(self, figure: Any, name: str) -> None:
-        self.mlflow.log_figure(figure, name)
+    def log_metric_plots(self, keys: Sequence[str], name: str) -> None:
+        """One panel per metric of this run (its history by step), as the artifact `name`. Drawn here,
+        from what MLflow recorded, so the job's driver never touches matplotlib."""
+        series = {}
+        for key in keys:
+            history = self.client.get_metric_history(self.run_id, key)
+            if history:
+                series[key] = sorted((m.step, m.value) for m in history)
+        if not series:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3))
+        axes = [axes] if len(series) == 1 else list(axes)
+        for ax, (key, points) in zip(axes, series.items()):
+            ax.plot([p[0] for p in points], [p[1] for p in points])
+            ax.set_title(key)
+            ax.set_xlabel("snapshot version (blocks)")
+        figure.tight_layout()
+        try:
+            self.mlflow.log_figure(figure, name)
+        finally:
+            plt.close(figure)
 
     def end(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)

@@ -24,13 +24,16 @@ from torch import nn
 
 from melo_ray.backbones import Backbone
 from melo_ray.config import EditorConfig
+from melo_ray.editors.elder.config import ElderConfig
 from melo_ray.editors.elder.layer import ElderLinear
 from melo_ray.editors.layers import get_parent
 from melo_ray.editors.melo.keys import build_key_function, prompt_and_paraphrase_keys
-from melo_ray.editors.protocol import Editor, IndexUpdate, Routing, TrainedBatch
+from melo_ray.editors.messages import IndexUpdate, TrainedBatch
+from melo_ray.editors.protocol import Editor
+from melo_ray.editors.routing import Routing
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError
-from melo_ray.training import EditBatch, build_batch, in_formats, train_block
+from melo_ray.training import EditBatch, build_batch, in_formats, train_block, training_formats
 
 
 class ElderEditor(Editor):
@@ -38,11 +41,12 @@ class ElderEditor(Editor):
 
     def __init__(self, config: EditorConfig, backbone: Backbone | None = None, device: str | None = None) -> None:
         super().__init__(config, backbone, device)
-        self.cfg = config.elder
-        self.key_function = build_key_function(self.backbone, config.index)
+        self.cfg: ElderConfig = config.section("elder")
+        self.key_function = build_key_function(self.backbone, config.section("index"))
         generator = torch.Generator().manual_seed(self.cfg.seed)
         self.layers: dict[str, ElderLinear] = {}
-        for name in self.cfg.target_modules or config.lora.target_modules:
+        # its own layers, else the LoRA layers of the config (an error naming lora.target_modules if none)
+        for name in self.cfg.target_modules or config.section("lora").target_modules:
             parent, child = get_parent(self.backbone.model, name)
             layer = ElderLinear(getattr(parent, child), self.key_function.dim, self.cfg.num_experts, self.cfg.rank,
                                 self.cfg.alpha, self.cfg.top_k, generator)
@@ -98,29 +102,32 @@ class ElderEditor(Editor):
             self._codes_cache = cached
         return cached[1]
 
-    def _nearest_code_distance(self, keys: np.ndarray) -> np.ndarray:
+    def _nearest_codes(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per key: the stored edit whose allocation code is nearest (-1: none stored) and the Hamming distance."""
         if len(self.edit_keys) == 0:
-            return np.full(len(keys), np.inf)
+            return np.full(len(keys), -1, np.int64), np.full(len(keys), np.inf)
         stored = self._stored_codes()
         query = self.codes(keys).astype(np.int32)
         # Hamming distance = bits that differ; one matrix product instead of a loop over pairs
         differ = query.sum(1)[:, None] + stored.sum(1)[None, :] - 2 * query @ stored.T
-        return differ.min(axis=1).astype(np.float64)
+        return differ.argmin(axis=1), differ.min(axis=1).astype(np.float64)
 
     def route(self, prompts: list[str]) -> Routing:
         """0 where the mixture is used, -1 where the input is deferred to the base model; Hamming
-        distance to the nearest stored code. The routing carries the keys the mixture is fed."""
+        distance to the nearest stored code, whose edit is the one behind the row. The routing
+        carries the keys the mixture is fed."""
         keys = self.key_function.keys(prompts)
-        distance = self._nearest_code_distance(keys)
+        nearest, distance = self._nearest_codes(keys)
         ids = np.where(distance <= self.cfg.defer_threshold, 0, -1).astype(np.int64)
-        return Routing(ids, distance, payload=keys)
+        edit_ids = tuple(self.edit_records[n].id if i >= 0 else None for i, n in zip(ids.tolist(), nearest.tolist()))
+        return Routing(ids, distance, edit_ids, keys=keys)
 
     def routed(self, routing: Routing, batch: EditBatch | None = None) -> AbstractContextManager:
-        if routing.payload is None or not bool((routing.ids >= 0).any()):
+        if routing.keys is None or not bool((routing.ids >= 0).any()):
             return self._routing(None, None)  # every row on the exact base model
         device = self.backbone.device
         active = torch.as_tensor(np.nonzero(routing.ids >= 0)[0], dtype=torch.long, device=device)
-        return self._routing(torch.as_tensor(routing.payload, dtype=torch.float32, device=device), active)
+        return self._routing(torch.as_tensor(routing.keys, dtype=torch.float32, device=device), active)
 
     # -- editing -----------------------------------------------------------------------------------
     def _allocate(self, fact: str) -> np.ndarray:
@@ -175,7 +182,7 @@ class ElderEditor(Editor):
         new_records = records
         # training paraphrases: router-only rows (below) that teach each wording its fact's allocation
         new_keys, paraphrase_keys, paraphrase_owners = prompt_and_paraphrase_keys(
-            self.key_function, new_records, self.config.lora.train_rephrases)
+            self.key_function, new_records, self.config.train.train_rephrases)
         rng_state, known_facts = self.rng.bit_generator.state, set(self.allocations)
         replayed = self._replay_sample()
         batch_records = new_records + [self.edit_records[i] for i in replayed]
@@ -184,7 +191,7 @@ class ElderEditor(Editor):
         assigned = torch.as_tensor(np.stack([allocations[r.id] for r in batch_records]))  # (rows, layers, k)
         device = self.backbone.device
         query = torch.as_tensor(keys, dtype=torch.float32, device=device)
-        formats = self.config.train.formats  # every format's rows use the record's own key
+        formats = training_formats(self.backbone, self.config.train.formats)  # each format's rows: the record's key
         model_query = query.repeat(len(formats), 1)
         rows = torch.arange(len(batch_records) * len(formats), device=device)
         batch = build_batch(self.backbone, in_formats(self.backbone, batch_records, formats), self.config.train.append_eos,
@@ -309,15 +316,6 @@ class ElderEditor(Editor):
             self._codes_cache = None
 
         return swap
-
-    def edit_behind(self, prompt: str, routing: Routing) -> str | None:
-        """The stored edit whose allocation code is nearest the prompt's."""
-        if not self.edit_records:
-            return None
-        query = self.codes(routing.payload).astype(np.int32)
-        stored = self._stored_codes()
-        differ = query.sum(1)[:, None] + stored.sum(1)[None, :] - 2 * query @ stored.T
-        return self.edit_records[int(differ[0].argmin())].id
 
     def revert_state(self, ids: set[str]) -> Callable[[], None]:
         """The facts' allocations and stored codes go, so their inputs defer to the base model."""

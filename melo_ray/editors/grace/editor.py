@@ -20,13 +20,16 @@ from torch import nn
 
 from melo_ray.backbones import Backbone
 from melo_ray.config import EditorConfig, TrainConfig
+from melo_ray.editors.grace.config import GraceConfig
 from melo_ray.editors.grace.layer import STAGING_ENTRY, GraceLayer
 from melo_ray.editors.layers import get_parent
-from melo_ray.editors.melo.index import normalise_label
 from melo_ray.editors.melo.keys import HiddenStateKeys, prompt_and_paraphrase_keys
-from melo_ray.editors.protocol import Editor, IndexUpdate, Routing, TrainedBatch
+from melo_ray.editors.messages import IndexUpdate, TrainedBatch
+from melo_ray.editors.protocol import Editor
+from melo_ray.editors.routing import Routing
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError
+from melo_ray.text import normalise_label
 from melo_ray.training import IGNORE, EditBatch, build_batch, train_block
 
 
@@ -34,18 +37,18 @@ class GraceEditor(Editor):
     name = "grace"
 
     def __init__(self, config: EditorConfig, backbone: Backbone | None = None, device: str | None = None) -> None:
-        if not config.grace.layer:
+        grace: GraceConfig = config.section("grace")
+        if not grace.layer:
             raise ValueError("grace.layer: the GRACE editor needs the module whose output it replaces")
         super().__init__(config, backbone, device)
+        self.grace = grace
         if self.backbone.task != "causal_lm":
             raise ValueError("the GRACE baseline is implemented for causal language models only")
-        parent, child = get_parent(self.backbone.model, config.grace.layer)
+        parent, child = get_parent(self.backbone.model, grace.layer)
         self.layer = GraceLayer(getattr(parent, child))
         setattr(parent, child, self.layer)
-        self.keys = HiddenStateKeys(self.backbone, config.grace.layer, "last", capture="input")
-        self.train_config = TrainConfig(
-            **{**config.train.model_dump(), "num_iter": config.grace.num_iter, "lr": config.grace.lr}
-        )
+        self.keys = HiddenStateKeys(self.backbone, grace.layer, "last", capture="input")
+        self.train_config = TrainConfig(**{**config.train.model_dump(), "num_iter": grace.num_iter, "lr": grace.lr})
         self.splits = 0
         self.entry_edits: list[list[str]] = []  # per codebook entry: the ids of the edits it holds
 
@@ -72,7 +75,10 @@ class GraceEditor(Editor):
         nearest = dist.argmin(1)
         nearest_d = dist[torch.arange(len(prompts)), nearest]
         inside = nearest_d <= self.layer.eps[nearest]
-        return Routing(torch.where(inside, nearest, -1).numpy(), nearest_d.numpy())
+        entries = torch.where(inside, nearest, -1).numpy()
+        # an entry several edits share (same label, merged) answers for the latest of them
+        edit_ids = tuple(self.entry_edits[e][-1] if e >= 0 else None for e in entries.tolist())
+        return Routing(entries, nearest_d.numpy(), edit_ids)
 
     def train_batch(self, records: list[EditRecord]) -> TrainedBatch:
         """GRACE edits one record at a time; the batch only groups them. All or nothing: a failure
@@ -100,7 +106,7 @@ class GraceEditor(Editor):
 
     def _edit_one(self, record: EditRecord) -> tuple[int, float, float]:
         # keys are read at the layer's input, which the codebook does not change: one pass for all wordings
-        prompt_key, paraphrase_keys, _ = prompt_and_paraphrase_keys(self.keys, [record], self.config.lora.train_rephrases)
+        prompt_key, paraphrase_keys, _ = prompt_and_paraphrase_keys(self.keys, [record], self.config.train.train_rephrases)
         key = torch.from_numpy(prompt_key[0]).to(self.layer.keys.dtype)
         label = normalise_label(record.target)
         entry, eps = self._place(key, label, record.id)
@@ -119,7 +125,7 @@ class GraceEditor(Editor):
         """GRACE's codebook rule for a new key: (the entry of the same label it expanded to cover it,
         its radius), or (None, the radius its own new entry gets) after splitting an entry of another
         label within reach."""
-        eps_init = self.config.grace.eps_init
+        eps_init = self.grace.eps_init
         if not len(self.layer.keys):
             return None, eps_init
         dist = torch.linalg.vector_norm(self.layer.keys.double() - key.double(), dim=1)
@@ -144,7 +150,7 @@ class GraceEditor(Editor):
         self.layer.staging_value = value
         try:
             stats = train_block(
-                self.backbone, batch, [value], self.train_config, trained_modules=[self.config.grace.layer or ""],
+                self.backbone, batch, [value], self.train_config, trained_modules=[self.grace.layer or ""],
                 active=lambda: self._replace(torch.tensor([STAGING_ENTRY]), start),
             )
         finally:
@@ -195,10 +201,6 @@ class GraceEditor(Editor):
             self.layer.labels, self.splits, self.entry_edits = labels, splits, entry_edits
 
         return swap
-
-    def edit_behind(self, prompt: str, routing: Routing) -> str | None:
-        entry = int(routing.ids[0])
-        return self.entry_edits[entry][-1] if 0 <= entry < len(self.entry_edits) else None
 
     def revert_state(self, ids: set[str]) -> Callable[[], None]:
         """The edits' ids leave their entries; an entry that holds no edit any more is dropped."""

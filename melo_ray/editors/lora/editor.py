@@ -19,7 +19,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from melo_ray.backbones import Backbone
 from melo_ray.config import EditorConfig
-from melo_ray.editors.protocol import Editor, IndexUpdate, Routing, TrainedBatch
+from melo_ray.editors.messages import IndexUpdate, TrainedBatch
+from melo_ray.editors.protocol import Editor
+from melo_ray.editors.routing import Routing
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError
 from melo_ray.training import EditBatch, build_batch, train_block
@@ -30,10 +32,9 @@ class SequentialLoraEditor(Editor):
 
     def __init__(self, config: EditorConfig, backbone: Backbone | None = None, device: str | None = None) -> None:
         super().__init__(config, backbone, device)
-        peft_config = PeftLoraConfig(
-            r=config.lora.block_rank, lora_alpha=config.lora.alpha, lora_dropout=0.0,
-            target_modules=list(config.lora.target_modules),
-        )
+        lora = config.section("lora")
+        peft_config = PeftLoraConfig(r=lora.block_rank, lora_alpha=lora.alpha, lora_dropout=0.0,
+                                     target_modules=list(lora.target_modules))
         inject_adapter_in_model(peft_config, self.backbone.model)
         self.params = [p for n, p in self.backbone.model.named_parameters() if "lora_" in n]
         for p in self.params:
@@ -69,7 +70,7 @@ class SequentialLoraEditor(Editor):
         try:
             stats = train_block(
                 self.backbone, batch, self.params, self.config.train,
-                trained_modules=list(self.config.lora.target_modules), active=nullcontext,
+                trained_modules=list(self.config.section("lora").target_modules), active=nullcontext,
             )
         except BaseException:
             set_peft_model_state_dict(self.backbone.model, before)  # all or nothing

@@ -21,6 +21,18 @@ LEGACY_FILE = "adapters.safetensors"  # snapshots written before segments: the w
 _SEGMENT = re.compile(r"^adapters-(\d{5})\.safetensors$")
 
 
+def check_bank_shape(a: torch.Tensor, b: torch.Tensor, like_a: torch.Tensor, like_b: torch.Tensor, what: str, *,
+                     blocks: int | None = None, error: type[Exception] = ValueError) -> None:
+    """Raise `error` naming `what` unless blocks A (n, rank, in) and B (n, out, rank) fit a bank shaped
+    like (like_a, like_b): both 3-d, the same n (`blocks`, when given), the bank's rank, in and out."""
+    fits = (a.ndim == 3 and b.ndim == 3 and a.shape[0] == b.shape[0] and (blocks is None or a.shape[0] == blocks)
+            and tuple(a.shape[1:]) == tuple(like_a.shape[1:]) and tuple(b.shape[1:]) == tuple(like_b.shape[1:]))
+    if not fits:
+        wanted = f"{blocks} block(s) of " if blocks is not None else ""
+        raise error(f"{what} has the wrong shape: {tuple(a.shape)}/{tuple(b.shape)}, not {wanted}"
+                    f"(n, {', '.join(map(str, like_a.shape[1:]))})/(n, {', '.join(map(str, like_b.shape[1:]))})")
+
+
 class GrowingRows:
     """Appends rows along dim 0 in amortised O(rows appended): the live tensor is a prefix view of a
     spare buffer that doubles when full. Views handed out earlier stay valid (appends write past them)."""

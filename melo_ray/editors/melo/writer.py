@@ -12,37 +12,29 @@ from typing import Any
 import torch
 
 from melo_ray.config import EditorConfig
-from melo_ray.editors.melo.bank import GrowingRows, bank_files, read_bank
+from melo_ray.editors.melo.bank import GrowingRows, bank_files, check_bank_shape, read_bank
 from melo_ray.editors.melo.block_index import BlockIndex, snapshot_key_dim
 from melo_ray.editors.melo.layer import BlockBankFull
-from melo_ray.editors.protocol import (
-    BatchWriter,
-    EditEntry,
-    IndexUpdate,
-    StaleStateError,
-    TrainedBatch,
-    edit_log_files,
-    log_batch,
-    read_edit_log,
-)
+from melo_ray.editors.edit_log import EditEntry, edit_log_files, log_batch, read_edit_log
+from melo_ray.editors.messages import IndexUpdate, StaleStateError, TrainedBatch
+from melo_ray.editors.single_writer import BatchWriter
 from melo_ray.snapshots import SnapshotError
 
 
 def check_bank_config(config: EditorConfig, manifest: Mapping[str, Any], where: str) -> None:
     """A snapshot's bank fits only the LoRA settings it was trained with."""
-    lora = manifest.get("config", {}).get("lora")
-    fields = config.lora.BANK_FIELDS
-    if not isinstance(lora, dict) or {k: lora.get(k) for k in fields} != config.lora.model_dump(
-            mode="json", include=set(fields)):
+    lora, ours = manifest.get("config", {}).get("lora"), config.section("lora")
+    fields = ours.BANK_FIELDS
+    if not isinstance(lora, dict) or {k: lora.get(k) for k in fields} != ours.model_dump(mode="json", include=set(fields)):
         raise SnapshotError(f"{where}: snapshot's lora config differs from this editor's")
 
 
 class MeloWriter(BatchWriter):
-    def __init__(self, config: EditorConfig, layout: Mapping[str, Any], index: BlockIndex,
+    def __init__(self, config: EditorConfig, layout: WriterLayout, index: BlockIndex,
                  banks: Mapping[str, tuple[torch.Tensor, torch.Tensor]], edit_log: dict[str, EditEntry],
                  version: int, edits: int) -> None:
         self.config = config
-        self.layout = dict(layout)
+        self.layout = layout
         self.index = index
         self.banks = {name: list(pair) for name, pair in banks.items()}
         self.grow = {name: (GrowingRows(), GrowingRows()) for name in banks}
@@ -52,18 +44,18 @@ class MeloWriter(BatchWriter):
         self.edits = edits
 
     @staticmethod
-    def _empty_banks(config: EditorConfig, layout: Mapping[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        rank, dtype = config.lora.block_rank, getattr(torch, config.backbone.dtype)  # blocks follow the base dtype
-        return {name: (torch.zeros(0, rank, int(shape["in"]), dtype=dtype), torch.zeros(0, int(shape["out"]), rank, dtype=dtype))
-                for name, shape in layout["layers"].items()}
+    def _empty_banks(config: EditorConfig, layout: WriterLayout) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        rank, dtype = config.section("lora").block_rank, getattr(torch, config.backbone.dtype)  # blocks follow the base dtype
+        return {name: (torch.zeros(0, rank, shape.in_features, dtype=dtype), torch.zeros(0, shape.out_features, rank, dtype=dtype))
+                for name, shape in layout.layers.items()}
 
     @classmethod
-    def create(cls, config: EditorConfig, layout: Mapping[str, Any]) -> "MeloWriter":
-        return cls(config, layout, BlockIndex.create(config, int(layout["key_dim"])),
+    def create(cls, config: EditorConfig, layout: WriterLayout) -> "MeloWriter":
+        return cls(config, layout, BlockIndex.create(config, layout.key_dim),
                    cls._empty_banks(config, layout), {}, 0, 0)
 
     @classmethod
-    def from_files(cls, config: EditorConfig, layout: Mapping[str, Any], manifest: Mapping[str, Any],
+    def from_files(cls, config: EditorConfig, layout: WriterLayout, manifest: Mapping[str, Any],
                    files: Mapping[str, bytes], where: str) -> "MeloWriter":
         check_bank_config(config, manifest, where)
         try:
@@ -73,9 +65,8 @@ class MeloWriter(BatchWriter):
         empty = cls._empty_banks(config, layout)
         banks = read_bank(files, list(empty), where)
         for name, (a, b) in banks.items():
-            if a.shape[1:] != empty[name][0].shape[1:] or b.shape[1:] != empty[name][1].shape[1:] or len(a) != len(b):
-                raise SnapshotError(f"{where}: bank for '{name}' has the wrong shape")
-        index = BlockIndex.from_files(config, snapshot_key_dim(files, where, int(layout["key_dim"])), files, where)
+            check_bank_shape(a, b, *empty[name], f"{where}: bank for '{name}'", error=SnapshotError)
+        index = BlockIndex.from_files(config, snapshot_key_dim(files, where, layout.key_dim), files, where)
         return cls(config, layout, index, banks, read_edit_log(files, where), version, edits)
 
     @property
@@ -93,12 +84,11 @@ class MeloWriter(BatchWriter):
             raise ValueError(f"trained block lacks weights for {missing}")
         count = trained.block_count
         for name, (a, b) in self.banks.items():  # every check before the first change: all or nothing
-            got_a, got_b = trained.weights[f"{name}.A"], trained.weights[f"{name}.B"]
-            if tuple(got_a.shape) != (count, *a.shape[1:]) or tuple(got_b.shape) != (count, *b.shape[1:]):
-                raise ValueError(f"trained blocks for '{name}' have the wrong shape: {tuple(got_a.shape)}/"
-                                 f"{tuple(got_b.shape)} for {count} block(s)")
-        if self.num_blocks + count > self.config.lora.max_blocks:
-            raise BlockBankFull(f"lora.max_blocks={self.config.lora.max_blocks} reached: raise it in the config")
+            check_bank_shape(trained.weights[f"{name}.A"], trained.weights[f"{name}.B"], a, b,
+                             f"trained blocks for '{name}'", blocks=count)
+        max_blocks = self.config.section("lora").max_blocks
+        if self.num_blocks + count > max_blocks:
+            raise BlockBankFull(f"lora.max_blocks={max_blocks} reached: raise it in the config")
         block = self.num_blocks
         committed = TrainedBatch(**{**vars(trained), "block": block, "weights": None})
         update = self.index.add(committed)  # checks the block number against the index first

@@ -1,0 +1,1 @@
+"""UltraEdit (2025): training-free closed-form edits with lifelong normalisation. config, editor."""

@@ -1,0 +1,150 @@
+"""UltraEdit: training-free, closed-form lifelong editing with lifelong normalisation.
+
+Per batch, one forward and backward pass of the edits (prompt + target) gives, at every position
+that predicts a target token and at each edited mlp.down_proj, the layer's input k and the gradient
+g of the loss with respect to its output. Running statistics of the concatenated [k, g] over every
+edit so far (the "lifelong normaliser") standardise them to k_hat, g_hat; each row's desired value
+shift is v = -lr * ||k_hat||^2 * g_hat, and the weight change solves the ridge problem
+  delta^T = (K^T K + ridge I)^-1 K^T V
+with the raw keys K. Nothing is trained. As in the reference, layers of one shape share one
+normaliser. Every prompt runs on the changed weights; there is no routing and no single-edit revert.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+
+from melo_ray.backbones import Backbone
+from melo_ray.config import EditorConfig
+from melo_ray.editors.alphaedit.editor import WeightDeltaEditor
+from melo_ray.editors.ultraedit.config import UltraEditConfig
+from melo_ray.records import EditRecord
+from melo_ray.snapshots import SnapshotError
+from melo_ray.editors.messages import TrainedBatch
+from melo_ray.training import IGNORE, build_batch
+
+NORMALISERS = "normalisers.safetensors"
+
+
+def mistral_band(depth: int) -> list[int]:
+    """The two blocks below the last (the reference's Mistral-7B choice, blocks 29-30 of 32)."""
+    return [max(depth - 3, 0), max(depth - 2, 0)]
+
+
+class RunningMoments:
+    """Running mean and variance of feature rows over every batch seen (Chan et al.'s merge)."""
+
+    def __init__(self, width: int) -> None:
+        self.count = torch.zeros((), dtype=torch.float64)
+        self.mean = torch.zeros(width, dtype=torch.float64)
+        self.m2 = torch.zeros(width, dtype=torch.float64)
+
+    def update(self, rows: torch.Tensor) -> None:
+        rows = rows.double()
+        n = rows.shape[0]
+        batch_mean = rows.mean(0)
+        batch_m2 = ((rows - batch_mean) ** 2).sum(0)
+        total = self.count + n
+        shift = batch_mean - self.mean
+        self.mean = self.mean + shift * n / total
+        self.m2 = self.m2 + batch_m2 + shift**2 * self.count * n / total
+        self.count = total
+
+    def normalise(self, rows: torch.Tensor, eps: float) -> torch.Tensor:
+        std = (self.m2 / self.count.clamp(min=1)).sqrt()
+        return ((rows.double() - self.mean) / (std + eps)).float()
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.count": self.count.reshape(1), f"{prefix}.mean": self.mean, f"{prefix}.m2": self.m2}
+
+
+class UltraEditEditor(WeightDeltaEditor):
+    name = "ultraedit"
+
+    def __init__(self, config: EditorConfig, backbone: Backbone | None = None, device: str | None = None) -> None:
+        self.cfg: UltraEditConfig = config.section("ultraedit")
+        super().__init__(config, backbone, device, self.cfg.layers, mistral_band)
+        self.shapes = {name: f"{l.in_features}x{l.out_features}" for name, l in self.layers.items()}
+        self.normalisers = self._fresh_normalisers()
+
+    def _fresh_normalisers(self) -> dict[str, RunningMoments]:
+        widths = {self.shapes[n]: l.in_features + l.out_features for n, l in self.layers.items()}
+        return {shape: RunningMoments(width) for shape, width in widths.items()}
+
+    @contextmanager
+    def _traced(self, predicting: torch.Tensor) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
+        """Capture each edited layer's input at the predicting positions and a zero probe added to its
+        output, whose gradient is the loss's gradient with respect to that output."""
+        traces: dict[str, dict[str, torch.Tensor]] = {}
+        handles = []
+        for name, layer in self.layers.items():
+            def hook(_m, args, output, name=name):
+                probe = torch.zeros_like(output, requires_grad=True)
+                traces[name] = {"keys": args[0][predicting].detach().float(), "probe": probe}
+                return output + probe
+            handles.append(layer.register_forward_hook(hook))
+        try:
+            yield traces
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def train_batch(self, records: list[EditRecord]) -> TrainedBatch:
+        started = time.perf_counter()
+        batch = build_batch(self.backbone, records, append_eos=False)
+        labels = batch.labels[:, 1:]
+        predicting = torch.zeros_like(batch.labels, dtype=torch.bool)
+        predicting[:, :-1] = labels != IGNORE  # position t predicts token t+1
+        with self._traced(predicting) as traces:
+            logits = self.backbone.model(**batch.inputs, use_cache=False).logits[:, :-1].float()
+            nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+            per_row = nll.sum(1) / (labels != IGNORE).sum(1).clamp(min=1)
+            loss = per_row.sum()  # each edit's gradient does not depend on the batch size
+            loss.backward()
+        learned = float((logits.argmax(-1) == labels)[labels != IGNORE].float().mean())
+        deltas: dict[str, torch.Tensor] = {}
+        features = {}
+        for name, trace in traces.items():
+            grads = trace["probe"].grad[predicting].float()
+            features[name] = torch.cat([trace["keys"], grads], dim=1)
+            self.normalisers[self.shapes[name]].update(features[name])
+        for name, layer in self.layers.items():
+            normalised = self.normalisers[self.shapes[name]].normalise(features[name], self.cfg.eps)
+            keys_hat, grads_hat = normalised.split([layer.in_features, layer.out_features], dim=1)
+            values = -self.cfg.lr * (keys_hat * keys_hat).sum(1, keepdim=True) * grads_hat  # (rows, out)
+            keys = features[name][:, : layer.in_features]
+            lhs = keys.T @ keys + self.cfg.ridge * torch.eye(layer.in_features)
+            deltas[name] = torch.linalg.solve(lhs, keys.T @ values).T.contiguous()  # (out, in)
+        return self.commit(records, deltas, 1, float(per_row.detach().mean()), learned, started)
+
+    # -- state beside the weight changes -----------------------------------------------------------
+    def method_files(self) -> dict[str, bytes]:
+        tensors: dict[str, torch.Tensor] = {}
+        for shape, moments in self.normalisers.items():
+            tensors.update(moments.tensors(shape))
+        return {NORMALISERS: safetensors.torch.save(tensors)}
+
+    def restore_method(self, files: Mapping[str, bytes], where: str) -> Callable[[], None]:
+        try:
+            tensors = safetensors.torch.load(files[NORMALISERS])
+            fresh = self._fresh_normalisers()
+            for shape, moments in fresh.items():
+                count, mean, m2 = (tensors[f"{shape}.{k}"] for k in ("count", "mean", "m2"))
+                if mean.shape != moments.mean.shape or m2.shape != moments.m2.shape:
+                    raise ValueError(f"normaliser {shape} has width {mean.shape[0]}")
+                moments.count, moments.mean, moments.m2 = count.reshape(()).double(), mean.double(), m2.double()
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise SnapshotError(f"{where}: UltraEdit normalisers missing or malformed ({exc})") from exc
+
+        def swap() -> None:
+            self.normalisers = fresh
+
+        return swap
+
+    def reset_method(self) -> None:
+        self.normalisers = self._fresh_normalisers()

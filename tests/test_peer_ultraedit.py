@@ -1,0 +1,42 @@
+"""UltraEdit on the tiny Llama: one closed-form step writes a batch of edits, with no training; the base
+model stays a switch away, the lifelong normaliser carries across batches and snapshots round-trip."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import UNRELATED, fact_records, tiny_config
+from melo_ray.config import load_config
+from melo_ray.editors.registry import build_editor, load_editor
+
+
+def _records(start: int, n: int) -> list[dict]:
+    # One-token targets after a trailing space: a single linearised step on the tiny byte-level model reaches the next token.
+    return [{**r, "prompt": r["prompt"] + " ", "target": r["target"][0]} for r in fact_records(start, n)]
+
+
+def test_ultraedit_writes_a_batch_in_closed_form_and_round_trips(tmp_path):
+    config = load_config({**tiny_config().model_dump(), "editor": "ultraedit", "ultraedit": {"lr": 0.3, "layers": [2]}})
+    editor = build_editor("ultraedit", config)
+    records = _records(0, 6)
+    prompts = [r["prompt"] for r in records]
+    before = [g.output for g in editor.generate(UNRELATED)]
+    result = editor.edit(records)
+    assert result.steps == 1  # training-free: one pass of the edits, one solve
+
+    outputs = editor.generate(prompts, 4)
+    assert sum(g.output.startswith(r["target"]) for g, r in zip(outputs, records)) >= 5
+    # no router: every prompt runs on the changed weights, and routing -1 is the exact base model
+    assert [g.output for g in editor.generate(UNRELATED, base=True)] == before
+    moments = next(iter(editor.normalisers.values()))
+    seen = float(moments.count)
+    editor.edit(_records(6, 4))
+    assert float(moments.count) > seen  # running statistics over every edit so far
+
+    editor.save(tmp_path / "snap")
+    restored = load_editor(tmp_path / "snap")
+    assert [g.output for g in restored.generate(prompts, 4)] == [g.output for g in editor.generate(prompts, 4)]
+    restored_moments = next(iter(restored.normalisers.values()))
+    assert torch.equal(restored_moments.mean, moments.mean) and float(restored_moments.count) == float(moments.count)
+    with pytest.raises(NotImplementedError):  # dense weight changes: no single-edit revert
+        restored.revert([records[0]["id"]])
