@@ -19,6 +19,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from melo_ray.editors.melo.encoder import encoder_folder
+
 FORMAT = "melo-scope-cross-encoder"
 VERSION = "1"  # mean-pooled head
 MAX_LENGTH = 48  # both prompts together; the edit prompts and queries here are one or two sentences
@@ -45,8 +47,6 @@ class CrossEncoder(nn.Module):
 
 
 def tokenizer_folder() -> Path:
-    from melo_ray.editors.melo.keys import encoder_folder
-
     return encoder_folder()
 
 
