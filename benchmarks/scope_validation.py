@@ -36,7 +36,8 @@ import torch
 
 from melo_ray.editors.melo.cross_scope import CrossScopeModel
 from melo_ray.editors.melo.cross_scope_training import calibrate, capped
-from melo_ray.editors.melo.keys import SentenceEncoderKeys, scoped_keys_for
+from melo_ray.editors.melo.encoder import SentenceEncoderKeys
+from melo_ray.editors.melo.keys import scoped_keys_for
 from melo_ray.editors.melo.scope import load_verifier
 from melo_ray.editors.melo.scope_pairs import DataPaths, Pair, all_pairs, leave_dataset_out, leave_relations_out
 from melo_ray.editors.melo.scope_training import cached_embed

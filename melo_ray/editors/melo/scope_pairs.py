@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from melo_ray.data import RelationGroups, relation_template
-from melo_ray.editors.melo.scope import focus
 from melo_ray.editors.melo.wikidata_relations import (
     BY_PID,
     PROPERTIES,
@@ -36,6 +35,7 @@ from melo_ray.editors.melo.wikidata_relations import (
     inverse_of,
     property_of_template,
 )
+from melo_ray.text import focus
 
 POSITIVE_KINDS = ("reword", "alias")
 NEGATIVE_KINDS = ("subject_other_relation", "relation_other_subject", "namesake", "inverse")
