@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -29,6 +30,24 @@ SIGNING_KEY_FILE_ENV = "MELO_RAY_SIGNING_KEY_FILE"
 
 class SnapshotError(RuntimeError):
     """A snapshot that is missing, incomplete or does not match its checksums."""
+
+
+@dataclass(frozen=True)
+class SnapshotMeta:
+    """What every manifest says besides its files, whoever writes it (an editor's save or publish, the
+    bulk-edit job's writer): the editor, the version, the config, the base weights' checksum and the
+    editor's counters; `extra` adds writer-specific JSON (the job's resume state)."""
+
+    editor: str
+    version: int
+    config: Mapping[str, Any]
+    base_checksum: str
+    stats: Mapping[str, Any]
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"editor": self.editor, "version": self.version, "config": dict(self.config),
+                "base_checksum": self.base_checksum, "stats": dict(self.stats), **self.extra}
 
 
 def check_editor(found: Any, expected: str, where: str, hint: str = "") -> None:

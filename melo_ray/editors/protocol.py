@@ -38,7 +38,7 @@ from melo_ray.editors.single_writer import BatchWriter, EditIndex, WriterLayout
 from melo_ray.inference import (generate_texts, next_token_logits, target_token_argmax, target_token_hits,
                                 target_token_nlls)
 from melo_ray.records import EditRecord, RecordError, parse_records
-from melo_ray.snapshots import SnapshotError, check_editor, write_snapshot
+from melo_ray.snapshots import SnapshotError, SnapshotMeta, check_editor, write_snapshot
 from melo_ray.training import EditBatch, build_batch, length_error
 
 log = logging.getLogger(__name__)
@@ -285,14 +285,8 @@ class Editor(ABC):
         return {**self.trainer_files(), **index}
 
     def snapshot_meta(self, stats: Mapping[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
-        return {
-            "editor": self.name,
-            "version": self.version,
-            "config": self.config.model_dump(mode="json"),
-            "base_checksum": self.base_checksum,
-            "stats": dict(stats if stats is not None else self.stats()),
-            **extra,
-        }
+        return SnapshotMeta(self.name, self.version, self.config.model_dump(mode="json"), self.base_checksum,
+                            stats if stats is not None else self.stats(), extra).as_json()
 
     def save(self, folder: str | Path, **extra: Any) -> dict[str, Any]:
         """Write a verified snapshot atomically to `folder`; `extra` (JSON) goes into the manifest."""

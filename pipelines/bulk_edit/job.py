@@ -33,7 +33,7 @@ from melo_ray.config import EditorConfig
 from melo_ray.editors.messages import IndexUpdate, StaleStateError, TrainedBatch
 from melo_ray.editors.registry import editor_class
 from melo_ray.records import EditRecord, RecordError, parse_record
-from melo_ray.snapshots import SnapshotError, check_editor
+from melo_ray.snapshots import SnapshotError, SnapshotMeta, check_editor
 from melo_ray.store import FencedError, Lease, SnapshotStore, StoreBusyError
 from melo_ray.training import label_error, length_error
 from pipelines.bulk_edit.actors import CommitResult, TrainerActor, TrainerInfo, WriterActor
@@ -608,15 +608,10 @@ class BulkEditJob:
 
         _save_rejects(self.store, self.job_id, [r for r in rejects if r["row"] < rows_done])
         files, stats = ray.get(parts_refs)
-        meta = {
-            "editor": self.config.editor,
-            "version": version,
-            "config": self.config.model_dump(mode="json"),
-            "base_checksum": self.actors.info.base_checksum,
-            "stats": stats,
-            "job": {"id": self.job_id, "rows_done": rows_done, "final": final,
-                    "edits_uri": self.source.uri, "fingerprint": self.source.fingerprint},
-        }
+        meta = SnapshotMeta(self.config.editor, version, self.config.model_dump(mode="json"),
+                            self.actors.info.base_checksum, stats,
+                            {"job": {"id": self.job_id, "rows_done": rows_done, "final": final,
+                                     "edits_uri": self.source.uri, "fingerprint": self.source.fingerprint}}).as_json()
         started = time.perf_counter()
         self.store.publish(version, files, meta, lease=self.lease)
         self.last_publish_seconds = time.perf_counter() - started
