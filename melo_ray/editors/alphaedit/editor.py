@@ -37,7 +37,7 @@ from melo_ray.editors.layers import get_parent
 from melo_ray.editors.protocol import Editor, IndexUpdate, Routing, TrainedBatch
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError
-from melo_ray.training import IGNORE, EditBatch, _CachedPrefix, build_batch
+from melo_ray.training import EditBatch, _CachedPrefix, build_batch
 
 log = logging.getLogger(__name__)
 DELTAS = "deltas.safetensors"
