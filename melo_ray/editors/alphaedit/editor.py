@@ -348,9 +348,3 @@ class AlphaEditEditor(WeightDeltaEditor):
 
     def reset_method(self) -> None:
         self.key_moments = {n: torch.zeros_like(m) for n, m in self.key_moments.items()}
-
-    def state_stats(self) -> dict[str, int]:
-        stats = super().state_stats()
-        if self.projections is not None:
-            stats["null_space_dims"] = int(sum(round(float(p.trace())) for p in self.projections.values()))
-        return stats
