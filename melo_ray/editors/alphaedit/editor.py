@@ -39,7 +39,7 @@ from melo_ray.editors.protocol import Editor
 from melo_ray.editors.routing import Routing
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError
-from melo_ray.training import IGNORE, EditBatch, _CachedPrefix, build_batch
+from melo_ray.training import EditBatch, _CachedPrefix, build_batch
 
 log = logging.getLogger(__name__)
 DELTAS = "deltas.safetensors"
@@ -350,9 +350,3 @@ class AlphaEditEditor(WeightDeltaEditor):
 
     def reset_method(self) -> None:
         self.key_moments = {n: torch.zeros_like(m) for n, m in self.key_moments.items()}
-
-    def state_stats(self) -> dict[str, int]:
-        stats = super().state_stats()
-        if self.projections is not None:
-            stats["null_space_dims"] = int(sum(round(float(p.trace())) for p in self.projections.values()))
-        return stats

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from melo_ray.backbones import Backbone
 from melo_ray.config import EditorConfig
 from melo_ray.editors.alphaedit.editor import WeightDeltaEditor
+from melo_ray.editors.messages import TrainedBatch
 from melo_ray.editors.ultraedit.config import UltraEditConfig
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError
-from melo_ray.editors.messages import TrainedBatch
 from melo_ray.training import IGNORE, build_batch
 
 NORMALISERS = "normalisers.safetensors"
