@@ -15,7 +15,7 @@ def test_library_output_goes_to_the_log_and_our_lines_to_the_terminal(tmp_path, 
         print("from a library's print")
         os.write(2, b"from C on stderr\n")
         subprocess.run([sys.executable, "-c", "print('from a child process')"], check=True)
-        logging.getLogger("ray").warning("from a library's logger")
+        logging.getLogger("a.library").warning("from a library's logger")  # propagates to the root logger
         warnings.warn("a deprecation", FutureWarning)
         print("our own line", file=terminal)
     print("after: the terminal again")
