@@ -37,7 +37,7 @@ import numpy as np
 from melo_ray.data import convert
 from melo_ray.editors.melo.index import NeuronIndex
 from melo_ray.editors.melo.keys import scoped_keys_for
-from melo_ray.editors.melo.scope import ScopeTest, load_verifier
+from melo_ray.editors.melo.scope import BUILTIN_VERIFIER, ScopeTest, ScopeVerifier, load_verifier
 from melo_ray.editors.melo.scope_training import cached_embed, embed
 from melo_ray.evaluation import EditedQuestions, superseded
 
@@ -48,7 +48,7 @@ SCORE_ALONE_RULE = "the same, ranked by the verifier's score alone, one flat thr
 FLAT_BAR_RULE = "the same, one flat threshold"
 LOOSE_BAR_RULE = "the same, k counting every member from names cosine 0.5"
 PROMPT_REACH_RULE = "the same, reached by the whole prompt's view alone (previous default)"
-SHIPPED_THRESHOLD = 34.94  # configs/smollm2-135m.yaml index.scope_threshold
+SHIPPED_THRESHOLD = ScopeVerifier.load(BUILTIN_VERIFIER).calibrated_threshold  # stored in the shipped file
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ def export_peft(editor: MeloEditor, out: str | Path, *, base_model: str | None =
                  "nearest cluster centre; inside its radius, the adapter of the nearest member key; else the base model"),
         # the index's own: a store written with another verifier keeps the threshold it was written with
         "scope_threshold": index.scope.threshold if index.scope is not None else None,
+        "scope_policy": index.scope.policy(index.cluster_per_edit).to_json() if index.scope is not None else None,
         "snapshot_version": editor.version,
         "edits": [{"id": edit_id, "adapter": adapter_name(block), "cluster": cluster_id, "key_row": row}
                   for row, (_, block, edit_id, cluster_id) in enumerate(members)],

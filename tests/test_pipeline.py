@@ -1,17 +1,14 @@
 """The Ray bulk-edit job against a real local Ray, with a tiny model.
 
-One uninterrupted 160-edit job is the reference; the single-process editor, a run whose trainer actor
-is killed, and a run whose driver process is killed and resumed must all end in its final state.
+The 80-edit stream through a pool of two trainers, with a trainer and the writer killed on the way, must end
+in the single-process editor's final state. (A driver killed and resumed is tested on S3, in
+test_job_on_s3.py: the resume code is the same for every store.)
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +26,12 @@ from melo_ray.editors.melo.bank import read_bank  # noqa: E402
 from melo_ray.editors.loading import load_editor  # noqa: E402
 from melo_ray.editors.melo.editor import MeloEditor  # noqa: E402
 from pipelines.bulk_edit.job import BulkEditJob  # noqa: E402
+from pipelines.bulk_edit.tracking import tracking_uri  # noqa: E402
 from melo_ray.records import RecordError  # noqa: E402
 from melo_ray.store import SnapshotStore  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-N_EDITS = 160
+N_EDITS = 80
 
 
 def stream_rows(n: int = N_EDITS) -> list[dict]:
@@ -92,27 +90,54 @@ def assert_same_state(a: dict, b: dict, *, exact: bool) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT / "tests")}})
-    yield
-    ray.shutdown()
+def ray_session(tmp_path_factory):
+    # one MLflow database for the module's jobs: a new sqlite file costs each job seconds of table creation
+    mlflow_db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{mlflow_db}")
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT / "tests")}})
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture(scope="module")
 def reference(ray_session, tmp_path_factory):
-    """One uninterrupted job over the 160-edit stream."""
+    """The 80-edit stream through a pool of two trainers, one of which is killed at version 2 and the
+    writer at version 4 (both restarted by Ray); the job must end as if nothing had happened."""
     folder = tmp_path_factory.mktemp("reference")
     edits = write_stream(folder / "edits.parquet", stream_rows())
-    summary = BulkEditJob(job_config(), str(edits), str(folder / "store"), "ref", progress=False).run()
-    return {"edits": edits, "store": folder / "store", "summary": summary, "state": final_state(folder / "store")}
+    killed, pools = {}, []
+
+    def kill(job, version):
+        pools.append(len(job.actors.trainers))
+        if version == 2 and "trainer" not in killed:
+            killed["trainer"] = ray.get(job.actors.trainers[1].info.remote()).pid
+            ray.kill(job.actors.trainers[1], no_restart=False)  # restarted; its call is retried
+        elif version == 4 and "writer" not in killed:
+            killed["writer"] = version
+            ray.kill(job.actors.writer, no_restart=False)  # restarted blank: the job recovers
+        elif version == 6:
+            killed["later"] = ray.get(job.actors.trainers[1].info.remote()).pid
+
+    job = BulkEditJob(job_config(trainers=2), str(edits), str(folder / "store"), "ref", progress=False,
+                      on_commit=kill)
+    summary = job.run()
+    return {"edits": edits, "store": folder / "store", "summary": summary, "state": final_state(folder / "store"),
+            "killed": killed, "pools": pools, "actors_after": job.actors}
 
 
-def test_job_equals_the_single_process_editor(reference):
-    summary = reference["summary"]
+def test_a_pool_job_through_a_trainer_and_a_writer_kill_equals_the_single_process_editor(reference):
+    summary, killed = reference["summary"], reference["killed"]
     assert summary.state.status == "completed"
     assert summary.state.edits_applied == N_EDITS
     assert summary.snapshot_version == N_EDITS // 10
+    assert set(reference["pools"]) == {2}  # two trainers trained the whole stream
+    assert killed.keys() == {"trainer", "writer", "later"} and killed["later"] != killed["trainer"]
+    assert summary.state.recoveries >= 1  # the writer's loss was noticed and recovered from
+    assert reference["actors_after"] is None  # the job gave its actors back
     editor = MeloEditor(job_config())
     rows = stream_rows()
     for start in range(0, N_EDITS, 10):
@@ -121,7 +146,7 @@ def test_job_equals_the_single_process_editor(reference):
     arrays, meta = editor.index.index.state()
     adapters = _adapters(editor.state_files())
     single = {"manifest": local, "arrays": arrays, "meta": meta, "adapters": adapters}
-    # the actor runs in another process (other thread count), so floats may differ in the last bits
+    # the actors run in other processes (other thread counts), so floats may differ in the last bits
     assert_same_state(reference["state"], single, exact=False)
     assert reference["state"]["meta"]["conflicts"] > 0  # the re-edits really exercised the conflict rule
 
@@ -134,80 +159,70 @@ def test_job_equals_the_single_process_editor(reference):
     assert hits >= 36
 
 
-def test_a_pool_of_trainers_ends_in_the_one_trainer_state_through_a_trainer_and_a_writer_kill(reference, tmp_path):
-    killed, pools = {}, []
-
-    def kill(job, version):
-        pools.append(len(job.actors.trainers))
-        if version == 4 and "trainer" not in killed:
-            killed["trainer"] = ray.get(job.actors.trainers[1].info.remote()).pid
-            ray.kill(job.actors.trainers[1], no_restart=False)  # restarted; its call is retried
-        elif version == 8 and "writer" not in killed:
-            killed["writer"] = version
-            ray.kill(job.actors.writer, no_restart=False)  # restarted blank: the job recovers
-        elif version == 12:
-            killed["later"] = ray.get(job.actors.trainers[1].info.remote()).pid
-
-    job = BulkEditJob(job_config(trainers=2), str(reference["edits"]), str(tmp_path / "store"), "ref",
-                      progress=False, on_commit=kill)
-    summary = job.run()
-    assert set(pools) == {2}  # two trainers trained the whole stream
-    assert killed.keys() == {"trainer", "writer", "later"} and killed["later"] != killed["trainer"]
-    assert summary.state.recoveries >= 1  # the writer's loss was noticed and recovered from
-    assert job.actors is None  # the job gave its actors back
-    assert summary.state.edits_applied == N_EDITS
-    # the same clusters, members and labels; weights equal to float tolerance (other processes)
-    assert_same_state(final_state(tmp_path / "store"), reference["state"], exact=False)
-
-
-def test_killing_the_driver_and_resuming_ends_in_the_same_state(reference, tmp_path):
-    out = tmp_path / "store"
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-           "PYTHONPATH": str(ROOT / "tests")}
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps(job_config(trainers=2).model_dump(mode="json")))
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.bulk_edit", "--config", str(config), "--edits", str(reference["edits"]),
-         "--out", str(out), "--job-id", "ref", "--quiet"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    store = SnapshotStore(out)
-    deadline = time.time() + 240
-    while time.time() < deadline and (store.latest_version() or 0) < 5:
-        assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
-        time.sleep(0.05)
-    driver.send_signal(signal.SIGKILL)  # mid-run: no clean-up of any kind
-    driver.wait()
-    killed_at = store.latest_version()
-    assert 5 <= killed_at < N_EDITS // 10
-
-    summary = BulkEditJob(job_config(trainers=2), str(reference["edits"]), str(out), "ref", progress=False).run()
-    assert summary.state.status == "completed"
-    assert summary.state.edits_applied == N_EDITS
-    assert_same_state(final_state(out), reference["state"], exact=False)
-    assert len(store.versions()) <= 3  # keep_versions
-
-
-def test_bad_records_go_to_the_rejects_file_and_the_job_goes_on(ray_session, tmp_path):
-    folder = tmp_path / "edits"
-    folder.mkdir()
-    good = stream_rows(25)
-    rows = [dict(r) for r in good]
+@pytest.fixture(scope="module")
+def rejecting_job(ray_session, tmp_path_factory):
+    """One job over a stream of bad and hostile rows among good ones: schema drift between files, nested
+    values, nulls, empty and huge strings, wrong types, a repeated id."""
+    folder = tmp_path_factory.mktemp("rejecting")
+    stream = folder / "edits"
+    stream.mkdir()
+    rows = [dict(r) for r in stream_rows(25)]
     rows[3]["prompt"] = None        # missing
     rows[7]["target"] = "   "        # empty
     rows[11]["prompt"] = ""          # empty
-    write_stream(folder / "part-0.parquet", rows)
-    write_stream(folder / "part-1.parquet", [{"id": "t0", "prompt": "What is seven?", "target": 7},
+    write_stream(stream / "part-0.parquet", rows)
+    write_stream(stream / "part-1.parquet", [{"id": "t0", "prompt": "What is seven?", "target": 7},
                                              {"id": "t1", "prompt": "What is eight?", "target": 8}])  # wrong type
-    summary = BulkEditJob(job_config(), str(folder), str(tmp_path / "store"), "bad", progress=False).run()
+    write_stream(stream / "part-2.parquet", [{"id": "e90", "prompt": "Where does the comet 90 live?", "target": 7}])
+    write_stream(stream / "part-3.parquet", [{"id": "e91", "prompt": {"nested": ["value"]}, "target": "Oslo"}])
+    write_stream(stream / "part-4.parquet", [
+        {"id": "e92", "prompt": None, "target": "Lima"},
+        {"id": "e93", "prompt": "Where does the huge " + "x" * 200_000 + " live?", "target": "Rome"},
+        {"id": "e94", "prompt": "Where does the heron 94 live?", "target": "Oslo"},
+        {"id": "e94", "prompt": "Where does the heron 95 live?", "target": "Bern"},  # a repeated id is kept
+    ])
+    out = folder / "store"
+    summary = BulkEditJob(job_config(), str(stream), str(out), "day-1", progress=False).run()
+    return {"summary": summary, "out": out}
+
+
+def test_bad_and_hostile_rows_go_to_the_rejects_file_row_by_row_and_the_job_goes_on(rejecting_job):
+    summary = rejecting_job["summary"]
     assert summary.state.status == "completed"
-    assert summary.state.edits_applied == 22
-    assert summary.state.rejected == 5
+    assert summary.state.edits_applied == 24 and summary.state.rejected == 9
     rejects = [json.loads(line) for line in Path(summary.rejects_path).read_text().splitlines()]
     assert [(r["row"], r["field"]) for r in rejects] == [
-        (3, "prompt"), (7, "target"), (11, "prompt"), (25, "target"), (26, "target")]
+        (3, "prompt"), (7, "target"), (11, "prompt"), (25, "target"), (26, "target"), (27, "target"),
+        (28, "prompt"), (29, "prompt"), (30, "prompt")]
     assert "missing" in rejects[0]["reason"] and "empty" in rejects[1]["reason"]
     assert "must be a string" in rejects[3]["reason"]
+    assert "train.max_text_chars" in rejects[8]["reason"]
+    assert all(r["reason"] for r in rejects)
+
+
+def test_a_second_job_builds_on_the_first_and_mlflow_has_its_metrics(rejecting_job, tmp_path):
+    out, first = rejecting_job["out"], rejecting_job["summary"]
+    rows = stream_rows(45)[25:]
+    second = BulkEditJob(job_config(), str(write_stream(tmp_path / "b.parquet", rows)), str(out), "day-2",
+                         progress=False).run()
+    assert second.snapshot_version == first.snapshot_version + 2
+    assert second.state.edits_applied == 20 and second.stats["edits"] == first.stats["edits"] + 20 == 44
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    run = client.get_run(second.state.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["melo_ray.job_id"] == "day-2"
+    assert run.data.params["train.batch_size"] == "10"
+    for metric in ("loss", "train_seconds", "clusters", "conflicts", "forgotten", "index_size", "edits_per_min"):
+        assert metric in run.data.metrics, metric
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "clusters")] == [
+        first.snapshot_version + 1, first.snapshot_version + 2]
+
+
+def test_without_a_tracking_uri_mlflow_writes_beside_a_local_store(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(job_config(), SnapshotStore(tmp_path / "store")) == f"sqlite:///{tmp_path / 'store'}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert tracking_uri(job_config(), SnapshotStore(tmp_path / "store")) == "http://mlflow:5000"
 
 
 def test_an_unreadable_file_fails_the_job_and_changes_no_snapshot(reference, tmp_path):
@@ -219,27 +234,6 @@ def test_an_unreadable_file_fails_the_job_and_changes_no_snapshot(reference, tmp
     with pytest.raises(RecordError, match="broken.parquet"):
         BulkEditJob(job_config(), str(broken), str(out), "second", progress=False).run()
     assert ((out / "LATEST.json").read_bytes(), sorted(p.name for p in (out / "versions").iterdir())) == before
-
-
-def test_a_second_job_builds_on_the_first_and_mlflow_has_its_metrics(ray_session, tmp_path):
-    out = tmp_path / "store"
-    rows = stream_rows(40)
-    first = BulkEditJob(job_config(), str(write_stream(tmp_path / "a.parquet", rows[:20])), str(out), "day-1",
-                        progress=False).run()
-    second = BulkEditJob(job_config(), str(write_stream(tmp_path / "b.parquet", rows[20:])), str(out), "day-2",
-                         progress=False).run()
-    assert (first.snapshot_version, second.snapshot_version) == (2, 4)
-    assert second.state.edits_applied == 20 and second.stats["edits"] == 40
-
-    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
-    run = client.get_run(second.state.mlflow_run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["melo_ray.job_id"] == "day-2"
-    assert run.data.params["train.batch_size"] == "10"
-    for metric in ("loss", "train_seconds", "clusters", "conflicts", "forgotten", "index_size", "edits_per_min"):
-        assert metric in run.data.metrics, metric
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "clusters")] == [3, 4]
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"snapshot_manifest.json", "job_metrics.png", "job_state.json"} <= artifacts
 
 
 def test_an_elder_job_equals_the_single_process_editor_and_resumes_after_a_trainer_kill(ray_session, tmp_path):
@@ -286,18 +280,16 @@ def test_an_elder_job_equals_the_single_process_editor_and_resumes_after_a_train
     assert hits >= 8, hits
 
 
-class _RaisesRecordError:
-    def fail(self) -> None:
-        raise RecordError("edits.parquet", 4, "target", "is empty")
+def _raise_a_record_error() -> None:
+    raise RecordError("edits.parquet", 4, "target", "is empty")
 
 
 def test_a_record_error_crosses_ray_intact(ray_session):
-    """Bug: it reached the driver as "UnserializableException: Failed to deserialize exception"."""
-    actor = ray.remote(_RaisesRecordError).remote()
+    """Bug: it reached the driver as "UnserializableException: Failed to deserialize exception". (A task
+    raises it: the error crosses Ray the same way from an actor, without an actor's start-up.)"""
     with pytest.raises(RecordError) as caught:
-        ray.get(actor.fail.remote())
+        ray.get(ray.remote(_raise_a_record_error).remote())
     assert (caught.value.row, caught.value.field, caught.value.reason) == (4, "target", "is empty")
-    ray.kill(actor)
 
 
 def test_a_target_outside_a_classifiers_labels_is_rejected_and_the_job_goes_on(ray_session, tmp_path):
@@ -315,7 +307,9 @@ def test_a_target_outside_a_classifiers_labels_is_rejected_and_the_job_goes_on(r
     assert [(r["row"], r["field"]) for r in rejects] == [(5, "target")] and "dismissed" in rejects[0]["reason"]
 
 
-@pytest.mark.parametrize("name", ["grace", "lora"])
+# GRACE stands for the editors whose batches share state (LoRA's job path is the same code; ELDER's is
+# tested above through a trainer kill); each job costs this suite about ten seconds of actor start-up.
+@pytest.mark.parametrize("name", ["grace"])
 def test_the_baselines_run_in_the_job_and_equal_the_single_process_editor(name, ray_session, tmp_path, caplog):
     from melo_ray.editors.registry import build_editor, editor_from_snapshot
 
@@ -338,27 +332,3 @@ def test_the_baselines_run_in_the_job_and_equal_the_single_process_editor(name, 
     assert served.stats() == single.stats()
     prompts = [r["prompt"] for r in rows]
     assert [g.output for g in served.generate(prompts, 6)] == [g.output for g in single.generate(prompts, 6)]
-
-
-def test_a_hostile_stream_is_rejected_row_by_row_and_the_job_goes_on(ray_session, tmp_path):
-    """Schema drift between the files of one stream, nested values, nulls, huge strings, repeated ids."""
-    folder = tmp_path / "stream"
-    folder.mkdir()
-    good = stream_rows(8)
-    pq.write_table(pa.Table.from_pylist(good[:4]), folder / "part-0.parquet")
-    pq.write_table(pa.Table.from_pylist([  # drift: target is an integer column here
-        {"id": "e90", "prompt": "Where does the comet 90 live?", "target": 7}]), folder / "part-1.parquet")
-    pq.write_table(pa.Table.from_pylist([{"id": "e91", "prompt": {"nested": ["value"]}, "target": "Oslo"}]),
-                   folder / "part-2.parquet")
-    pq.write_table(pa.Table.from_pylist([
-        {"id": "e92", "prompt": None, "target": "Lima"},
-        {"id": "e93", "prompt": "Where does the huge " + "x" * 200_000 + " live?", "target": "Rome"},
-        {"id": "e4", "prompt": good[4]["prompt"], "target": good[4]["target"]},
-        {"id": "e4", "prompt": good[5]["prompt"], "target": good[5]["target"]},  # a repeated id is kept
-    ]), folder / "part-3.parquet")
-    summary = BulkEditJob(job_config(), str(folder), str(tmp_path / "store"), "hostile", progress=False).run()
-    assert summary.state.status == "completed" and summary.state.edits_applied == 6
-    rejects = [json.loads(line) for line in Path(summary.rejects_path).read_text().splitlines()]
-    assert [(r["row"], r["field"]) for r in rejects] == [(4, "target"), (5, "prompt"), (6, "prompt"), (7, "prompt")]
-    assert "train.max_text_chars" in rejects[3]["reason"]
-    assert all(r["reason"] for r in rejects)

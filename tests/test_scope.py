@@ -13,9 +13,30 @@ from melo_ray.editors.melo.block_index import BlockIndex
 from melo_ray.editors.melo.editor import MeloEditor
 from melo_ray.editors.melo.index import NeuronIndex
 from melo_ray.editors.melo.scope import BUILTIN_VERIFIER, ScopeTest, ScopeVerifier, masked, names
+from melo_ray.editors.melo.scope_policy import ScopePolicy
 from melo_ray.snapshots import SnapshotError
 from melo_ray.text import focus
 from tests.conftest import tiny_config
+
+
+def _before_the_policy(meta: dict) -> dict:
+    """index.json as the writer before ScopePolicy wrote it: flat keys, a rule that was off left out."""
+    meta = dict(meta)
+    policy = meta.pop("scope_policy")
+    meta.update(scope_threshold=policy["threshold"], scope_conflict_threshold=policy["conflict_threshold"],
+                scope_latest_of_question=policy["latest_of_question"])
+    for rule in ("prefer_same_names", "focus_reach", "cluster_per_edit"):
+        if policy[rule]:
+            meta[f"scope_{rule}"] = True
+    if policy["namesake_bar"]:
+        meta["scope_namesake_bar"] = policy["namesake_bar"]
+        if policy["closest_namesakes"]:
+            meta["scope_closest_namesakes"] = True
+    return meta
+
+
+def _files_before_the_policy(files: dict[str, bytes]) -> dict[str, bytes]:
+    return {**files, "index.json": json.dumps(_before_the_policy(json.loads(files["index.json"]))).encode()}
 
 
 def _toy_scope(conflict_threshold: float | None = 0.0) -> ScopeTest:
@@ -148,10 +169,10 @@ def scoped_editor() -> MeloEditor:
     # the same-subject questions 31.0 and 4.4 (with the relation view; without it, 1.06 and the
     # rewording was turned away at the shipped threshold of the time)
     config = tiny_config(index={"key_function": "sentence_encoder", "key_module": None,
-                                "scope_verifier": "builtin", "scope_threshold": 34.94, "r_init": 0.35},
+                                "scope_verifier": "builtin", "r_init": 0.35},  # the file's threshold
                          train={"num_iter": 80})
     editor = MeloEditor(config)
-    editor.edit([{"prompt": "The mother tongue of Danielle Darrieux is", "target": "English"}])
+    editor.edit([{"id": "e0", "prompt": "The mother tongue of Danielle Darrieux is", "target": "English"}])
     return editor
 
 
@@ -165,6 +186,23 @@ def test_rewording_routes_to_the_block_and_same_subject_other_relation_runs_on_t
     other = prompts[2:]
     np.testing.assert_array_equal(scoped_editor.next_token_logits(other).numpy(),
                                   scoped_editor.next_token_logits(other, base=True).numpy())
+
+
+def test_explain_says_which_rule_decided_with_the_score_and_the_bar(scoped_editor):
+    edited, reworded, other_relation = ("The mother tongue of Danielle Darrieux is",
+                                        "The native language of Danielle Darrieux is",
+                                        "The place of birth of Danielle Darrieux is")
+    same = scoped_editor.explain(edited)["scope"]
+    assert same["rule"] == "identical_prompt" and same["score"] == "inf" and same["edit_id"] == "e0"
+    fired = scoped_editor.explain(reworded)
+    assert fired["fires"] and fired["scope"]["rule"] == "scope_test"
+    assert fired["scope"]["score"] >= fired["scope"]["bar"] == 34.94 and fired["scope"]["considered"] == 1
+    refused = scoped_editor.explain(other_relation)
+    assert not refused["fires"] and refused["scope"]["rule"] == "below_bar"
+    assert refused["scope"]["edit_id"] == "e0" and refused["scope"]["score"] < refused["scope"]["bar"]
+    far = scoped_editor.explain("How many moons does Mars have?")["scope"]
+    assert far["rule"] == "out_of_reach" and far["edit_id"] is None and far["score"] is None
+    json.dumps([same, fired, refused, far])  # what the server sends: no infinities, no numpy types
 
 
 def test_routing_computes_the_scope_views_only_within_reach_and_routes_as_the_whole_keys_do(scoped_editor):
@@ -214,7 +252,7 @@ def test_focus_reach_offers_a_cluster_its_focus_view_lies_in_and_snapshots_keep_
         index.add(edit, "Paris", 0, "e0")
         routed[focus_reach] = index.search(np.stack([edit, behind_a_prefix, elsewhere])).block_ids.tolist()
         arrays, meta = index.state()
-        assert meta.get("scope_focus_reach", False) == focus_reach
+        assert meta["scope_policy"]["focus_reach"] == focus_reach
         block_index = BlockIndex(index, 1)
         restored = BlockIndex.from_files(tiny_config(index={"key_function": "sentence_encoder", "key_module": None,
                                                             "scope_verifier": "builtin"}),
@@ -289,6 +327,7 @@ def test_with_a_cluster_per_edit_a_later_edit_of_the_same_target_keeps_its_rewor
     restored = BlockIndex.from_files(config, 4, BlockIndex(own, 2).files(), "snapshot")
     assert restored.index.cluster_per_edit and restored.search(rewording[None]).block_ids.tolist() == [1]
     arrays, meta = joined.state()  # a snapshot written before the rule has no such field: it keeps joining
+    meta = _before_the_policy(meta)
     assert "scope_cluster_per_edit" not in meta
     old = NeuronIndex.from_state(arrays, meta, scope=_toy_scope(None))
     assert not old.cluster_per_edit and old.add(_key((0.9, 0.1), (1, 0)), "English", 2, "c").kind == "member"
@@ -333,9 +372,9 @@ def test_members_naming_what_the_query_names_rank_first_and_a_rewording_moves_on
     config = tiny_config(index={"key_function": "sentence_encoder", "scope_verifier": "builtin"})
     restored = BlockIndex.from_files(config, 2 + 256, BlockIndex(index, 4).files(), "snapshot")
     assert restored.index.scope.prefer_same_names and restored.search(rewording[None]).block_ids.tolist() == [3]
-    arrays, meta = bank(prefer=False).state()  # a snapshot written before the rule ranks by score alone
-    assert "scope_prefer_same_names" not in meta
-    old = BlockIndex.from_files(config, 2 + 256, BlockIndex(bank(prefer=False), 2).files(), "snapshot")
+    files = _files_before_the_policy(BlockIndex(bank(prefer=False), 2).files())
+    assert "scope_prefer_same_names" not in json.loads(files["index.json"])  # written before the rule
+    old = BlockIndex.from_files(config, 2 + 256, files, "snapshot")  # it ranks by score alone
     assert not old.index.scope.prefer_same_names and old.search(rewording[None]).block_ids.tolist() == [1]
     # a verifier without a names view has nothing to rank by: the rule is off, whatever was asked
     assert not ScopeTest(_toy_scope().verifier, 0.0, prefer_same_names=True).prefer_same_names
@@ -379,12 +418,12 @@ def test_the_bar_rises_with_the_members_that_name_what_the_query_names():
     config = tiny_config(index={"key_function": "sentence_encoder", "scope_verifier": "builtin"})
     restored = BlockIndex.from_files(config, 2 + 256, BlockIndex(many, 4).files(), "snapshot")
     assert restored.index.scope.namesake_bar == 1.0 and restored.search(probe[None]).block_ids.tolist() == [-1]
-    flat = bank(0.0, namesakes)  # a snapshot written before the bar has no such field: one flat threshold
-    assert "scope_namesake_bar" not in flat.state()[1]
-    old = BlockIndex.from_files(config, 2 + 256, BlockIndex(flat, 4).files(), "snapshot")
+    flat = _files_before_the_policy(BlockIndex(bank(0.0, namesakes), 4).files())
+    assert "scope_namesake_bar" not in json.loads(flat["index.json"])  # written before the bar: one flat threshold
+    old = BlockIndex.from_files(config, 2 + 256, flat, "snapshot")
     assert old.index.scope.namesake_bar == 0.0 and old.search(probe[None]).block_ids[0] >= 0
     # written before the closest rule: every member from NAMESAKE_COSINE counts, as it did then
-    files = BlockIndex(bank(1.0, near), 4).files()
+    files = _files_before_the_policy(BlockIndex(bank(1.0, near), 4).files())
     meta = json.loads(files["index.json"])
     assert meta.pop("scope_closest_namesakes") is True
     before = BlockIndex.from_files(config, 2 + 256, {**files, "index.json": json.dumps(meta).encode()}, "snapshot")
@@ -416,3 +455,41 @@ def test_held_out_report_places_the_threshold_on_same_subject_pairs_and_says_whe
     assert report["held_out_zsre_rephrase_accepted"] == 1.0 and report["held_out_zsre_subject_accepted"] == 0.5  # the maximum lies above its 99.5% point
     with pytest.raises(ValueError, match="same-subject"):
         held_out_report(np.array([3.0]), pairs[2:])
+
+
+def test_a_snapshot_carries_the_whole_scope_policy_and_refuses_one_it_cannot_read():
+    config = tiny_config(index={"key_function": "sentence_encoder", "key_module": None, "scope_verifier": "builtin"})
+    verifier = ScopeVerifier.load(BUILTIN_VERIFIER)
+    index = BlockIndex.create(config, verifier.key_dim)
+    # no threshold in the config: the one calibrated into the verifier file
+    assert index.index.scope.threshold == verifier.calibrated_threshold is not None
+    files = index.files()
+    meta = json.loads(files["index.json"])
+    policy = ScopePolicy.from_json(meta["scope_policy"], "test")
+    assert meta["scope_policy"] == policy.to_json() and set(meta["scope_policy"]) == {
+        "threshold", "conflict_threshold", "latest_of_question", "prefer_same_names", "namesake_bar",
+        "closest_namesakes", "focus_reach", "cluster_per_edit", "version"}
+    assert not [k for k in meta if k.startswith("scope_") and k != "scope_policy"]  # no flat keys beside it
+    # a config with other rules opens the snapshot with the snapshot's own
+    other = tiny_config(index={"key_function": "sentence_encoder", "key_module": None, "scope_verifier": "builtin",
+                               "scope_threshold": 99.0, "scope_focus_reach": False})
+    restored = BlockIndex.from_files(other, verifier.key_dim, files, "snap")
+    assert restored.index.scope.policy(restored.index.cluster_per_edit) == policy
+    for broken in ({k: v for k, v in policy.to_json().items() if k != "namesake_bar"},
+                   {**policy.to_json(), "version": 99}, {**policy.to_json(), "extra_rule": True}):
+        bad = {**files, "index.json": json.dumps({**meta, "scope_policy": broken}).encode()}
+        with pytest.raises(SnapshotError, match="snap.*scope"):
+            BlockIndex.from_files(config, verifier.key_dim, bad, "snap")
+
+
+def test_a_verifier_without_a_calibrated_threshold_needs_one_in_the_config(tmp_path):
+    bare = ScopeVerifier.load(BUILTIN_VERIFIER)
+    bare = ScopeVerifier(bare._weights(), {k: v for k, v in bare.meta.items() if k not in ("threshold", "calibrated_on")})
+    path = tmp_path / "verifier.safetensors"
+    path.write_bytes(bare.to_bytes())
+    config = tiny_config(index={"key_function": "sentence_encoder", "key_module": None, "scope_verifier": str(path)})
+    with pytest.raises(ValueError, match="scope_threshold"):
+        BlockIndex.create(config, bare.key_dim)
+    set_here = tiny_config(index={"key_function": "sentence_encoder", "key_module": None,
+                                  "scope_verifier": str(path), "scope_threshold": 12.5})
+    assert BlockIndex.create(set_here, bare.key_dim).index.scope.threshold == 12.5

@@ -61,6 +61,9 @@ def test_edited_prompts_get_their_targets_and_unrelated_ones_the_base_output(app
     assert [outputs[1]["output"], outputs[3]["output"]] == [g.output for g in base]
     assert outputs[1]["block"] is None and outputs[1]["distance"] > 0
     assert [o["edit_id"] for o in outputs] == ["f2", None, "f5", None]  # the edit behind each answer, as explain names it
+    # the decision behind each answer: this config has no scope test, so the cluster radius decides
+    assert [o["scope"]["rule"] for o in outputs] == ["inside_radius", "out_of_reach", "inside_radius", "out_of_reach"]
+    assert outputs[0]["scope"]["edit_id"] == "f2" and outputs[1]["scope"]["edit_id"] is None
     assert [app["editor"].explain(p)["edit_id"] for p in (records[2]["prompt"], records[5]["prompt"])] == ["f2", "f5"]
     assert {o["snapshot_version"] for o in outputs} == {1}
 
@@ -71,6 +74,7 @@ def test_openai_client_gets_a_correct_completion(app):
     completion = client.completions.create(model="melo-ray", prompt=record["prompt"], max_tokens=8, temperature=0)
     assert completion.choices[0].text.strip().startswith(record["target"])
     assert completion.choices[0].model_extra["melo"]["edit_id"] == "f4"
+    assert completion.choices[0].model_extra["melo"]["scope"]["rule"] == "inside_radius"
     assert completion.usage.completion_tokens >= 1
     many = client.completions.create(model="melo-ray", prompt=[record["prompt"], UNRELATED[2]], max_tokens=3,
                                      temperature=0, stop=["\n"])

@@ -149,11 +149,14 @@ class Editor(ABC):
 
     def explain(self, prompt: str) -> dict[str, Any]:
         """Which edit would fire for `prompt`, the distance behind the decision, and the decision."""
-        block, distance, edit_id = self.routing([prompt]).row(0)
+        routing = self.routing([prompt])
+        block, distance, edit_id = routing.row(0)
         fires = block is not None
+        scope = routing.decision(0)
         return {
             "prompt": prompt, "fires": fires, "block": block, "edit_id": edit_id, "distance": distance,
             "decision": "routed to an edit" if fires else "outside every edit's scope: the base model answers",
+            "scope": scope.to_json() if scope is not None else None,
         }
 
     # -- editing, written once -------------------------------------------------------------------

@@ -11,6 +11,40 @@ EditIds = tuple["str | None", ...]
 
 
 @dataclass(frozen=True)
+class ScopeDecision:
+    """Why one prompt got its block, or none: the rule that decided, the edit it weighed last (the one
+    that fired, else the best-scored one it refused), that edit's score and the bar the score had to
+    reach, and how many edits were weighed. `explain` and every served answer carry it."""
+
+    rule: str  # one of RULES
+    edit_id: str | None = None
+    score: float | None = None  # the scope test's logit (+inf: the very prompt; -inf: the names gate refused)
+    bar: float | None = None
+    considered: int = 0
+
+    # the rules, in the order a query meets them
+    RULES = {
+        "out_of_reach": "no edit's cluster holds the prompt's key: the base model",
+        "inside_radius": "the key lies inside an edit's cluster (no scope test): that edit",
+        "names_gate": "every edit in reach names someone else: the base model",
+        "below_bar": "no edit in reach scores the bar: the base model",
+        "identical_prompt": "the prompt is an edited prompt: that edit",
+        "scope_test": "the best-scored edit that reaches the bar",
+        "same_names_first": "among edits that reach the bar, one naming exactly whom the prompt names",
+        "latest_of_question": "a later edit of the same question, which supersedes the best-scored one",
+    }
+
+    def to_json(self) -> dict:
+        def number(x: float | None) -> float | str | None:
+            return x if x is None or np.isfinite(x) else ("inf" if x > 0 else "-inf")  # JSON has no infinities
+        return {"rule": self.rule, "why": self.RULES[self.rule], "edit_id": self.edit_id, "score": number(self.score),
+                "bar": number(self.bar), "considered": self.considered}
+
+
+Decisions = tuple["ScopeDecision | None", ...]
+
+
+@dataclass(frozen=True)
 class SearchResult:
     """An index's answer for n keys, row-aligned."""
 
@@ -18,12 +52,14 @@ class SearchResult:
     distances: np.ndarray  # (n,) distance to the nearest centre (inf when the index is empty)
     clusters: np.ndarray  # (n,) int64 nearest cluster id, -1 when empty
     edit_ids: EditIds = ()  # (n,) the edit of the member that serves each row, None where no block
+    decisions: Decisions = ()  # (n,) why each row got its block; None where the index does not say
 
     def __post_init__(self) -> None:
-        if self.edit_ids == () and len(self.block_ids):
-            object.__setattr__(self, "edit_ids", (None,) * len(self.block_ids))
-        if len(self.edit_ids) != len(self.block_ids):
-            raise ValueError(f"search result has {len(self.block_ids)} rows but {len(self.edit_ids)} edit ids")
+        for name in ("edit_ids", "decisions"):
+            if getattr(self, name) == () and len(self.block_ids):
+                object.__setattr__(self, name, (None,) * len(self.block_ids))
+            if len(getattr(self, name)) != len(self.block_ids):
+                raise ValueError(f"search result has {len(self.block_ids)} rows but {len(getattr(self, name))} {name}")
 
 
 @dataclass(frozen=True)
@@ -37,13 +73,15 @@ class Routing:
     distances: np.ndarray  # (n,) float
     edit_ids: EditIds = ()  # (n,)
     keys: np.ndarray | None = None  # (n, key_dim) float32
+    decisions: Decisions = ()  # (n,) the scope decision behind each row, None where the editor does not say
 
     def __post_init__(self) -> None:
-        if self.edit_ids == () and len(self.ids):
-            object.__setattr__(self, "edit_ids", (None,) * len(self.ids))
-        if len(self.edit_ids) != len(self.ids) or len(self.distances) != len(self.ids):
+        for name in ("edit_ids", "decisions"):
+            if getattr(self, name) == () and len(self.ids):
+                object.__setattr__(self, name, (None,) * len(self.ids))
+        if len(self.edit_ids) != len(self.ids) or len(self.distances) != len(self.ids) or len(self.decisions) != len(self.ids):
             raise ValueError(f"routing rows disagree: {len(self.ids)} ids, {len(self.distances)} distances, "
-                             f"{len(self.edit_ids)} edit ids")
+                             f"{len(self.edit_ids)} edit ids, {len(self.decisions)} decisions")
         if self.keys is not None and len(self.keys) != len(self.ids):
             raise ValueError(f"routing has {len(self.ids)} rows but {len(self.keys)} query keys")
 
@@ -53,7 +91,7 @@ class Routing:
 
     @classmethod
     def from_search(cls, result: SearchResult) -> "Routing":
-        return cls(result.block_ids, result.distances, tuple(result.edit_ids))
+        return cls(result.block_ids, result.distances, tuple(result.edit_ids), decisions=tuple(result.decisions))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -65,11 +103,16 @@ class Routing:
         return (chosen if fires else None, distance if np.isfinite(distance) else None,
                 self.edit_ids[i] if fires else None)
 
+    def decision(self, i: int) -> "ScopeDecision | None":
+        return self.decisions[i]
+
     def take(self, rows: list[int] | np.ndarray) -> "Routing":
         """The routing of some rows, in the given order."""
         rows = np.asarray(rows, dtype=np.int64)
         keys = None if self.keys is None else self.keys[rows]
-        return Routing(self.ids[rows], self.distances[rows], tuple(self.edit_ids[i] for i in rows.tolist()), keys)
+        picked = rows.tolist()
+        return Routing(self.ids[rows], self.distances[rows], tuple(self.edit_ids[i] for i in picked), keys,
+                       tuple(self.decisions[i] for i in picked))
 
     @classmethod
     def concat(cls, parts: list["Routing"]) -> "Routing":
@@ -83,4 +126,4 @@ class Routing:
             keys = np.concatenate([p.keys if p.keys is not None else np.zeros((len(p), *width), np.float32)
                                    for p in parts])
         return cls(np.concatenate([p.ids for p in parts]), np.concatenate([p.distances for p in parts]),
-                   tuple(i for p in parts for i in p.edit_ids), keys)
+                   tuple(i for p in parts for i in p.edit_ids), keys, tuple(d for p in parts for d in p.decisions))

@@ -309,7 +309,8 @@ class MeloServer:
         return {
             "outputs": [
                 {"prompt": p, "output": r.text.strip(), "block": r.block, "distance": r.distance,
-                 "edit_id": r.edit_id, "snapshot_version": r.version, "finish_reason": r.finish_reason}
+                 "edit_id": r.edit_id, "scope": r.scope, "snapshot_version": r.version,
+                 "finish_reason": r.finish_reason}
                 for p, r in zip(body.prompts, results)
             ],
             "replica": self.replica,

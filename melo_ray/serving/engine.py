@@ -44,6 +44,7 @@ class Completion:
     completion_tokens: int
     finish_reason: str  # "stop" (end of sequence or a stop string), "length" or "cancelled"
     edit_id: str | None = None  # the edit that fired, where the editor can tell
+    scope: dict[str, Any] | None = None  # the scope decision (ScopeDecision.to_json), where the editor gives one
 
 
 class ServingEngine:
@@ -100,10 +101,12 @@ class ServingEngine:
     def completion(self, request: CompletionRequest, seq: Sequence) -> Completion:
         """What a finished row answers, with which edit fired and the snapshot version."""
         block, distance, edit_id = seq.routing.row(0)
+        decision = seq.routing.decision(0)
         return Completion(
             text=seq.text, block=block, distance=distance, version=self.version,
             prompt_tokens=request.prompt_tokens if request.prompt_tokens is not None else len(seq.prompt_ids),
             completion_tokens=len(seq.tokens), finish_reason=seq.finish_reason or "length", edit_id=edit_id,
+            scope=decision.to_json() if decision is not None else None,
         )
 
     def complete(self, requests: list[CompletionRequest], *, base: bool = False, max_batch: int = 32) -> list[Completion]:

@@ -3,7 +3,8 @@ completions, chat completions and their server-sent-event chunks. Pure functions
 completions, so the Serve app holds routes and lifecycle only.
 
 Every choice carries a `melo` field (which OpenAI clients keep aside as an extra): the edit that fired,
-its block and distance, and the snapshot version that answered (null edit on the base model)."""
+its block and distance, the scope decision (which rule decided, the edit weighed, its score and the bar),
+and the snapshot version that answered (null edit on the base model)."""
 from __future__ import annotations
 
 import json
@@ -38,9 +39,10 @@ def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
 
 
 def explanation(completion: Completion) -> dict[str, Any]:
-    """Why this answer: the edit that fired (null on the base model) and the snapshot version."""
+    """Why this answer: the edit that fired (null on the base model), the scope decision behind it (the rule
+    that decided, the edit weighed, its score and bar), and the snapshot version."""
     return {"edit_id": completion.edit_id, "block": completion.block, "distance": completion.distance,
-            "snapshot_version": completion.version}
+            "scope": completion.scope, "snapshot_version": completion.version}
 
 
 def sse(payload: dict[str, Any] | str) -> bytes:

@@ -12,7 +12,9 @@ import safetensors.numpy
 
 from melo_ray.config import EditorConfig
 from melo_ray.editors.melo.index import NeuronIndex
+from melo_ray.editors.melo.config import IndexConfig
 from melo_ray.editors.melo.scope import ScopeTest, ScopeVerifier, load_verifier
+from melo_ray.editors.melo.scope_policy import ScopePolicy
 from melo_ray.editors.messages import IndexUpdate, StaleStateError, TrainedBatch
 from melo_ray.editors.single_writer import EditIndex
 from melo_ray.editors.routing import SearchResult
@@ -38,6 +40,18 @@ def snapshot_key_dim(files: Mapping[str, bytes], where: str, default: int) -> in
     return default if verifier is None else verifier.key_dim
 
 
+def policy_from_config(cfg: IndexConfig, verifier: ScopeVerifier) -> ScopePolicy:
+    """The config's scope policy; its threshold, unless the config sets one, the one calibrated into the
+    verifier file (so it is never copied by hand)."""
+    threshold = cfg.scope_threshold if cfg.scope_threshold is not None else verifier.calibrated_threshold
+    if threshold is None:
+        raise ValueError(f"index.scope_threshold: the verifier '{cfg.scope_verifier}' carries no calibrated "
+                         "threshold, so the config must set one")
+    return ScopePolicy(threshold, cfg.scope_conflict_threshold, cfg.scope_latest_of_question,
+                       cfg.scope_prefer_same_names, cfg.scope_namesake_bar, True, cfg.scope_focus_reach,
+                       cfg.scope_cluster_per_edit)
+
+
 class BlockIndex(EditIndex):
     """The neuron index plus how many blocks it has indexed (blocks arrive in order, each once)."""
 
@@ -50,9 +64,8 @@ class BlockIndex(EditIndex):
         cfg = config.section("index")
         scope = None
         if cfg.scope_verifier is not None:
-            scope = ScopeTest(load_verifier(cfg.scope_verifier), cfg.scope_threshold, cfg.scope_conflict_threshold,
-                              cfg.scope_latest_of_question, cfg.scope_prefer_same_names, cfg.scope_namesake_bar,
-                              focus_reach=cfg.scope_focus_reach)
+            verifier = load_verifier(cfg.scope_verifier)
+            scope = ScopeTest.from_policy(verifier, policy_from_config(cfg, verifier))
         return cls(NeuronIndex(
             dim, cfg.distance, cfg.r_init, hnsw_m=cfg.hnsw_m, ef_construction=cfg.hnsw_ef_construction,
             ef_search=cfg.hnsw_ef_search, candidates=cfg.candidates, scope=scope,
@@ -72,16 +85,9 @@ class BlockIndex(EditIndex):
             if (verifier is not None) != ("route_dim" in meta):
                 raise SnapshotError(f"{where}: the index was written with" + ("" if "route_dim" in meta else "out")
                                     + " a scope test; this config has " + ("one" if verifier else "none"))
-            if "route_dim" in meta:  # the snapshot's own verifier and threshold: it routes as it did
-                conflict = meta["scope_conflict_threshold"]
-                # snapshots written before the latest-of-question rule routed to the best-scoring member
-                scope = ScopeTest(ScopeVerifier.from_bytes(files[SCOPE_FILE]), float(meta["scope_threshold"]),
-                                  None if conflict is None else float(conflict),
-                                  bool(meta.get("scope_latest_of_question", False)),
-                                  bool(meta.get("scope_prefer_same_names", False)),
-                                  float(meta.get("scope_namesake_bar", 0.0)),
-                                  bool(meta.get("scope_closest_namesakes", False)),
-                                  bool(meta.get("scope_focus_reach", False)))
+            if "route_dim" in meta:  # the snapshot's own verifier and policy: it routes as it did
+                scope = ScopeTest.from_policy(ScopeVerifier.from_bytes(files[SCOPE_FILE]),
+                                              ScopePolicy.from_index_meta(meta, where))
             with tempfile.TemporaryDirectory() as tmp:
                 graph = Path(tmp) / "index.hnsw"
                 graph.write_bytes(graph_bytes)

@@ -54,8 +54,10 @@ class IndexConfig(StrictConfig):
         "verifier's views; a query inside a cluster gets a block only if the verifier calls it the same "
         "question as a member, and conflicts forget only members it calls the same question. None: off.",
     )
-    scope_threshold: float = Field(
-        0.0, description="Verifier logit at or above which two prompts count as the same question."
+    scope_threshold: float | None = Field(
+        None, description="Verifier logit at or above which two prompts count as the same question. None: the "
+        "threshold calibrated into the verifier file (on relations it never learned); a verifier file without "
+        "one needs it set here.",
     )
     scope_conflict_threshold: float | None = Field(
         None, description="Verifier logit at or above which an earlier edit with another target is superseded "

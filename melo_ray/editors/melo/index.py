@@ -36,7 +36,8 @@ import hnswlib
 import numpy as np
 
 from melo_ray.editors.melo.scope import ScopeTest
-from melo_ray.editors.routing import SearchResult
+from melo_ray.editors.melo.scope_policy import ScopePolicy
+from melo_ray.editors.routing import ScopeDecision, SearchResult
 from melo_ray.text import normalise_label
 
 log = logging.getLogger(__name__)
@@ -310,7 +311,9 @@ class NeuronIndex:
             blocks[rows] = np.asarray(cluster.member_blocks)[latest]
             for row, member in zip(rows.tolist(), latest.tolist()):
                 edits[row] = cluster.member_ids[member]
-        return SearchResult(block_ids=blocks, distances=dists, clusters=ids, edit_ids=tuple(edits))
+        decisions = tuple(ScopeDecision("inside_radius", e, None, None, 1) if e is not None
+                          else ScopeDecision("out_of_reach") for e in edits)
+        return SearchResult(block_ids=blocks, distances=dists, clusters=ids, edit_ids=tuple(edits), decisions=decisions)
 
     def within_reach(self, keys: np.ndarray) -> np.ndarray:
         """Per key, of which only the views reach is measured on need be filled in (the routing view, and
@@ -330,8 +333,9 @@ class NeuronIndex:
         n = keys.shape[0]
         blocks = np.full(n, -1, np.int64)
         edits: list[str | None] = [None] * n
+        decisions = [ScopeDecision("out_of_reach")] * n
         if self.num_alive == 0:
-            return SearchResult(blocks, np.full(n, np.inf), np.full(n, -1, np.int64), tuple(edits))
+            return SearchResult(blocks, np.full(n, np.inf), np.full(n, -1, np.int64), tuple(edits), tuple(decisions))
         labels, dist = self._reach(keys)
         nearest = dist.min(axis=1)
         clusters = np.where(dist == nearest[:, None], labels, -1).max(axis=1)
@@ -339,41 +343,52 @@ class NeuronIndex:
         for row in np.nonzero((dist <= radii).any(axis=1))[0]:
             # a cluster both views reach offers its members once
             holding = dict.fromkeys(c for c, d, r in zip(labels[row].tolist(), dist[row], radii[row]) if d <= r)
-            chosen = self._scoped_member(keys[row], list(holding))
+            chosen, decisions[row] = self._scoped_member(keys[row], list(holding))
             if chosen is not None:
                 cluster, member = chosen
                 clusters[row], blocks[row] = cluster, self.clusters[cluster].member_blocks[member]
                 edits[row] = self.clusters[cluster].member_ids[member]
-        return SearchResult(block_ids=blocks, distances=nearest, clusters=clusters, edit_ids=tuple(edits))
+        return SearchResult(block_ids=blocks, distances=nearest, clusters=clusters, edit_ids=tuple(edits),
+                            decisions=tuple(decisions))
 
-    def _scoped_member(self, key: np.ndarray, holding: list[int]) -> tuple[int, int] | None:
+    def _scoped_member(self, key: np.ndarray, holding: list[int]) -> tuple[tuple[int, int] | None, ScopeDecision]:
         """(cluster, member position) of the member that serves `key` among the clusters holding it:
         the one the scope test scores highest, if it passes (ties: the latest). A rewording (no member
         is the very prompt) goes to the latest edit of its question: among the members that pass, the
         latest one the scope test calls the same question as the best. So a question edited again in
-        other words answers its newest target, while each edited wording still answers its own."""
+        other words answers its newest target, while each edited wording still answers its own. Also
+        the decision: which rule settled it, and the score and bar of the edit it settled on."""
         assert self.scope is not None
         owners = [(c, i) for c in holding for i in range(len(self.clusters[c].member_blocks))]
         member_keys = np.stack([self.clusters[c].member_keys[i] for c, i in owners])
         member_blocks = np.array([self.clusters[c].member_blocks[i] for c, i in owners])
         logits = self.scope.logits(key, member_keys)
         names = self.scope.names_to(key, member_keys)
-        passing = np.flatnonzero(logits >= self.scope.bar(names))
+        bar = self.scope.bar(names)
+
+        def decided(rule: str, at: int) -> ScopeDecision:
+            c, i = owners[at]
+            return ScopeDecision(rule, self.clusters[c].member_ids[i], float(logits[at]), bar, len(owners))
+
+        passing = np.flatnonzero(logits >= bar)
         if not passing.size:
-            return None
+            closest = int(np.argmax(logits))
+            return None, decided("names_gate" if np.isneginf(logits).all() else "below_bar", closest)
         ranked = passing
         if passing.size > 1 and np.isfinite(logits[passing]).all():  # the very prompt wins by its key
             ranked = passing[self.scope.closest_names(names[passing])]
         top = ranked[logits[ranked] == logits[ranked].max()]
         best = int(top[np.argmax(member_blocks[top])])
+        rule = "identical_prompt" if np.isposinf(logits[best]) else (
+            "scope_test" if logits[best] >= logits[passing].max() else "same_names_first")
         later = passing[member_blocks[passing] > member_blocks[best]]
         if self.scope.latest_of_question and np.isfinite(logits[best]) and later.size:
             same = later[self.scope.logits(member_keys[best], member_keys[later]) >= self.scope.threshold]
             if same.size:  # of those, the same subject asked again
                 same = same[self.scope.same_names(member_keys[best], member_keys[same])]
             if same.size:
-                best = int(same[np.argmax(member_blocks[same])])
-        return owners[best]
+                best, rule = int(same[np.argmax(member_blocks[same])]), "latest_of_question"
+        return owners[best], decided(rule, best)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def remove_members(self, ids: set[str]) -> list[int]:
@@ -437,20 +452,9 @@ class NeuronIndex:
             "conflicts": self.conflicts,
             "forgotten": self.forgotten,
         }
-        if self.scope is not None:  # written only with a scope test, so older snapshots keep their bytes
-            meta.update(route_dim=self.route_dim, separated=self.separated, scope_threshold=self.scope.threshold,
-                        scope_conflict_threshold=self.scope.conflict_threshold,
-                        scope_latest_of_question=self.scope.latest_of_question)
-            if self.scope.prefer_same_names:  # absent: ranked by the verifier alone, as every snapshot before
-                meta.update(scope_prefer_same_names=True)
-            if self.scope.namesake_bar:  # absent: one flat threshold, as every snapshot before
-                meta.update(scope_namesake_bar=self.scope.namesake_bar)
-                if self.scope.closest_namesakes:  # absent: k counted every member from NAMESAKE_COSINE
-                    meta.update(scope_closest_namesakes=True)
-            if self.scope.focus_reach:  # absent: reached by the routing view alone, as every snapshot before
-                meta.update(scope_focus_reach=True)
-            if self.cluster_per_edit:  # absent: joined by label, as every snapshot before the rule
-                meta.update(scope_cluster_per_edit=True)
+        if self.scope is not None:  # written only with a scope test; the policy whole, every field
+            meta.update(route_dim=self.route_dim, separated=self.separated,
+                        scope_policy=self.scope.policy(self.cluster_per_edit).to_json())
         return arrays, meta
 
     def save_graph(self, path: Path) -> None:
@@ -468,7 +472,7 @@ class NeuronIndex:
             int(meta["dim"]), meta["metric"], float(meta["r_init"]), hnsw_m=hnsw["M"],
             ef_construction=hnsw["ef_construction"], ef_search=hnsw["ef_search"],
             candidates=int(meta["candidates"]), scope=scope,
-            cluster_per_edit=bool(meta.get("scope_cluster_per_edit", False)),
+            cluster_per_edit=scope is not None and ScopePolicy.from_index_meta(meta, "index snapshot").cluster_per_edit,
         )
         if scope is not None:
             if int(meta["route_dim"]) != index.route_dim:

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy
 
+from melo_ray.editors.melo.scope_policy import ScopePolicy
 from melo_ray.text import content_words, focus
 
 BUILTIN_VERIFIER = Path(__file__).with_name("scope_verifier.safetensors")
@@ -214,6 +215,16 @@ class ScopeVerifier:
             **self.meta, **meta, "views": self.meta["views"] + ",relation", "view_dims": self.meta["view_dims"] + f",{dim}",
             RELATION_META_KEY: settings, "relation_weight": str(weight)})
 
+    def with_calibration(self, threshold: float, how: str) -> "ScopeVerifier":
+        """The same weights with the threshold calibrated for them, and how it was placed, in the file."""
+        return ScopeVerifier(self._weights(), {**self.meta, "threshold": repr(float(threshold)), "calibrated_on": how})
+
+    @property
+    def calibrated_threshold(self) -> float | None:
+        """The threshold stored in the file with its weights; None for files written before calibration."""
+        value = self.meta.get("threshold")
+        return float(value) if value not in (None, "") else None
+
     def logits(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """(n,) logits for rows a[i], b[i] (a broadcasts when it has one row)."""
         a, b = np.atleast_2d(a), np.atleast_2d(b)
@@ -329,6 +340,17 @@ class ScopeTest:
         self.focus_reach = focus_reach and "focus" in verifier.view_names
         if self.focus_reach and verifier.view_dims[verifier.view_names.index("focus")] != verifier.view_dims[0]:
             raise ValueError("scope focus_reach: the focus view must be as wide as the routing view")
+
+    @classmethod
+    def from_policy(cls, verifier: ScopeVerifier, policy: ScopePolicy) -> "ScopeTest":
+        return cls(verifier, policy.threshold, policy.conflict_threshold, policy.latest_of_question,
+                   policy.prefer_same_names, policy.namesake_bar, policy.closest_namesakes, policy.focus_reach)
+
+    def policy(self, cluster_per_edit: bool) -> ScopePolicy:
+        """The rules this test applies (as in effect: a rule its verifier cannot serve is off), plus the
+        index's write-time rule, as one policy a snapshot carries whole."""
+        return ScopePolicy(self.threshold, self.conflict_threshold, self.latest_of_question, self.prefer_same_names,
+                           self.namesake_bar, self.closest_namesakes, self.focus_reach, cluster_per_edit)
 
     @property
     def key_dim(self) -> int:
