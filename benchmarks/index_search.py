@@ -26,7 +26,7 @@ import torch
 
 from melo_ray.backbones import load_backbone
 from melo_ray.config import load_config
-from melo_ray.editors.melo.index import NeuronIndex, distances
+from melo_ray.editors.melo.scope.index import NeuronIndex, distances
 
 ROOT = Path(__file__).resolve().parent.parent
 CF = ROOT.parent / "shared" / "data" / "counterfact-mend-splits"

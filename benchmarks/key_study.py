@@ -17,8 +17,8 @@ import numpy as np
 from melo_ray.backbones import load_backbone
 from melo_ray.config import load_config
 from melo_ray.data import convert
-from melo_ray.editors.melo.index import distances
-from melo_ray.editors.melo.keys import build_key_function
+from melo_ray.editors.melo.scope.index import distances
+from melo_ray.editors.melo.scope.keys import build_key_function
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"

@@ -35,10 +35,11 @@ from pathlib import Path
 import numpy as np
 
 from melo_ray.data import convert
-from melo_ray.editors.melo.index import NeuronIndex
-from melo_ray.editors.melo.keys import scoped_keys_for
-from melo_ray.editors.melo.scope import BUILTIN_VERIFIER, ScopeTest, ScopeVerifier, load_verifier
-from melo_ray.editors.melo.scope_training import cached_embed, embed
+from melo_ray.editors.melo.scope.index import NeuronIndex
+from melo_ray.editors.melo.scope.keys import scoped_keys_for
+from melo_ray.editors.melo.scope.verifier import BUILTIN_VERIFIER, ScopeVerifier, load_verifier
+from melo_ray.editors.melo.scope.decision import ScopeTest
+from melo_ray.editors.melo.scope.training.verifier_training import cached_embed, embed
 from melo_ray.evaluation import EditedQuestions, superseded
 
 from core_quality import SOURCES  # the same records as core_quality.py (this script's folder is on sys.path)

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from melo_ray.data import convert
-from melo_ray.editors.melo.keys import scoped_keys_for
-from melo_ray.editors.melo.scope import BUILTIN_VERIFIER, ScopeVerifier
-from melo_ray.editors.melo.scope_training import embed
+from melo_ray.editors.melo.scope.keys import scoped_keys_for
+from melo_ray.editors.melo.scope.verifier import BUILTIN_VERIFIER, ScopeVerifier
+from melo_ray.editors.melo.scope.training.verifier_training import embed
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"

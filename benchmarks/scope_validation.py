@@ -34,13 +34,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from melo_ray.editors.melo.cross_scope import CrossScopeModel
-from melo_ray.editors.melo.cross_scope_training import calibrate, capped
-from melo_ray.editors.melo.encoder import SentenceEncoderKeys
-from melo_ray.editors.melo.keys import scoped_keys_for
-from melo_ray.editors.melo.scope import BUILTIN_VERIFIER, ScopeVerifier, load_verifier
-from melo_ray.editors.melo.scope_pairs import DataPaths, Pair, all_pairs, leave_dataset_out, leave_relations_out
-from melo_ray.editors.melo.scope_training import cached_embed
+from melo_ray.editors.melo.scope.cross_encoder import CrossScopeModel
+from melo_ray.editors.melo.scope.training.cross_encoder_training import calibrate, capped
+from melo_ray.editors.melo.scope.encoder import SentenceEncoderKeys
+from melo_ray.editors.melo.scope.keys import scoped_keys_for
+from melo_ray.editors.melo.scope.verifier import BUILTIN_VERIFIER, ScopeVerifier, load_verifier
+from melo_ray.editors.melo.scope.training.pairs import DataPaths, Pair, all_pairs, leave_dataset_out, leave_relations_out
+from melo_ray.editors.melo.scope.training.verifier_training import cached_embed
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
@@ -115,6 +115,7 @@ def main() -> None:
                         help="sources the cross-encoder never trained or calibrated on (as its training run)")
     parser.add_argument("--cross", type=Path, action="append", default=[], help="cross-encoder file(s)")
     parser.add_argument("--verifier", default="builtin")
+    parser.add_argument("--verifier-name", default="today's verifier", help="its column's name")
     parser.add_argument("--cap", type=int, default=1500, help="test pairs per (source, kind) at most")
     parser.add_argument("--keys-cache", type=Path, default=ROOT / "runs/scope-validation-keys.npz")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here too")
@@ -129,7 +130,7 @@ def main() -> None:
     relations_out = leave_relations_out(pairs, args.seed, tuple(s for s in args.exclude_sources.split(",") if s))
     splits = [relations_out, leave_dataset_out(pairs, "wiki_recent", args.seed)]
     scorers: dict[str, object] = {} if args.skip_verifier else {
-        "today's verifier": VerifierScorer(args.verifier, args.keys_cache)}
+        args.verifier_name: VerifierScorer(args.verifier, args.keys_cache)}
     for path in args.cross:
         scorers[f"cross-encoder {path.name}"] = CrossScorer(path)
     calibration = capped(list(relations_out.calibration), 800, args.seed)
@@ -149,7 +150,8 @@ def main() -> None:
     for name, scorer in scorers.items():
         columns = {}
         if isinstance(scorer, VerifierScorer):
-            columns[f"{name} @ {SHIPPED_THRESHOLD}"] = SHIPPED_THRESHOLD
+            stored = scorer.verifier.calibrated_threshold  # the file's own (the shipped one: 34.94)
+            columns[f"{name} @ {stored:.3f} (its file's)"] = stored if stored is not None else SHIPPED_THRESHOLD
             columns[f"{name} @ calibrated"] = calibrate(scorer.logits(calibration), calibration)[0]
         else:
             columns[f"{name} @ {scorer.model.threshold:.3f} (calibrated)"] = scorer.model.threshold

@@ -31,7 +31,7 @@ from melo_ray.config import load_config
 from melo_ray.editors.melo.block_index import BlockIndex
 from melo_ray.editors.melo.editor import MeloEditor
 from melo_ray.evaluation import base_outputs, history_locality, measure
-from melo_ray.editors.melo.index import distances
+from melo_ray.editors.melo.scope.index import distances
 from pipelines.bulk_edit.job import BulkEditJob
 from melo_ray.records import read_edit_records, write_parquet
 from pipelines.bulk_edit.tracking import tracking_uri

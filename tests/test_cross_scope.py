@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from melo_ray.editors.melo.cross_scope import CrossEncoder, CrossScopeModel, tokenizer_folder
-from melo_ray.editors.melo.cross_scope_training import FALSE_ACCEPT_TARGETS, calibrate, train
-from melo_ray.editors.melo.scope_pairs import Pair
+from melo_ray.editors.melo.scope.cross_encoder import CrossEncoder, CrossScopeModel, tokenizer_folder
+from melo_ray.editors.melo.scope.training.cross_encoder_training import FALSE_ACCEPT_TARGETS, calibrate, train
+from melo_ray.editors.melo.scope.training.pairs import Pair
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from melo_ray.editors.melo.index import NeuronIndex, distances
+from melo_ray.editors.melo.scope.index import NeuronIndex, distances
 
 
 def _key(*xs: float) -> np.ndarray:

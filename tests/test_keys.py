@@ -6,8 +6,8 @@ import pytest
 
 from conftest import tiny_config
 from melo_ray.backbones import load_backbone
-from melo_ray.editors.melo.encoder import SentenceEncoderKeys, encoder_folder
-from melo_ray.editors.melo.keys import HiddenStateKeys
+from melo_ray.editors.melo.scope.encoder import SentenceEncoderKeys, encoder_folder
+from melo_ray.editors.melo.scope.keys import HiddenStateKeys
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """The relation view: a LoRA-tuned MiniLM of the prompt's focus, carried in the verifier's file
-(melo_ray/editors/melo/relation.py), and keys that follow the verifier a snapshot was written with."""
+(melo_ray/editors/melo/scope/relation.py), and keys that follow the verifier a snapshot was written with."""
 from __future__ import annotations
 
 import copy
@@ -9,12 +9,11 @@ import pytest
 
 from melo_ray.editors.loading import restore_editor
 from melo_ray.editors.melo.editor import MeloEditor
-from melo_ray.editors.melo.encoder import SentenceEncoderKeys
-from melo_ray.editors.melo.keys import scoped_keys_for
-from melo_ray.editors.melo.relation import AdapterSettings, RelationEncoder, adapter_tensors, train_adapter, with_adapter
-from melo_ray.editors.melo.scope import (
-    BUILTIN_VERIFIER, RELATION_META_KEY, RELATION_TENSOR_PREFIX, ScopeVerifier, relation_text,
-)
+from melo_ray.editors.melo.scope.encoder import SentenceEncoderKeys
+from melo_ray.editors.melo.scope.keys import scoped_keys_for
+from melo_ray.editors.melo.scope.relation import AdapterSettings, RelationEncoder, adapter_tensors, train_adapter, with_adapter
+from melo_ray.editors.melo.scope.verifier import BUILTIN_VERIFIER, ScopeVerifier
+from melo_ray.editors.melo.scope.views import RELATION_META_KEY, RELATION_TENSOR_PREFIX, relation_text
 from tests.conftest import tiny_config
 
 

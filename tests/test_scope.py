@@ -1,5 +1,5 @@
 """The scope test: a learned verifier decides whether a query asks an edit's question or only
-something about the same subject (melo_ray/editors/melo/scope.py and its use in the index)."""
+something about the same subject (melo_ray/editors/melo/scope/ and its use in the index)."""
 from __future__ import annotations
 
 import json
@@ -11,9 +11,11 @@ import pytest
 from melo_ray.editors.loading import load_editor
 from melo_ray.editors.melo.block_index import BlockIndex
 from melo_ray.editors.melo.editor import MeloEditor
-from melo_ray.editors.melo.index import NeuronIndex
-from melo_ray.editors.melo.scope import BUILTIN_VERIFIER, ScopeTest, ScopeVerifier, masked, names
-from melo_ray.editors.melo.scope_policy import ScopePolicy
+from melo_ray.editors.melo.scope.index import NeuronIndex
+from melo_ray.editors.melo.scope.verifier import BUILTIN_VERIFIER, ScopeVerifier
+from melo_ray.editors.melo.scope.decision import ScopeTest
+from melo_ray.editors.melo.scope.views import masked, names
+from melo_ray.editors.melo.scope.policy import ScopePolicy
 from melo_ray.snapshots import SnapshotError
 from melo_ray.text import focus
 from tests.conftest import tiny_config
@@ -447,7 +449,7 @@ def test_a_training_paraphrase_is_another_key_of_its_edit_and_leaves_with_it():
 
 
 def test_held_out_report_places_the_threshold_on_same_subject_pairs_and_says_when_there_are_none():
-    from melo_ray.editors.melo.scope_training import held_out_report
+    from melo_ray.editors.melo.scope.training.verifier_training import held_out_report
 
     pairs = [("a", "b", 0, "subject", "zsre"), ("a", "c", 0, "subject", "zsre"), ("a", "d", 1, "rephrase", "zsre")]
     report = held_out_report(np.array([-2.0, 1.0, 3.0]), pairs)  # too few pairs for the 200 rule: they count anyway

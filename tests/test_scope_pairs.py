@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import random
 
-from melo_ray.editors.melo.scope_pairs import (
+from melo_ray.editors.melo.scope.training.pairs import (
     DataPaths,
     Pair,
     all_pairs,
@@ -14,7 +14,7 @@ from melo_ray.editors.melo.scope_pairs import (
     template_pairs,
     wiki_recent_pairs,
 )
-from melo_ray.editors.melo.wikidata_relations import BY_PID, PROPERTIES, property_of_template
+from melo_ray.editors.melo.scope.training.wikidata_relations import BY_PID, PROPERTIES, property_of_template
 
 
 def test_catalog_is_broad_and_inverse_pairs_share_a_family() -> None:

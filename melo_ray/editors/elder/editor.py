@@ -27,7 +27,7 @@ from melo_ray.config import EditorConfig
 from melo_ray.editors.elder.config import ElderConfig
 from melo_ray.editors.elder.layer import ElderLinear
 from melo_ray.editors.layers import get_parent
-from melo_ray.editors.melo.keys import build_key_function, prompt_and_paraphrase_keys
+from melo_ray.editors.melo.scope.keys import build_key_function, prompt_and_paraphrase_keys
 from melo_ray.editors.messages import IndexUpdate, TrainedBatch
 from melo_ray.editors.protocol import Editor
 from melo_ray.editors.routing import Routing

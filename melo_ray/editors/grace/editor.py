@@ -23,7 +23,7 @@ from melo_ray.config import EditorConfig, TrainConfig
 from melo_ray.editors.grace.config import GraceConfig
 from melo_ray.editors.grace.layer import STAGING_ENTRY, GraceLayer
 from melo_ray.editors.layers import get_parent
-from melo_ray.editors.melo.keys import HiddenStateKeys, prompt_and_paraphrase_keys
+from melo_ray.editors.melo.scope.keys import HiddenStateKeys, prompt_and_paraphrase_keys
 from melo_ray.editors.messages import IndexUpdate, TrainedBatch
 from melo_ray.editors.protocol import Editor
 from melo_ray.editors.routing import Routing

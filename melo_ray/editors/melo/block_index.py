@@ -11,10 +11,11 @@ import numpy as np
 import safetensors.numpy
 
 from melo_ray.config import EditorConfig
-from melo_ray.editors.melo.index import NeuronIndex
+from melo_ray.editors.melo.scope.index import NeuronIndex
 from melo_ray.editors.melo.config import IndexConfig
-from melo_ray.editors.melo.scope import ScopeTest, ScopeVerifier, load_verifier
-from melo_ray.editors.melo.scope_policy import ScopePolicy
+from melo_ray.editors.melo.scope.decision import ScopeTest
+from melo_ray.editors.melo.scope.verifier import ScopeVerifier, load_verifier
+from melo_ray.editors.melo.scope.policy import ScopePolicy
 from melo_ray.editors.messages import IndexUpdate, StaleStateError, TrainedBatch
 from melo_ray.editors.single_writer import EditIndex
 from melo_ray.editors.routing import SearchResult

@@ -19,7 +19,7 @@ from melo_ray.backbones import Backbone
 from melo_ray.config import EditorConfig
 from melo_ray.editors.melo.bank import bank_files, check_bank_shape, read_bank
 from melo_ray.editors.melo.block_index import BlockIndex, snapshot_key_dim, snapshot_verifier
-from melo_ray.editors.melo.keys import (
+from melo_ray.editors.melo.scope.keys import (
     KeyFunction, ScopedSentenceKeys, build_key_function, prompt_and_paraphrase_keys, scoped_keys_for,
 )
 from melo_ray.editors.melo.layer import BlockRouter, inject_dynamic_lora

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from melo_ray.data import RelationGroups, relation_template
-from melo_ray.editors.melo.wikidata_relations import (
+from melo_ray.editors.melo.scope.training.wikidata_relations import (
     BY_PID,
     PROPERTIES,
     Property,

@@ -13,9 +13,10 @@ from torch import nn
 
 from melo_ray.backbones import Backbone
 from melo_ray.editors.melo.config import IndexConfig
-from melo_ray.editors.melo.encoder import SentenceEncoderKeys, pool
-from melo_ray.editors.melo.relation import RelationEncoder, adapter_digest
-from melo_ray.editors.melo.scope import HASHED_VIEWS, TEXT_VIEWS, VIEWS, WORDS_DIM, ScopeVerifier, load_verifier
+from melo_ray.editors.melo.scope.encoder import SentenceEncoderKeys, pool
+from melo_ray.editors.melo.scope.relation import RelationEncoder, adapter_digest
+from melo_ray.editors.melo.scope.views import HASHED_VIEWS, TEXT_VIEWS, VIEWS, WORDS_DIM
+from melo_ray.editors.melo.scope.verifier import ScopeVerifier, load_verifier
 from melo_ray.records import EditRecord
 from melo_ray.text import focus
 

@@ -19,7 +19,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from melo_ray.editors.melo.encoder import encoder_folder
+from melo_ray.editors.melo.scope.encoder import encoder_folder
 
 FORMAT = "melo-scope-cross-encoder"
 VERSION = "1"  # mean-pooled head

@@ -6,7 +6,7 @@ in the same template), the inverse relation, the same relation with another subj
 threshold is the lowest logit at which every kind of calibration negative is accepted no more often
 than its target.
 
-    OMP_NUM_THREADS=1 python -m melo_ray.editors.melo.cross_scope_training --out runs/cross_scope.safetensors \
+    OMP_NUM_THREADS=1 python -m melo_ray.editors.melo.scope.training.cross_encoder_training --out runs/cross_scope.safetensors \
         --seed 1 --exclude-sources wiki_recent --steps 400
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from melo_ray.editors.melo.cross_scope import CrossScopeModel
-from melo_ray.editors.melo.scope_pairs import (
+from melo_ray.editors.melo.scope.cross_encoder import CrossScopeModel
+from melo_ray.editors.melo.scope.training.pairs import (
     NEGATIVE_KINDS,
     POSITIVE_KINDS,
     DataPaths,
@@ -32,7 +32,7 @@ from melo_ray.editors.melo.scope_pairs import (
 )
 
 log = logging.getLogger(__name__)
-DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[5].parent / "shared" / "data"
 # false-accept targets per negative kind (issue 35): the threshold meets all of them on calibration pairs
 FALSE_ACCEPT_TARGETS = {"subject_other_relation": 0.005, "relation_other_subject": 0.003, "namesake": 0.003,
                         "inverse": 0.01}

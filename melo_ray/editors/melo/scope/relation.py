@@ -20,10 +20,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from melo_ray.editors.melo.encoder import SentenceEncoderKeys
-from melo_ray.editors.melo.scope import RELATION_META_KEY as META_KEY
-from melo_ray.editors.melo.scope import RELATION_TENSOR_PREFIX as TENSOR_PREFIX
-from melo_ray.editors.melo.scope import ScopeVerifier, relation_text
+from melo_ray.editors.melo.scope.encoder import SentenceEncoderKeys
+from melo_ray.editors.melo.scope.views import RELATION_META_KEY as META_KEY
+from melo_ray.editors.melo.scope.views import RELATION_TENSOR_PREFIX as TENSOR_PREFIX
+from melo_ray.editors.melo.scope.verifier import ScopeVerifier
+from melo_ray.editors.melo.scope.views import relation_text
 
 
 @dataclass(frozen=True)

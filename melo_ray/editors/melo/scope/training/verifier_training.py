@@ -21,7 +21,7 @@ other-subject negative. Its cosine enters the logit with the weight (`--relation
 the most held-out wordings at the threshold the held-out same-subject pairs place; the MLP never sees
 the view, so it cannot learn to trust an adapter that was tuned on its own pairs.
 
-    python -m melo_ray.editors.melo.scope_training --out melo_ray/editors/melo/scope_verifier.safetensors
+    python -m melo_ray.editors.melo.scope.training.verifier_training --out melo_ray/editors/melo/scope/scope_verifier.safetensors
 """
 from __future__ import annotations
 
@@ -35,14 +35,15 @@ import numpy as np
 import torch
 
 from melo_ray.data import RelationGroups, convert, relation_template
-from melo_ray.editors.melo.encoder import SentenceEncoderKeys
-from melo_ray.editors.melo.keys import ScopedSentenceKeys
-from melo_ray.editors.melo.relation import AdapterSettings, RelationEncoder, train_adapter
-from melo_ray.editors.melo.scope import ScopeVerifier, pair_features
+from melo_ray.editors.melo.scope.encoder import SentenceEncoderKeys
+from melo_ray.editors.melo.scope.keys import ScopedSentenceKeys
+from melo_ray.editors.melo.scope.relation import AdapterSettings, RelationEncoder, train_adapter
+from melo_ray.editors.melo.scope.verifier import ScopeVerifier
+from melo_ray.editors.melo.scope.views import pair_features
 from melo_ray.text import focus
 
 log = logging.getLogger(__name__)
-DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[5].parent / "shared" / "data"
 DEFAULT_VIEWS = ("prompt", "focus", "masked", "words", "names")  # the shipped MLP's (the relation view comes after)
 
 Pair = tuple[str, str, int, str, str]  # (a, b, label, kind, source)

@@ -35,8 +35,8 @@ from typing import Literal
 import hnswlib
 import numpy as np
 
-from melo_ray.editors.melo.scope import ScopeTest
-from melo_ray.editors.melo.scope_policy import ScopePolicy
+from melo_ray.editors.melo.scope.decision import ScopeTest, decide
+from melo_ray.editors.melo.scope.policy import ScopePolicy
 from melo_ray.editors.routing import ScopeDecision, SearchResult
 from melo_ray.text import normalise_label
 
@@ -352,43 +352,15 @@ class NeuronIndex:
                             decisions=tuple(decisions))
 
     def _scoped_member(self, key: np.ndarray, holding: list[int]) -> tuple[tuple[int, int] | None, ScopeDecision]:
-        """(cluster, member position) of the member that serves `key` among the clusters holding it:
-        the one the scope test scores highest, if it passes (ties: the latest). A rewording (no member
-        is the very prompt) goes to the latest edit of its question: among the members that pass, the
-        latest one the scope test calls the same question as the best. So a question edited again in
-        other words answers its newest target, while each edited wording still answers its own. Also
-        the decision: which rule settled it, and the score and bar of the edit it settled on."""
+        """(cluster, member position) of the member that serves `key` among the clusters holding it (None:
+        no member), and why: the scope decision (decision.py) over every member of those clusters."""
         assert self.scope is not None
         owners = [(c, i) for c in holding for i in range(len(self.clusters[c].member_blocks))]
-        member_keys = np.stack([self.clusters[c].member_keys[i] for c, i in owners])
-        member_blocks = np.array([self.clusters[c].member_blocks[i] for c, i in owners])
-        logits = self.scope.logits(key, member_keys)
-        names = self.scope.names_to(key, member_keys)
-        bar = self.scope.bar(names)
-
-        def decided(rule: str, at: int) -> ScopeDecision:
-            c, i = owners[at]
-            return ScopeDecision(rule, self.clusters[c].member_ids[i], float(logits[at]), bar, len(owners))
-
-        passing = np.flatnonzero(logits >= bar)
-        if not passing.size:
-            closest = int(np.argmax(logits))
-            return None, decided("names_gate" if np.isneginf(logits).all() else "below_bar", closest)
-        ranked = passing
-        if passing.size > 1 and np.isfinite(logits[passing]).all():  # the very prompt wins by its key
-            ranked = passing[self.scope.closest_names(names[passing])]
-        top = ranked[logits[ranked] == logits[ranked].max()]
-        best = int(top[np.argmax(member_blocks[top])])
-        rule = "identical_prompt" if np.isposinf(logits[best]) else (
-            "scope_test" if logits[best] >= logits[passing].max() else "same_names_first")
-        later = passing[member_blocks[passing] > member_blocks[best]]
-        if self.scope.latest_of_question and np.isfinite(logits[best]) and later.size:
-            same = later[self.scope.logits(member_keys[best], member_keys[later]) >= self.scope.threshold]
-            if same.size:  # of those, the same subject asked again
-                same = same[self.scope.same_names(member_keys[best], member_keys[same])]
-            if same.size:
-                best, rule = int(same[np.argmax(member_blocks[same])]), "latest_of_question"
-        return owners[best], decided(rule, best)
+        chosen, why = decide(self.scope, key,
+                             np.stack([self.clusters[c].member_keys[i] for c, i in owners]),
+                             np.array([self.clusters[c].member_blocks[i] for c, i in owners]),
+                             [self.clusters[c].member_ids[i] for c, i in owners])
+        return (owners[chosen] if chosen is not None else None), why
 
     # -- lifecycle -----------------------------------------------------------------------------
     def remove_members(self, ids: set[str]) -> list[int]:

@@ -11,7 +11,7 @@ The threshold is the lowest logit that meets every negative kind's false-accept 
 pairs (`cross_scope_training.calibrate`); the relation weight is the one that then accepts the most
 calibration rewordings. Both go into the file's metadata with the split that placed them.
 
-    OMP_NUM_THREADS=2 python -m melo_ray.editors.melo.scope_split_training --out runs/verifier_split1.safetensors \
+    OMP_NUM_THREADS=2 python -m melo_ray.editors.melo.scope.training.split_training --out runs/verifier_split1.safetensors \
         --seed 1 --exclude-sources wiki_recent --keys-cache runs/split-keys.npz
 """
 from __future__ import annotations
@@ -25,16 +25,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from melo_ray.editors.melo.cross_scope_training import calibrate, capped
-from melo_ray.editors.melo.encoder import SentenceEncoderKeys
-from melo_ray.editors.melo.keys import ScopedSentenceKeys
-from melo_ray.editors.melo.relation import RelationEncoder
-from melo_ray.editors.melo.scope import ScopeVerifier, pair_features
-from melo_ray.editors.melo.scope_pairs import POSITIVE_KINDS, DataPaths, Pair, all_pairs, leave_relations_out
-from melo_ray.editors.melo.scope_training import DEFAULT_VIEWS, HIDDEN, cached_embed, embed, fit, with_relation_view
+from melo_ray.editors.melo.scope.training.cross_encoder_training import calibrate, capped
+from melo_ray.editors.melo.scope.encoder import SentenceEncoderKeys
+from melo_ray.editors.melo.scope.keys import ScopedSentenceKeys
+from melo_ray.editors.melo.scope.relation import RelationEncoder
+from melo_ray.editors.melo.scope.verifier import ScopeVerifier
+from melo_ray.editors.melo.scope.views import pair_features
+from melo_ray.editors.melo.scope.training.pairs import POSITIVE_KINDS, DataPaths, Pair, all_pairs, leave_relations_out
+from melo_ray.editors.melo.scope.training.verifier_training import DEFAULT_VIEWS, HIDDEN, cached_embed, embed, fit, with_relation_view
 
 log = logging.getLogger(__name__)
-DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[5].parent / "shared" / "data"
 # scope_pairs' kinds as scope_training's relation-view tuning reads them
 TRAINING_KIND = {"reword": "rephrase", "alias": "alias", "subject_other_relation": "subject", "inverse": "subject",
                  "relation_other_subject": "other_subject", "namesake": "other_subject"}
