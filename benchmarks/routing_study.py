@@ -37,19 +37,19 @@ import numpy as np
 from melo_ray.data import convert
 from melo_ray.editors.melo.scope.index import NeuronIndex
 from melo_ray.editors.melo.scope.keys import scoped_keys_for
-from melo_ray.editors.melo.scope.verifier import BUILTIN_VERIFIER, ScopeVerifier, load_verifier
+from melo_ray.editors.melo.scope.verifier import load_verifier
 from melo_ray.editors.melo.scope.decision import ScopeTest
 from melo_ray.editors.melo.scope.training.verifier_training import cached_embed, embed
 from melo_ray.evaluation import EditedQuestions, superseded
 
-from core_quality import SOURCES  # the same records as core_quality.py (this script's folder is on sys.path)
+from core_quality import DATA, SOURCES  # the same records as core_quality.py (this script's folder is on sys.path)
 
 DEFAULT_RULE = "latest edit of the question (default)"
 SCORE_ALONE_RULE = "the same, ranked by the verifier's score alone, one flat threshold"
 FLAT_BAR_RULE = "the same, one flat threshold"
 LOOSE_BAR_RULE = "the same, k counting every member from names cosine 0.5"
 PROMPT_REACH_RULE = "the same, reached by the whole prompt's view alone (previous default)"
-SHIPPED_THRESHOLD = ScopeVerifier.load(BUILTIN_VERIFIER).calibrated_threshold  # stored in the shipped file
+ROUTED_SOURCES = {**SOURCES, "wiki_recent": ("knowedit", DATA / "knowedit/benchmark_wiki_recent_recent_train.json")}
 
 
 @dataclass(frozen=True)
@@ -87,12 +87,15 @@ def routing_rules(t: float) -> dict[str, Rule]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--start", type=int, default=0, help="skip the data set's first records (wiki_recent: 285, "
+                        "the shipped verifier's training records)")
     parser.add_argument("--verifier", default="builtin")
-    parser.add_argument("--threshold", type=float, default=SHIPPED_THRESHOLD, help="the default rule's threshold")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="the default rule's threshold (default: the one stored in the verifier file)")
     parser.add_argument("--r-init", type=float, default=0.7, help="index.r_init (the shipped config's)")
     parser.add_argument("--cluster-per-edit", action=argparse.BooleanOptionalAction, default=True,
                         help="index.scope_cluster_per_edit; --no-cluster-per-edit --r-init 0.35 is the previous default")
-    parser.add_argument("--dataset", choices=sorted(SOURCES), default="zsre")
+    parser.add_argument("--dataset", choices=sorted(ROUTED_SOURCES), default="zsre")
     parser.add_argument("--probes", choices=["subject", "neighbour"], default="subject", help="locality probes routed")
     parser.add_argument("--names-gate", default="", help="comma-separated gate values for extra rows")
     parser.add_argument("--candidates", default="", help="comma-separated candidate counts for extra default-rule rows")
@@ -103,14 +106,17 @@ def main() -> None:
                         "'loose-bar' the bar counting near-namesakes too, 'score-alone' with neither the bar nor "
                         "index.scope_prefer_same_names. The names-gate rows always run.")
     args = parser.parse_args()
-    fmt, path = SOURCES[args.dataset]
+    fmt, path = ROUTED_SOURCES[args.dataset]
     # zsRE: probes drawn from the whole file, as the T = 1000 evaluation does; CounterFact: its first n records
-    limit = None if args.dataset == "zsre" else args.n
-    records = [r for r in convert(fmt, Path(path), limit=limit, subject_probes=2).records[: args.n] if r.rephrases]
+    limit = None if args.dataset == "zsre" else args.start + args.n
+    records = [r for r in convert(fmt, Path(path), limit=limit, subject_probes=2).records[args.start : args.start + args.n]
+               if r.rephrases or r.alias_rephrases]  # wiki_recent: its subject-alias rewordings
     verifier = load_verifier(args.verifier)
+    if args.threshold is None:
+        args.threshold = verifier.calibrated_threshold
     probe_list = [p for r in records for p in r.probes(args.probes)]
     probe_texts = [p.prompt for p in probe_list]
-    texts = [r.prompt for r in records] + [r.rephrases[0] for r in records] + probe_texts
+    texts = [r.prompt for r in records] + [(r.rephrases or r.alias_rephrases)[0] for r in records] + probe_texts
     key_function = scoped_keys_for(verifier)
     keys = cached_embed(texts, key_function, args.keys_cache)[0] if args.keys_cache else embed(texts, key_function)[0]
     prompts, rephrasings, probes = np.split(keys, [len(records), 2 * len(records)])

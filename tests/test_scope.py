@@ -366,10 +366,14 @@ def test_members_naming_what_the_query_names_rank_first_and_a_rewording_moves_on
     assert bank(prefer=False).search(rewording[None]).block_ids.tolist() == [1]  # the verifier's score alone
     index = bank(prefer=True)
     assert index.search(rewording[None]).block_ids.tolist() == [0]
+    why = index.search(rewording[None]).decisions[0]  # the FXX scored higher; the names rule chose the F40
+    assert (why.rule, why.edit_id, why.considered) == ("same_names_first", "f40", 2) and why.score >= why.bar
     index.add(key((1, 0.2), "Ferrari FXX was made by"), "Tesla", 2, "fxx again")
     assert index.search(rewording[None]).block_ids.tolist() == [0]  # another subject asked again: no move
     index.add(key((1, -0.2), "Ferrari F40 was made by"), "BMW", 3, "f40 again")  # scores below the first
     assert index.search(rewording[None]).block_ids.tolist() == [3]  # its own question asked again: the latest
+    assert index.search(rewording[None]).decisions[0].rule == "latest_of_question"
+    assert index.search(rewording[None]).decisions[0].edit_id == "f40 again"
 
     config = tiny_config(index={"key_function": "sentence_encoder", "scope_verifier": "builtin"})
     restored = BlockIndex.from_files(config, 2 + 256, BlockIndex(index, 4).files(), "snapshot")
