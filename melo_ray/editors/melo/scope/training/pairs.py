@@ -218,7 +218,8 @@ _PLACE_FORM = ("{}", "Port {}", "{} Valley", "New {}", "{} City", "Lake {}", "{}
 _WORK_STEM = ("Glass Orchard", "Silent Harbor", "Winter Ledger", "Copper Sky", "Hollow Crown", "Paper Lanterns",
               "Northern Tide", "Iron Meadow", "Last Cartographer", "Velvet Engine", "Salt and Ember", "Quiet Republic",
               "Burning Atlas", "Distant Bells", "Marble Garden", "Open Water", "Lantern Men", "Ninth Orbit")
-_WORK_FORM = ("The {}", "{}", "The {} II", "Return of the {}", "{}: Reprise")
+# no bare "{}" beside "The {}": a title with and without its article is one work, not a namesake
+_WORK_FORM = ("The {}", "The {} II", "Return of the {}", "{}: Reprise")
 _ORG_STEM = ("Heliotrope", "Norwind", "Bellcrest", "Quarrystone", "Ambervale", "Stroud", "Kestrel", "Oberlin",
              "Tidewater", "Falkner", "Marisco", "Greyhaven", "Lumora", "Castelli", "Pinecrest", "Vantor")
 _ORG_FORM = ("{} Records", "{} Systems", "{} Group", "{} Motors", "{} University", "{} Airlines", "{} Press", "{} Holdings")
