@@ -99,3 +99,37 @@ def test_all_pairs_drops_identical_prompts(tmp_path) -> None:
     assert all(p.a.strip() != p.b.strip() for p in pairs)
     assert {"zsre", "counterfact", "wiki_recent", "templates"} >= {p.source for p in pairs}
     assert any(p.source == "counterfact" and p.kind == "reword" for p in pairs)
+
+
+def test_namesakes_differ_by_more_than_an_article() -> None:
+    """'The Salt and Ember' and 'Salt and Ember' are one work: never a namesake (or other-subject) negative."""
+    for pair in template_pairs(random.Random(3), per_property=6):
+        if pair.kind in ("namesake", "relation_other_subject"):
+            a, b = (p.lower().replace("the ", "") for p in (pair.a, pair.b))
+            assert a != b, pair
+
+
+def test_split_training_pairs_keep_their_labels_and_the_calibration_picks_the_best_weight() -> None:
+    import numpy as np
+
+    from melo_ray.editors.melo.scope.training.split_training import as_training_pairs, calibrated_weight
+
+    pairs = template_pairs(random.Random(0), per_property=2)[:200]
+    tuples = as_training_pairs(pairs)
+    assert all(label == (kind in ("rephrase", "alias", "identity")) for _, _, label, kind, _ in tuples)
+    assert {a for a, b, *_ in tuples if a == b} == {p.a for p in pairs}  # each prompt also with itself
+
+    class Judge:  # logits = weight x (1 for a rewording, 0 for a negative) - a fixed noise
+        def __init__(self, weight: float = 0.0) -> None:
+            self.weight = weight
+
+        def with_relation_weight(self, weight: float) -> "Judge":
+            return Judge(weight)
+
+        def logits(self, firsts, seconds) -> np.ndarray:
+            return self.weight * firsts[:, 0] - seconds[:, 0]
+
+    positive = np.array([[float(p.label)] for p in pairs])
+    noise = np.random.default_rng(0).uniform(0, 1, size=(len(pairs), 1))
+    chosen, threshold, report = calibrated_weight(Judge(), positive, noise, pairs, [0.0, 2.0])
+    assert chosen.weight == 2.0 and report["calibration_rewordings_accepted"] == 1.0 and threshold <= 1.0
