@@ -167,11 +167,11 @@ def test_scoped_index_snapshot_round_trips_exactly():
 
 @pytest.fixture(scope="module")
 def scoped_editor() -> MeloEditor:
-    # the shipped verifier and threshold (configs/smollm2-135m.yaml): the rewording below scores 39.0,
+    # the shipped verifier at its previous threshold (34.94; the file's is now 39.86): the rewording below scores 39.0,
     # the same-subject questions 31.0 and 4.4 (with the relation view; without it, 1.06 and the
     # rewording was turned away at the shipped threshold of the time)
     config = tiny_config(index={"key_function": "sentence_encoder", "key_module": None,
-                                "scope_verifier": "builtin", "r_init": 0.35},  # the file's threshold
+                                "scope_verifier": "builtin", "scope_threshold": 34.94, "r_init": 0.35},
                          train={"num_iter": 80})
     editor = MeloEditor(config)
     editor.edit([{"id": "e0", "prompt": "The mother tongue of Danielle Darrieux is", "target": "English"}])
