@@ -1,9 +1,9 @@
 """Development sweep for a peer editor (issue 36) on zsRE TRAINING records only: per settings JSON, edit the
-first N records in batches, then print one JSON line: rel (generation starts with the target), tok
+first N records (or records A to B, given as A:B) in batches, then print one JSON line: rel (generation starts with the target), tok
 (teacher-forced token accuracy), gen (first rephrasing), loc_nq (20 NQ-open dev questions whose 8-token
 greedy output is unchanged), seconds and the editor's stats.
 
-    python benchmarks/peer_sweep.py <editor> <N> <batch> '<settings JSON>' ...   (needs runs/peers/zsre-train.parquet)
+    python benchmarks/peer_sweep.py <editor> <N | A:B> <batch> '<settings JSON>' ...   (needs runs/peers/zsre-train.parquet)
 """
 import sys, time, json
 from melo_ray.config import load_config
@@ -12,10 +12,12 @@ from melo_ray.editors.registry import build_editor
 from melo_ray.editors.layers import remove_edit_layers
 from melo_ray.records import read_edit_records
 from melo_ray import metrics
-name, n, bs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+name, span, bs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+lo, hi = (int(x) for x in span.split(":")) if ":" in span else (0, int(span))
+n = hi - lo
 base = load_config("configs/smollm2-135m.yaml").model_dump()
 bb = load_backbone(load_config(base).backbone)
-recs = read_edit_records("runs/peers/zsre-train.parquet")[:n]
+recs = read_edit_records("runs/peers/zsre-train.parquet")[lo:hi]
 nq = [json.loads(l)["question"] for l in open("../shared/data/nq-open/NQ-open.dev.jsonl")][:20]
 for spec in sys.argv[4:]:
     cfg = dict(base); cfg[name] = {**base.get(name, {}), **json.loads(spec)} if name in base else json.loads(spec)

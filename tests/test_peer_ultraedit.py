@@ -29,7 +29,7 @@ def test_ultraedit_writes_a_batch_in_closed_form_and_round_trips(tmp_path):
     assert sum(g.output.startswith(r["target"]) for g, r in zip(outputs, records)) >= 5
     # no router: every prompt runs on the changed weights, and routing -1 is the exact base model
     assert [g.output for g in editor.generate(UNRELATED, base=True)] == before
-    moments = next(iter(editor.normalisers.values()))
+    moments = next(iter(editor.normalisers[0].values()))
     seen = float(moments.count)
     editor.edit(_records(6, 4))
     assert float(moments.count) > seen  # running statistics over every edit so far
@@ -37,7 +37,24 @@ def test_ultraedit_writes_a_batch_in_closed_form_and_round_trips(tmp_path):
     editor.save(tmp_path / "snap")
     restored = load_editor(tmp_path / "snap")
     assert [g.output for g in restored.generate(prompts, 4)] == [g.output for g in editor.generate(prompts, 4)]
-    restored_moments = next(iter(restored.normalisers.values()))
+    restored_moments = next(iter(restored.normalisers[0].values()))
     assert torch.equal(restored_moments.mean, moments.mean) and float(restored_moments.count) == float(moments.count)
     with pytest.raises(NotImplementedError):  # dense weight changes: no single-edit revert
         restored.revert([records[0]["id"]])
+
+
+def test_ultraedit_steps_a_batch_several_times_with_a_normaliser_each(tmp_path):
+    config = load_config({**tiny_config().model_dump(), "editor": "ultraedit",
+                          "ultraedit": {"lr": 0.1, "layers": [2], "iters": 2}})
+    editor = build_editor("ultraedit", config)
+    records = _records(0, 4)
+    assert editor.edit(records).steps == 2
+    first, second = (next(iter(n.values())) for n in editor.normalisers)
+    assert float(first.count) == float(second.count) > 0  # each step saw the batch once
+    assert not torch.equal(first.mean, second.mean)  # the second on the weights the first left
+
+    editor.save(tmp_path / "snap")
+    restored = load_editor(tmp_path / "snap")
+    prompts = [r["prompt"] for r in records]
+    assert [g.output for g in restored.generate(prompts, 4)] == [g.output for g in editor.generate(prompts, 4)]
+    assert all(torch.equal(a[k].m2, b[k].m2) for a, b in zip(restored.normalisers, editor.normalisers) for k in a)

@@ -14,3 +14,6 @@ class UltraEditConfig(StrictConfig):
     lr: float = Field(1e-3, gt=0, description="Step size: each key's value shift is -lr * ||k_hat||^2 * g_hat.")
     ridge: float = Field(1.0, gt=0, description="Added to K^T K before the solve (the reference uses the identity).")
     eps: float = Field(1e-5, gt=0, description="Added to the running standard deviation when normalising.")
+    iters: int = Field(1, ge=1, description="Closed-form steps per batch (the reference's editor.iters): each takes "
+                       "the edits' keys and gradients on the weights the previous step left and keeps its own "
+                       "lifelong normaliser.")

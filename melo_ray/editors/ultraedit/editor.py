@@ -7,7 +7,8 @@ edit so far (the "lifelong normaliser") standardise them to k_hat, g_hat; each r
 shift is v = -lr * ||k_hat||^2 * g_hat, and the weight change solves the ridge problem
   delta^T = (K^T K + ridge I)^-1 K^T V
 with the raw keys K. Nothing is trained. As in the reference, layers of one shape share one
-normaliser. Every prompt runs on the changed weights; there is no routing and no single-edit revert.
+normaliser, and with `iters` > 1 each batch takes that many steps, each on the weights the previous
+left, with one normaliser per step. Every prompt runs on the changed weights; there is no routing and no single-edit revert.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from melo_ray.editors.messages import TrainedBatch
 from melo_ray.editors.ultraedit.config import UltraEditConfig
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError
-from melo_ray.training import IGNORE, build_batch
+from melo_ray.training import IGNORE, EditBatch, build_batch
 
 NORMALISERS = "normalisers.safetensors"
 
@@ -72,9 +73,10 @@ class UltraEditEditor(WeightDeltaEditor):
         self.shapes = {name: f"{l.in_features}x{l.out_features}" for name, l in self.layers.items()}
         self.normalisers = self._fresh_normalisers()
 
-    def _fresh_normalisers(self) -> dict[str, RunningMoments]:
+    def _fresh_normalisers(self) -> list[dict[str, RunningMoments]]:
+        """Per closed-form step of a batch: one running normaliser per layer shape."""
         widths = {self.shapes[n]: l.in_features + l.out_features for n, l in self.layers.items()}
-        return {shape: RunningMoments(width) for shape, width in widths.items()}
+        return [{shape: RunningMoments(width) for shape, width in widths.items()} for _ in range(self.cfg.iters)]
 
     @contextmanager
     def _traced(self, predicting: torch.Tensor) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
@@ -94,12 +96,10 @@ class UltraEditEditor(WeightDeltaEditor):
             for handle in handles:
                 handle.remove()
 
-    def train_batch(self, records: list[EditRecord]) -> TrainedBatch:
-        started = time.perf_counter()
-        batch = build_batch(self.backbone, records, append_eos=False)
-        labels = batch.labels[:, 1:]
-        predicting = torch.zeros_like(batch.labels, dtype=torch.bool)
-        predicting[:, :-1] = labels != IGNORE  # position t predicts token t+1
+    def _step(self, batch: EditBatch, predicting: torch.Tensor, labels: torch.Tensor,
+              normalisers: dict[str, RunningMoments]) -> tuple[dict[str, torch.Tensor], float, float]:
+        """One closed-form step on the current weights: the edits' keys and gradients, the normaliser's
+        update, and each layer's weight change."""
         with self._traced(predicting) as traces:
             logits = self.backbone.model(**batch.inputs, use_cache=False).logits[:, :-1].float()
             nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
@@ -112,32 +112,58 @@ class UltraEditEditor(WeightDeltaEditor):
         for name, trace in traces.items():
             grads = trace["probe"].grad[predicting].float()
             features[name] = torch.cat([trace["keys"], grads], dim=1)
-            self.normalisers[self.shapes[name]].update(features[name])
+            normalisers[self.shapes[name]].update(features[name])
         for name, layer in self.layers.items():
-            normalised = self.normalisers[self.shapes[name]].normalise(features[name], self.cfg.eps)
+            normalised = normalisers[self.shapes[name]].normalise(features[name], self.cfg.eps)
             keys_hat, grads_hat = normalised.split([layer.in_features, layer.out_features], dim=1)
             values = -self.cfg.lr * (keys_hat * keys_hat).sum(1, keepdim=True) * grads_hat  # (rows, out)
             keys = features[name][:, : layer.in_features]
             lhs = keys.T @ keys + self.cfg.ridge * torch.eye(layer.in_features)
             deltas[name] = torch.linalg.solve(lhs, keys.T @ values).T.contiguous()  # (out, in)
-        return self.commit(records, deltas, 1, float(per_row.detach().mean()), learned, started)
+        return deltas, float(per_row.detach().mean()), learned
+
+    def train_batch(self, records: list[EditRecord]) -> TrainedBatch:
+        started = time.perf_counter()
+        batch = build_batch(self.backbone, records, append_eos=False)
+        labels = batch.labels[:, 1:]
+        predicting = torch.zeros_like(batch.labels, dtype=torch.bool)
+        predicting[:, :-1] = labels != IGNORE  # position t predicts token t+1
+        saved = {n: l.delta.clone() for n, l in self.layers.items()}
+        total = {n: torch.zeros_like(l.delta) for n, l in self.layers.items()}
+        try:
+            for normalisers in self.normalisers:
+                deltas, loss, learned = self._step(batch, predicting, labels, normalisers)
+                for name, change in deltas.items():  # the next step sees this one's change
+                    self.layers[name].delta += change.to(self.layers[name].delta)
+                    total[name] += change.to(total[name])
+        finally:
+            for name, layer in self.layers.items():  # commit() adds the batch's change back, counted once
+                layer.delta = saved[name]
+        return self.commit(records, total, len(self.normalisers), loss, learned, started)
 
     # -- state beside the weight changes -----------------------------------------------------------
+    @staticmethod
+    def _prefix(step: int, shape: str) -> str:
+        return shape if step == 0 else f"step{step}.{shape}"  # step 0 keeps the one-step layout
+
     def method_files(self) -> dict[str, bytes]:
         tensors: dict[str, torch.Tensor] = {}
-        for shape, moments in self.normalisers.items():
-            tensors.update(moments.tensors(shape))
+        for step, normalisers in enumerate(self.normalisers):
+            for shape, moments in normalisers.items():
+                tensors.update(moments.tensors(self._prefix(step, shape)))
         return {NORMALISERS: safetensors.torch.save(tensors)}
 
     def restore_method(self, files: Mapping[str, bytes], where: str) -> Callable[[], None]:
         try:
             tensors = safetensors.torch.load(files[NORMALISERS])
             fresh = self._fresh_normalisers()
-            for shape, moments in fresh.items():
-                count, mean, m2 = (tensors[f"{shape}.{k}"] for k in ("count", "mean", "m2"))
-                if mean.shape != moments.mean.shape or m2.shape != moments.m2.shape:
-                    raise ValueError(f"normaliser {shape} has width {mean.shape[0]}")
-                moments.count, moments.mean, moments.m2 = count.reshape(()).double(), mean.double(), m2.double()
+            for step, normalisers in enumerate(fresh):
+                for shape, moments in normalisers.items():
+                    prefix = self._prefix(step, shape)
+                    count, mean, m2 = (tensors[f"{prefix}.{k}"] for k in ("count", "mean", "m2"))
+                    if mean.shape != moments.mean.shape or m2.shape != moments.m2.shape:
+                        raise ValueError(f"normaliser {prefix} has width {mean.shape[0]}")
+                    moments.count, moments.mean, moments.m2 = count.reshape(()).double(), mean.double(), m2.double()
         except (KeyError, ValueError, RuntimeError) as exc:
             raise SnapshotError(f"{where}: UltraEdit normalisers missing or malformed ({exc})") from exc
 
