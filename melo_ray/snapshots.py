@@ -86,6 +86,22 @@ def _signature(manifest: dict[str, Any], key: bytes) -> str:
     return hmac.new(key, _canonical(manifest, "signature"), hashlib.sha256).hexdigest()
 
 
+def safetensors_metadata(data: bytes, what: str) -> dict[str, str]:
+    """The string metadata of a safetensors file (its JSON header's __metadata__), read without loading
+    the tensors; `what` names the file in errors."""
+    if len(data) < 8:
+        raise ValueError(f"{what}: file is too short")
+    size = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{what}: header is not JSON ({exc})") from exc
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"{what}: metadata is not a mapping")
+    return meta
+
+
 def _write_file(path: Path, data: bytes) -> None:
     with open(path, "wb") as handle:
         handle.write(data)

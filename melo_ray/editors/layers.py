@@ -42,6 +42,24 @@ def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
+def wrap_llama_down_proj(backbone, editor: str, block: int | None, make_layer) -> tuple[str, nn.Module]:
+    """Wrap one Llama block's FFN output projection with `make_layer(base)`: block `block`, or by default
+    the 27th of 32 scaled to this depth (the layer WISE and MEMOIR edit in LLaMA). Returns its name and
+    the new layer."""
+    spec = backbone.family
+    if backbone.task != "causal_lm" or spec.model_type != "llama" or not spec.blocks:
+        raise ValueError(f"the {editor.upper()} editor is implemented for Llama-family causal LMs")
+    depth = len(backbone.model.get_submodule(spec.blocks))
+    block = block if block is not None else round(depth * 27 / 32)
+    if not 0 <= block < depth:
+        raise ValueError(f"{editor}.layer: {block} is not a block of this {depth}-block model")
+    name = f"{spec.blocks}.{block}.mlp.down_proj"
+    parent, child = get_parent(backbone.model, name)
+    layer = make_layer(getattr(parent, child))
+    setattr(parent, child, layer)
+    return name, layer
+
+
 def remove_edit_layers(model: nn.Module) -> None:
     """Put back the plain layers that editors wrapped, so one loaded backbone can serve a fresh
     editor. PEFT layers are not ours to remove."""

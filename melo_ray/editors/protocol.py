@@ -152,7 +152,7 @@ class Editor(ABC):
         routing = self.routing([prompt])
         block, distance, edit_id = routing.row(0)
         fires = block is not None
-        scope = routing.decision(0)
+        scope = routing.decisions[0]
         return {
             "prompt": prompt, "fires": fires, "block": block, "edit_id": edit_id, "distance": distance,
             "decision": "routed to an edit" if fires else "outside every edit's scope: the base model answers",

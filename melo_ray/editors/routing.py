@@ -103,9 +103,6 @@ class Routing:
         return (chosen if fires else None, distance if np.isfinite(distance) else None,
                 self.edit_ids[i] if fires else None)
 
-    def decision(self, i: int) -> "ScopeDecision | None":
-        return self.decisions[i]
-
     def take(self, rows: list[int] | np.ndarray) -> "Routing":
         """The routing of some rows, in the given order."""
         rows = np.asarray(rows, dtype=np.int64)

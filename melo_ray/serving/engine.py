@@ -101,7 +101,7 @@ class ServingEngine:
     def completion(self, request: CompletionRequest, seq: Sequence) -> Completion:
         """What a finished row answers, with which edit fired and the snapshot version."""
         block, distance, edit_id = seq.routing.row(0)
-        decision = seq.routing.decision(0)
+        decision = seq.routing.decisions[0]
         return Completion(
             text=seq.text, block=block, distance=distance, version=self.version,
             prompt_tokens=request.prompt_tokens if request.prompt_tokens is not None else len(seq.prompt_ids),

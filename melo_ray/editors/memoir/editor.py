@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from melo_ray.backbones import Backbone
 from melo_ray.config import EditorConfig
-from melo_ray.editors.layers import get_parent
+from melo_ray.editors.layers import wrap_llama_down_proj
 from melo_ray.editors.memoir.config import MemoirConfig
 from melo_ray.editors.memoir.layer import MemoirLayer, prompt_layer_inputs
 from melo_ray.editors.messages import IndexUpdate, TrainedBatch
@@ -61,17 +61,7 @@ class MemoirEditor(Editor):
     def __init__(self, config: EditorConfig, backbone: Backbone | None = None, device: str | None = None) -> None:
         super().__init__(config, backbone, device)
         self.cfg: MemoirConfig = config.section("memoir")
-        spec = self.backbone.family
-        if self.backbone.task != "causal_lm" or spec.model_type != "llama" or not spec.blocks:
-            raise ValueError("the MEMOIR editor is implemented for Llama-family causal LMs")
-        depth = len(self.backbone.model.get_submodule(spec.blocks))
-        block = self.cfg.layer if self.cfg.layer is not None else round(depth * 27 / 32)
-        if not 0 <= block < depth:
-            raise ValueError(f"memoir.layer: {block} is not a block of this {depth}-block model")
-        self.layer_name = f"{spec.blocks}.{block}.mlp.down_proj"
-        parent, child = get_parent(self.backbone.model, self.layer_name)
-        self.layer = MemoirLayer(getattr(parent, child))
-        setattr(parent, child, self.layer)
+        self.layer_name, self.layer = wrap_llama_down_proj(self.backbone, "memoir", self.cfg.layer, MemoirLayer)
         width = self.layer.in_features
         self.top_k = min(self.cfg.top_k or round(width * 4096 / 14336), width)
         generator = torch.Generator().manual_seed(self.cfg.seed)

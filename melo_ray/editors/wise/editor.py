@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from melo_ray.backbones import Backbone
 from melo_ray.config import EditorConfig
-from melo_ray.editors.layers import get_parent
+from melo_ray.editors.layers import wrap_llama_down_proj
 from melo_ray.editors.memoir.editor import read_texts
 from melo_ray.editors.memoir.layer import prompt_layer_inputs
 from melo_ray.editors.messages import IndexUpdate, TrainedBatch
@@ -76,17 +76,7 @@ class WiseEditor(Editor):
     def __init__(self, config: EditorConfig, backbone: Backbone | None = None, device: str | None = None) -> None:
         super().__init__(config, backbone, device)
         self.cfg: WiseConfig = config.section("wise")
-        spec = self.backbone.family
-        if self.backbone.task != "causal_lm" or spec.model_type != "llama" or not spec.blocks:
-            raise ValueError("the WISE editor is implemented for Llama-family causal LMs")
-        depth = len(self.backbone.model.get_submodule(spec.blocks))
-        block = self.cfg.layer if self.cfg.layer is not None else round(depth * 27 / 32)
-        if not 0 <= block < depth:
-            raise ValueError(f"wise.layer: {block} is not a block of this {depth}-block model")
-        self.layer_name = f"{spec.blocks}.{block}.mlp.down_proj"
-        parent, child = get_parent(self.backbone.model, self.layer_name)
-        self.layer = WiseLayer(getattr(parent, child))
-        setattr(parent, child, self.layer)
+        self.layer_name, self.layer = wrap_llama_down_proj(self.backbone, "wise", self.cfg.layer, WiseLayer)
         self.act = F.silu  # Llama's FFN activation, as the reference's score applies it
         self.closed_min: list[float] = []  # lowest edit score of each closed memory
         self.merged = 0  # closed memories that are merges; the rest are set-aside shards awaiting one

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from melo_ray.editors.melo.scope.encoder import encoder_folder
+from melo_ray.snapshots import safetensors_metadata
 
 FORMAT = "melo-scope-cross-encoder"
 VERSION = "1"  # mean-pooled head
@@ -99,7 +100,7 @@ class CrossScopeModel:
     def from_bytes(cls, data: bytes, tokenizer=None) -> "CrossScopeModel":
         from transformers import AutoTokenizer, BertConfig, BertModel
 
-        meta = _metadata(data)
+        meta = safetensors_metadata(data, "cross scope model")
         if meta.get("format") != FORMAT:
             raise ValueError(f"cross scope model: not a {FORMAT} file")
         if meta.get("version") != VERSION:
@@ -116,17 +117,3 @@ class CrossScopeModel:
     @classmethod
     def load(cls, path: str | Path, tokenizer=None) -> "CrossScopeModel":
         return cls.from_bytes(Path(path).read_bytes(), tokenizer)
-
-
-def _metadata(data: bytes) -> dict[str, str]:
-    if len(data) < 8:
-        raise ValueError("cross scope model: file is too short")
-    size = int.from_bytes(data[:8], "little")
-    try:
-        header = json.loads(data[8 : 8 + size])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cross scope model: header is not JSON ({exc})") from exc
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise ValueError("cross scope model: metadata is not a mapping")
-    return meta

@@ -25,13 +25,13 @@ always routes the way it did when it was written.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import safetensors.numpy
 
+from melo_ray.snapshots import safetensors_metadata
 from melo_ray.editors.melo.scope.views import (
     RELATION_META_KEY,
     RELATION_TENSOR_PREFIX,
@@ -176,16 +176,8 @@ class ScopeVerifier:
 
 
 def _metadata(data: bytes) -> dict[str, str]:
-    """The string metadata of a safetensors file (its JSON header's __metadata__)."""
-    if len(data) < 8:
-        raise ValueError("scope verifier: file is too short")
-    size = int.from_bytes(data[:8], "little")
-    try:
-        header = json.loads(data[8 : 8 + size])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"scope verifier: header is not JSON ({exc})") from exc
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict) or "views" not in meta or "view_dims" not in meta:
+    meta = safetensors_metadata(data, "scope verifier")
+    if "views" not in meta or "view_dims" not in meta:
         raise ValueError("scope verifier: metadata lacks views / view_dims")
     return meta
 
