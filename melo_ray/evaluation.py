@@ -26,6 +26,8 @@ import logging
 import math
 import random
 import re
+import resource
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -322,20 +324,29 @@ def evaluate(editor: Any, records: list[EditRecord], nq: list[str], plan: EvalPl
         "edits_per_min": len(edited) / edit_seconds * 60 if edit_seconds > 0 else math.nan,
         "edit_seconds": edit_seconds,
         "extra_parameters": int(stats.get("extra_parameters", 0)),
+        # the process's peak so far: exact for one editor per process, an upper bound for the later ones
+        "peak_rss_gb": peak_rss_bytes() / 1e9,
         "stats": stats,
         "curve": curve,
     }
 
 
+def peak_rss_bytes() -> int:
+    """The process's maximum resident set size (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
 def results_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of the final metrics, one row per editor."""
-    head = ["editor", "edits", *METRIC_NAMES, *PPL_NAMES, "edits/min", "extra params"]
+    head = ["editor", "edits", *METRIC_NAMES, *PPL_NAMES, "edits/min", "peak RSS GB", "extra params"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["editor"], str(row["edits"])]
         cells += ["-" if math.isnan(row[m]) else f"{row[m]:.3f}" for m in METRIC_NAMES]
         cells += ["-" if math.isnan(row[m]) else f"{row[m]:.2f}" for m in PPL_NAMES]
-        cells += [f"{row['edits_per_min']:.1f}", f"{row['extra_parameters']:,}"]
+        peak = row.get("peak_rss_gb")  # absent in results written before it was measured
+        cells += [f"{row['edits_per_min']:.1f}", "-" if peak is None else f"{peak:.2f}", f"{row['extra_parameters']:,}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -32,7 +32,8 @@ def test_eval_cli_writes_results_for_every_editor(tmp_path, capsys):
     nq = _jsonl(tmp_path / "nq.jsonl", [{"question": q, "answer": ["x"]} for q in UNRELATED])
     code = main(["eval", "--config", str(CONFIGS / "tiny-llama.yaml"), "--edits", str(edits), "--n-edits", "20",
                  "--editors", "melo,lora", "--batch-size", "10", "--every", "10", "--locality", str(nq),
-                 "--out", str(tmp_path / "out"), "--quiet"])
+                 "--out", str(tmp_path / "out"), "--quiet", "--mlflow-experiment", "peers",
+                 "--mlflow-uri", f"sqlite:///{tmp_path}/mlflow.db"])
     assert code == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     by_name = {r["editor"]: r for r in results["editors"]}
@@ -49,6 +50,20 @@ def test_eval_cli_writes_results_for_every_editor(tmp_path, capsys):
     assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
     assert "| melo | 20 |" in (tmp_path / "out" / "results.md").read_text()
     assert "| melo | 20 |" in capsys.readouterr().out
+    assert 0 < melo["peak_rss_gb"] < 64
+    # the same rows in MLflow: one child run per editor with its metrics, its own config section and the curve
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("peers").experiment_id])
+    children = {r.data.params["editor"]: r for r in runs if "editor" in r.data.params}
+    assert set(children) == {"melo", "lora"} and len(runs) == 3
+    logged = children["melo"].data
+    assert logged.metrics["reliability"] == melo["reliability"] and logged.metrics["locality_nq"] == melo["locality_nq"]
+    assert "locality_subject" not in logged.metrics  # no such probes in this data: not logged as 0
+    parent = next(r for r in runs if "editor" not in r.data.params)
+    assert parent.data.params["config.lora.block_rank"] == "4" and parent.data.params["eval.n_edits"] == "20"
+    assert [m.step for m in client.get_metric_history(children["melo"].info.run_id, "reliability")] == [10, 20]
 
 
 class _SubjectLeakingEditor:

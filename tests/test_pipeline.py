@@ -292,18 +292,26 @@ def test_a_record_error_crosses_ray_intact(ray_session):
     assert (caught.value.row, caught.value.field, caught.value.reason) == (4, "target", "is empty")
 
 
-def test_a_target_outside_a_classifiers_labels_is_rejected_and_the_job_goes_on(ray_session, tmp_path):
-    """Bug: one such row stopped the whole job with a traceback."""
+def test_a_target_outside_a_classifiers_labels_is_rejected_and_the_stream_goes_on(tmp_path):
+    """Bug: one such row stopped the whole job with a traceback. The trainers report their backbone's
+    labels (ActorInfo.labels); the job's batching rejects a row against them and keeps the rest. The
+    rejects' path through a running job is the rejecting_job fixture's."""
     from conftest import tiny_config as config_of
+    from melo_ray.backbones import load_backbone
 
     config = config_of("tiny-bert", train={"batch_size": 4, "num_iter": 20}, pipeline={"keep_versions": 2})
-    labels = ["affirmed", "reversed", "remanded"]
-    rows = [{"prompt": f"Case {i}: the court heard the {WORDS[i]} appeal.", "target": labels[i % 3]} for i in range(8)]
+    labels = load_backbone(config.backbone).labels
+    assert labels is not None and {"affirmed", "reversed", "remanded"} <= set(labels)
+    rows = [{"prompt": f"Case {i}: the court heard the {WORDS[i]} appeal.", "target": ["affirmed", "reversed", "remanded"][i % 3]}
+            for i in range(8)]
     rows[5]["target"] = "dismissed"
-    summary = BulkEditJob(config, str(write_stream(tmp_path / "cases.parquet", rows)), str(tmp_path / "store"),
-                          "cases", progress=False).run()
-    assert summary.state.status == "completed" and summary.state.edits_applied == 7
-    rejects = [json.loads(line) for line in Path(summary.rejects_path).read_text().splitlines()]
+    job = BulkEditJob(config, str(write_stream(tmp_path / "cases.parquet", rows)), str(tmp_path / "store"), "cases",
+                      progress=False)
+    rejects: list[dict] = []
+    batches = list(job._batches(iter(enumerate(rows)), 0, rejects, tuple(labels)))
+    assert [[r.prompt for r in b.records] for b in batches] == [
+        [rows[i]["prompt"] for i in (0, 1, 2, 3)], [rows[i]["prompt"] for i in (4, 6, 7)]]
+    assert [b.final for b in batches] == [False, True] and batches[-1].last_row == 7
     assert [(r["row"], r["field"]) for r in rejects] == [(5, "target")] and "dismissed" in rejects[0]["reason"]
 
 

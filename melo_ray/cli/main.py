@@ -143,6 +143,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "batch_size": plan.batch_size, "locality": str(locality) if nq else None, "n_locality": len(nq)}
     write_results(rows, Path(args.out), meta)
     print(results_table(rows), end="")
+    if args.mlflow_experiment:
+        from melo_ray.evaluation_tracking import log_results  # mlflow: only when asked for
+
+        ids = log_results(Path(args.out), args.mlflow_experiment, args.mlflow_uri, config.model_dump())
+        print(f"MLflow: {len(ids)} editor run(s) in experiment {args.mlflow_experiment!r}")
     print(f"results: {Path(args.out) / 'results.json'}, {Path(args.out) / 'results.md'}, {Path(args.out) / 'curves.png'}")
     return 0
 
@@ -280,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--chat", action="store_true",
                     help="ask every prompt (edits, rephrasings, locality) as a user turn of the chat template")
     ev.add_argument("--quiet", action="store_true")
+    ev.add_argument("--mlflow-experiment", default=None,
+                    help="also log the results to this MLflow experiment (one run per editor)")
+    ev.add_argument("--mlflow-uri", default=None,
+                    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in --out)")
     ev.set_defaults(func=cmd_eval)
 
     demo = sub.add_parser("demo", help="edit real zsRE facts into the embedded model and show before/after")

@@ -1,0 +1,106 @@
+"""Log an evaluation's results to MLflow: one parent run per results folder (the data set, T and the
+command's settings), one child run per editor (every final metric, speed,
+peak memory and size as metrics; the curve as steps). The parent holds the whole config, every editor's
+section included, and the results files as artifacts. The same function logs a run just
+finished (`melo-ray eval --mlflow-experiment`) and folders written earlier
+(`python -m melo_ray.evaluation_tracking <folder>... --experiment NAME`), so the peer table can be
+gathered in one experiment however its rows were produced."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from melo_ray.evaluation import METRIC_NAMES, PPL_NAMES
+
+# numeric row fields logged as metrics beside the quality metrics
+SPEED_AND_SIZE = ("edits_per_min", "edit_seconds", "extra_parameters", "peak_rss_gb")
+
+
+def default_tracking_uri(results_dir: Path) -> str:
+    """MLFLOW_TRACKING_URI when set, else a sqlite file beside the results."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{results_dir.resolve()}/mlflow.db"
+
+
+def _metrics(row: Mapping[str, Any]) -> dict[str, float]:
+    """The row's finite numbers; a metric the data cannot give (None or NaN) is left out, not logged as 0."""
+    out = {}
+    for name in (*METRIC_NAMES, *PPL_NAMES, *SPEED_AND_SIZE):
+        value = row.get(name)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out[name] = float(value)
+    return out
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = str(value)[:500]
+    return out
+
+
+def _log_params(mlflow: Any, params: Mapping[str, str]) -> None:
+    items = list(params.items())
+    for start in range(0, len(items), 100):  # MLflow takes at most 100 parameters per call
+        mlflow.log_params(dict(items[start : start + 100]))
+
+
+def log_results(results_dir: Path, experiment: str, tracking_uri: str | None = None,
+                config: Mapping[str, Any] | None = None) -> list[str]:
+    """Log `results_dir/results.json` (as `write_results` writes it); returns the editor runs' ids.
+    `config` is the evaluated config as a mapping (`EditorConfig.model_dump()`), logged flat on the parent."""
+    import mlflow
+
+    results_path = results_dir / "results.json"
+    try:
+        results = json.loads(results_path.read_text())
+        meta, rows = results["meta"], results["editors"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{results_path}: not an evaluation's results ({exc})") from exc
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri or default_tracking_uri(results_dir))
+    try:
+        found = mlflow.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else mlflow.create_experiment(experiment)
+        data = Path(str(meta.get("data"))).stem
+        run_ids = []
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"{data} T={meta.get('n_edits')}"):
+            _log_params(mlflow, {**_flatten(meta, "eval."), **_flatten(config or {}, "config.")})
+            mlflow.log_artifacts(str(results_dir))
+            for row in rows:
+                with mlflow.start_run(experiment_id=experiment_id, run_name=f"{row['editor']} {data} T={row['edits']}",
+                                      nested=True) as child:
+                    mlflow.log_params({"editor": str(row["editor"]), "edits": str(row["edits"])})
+                    for point in row.get("curve", [])[:-1]:  # the last point is the final metrics below
+                        mlflow.log_metrics(_metrics(point), step=int(point["edits"]))
+                    mlflow.log_metrics(_metrics(row), step=int(row["edits"]))
+                    run_ids.append(child.info.run_id)
+        return run_ids
+    finally:  # set_tracking_uri exports the variable; leave the process as it was
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="log `melo-ray eval` results folders to MLflow")
+    parser.add_argument("folders", nargs="+", type=Path)
+    parser.add_argument("--experiment", required=True)
+    parser.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else sqlite beside each folder")
+    args = parser.parse_args(argv)
+    for folder in args.folders:
+        ids = log_results(folder, args.experiment, args.tracking_uri)
+        print(f"{folder}: {len(ids)} editor run(s) logged to {args.experiment}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
