@@ -58,3 +58,19 @@ def test_ultraedit_steps_a_batch_several_times_with_a_normaliser_each(tmp_path):
     prompts = [r["prompt"] for r in records]
     assert [g.output for g in restored.generate(prompts, 4)] == [g.output for g in editor.generate(prompts, 4)]
     assert all(torch.equal(a[k].m2, b[k].m2) for a, b in zip(restored.normalisers, editor.normalisers) for k in a)
+
+
+def test_ultraedit_chunks_the_forward_passes_into_one_solve():
+    """As the reference: edits pass forward in chunks (each loss its own token mean), one normaliser update and
+    one solve take every chunk's rows, and the package defaults are the reference's (one step, lr 1e-6)."""
+    defaults = load_config({**tiny_config().model_dump(), "editor": "ultraedit"}).section("ultraedit")
+    assert (defaults.iters, defaults.lr, defaults.forward_batch) == (1, 1e-6, 10)
+    records = _records(0, 5)
+    counts = []
+    for chunk in (2, 5):
+        config = load_config({**tiny_config().model_dump(), "editor": "ultraedit",
+                              "ultraedit": {"lr": 0.3, "layers": [2], "forward_batch": chunk}})
+        editor = build_editor("ultraedit", config)
+        assert editor.edit(records).steps == 1
+        counts.append(float(next(iter(editor.normalisers[0].values())).count))
+    assert counts[0] == counts[1] == len(records)  # one row per target token: one-token targets

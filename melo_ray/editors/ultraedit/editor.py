@@ -1,14 +1,17 @@
 """UltraEdit: training-free, closed-form lifelong editing with lifelong normalisation.
 
-Per batch, one forward and backward pass of the edits (prompt + target) gives, at every position
-that predicts a target token and at each edited mlp.down_proj, the layer's input k and the gradient
-g of the loss with respect to its output. Running statistics of the concatenated [k, g] over every
-edit so far (the "lifelong normaliser") standardise them to k_hat, g_hat; each row's desired value
-shift is v = -lr * ||k_hat||^2 * g_hat, and the weight change solves the ridge problem
+Per batch, forward and backward passes of the edits (prompt + target, `forward_batch` edits at a time,
+the loss the mean cross-entropy over that chunk's target tokens) give, at every position that predicts
+a target token (the prompt's last token included) and at each edited mlp.down_proj, the layer's input k
+and the gradient g of the loss with respect to its output. Running statistics of the concatenated
+[k, g] over every edit so far (the "lifelong normaliser") standardise them to k_hat, g_hat; each row's
+desired value shift is v = -lr * ||k_hat||^2 * g_hat, and the weight change solves the ridge problem
   delta^T = (K^T K + ridge I)^-1 K^T V
-with the raw keys K. Nothing is trained. As in the reference, layers of one shape share one
-normaliser, and with `iters` > 1 each batch takes that many steps, each on the weights the previous
-left, with one normaliser per step. Every prompt runs on the changed weights; there is no routing and no single-edit revert.
+with the raw keys K of this batch only (no earlier keys, no preserved keys). Nothing is trained. As in
+the reference (XiaojieGu/UltraEdit, editor/ultraedit.py), layers of one shape share one normaliser.
+With `iters` > 1 (our extension; the reference takes one step) each batch takes that many steps, each
+on the weights the previous left, with one normaliser per step. Every prompt runs on the changed
+weights; there is no routing and no single-edit revert.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from melo_ray.editors.messages import TrainedBatch
 from melo_ray.editors.ultraedit.config import UltraEditConfig
 from melo_ray.records import EditRecord
 from melo_ray.snapshots import SnapshotError
-from melo_ray.training import IGNORE, EditBatch, build_batch
+from melo_ray.training import IGNORE, build_batch
 
 NORMALISERS = "normalisers.safetensors"
 
@@ -57,7 +60,7 @@ class RunningMoments:
         self.count = total
 
     def normalise(self, rows: torch.Tensor, eps: float) -> torch.Tensor:
-        std = (self.m2 / self.count.clamp(min=1)).sqrt()
+        std = (self.m2 / (self.count - 1).clamp(min=1)).sqrt()  # the sample deviation, as the reference
         return ((rows.double() - self.mean) / (std + eps)).float()
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -96,23 +99,38 @@ class UltraEditEditor(WeightDeltaEditor):
             for handle in handles:
                 handle.remove()
 
-    def _step(self, batch: EditBatch, predicting: torch.Tensor, labels: torch.Tensor,
-              normalisers: dict[str, RunningMoments]) -> tuple[dict[str, torch.Tensor], float, float]:
-        """One closed-form step on the current weights: the edits' keys and gradients, the normaliser's
-        update, and each layer's weight change."""
+    def _features(self, records: list[EditRecord]) -> tuple[dict[str, torch.Tensor], float, float, int]:
+        """One forward and backward pass of a chunk of edits on the current weights: per layer, the
+        rows [k, g] at the positions that predict a target token; the chunk's summed token loss, how many
+        of its target tokens are already the argmax, and its number of target tokens."""
+        batch = build_batch(self.backbone, records, append_eos=False)
+        labels = batch.labels[:, 1:]
+        predicting = torch.zeros_like(batch.labels, dtype=torch.bool)
+        predicting[:, :-1] = labels != IGNORE  # position t predicts token t+1
         with self._traced(predicting) as traces:
             logits = self.backbone.model(**batch.inputs, use_cache=False).logits[:, :-1].float()
-            nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
-            per_row = nll.sum(1) / (labels != IGNORE).sum(1).clamp(min=1)
-            loss = per_row.sum()  # each edit's gradient does not depend on the batch size
+            loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE)  # mean over the chunk's tokens
             loss.backward()
-        learned = float((logits.argmax(-1) == labels)[labels != IGNORE].float().mean())
+        counted = labels != IGNORE
+        learned = float((logits.argmax(-1) == labels)[counted].float().sum())
+        features = {name: torch.cat([t["keys"], t["probe"].grad[predicting].float()], dim=1).cpu()
+                    for name, t in traces.items()}
+        tokens = int(counted.sum())
+        return features, float(loss.detach()) * tokens, learned, tokens
+
+    def _step(self, records: list[EditRecord],
+              normalisers: dict[str, RunningMoments]) -> tuple[dict[str, torch.Tensor], float, float]:
+        """One closed-form step on the current weights: the edits' keys and gradients (chunk by chunk),
+        the normaliser's update with all of them, and each layer's weight change from one solve."""
+        chunks, loss_sum, learned_sum, tokens = [], 0.0, 0.0, 0
+        for start in range(0, len(records), self.cfg.forward_batch):
+            features, chunk_loss, chunk_learned, chunk_tokens = self._features(records[start : start + self.cfg.forward_batch])
+            chunks.append(features)
+            loss_sum, learned_sum, tokens = loss_sum + chunk_loss, learned_sum + chunk_learned, tokens + chunk_tokens
+        features = {name: torch.cat([c[name] for c in chunks]) for name in self.layers}
+        for name, rows in features.items():
+            normalisers[self.shapes[name]].update(rows)
         deltas: dict[str, torch.Tensor] = {}
-        features = {}
-        for name, trace in traces.items():
-            grads = trace["probe"].grad[predicting].float()
-            features[name] = torch.cat([trace["keys"], grads], dim=1)
-            normalisers[self.shapes[name]].update(features[name])
         for name, layer in self.layers.items():
             normalised = normalisers[self.shapes[name]].normalise(features[name], self.cfg.eps)
             keys_hat, grads_hat = normalised.split([layer.in_features, layer.out_features], dim=1)
@@ -120,19 +138,15 @@ class UltraEditEditor(WeightDeltaEditor):
             keys = features[name][:, : layer.in_features]
             lhs = keys.T @ keys + self.cfg.ridge * torch.eye(layer.in_features)
             deltas[name] = torch.linalg.solve(lhs, keys.T @ values).T.contiguous()  # (out, in)
-        return deltas, float(per_row.detach().mean()), learned
+        return deltas, loss_sum / max(tokens, 1), learned_sum / max(tokens, 1)
 
     def train_batch(self, records: list[EditRecord]) -> TrainedBatch:
         started = time.perf_counter()
-        batch = build_batch(self.backbone, records, append_eos=False)
-        labels = batch.labels[:, 1:]
-        predicting = torch.zeros_like(batch.labels, dtype=torch.bool)
-        predicting[:, :-1] = labels != IGNORE  # position t predicts token t+1
         saved = {n: l.delta.clone() for n, l in self.layers.items()}
         total = {n: torch.zeros_like(l.delta) for n, l in self.layers.items()}
         try:
             for normalisers in self.normalisers:
-                deltas, loss, learned = self._step(batch, predicting, labels, normalisers)
+                deltas, loss, learned = self._step(records, normalisers)
                 for name, change in deltas.items():  # the next step sees this one's change
                     self.layers[name].delta += change.to(self.layers[name].delta)
                     total[name] += change.to(total[name])
