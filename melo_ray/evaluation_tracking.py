@@ -1,7 +1,7 @@
 """Log an evaluation's results to MLflow: one parent run per results folder (the data set, T and the
 command's settings), one child run per editor (every final metric, speed,
-peak memory and size as metrics; the curve as steps). The parent holds the whole config, every editor's
-section included, and the results files as artifacts. The same function logs a run just
+peak memory and size as metrics; the curve as steps). The parent holds the whole config as it ran,
+every editor's section included, and the results files as artifacts. The same function logs a run just
 finished (`melo-ray eval --mlflow-experiment`) and folders written earlier
 (`python -m melo_ray.evaluation_tracking <folder>... --experiment NAME`), so the peer table can be
 gathered in one experiment however its rows were produced."""
@@ -52,10 +52,10 @@ def _log_params(mlflow: Any, params: Mapping[str, str]) -> None:
         mlflow.log_params(dict(items[start : start + 100]))
 
 
-def log_results(results_dir: Path, experiment: str, tracking_uri: str | None = None,
-                config: Mapping[str, Any] | None = None) -> list[str]:
-    """Log `results_dir/results.json` (as `write_results` writes it); returns the editor runs' ids.
-    `config` is the evaluated config as a mapping (`EditorConfig.model_dump()`), logged flat on the parent."""
+def log_results(results_dir: Path, experiment: str, tracking_uri: str | None = None) -> list[str]:
+    """Log `results_dir/results.json` (as `write_results` writes it); returns the editor runs' ids. The
+    config as it ran (`meta.resolved_config`; absent in results written before it was kept) is logged
+    flat on the parent run."""
     import mlflow
 
     results_path = results_dir / "results.json"
@@ -72,7 +72,9 @@ def log_results(results_dir: Path, experiment: str, tracking_uri: str | None = N
         data = Path(str(meta.get("data"))).stem
         run_ids = []
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"{data} T={meta.get('n_edits')}"):
-            _log_params(mlflow, {**_flatten(meta, "eval."), **_flatten(config or {}, "config.")})
+            config = meta.get("resolved_config") or {}
+            settings = {k: v for k, v in meta.items() if k != "resolved_config"}
+            _log_params(mlflow, {**_flatten(settings, "eval."), **_flatten(config, "config.")})
             mlflow.log_artifacts(str(results_dir))
             for row in rows:
                 with mlflow.start_run(experiment_id=experiment_id, run_name=f"{row['editor']} {data} T={row['edits']}",

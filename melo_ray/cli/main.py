@@ -140,13 +140,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             editor.backbone.prompt_view = "chat"
         rows.append(evaluate(editor, records, nq, plan, progress=not args.quiet))
     meta = {"config": str(args.config), "overrides": list(args.set), "chat": args.chat, "data": str(args.edits), "n_edits": len(records),
-            "batch_size": plan.batch_size, "locality": str(locality) if nq else None, "n_locality": len(nq)}
+            "batch_size": plan.batch_size, "locality": str(locality) if nq else None, "n_locality": len(nq),
+            "resolved_config": config.model_dump(mode="json")}  # the settings as run, whatever the file says later
     write_results(rows, Path(args.out), meta)
     print(results_table(rows), end="")
     if args.mlflow_experiment:
         from melo_ray.evaluation_tracking import log_results  # mlflow: only when asked for
 
-        ids = log_results(Path(args.out), args.mlflow_experiment, args.mlflow_uri, config.model_dump())
+        ids = log_results(Path(args.out), args.mlflow_experiment, args.mlflow_uri)
         print(f"MLflow: {len(ids)} editor run(s) in experiment {args.mlflow_experiment!r}")
     print(f"results: {Path(args.out) / 'results.json'}, {Path(args.out) / 'results.md'}, {Path(args.out) / 'curves.png'}")
     return 0
