@@ -74,3 +74,20 @@ def test_ultraedit_chunks_the_forward_passes_into_one_solve():
         assert editor.edit(records).steps == 1
         counts.append(float(next(iter(editor.normalisers[0].values())).count))
     assert counts[0] == counts[1] == len(records)  # one row per target token: one-token targets
+
+
+def test_ultraedit_clip_bounds_the_normalised_features():
+    """Our safeguard, off by default as in the reference: with `clip` every normalised key and gradient entry
+    is clamped, so the value shifts (and the weight change) can only shrink; the normaliser still sees the raw rows."""
+    assert load_config({**tiny_config().model_dump(), "editor": "ultraedit"}).section("ultraedit").clip is None
+    records = _records(0, 6)
+    norms, counts = [], []
+    for clip in (None, 0.1):
+        config = load_config({**tiny_config().model_dump(), "editor": "ultraedit",
+                              "ultraedit": {"lr": 0.3, "layers": [2], "clip": clip}})
+        editor = build_editor("ultraedit", config)
+        editor.edit(records)
+        norms.append(float(next(iter(editor.layers.values())).delta.norm()))
+        counts.append(float(next(iter(editor.normalisers[0].values())).m2.sum()))
+    assert counts[0] == counts[1]
+    assert 0 < norms[1] < norms[0]

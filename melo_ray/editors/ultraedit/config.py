@@ -18,6 +18,11 @@ class UltraEditConfig(StrictConfig):
     eps: float = Field(1.1920929e-07, gt=0, description="Added to the running standard deviation when normalising "
                        "(the reference: float32's machine epsilon). The output gradients' spread is ~1e-4 on "
                        "SmolLM2, so a larger value damps their normalised size.")
+    clip: float | None = Field(None, gt=0, description="Ours, not the reference's: clamp every normalised key and "
+                               "gradient entry to [-clip, clip] before the value shift is formed. None (the "
+                               "reference): no clamp. A batch whose gradients are far larger than the running "
+                               "spread (as on an already heavily edited model) otherwise gets value shifts many "
+                               "times the usual size, and its weight change can wreck the model.")
     forward_batch: int = Field(10, ge=1, description="Edits per forward and backward pass (the reference's "
                                "dataset.batch_size): the loss is the mean cross-entropy over that chunk's target "
                                "tokens; every chunk's keys and gradients then go into one solve.")

@@ -133,6 +133,8 @@ class UltraEditEditor(WeightDeltaEditor):
         deltas: dict[str, torch.Tensor] = {}
         for name, layer in self.layers.items():
             normalised = normalisers[self.shapes[name]].normalise(features[name], self.cfg.eps)
+            if self.cfg.clip is not None:  # our safeguard (off in the reference): bound outlier rows' value shifts
+                normalised = normalised.clamp(-self.cfg.clip, self.cfg.clip)
             keys_hat, grads_hat = normalised.split([layer.in_features, layer.out_features], dim=1)
             values = -self.cfg.lr * (keys_hat * keys_hat).sum(1, keepdim=True) * grads_hat  # (rows, out)
             keys = features[name][:, : layer.in_features]
