@@ -26,6 +26,17 @@ def default_tracking_uri(results_dir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{results_dir.resolve()}/mlflow.db"
 
 
+def _artifact_location(uri: str) -> str | None:
+    """Beside a local sqlite database (MLflow's default would be ./mlruns under whatever the working
+    directory is); a tracking server keeps its own default."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+
+
+RESULT_FILES = ("results.json", "results.md", "curves.png")
+
+
 def _metrics(row: Mapping[str, Any]) -> dict[str, float]:
     """The row's finite numbers; a metric the data cannot give (None or NaN) is left out, not logged as 0."""
     out = {}
@@ -65,17 +76,21 @@ def log_results(results_dir: Path, experiment: str, tracking_uri: str | None = N
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"{results_path}: not an evaluation's results ({exc})") from exc
     previous = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(tracking_uri or default_tracking_uri(results_dir))
+    uri = tracking_uri or default_tracking_uri(results_dir)
+    mlflow.set_tracking_uri(uri)
     try:
         found = mlflow.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else mlflow.create_experiment(experiment)
+        experiment_id = (found.experiment_id if found
+                         else mlflow.create_experiment(experiment, artifact_location=_artifact_location(uri)))
         data = Path(str(meta.get("data"))).stem
         run_ids = []
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"{data} T={meta.get('n_edits')}"):
             config = meta.get("resolved_config") or {}
             settings = {k: v for k, v in meta.items() if k != "resolved_config"}
             _log_params(mlflow, {**_flatten(settings, "eval."), **_flatten(config, "config.")})
-            mlflow.log_artifacts(str(results_dir))
+            for name in RESULT_FILES:
+                if (results_dir / name).is_file():
+                    mlflow.log_artifact(str(results_dir / name))
             for row in rows:
                 with mlflow.start_run(experiment_id=experiment_id, run_name=f"{row['editor']} {data} T={row['edits']}",
                                       nested=True) as child:

@@ -63,6 +63,9 @@ def test_eval_cli_writes_results_for_every_editor(tmp_path, capsys):
     assert "locality_subject" not in logged.metrics  # no such probes in this data: not logged as 0
     parent = next(r for r in runs if "editor" not in r.data.params)
     assert parent.data.params["config.lora.block_rank"] == "4" and parent.data.params["eval.n_edits"] == "20"
+    # the results files beside the database, not in whatever folder the command ran from
+    logged_files = {p.name for p in (tmp_path / "mlartifacts").rglob("*") if p.is_file()}
+    assert logged_files == {"results.json", "results.md", "curves.png"}
     assert [m.step for m in client.get_metric_history(children["melo"].info.run_id, "reliability")] == [10, 20]
 
 
