@@ -3,15 +3,14 @@ command's settings), one child run per editor (every final metric, speed,
 peak memory and size as metrics; the curve as steps). The parent holds the whole config as it ran,
 every editor's section included, and the results files as artifacts. The same function logs a run just
 finished (`melo-ray eval --mlflow-experiment`) and folders written earlier
-(`python -m melo_ray.evaluation_tracking <folder>... --experiment NAME`), so the peer table can be
+(`melo-ray eval-log <folder>... --experiment NAME`), so the peer table can be
 gathered in one experiment however its rows were produced."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +46,14 @@ def _metrics(row: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+def flatten_params(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested settings as MLflow parameters: dotted names, values as text within MLflow's length cap."""
     out: dict[str, str] = {}
     for key, value in data.items():
         if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten_params(value, f"{prefix}{key}."))
         else:
-            out[f"{prefix}{key}"] = str(value)[:500]
+            out[f"{prefix}{key}"] = str(value)[:5000]
     return out
 
 
@@ -87,7 +87,7 @@ def log_results(results_dir: Path, experiment: str, tracking_uri: str | None = N
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"{data} T={meta.get('n_edits')}"):
             config = meta.get("resolved_config") or {}
             settings = {k: v for k, v in meta.items() if k != "resolved_config"}
-            _log_params(mlflow, {**_flatten(settings, "eval."), **_flatten(config, "config.")})
+            _log_params(mlflow, {**flatten_params(settings, "eval."), **flatten_params(config, "config.")})
             for name in RESULT_FILES:
                 if (results_dir / name).is_file():
                     mlflow.log_artifact(str(results_dir / name))
@@ -106,18 +106,3 @@ def log_results(results_dir: Path, experiment: str, tracking_uri: str | None = N
         else:
             os.environ["MLFLOW_TRACKING_URI"] = previous
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="log `melo-ray eval` results folders to MLflow")
-    parser.add_argument("folders", nargs="+", type=Path)
-    parser.add_argument("--experiment", required=True)
-    parser.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else sqlite beside each folder")
-    args = parser.parse_args(argv)
-    for folder in args.folders:
-        ids = log_results(folder, args.experiment, args.tracking_uri)
-        print(f"{folder}: {len(ids)} editor run(s) logged to {args.experiment}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

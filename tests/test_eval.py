@@ -66,6 +66,10 @@ def test_eval_cli_writes_results_for_every_editor(tmp_path, capsys):
     # the results files beside the database, not in whatever folder the command ran from
     logged_files = {p.name for p in (tmp_path / "mlartifacts").rglob("*") if p.is_file()}
     assert logged_files == {"results.json", "results.md", "curves.png"}
+    # a folder written earlier logs the same way from the command line
+    assert main(["eval-log", str(tmp_path / "out"), "--experiment", "later",
+                 "--mlflow-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 0
+    assert len(client.search_runs([client.get_experiment_by_name("later").experiment_id])) == 3
     assert [m.step for m in client.get_metric_history(children["melo"].info.run_id, "reliability")] == [10, 20]
 
 

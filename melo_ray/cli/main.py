@@ -152,6 +152,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_log(args: argparse.Namespace) -> int:
+    for folder in args.folders:
+        ids = log_results(Path(folder), args.experiment, args.mlflow_uri)
+        print(f"{folder}: {len(ids)} editor run(s) logged to {args.experiment!r}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import ray
 
@@ -290,6 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--mlflow-uri", default=None,
                     help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in --out)")
     ev.set_defaults(func=cmd_eval)
+
+    evlog = sub.add_parser("eval-log", help="log results folders written by `eval` to MLflow (one run per editor)")
+    evlog.add_argument("folders", nargs="+")
+    evlog.add_argument("--experiment", required=True)
+    evlog.add_argument("--mlflow-uri", default=None,
+                       help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in each folder)")
+    evlog.set_defaults(func=cmd_eval_log)
 
     demo = sub.add_parser("demo", help="edit real zsRE facts into the embedded model and show before/after")
     demo.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="the shared data folder")

@@ -8,20 +8,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from melo_ray.config import EditorConfig
+from melo_ray.evaluation_tracking import flatten_params
 from melo_ray.store import SnapshotStore
 
 log = logging.getLogger(__name__)
-
-
-def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = str(value)[:5000]  # MLflow caps a parameter value's length
-    return out
 
 
 def tracking_uri(config: EditorConfig, store: SnapshotStore) -> str:
@@ -58,7 +48,7 @@ class JobTracker:
             log.info("resumed MLflow run %s", run_id)
         else:
             self.run = mlflow.start_run(experiment_id=experiment_id, run_name=job_id, tags={"melo_ray.job_id": job_id})
-            mlflow.log_params(flatten(config.model_dump(mode="json")))
+            mlflow.log_params(flatten_params(config.model_dump(mode="json")))
         self.run_id = self.run.info.run_id
         self.client = mlflow.tracking.MlflowClient(tracking_uri=self.uri)
 
