@@ -60,6 +60,19 @@ class EvalPlan:
     batch_size: int
     every: int | None = None  # measure every K edits as well as at the end
     max_new_tokens: int = 16
+    # Measure quality on this many of the T records (drawn with `sample_seed` before editing; every record
+    # is still applied in order): at T = 5000 the probes of every record cost more than the edits do.
+    # Scope, supersession and edited questions are still decided on the whole history.
+    sample: int | None = None
+    sample_seed: int = 0
+
+    def measured(self, records: list[EditRecord]) -> list[int]:
+        """Positions of the records quality is measured on, ascending: all of them, or the seeded sample."""
+        if self.sample is None or self.sample >= len(records):
+            return list(range(len(records)))
+        if self.sample < 1:
+            raise ValueError(f"sample: {self.sample} records; measure at least 1")
+        return sorted(random.Random(self.sample_seed).sample(range(len(records)), self.sample))
 
 
 @dataclass(frozen=True)
@@ -297,7 +310,15 @@ def base_outputs(editor: Any, records: list[EditRecord], nq: list[str], max_new:
 
 def evaluate(editor: Any, records: list[EditRecord], nq: list[str], plan: EvalPlan, *, progress: bool = True) -> dict[str, Any]:
     """Run the protocol for one editor; returns final metrics, speed, size and the curve."""
-    baseline = base_outputs(editor, records, nq, plan.max_new_tokens)
+    positions = plan.measured(records)
+    sampled = [records[i] for i in positions]
+    baseline = base_outputs(editor, sampled, nq, plan.max_new_tokens)
+
+    def measure_now(edited: list[EditRecord]) -> dict[str, float]:
+        chosen = [records[i] for i in positions if i < len(edited)]
+        return measure(editor, chosen, nq, baseline, plan.max_new_tokens,
+                       history=edited if len(chosen) < len(edited) else None)
+
     edit_seconds = 0.0
     curve: list[dict[str, float]] = []
     edited: list[EditRecord] = []
@@ -311,15 +332,16 @@ def evaluate(editor: Any, records: list[EditRecord], nq: list[str], plan: EvalPl
         edited += batch
         bar.update(len(batch))
         if next_mark is not None and len(edited) >= next_mark and len(edited) < len(records):
-            curve.append({"edits": len(edited), **measure(editor, edited, nq, baseline, plan.max_new_tokens)})
+            curve.append({"edits": len(edited), **measure_now(edited)})
             next_mark += plan.every or 0
     bar.close()
-    final = measure(editor, edited, nq, baseline, plan.max_new_tokens)
+    final = measure_now(edited)
     curve.append({"edits": len(edited), **final})
     stats = editor.stats()
     return {
         "editor": editor.name,
         "edits": len(edited),
+        "measured_records": sum(i < len(edited) for i in positions),
         **final,
         "edits_per_min": len(edited) / edit_seconds * 60 if edit_seconds > 0 else math.nan,
         "edit_seconds": edit_seconds,
@@ -378,7 +400,9 @@ def write_results(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -
     clean = json.loads(json.dumps({"meta": meta, "editors": rows}, default=float).replace("NaN", "null"))
     (out / "results.json").write_text(json.dumps(clean, indent=2))
     (out / "results.md").write_text(
-        f"Lifelong editing, {meta.get('data')}, T = {meta.get('n_edits')}, batch {meta.get('batch_size')}\n\n"
+        f"Lifelong editing, {meta.get('data')}, T = {meta.get('n_edits')}, batch {meta.get('batch_size')}"
+        + (f"; quality measured on {meta['sample']} records drawn at random (seed {meta.get('sample_seed', 0)})"
+           if meta.get("sample") else "") + "\n\n"
         + results_table(rows)
     )
     plot_curves(rows, out / "curves.png")

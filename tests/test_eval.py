@@ -197,6 +197,34 @@ def test_a_probe_asking_an_edited_question_is_no_locality_probe_and_history_deci
     assert on_history["locality_neighbours"] == 1.0  # Bob Kay's edit asks it: left out
 
 
+def test_quality_on_a_sample_applies_every_edit_and_asks_only_the_sample():
+    # a scaling run (T = 5000) measures a seeded sample of the records; every record is still edited
+    records = [EditRecord(prompt=f"Who founded firm {i}?", target=f"Founder {i}", subject=f"firm {i}",
+                          locality=(LocalityProbe(f"Where is firm {i} based?", "Oslo", "subject"),))
+               for i in range(12)]
+    asked: list[str] = []
+
+    class Recording(_SubjectLeakingEditor):
+        def generate(self, prompts, max_new=16, *, base=False):
+            asked.extend(prompts)
+            return super().generate(prompts, max_new, base=base)
+
+    editor = Recording()
+    plan = EvalPlan(batch_size=5, sample=3, sample_seed=7)
+    result = evaluate(editor, records, [], plan, progress=False)
+    assert len(editor.targets) == 12 and result["edits"] == 12 and result["measured_records"] == 3
+    chosen = {records[i].prompt for i in plan.measured(records)}
+    assert plan.measured(records) == EvalPlan(batch_size=1, sample=3, sample_seed=7).measured(records)  # seeded
+    edited_prompts = {r.prompt for r in records}
+    assert {p for p in asked if p in edited_prompts} == chosen  # the other nine are never asked
+    probes = {p for p in asked if p.startswith("Where")}
+    assert len(probes) == 3  # only the sample's probes, base and edited
+    assert result["reliability"] == 1.0 and result["locality_subject"] == 0.0  # every sampled probe leaked
+    assert EvalPlan(batch_size=5, sample=50).measured(records) == list(range(12))  # more than T: all
+    with pytest.raises(ValueError, match="sample"):
+        EvalPlan(batch_size=5, sample=0).measured(records)
+
+
 def test_sequential_lora_forgets_and_its_base_mode_is_exact():
     editor = SequentialLoraEditor(tiny_config("tiny-llama"))
     base = [g.output for g in editor.generate(UNRELATED, base=True)]

@@ -133,7 +133,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     elif args.locality:
         raise FileNotFoundError(f"--locality: {locality} not found")
     plan = EvalPlan(batch_size=args.batch_size or config.train.batch_size, every=args.every,
-                    max_new_tokens=args.max_new_tokens or config.generate.max_new_tokens)
+                    max_new_tokens=args.max_new_tokens or config.generate.max_new_tokens,
+                    sample=args.sample, sample_seed=args.sample_seed)
     rows = []
     for name in names:
         editor = build_editor(name, config, load_backbone(config.backbone))  # a fresh backbone each
@@ -142,6 +143,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rows.append(evaluate(editor, records, nq, plan, progress=not args.quiet))
     meta = {"config": str(args.config), "overrides": list(args.set), "chat": args.chat, "data": str(args.edits), "n_edits": len(records),
             "batch_size": plan.batch_size, "locality": str(locality) if nq else None, "n_locality": len(nq),
+            "sample": args.sample, "sample_seed": args.sample_seed,
             "resolved_config": config.model_dump(mode="json")}  # the settings as run, whatever the file says later
     write_results(rows, Path(args.out), meta)
     print(results_table(rows), end="")
@@ -289,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=None)
     ev.add_argument("--every", type=int, default=None, help="also measure every K edits (curves)")
     ev.add_argument("--max-new-tokens", type=int, default=None)
+    ev.add_argument("--sample", type=int, default=None,
+                    help="measure quality on this many of the T records, drawn at random before editing "
+                         "(every record is still applied in order); default: all")
+    ev.add_argument("--sample-seed", type=int, default=0)
     ev.add_argument("--chat", action="store_true",
                     help="ask every prompt (edits, rephrasings, locality) as a user turn of the chat template")
     ev.add_argument("--quiet", action="store_true")
