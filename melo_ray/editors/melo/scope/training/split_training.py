@@ -13,6 +13,9 @@ calibration rewordings. Both go into the file's metadata with the split that pla
 
     OMP_NUM_THREADS=2 python -m melo_ray.editors.melo.scope.training.split_training --out runs/verifier_split1.safetensors \
         --seed 1 --exclude-sources wiki_recent --keys-cache runs/split-keys.npz
+    # leave-one-dataset-out: never a zsRE record, in training or calibration
+    OMP_NUM_THREADS=1 python -m melo_ray.editors.melo.scope.training.split_training --out runs/verifier_lodo_zsre.safetensors \
+        --dataset-out zsre --keys-cache runs/lodo-zsre-keys.npz
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ from melo_ray.editors.melo.scope.keys import ScopedSentenceKeys
 from melo_ray.editors.melo.scope.relation import RelationEncoder
 from melo_ray.editors.melo.scope.verifier import ScopeVerifier
 from melo_ray.editors.melo.scope.views import pair_features
-from melo_ray.editors.melo.scope.training.pairs import POSITIVE_KINDS, DataPaths, Pair, all_pairs, leave_relations_out
+from melo_ray.editors.melo.scope.training.pairs import (POSITIVE_KINDS, DataPaths, Pair, all_pairs, leave_dataset_out,
+                                                        leave_relations_out)
 from melo_ray.editors.melo.scope.training.verifier_training import DEFAULT_VIEWS, HIDDEN, cached_embed, embed, fit, with_relation_view
 
 log = logging.getLogger(__name__)
@@ -71,6 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=1, help="the split's seed (which relation families are held out)")
     parser.add_argument("--exclude-sources", default="wiki_recent", help="sources never trained or calibrated on")
+    parser.add_argument("--dataset-out", default=None,
+                        help="leave this source out instead (leave-one-dataset-out): train on every family of the "
+                             "other sources but their calibration families, calibrate on those")
     parser.add_argument("--views", default=",".join(DEFAULT_VIEWS))
     parser.add_argument("--hidden", type=int, default=HIDDEN)
     parser.add_argument("--epochs", type=int, default=60)
@@ -84,7 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO)
     excluded = tuple(s for s in args.exclude_sources.split(",") if s)
-    split = leave_relations_out(all_pairs(DataPaths.under(DATA)), args.seed, excluded)
+    pairs = all_pairs(DataPaths.under(DATA))
+    split = (leave_dataset_out(pairs, args.dataset_out, args.seed) if args.dataset_out
+             else leave_relations_out(pairs, args.seed, excluded))
     train = as_training_pairs(list(split.train))
     calibration = capped(list(split.calibration), args.calibration_cap, args.seed)
     log.info("%s: %d training pairs, %d calibration pairs", split.name, len(train), len(calibration))
@@ -98,7 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     labels = np.array([label for _, _, label, *_ in train], np.float32)
     weights = fit(pair_features(firsts, seconds, dims), labels, args.hidden, args.epochs, args.seed)
     meta = {"views": ",".join(views), "view_dims": ",".join(map(str, dims)), "hidden": str(args.hidden),
-            "trained_on": f"{split.name}: train families of zsRE train-1k, CounterFact train, the templates",
+            "trained_on": (f"{split.name}: every family of the other sources but their calibration families"
+                           if args.dataset_out else
+                           f"{split.name}: train families of zsRE train-1k, CounterFact train, the templates"),
             "pairs": str(len(train))}
     if args.names_gate >= 0:
         meta["names_gate"] = str(args.names_gate)
