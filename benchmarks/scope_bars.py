@@ -6,6 +6,8 @@ of negative binds a calibrated threshold, and what it costs in rewordings.
 
     OMP_NUM_THREADS=1 python benchmarks/scope_bars.py --verifier builtin --part calibration
     OMP_NUM_THREADS=1 python benchmarks/scope_bars.py --verifier runs/verifier_split1.safetensors --part calibration
+    OMP_NUM_THREADS=1 python benchmarks/scope_bars.py --verifier runs/verifier_lodo_zsre.safetensors --dataset-out zsre \
+        --part test --keys-cache runs/lodo-zsre-test-keys.npz
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 from melo_ray.editors.melo.scope.encoder import SentenceEncoderKeys
 from melo_ray.editors.melo.scope.keys import scoped_keys_for
 from melo_ray.editors.melo.scope.training.cross_encoder_training import FALSE_ACCEPT_TARGETS, capped
-from melo_ray.editors.melo.scope.training.pairs import DataPaths, all_pairs, leave_relations_out
+from melo_ray.editors.melo.scope.training.pairs import DataPaths, all_pairs, leave_dataset_out, leave_relations_out
 from melo_ray.editors.melo.scope.training.verifier_training import cached_embed
 from melo_ray.editors.melo.scope.verifier import load_verifier
 
@@ -31,9 +33,14 @@ def main() -> None:
     parser.add_argument("--part", choices=["calibration", "test"], default="calibration")
     parser.add_argument("--thresholds", default="34.94,29.18,20,10")
     parser.add_argument("--keys-cache", type=Path, default=ROOT / "runs/scope-validation-keys.npz")
+    parser.add_argument("--dataset-out", default=None,
+                        help="use the leave-one-dataset-out split of this source instead (its test part: every "
+                             "pair of the source; calibration: the other sources' calibration families)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    split = leave_relations_out(all_pairs(DataPaths.under(ROOT.parent / "shared" / "data")), 1, ("wiki_recent",))
+    pairs = all_pairs(DataPaths.under(ROOT.parent / "shared" / "data"))
+    split = (leave_dataset_out(pairs, args.dataset_out, 1) if args.dataset_out
+             else leave_relations_out(pairs, 1, ("wiki_recent",)))
     pairs = capped(list(getattr(split, args.part)), 800 if args.part == "calibration" else 1000, 1)
     verifier = load_verifier(args.verifier)
     keys_of = scoped_keys_for(verifier, SentenceEncoderKeys())
@@ -44,7 +51,7 @@ def main() -> None:
     kinds = np.array([p.kind for p in pairs])
     questions = (kinds == "reword") & np.array([p.style == "question" for p in pairs])
     cloze = (kinds == "reword") & ~questions
-    print(f"{args.verifier} on the {args.part} families; the file's threshold: {verifier.calibrated_threshold}\n")
+    print(f"{args.verifier} on the {args.part} part of {split.name}; the file's threshold: {verifier.calibrated_threshold}\n")
     print("| negative kind | pairs | bar meeting its target alone | rewordings accepted there: questions / cloze |")
     print("|---|---|---|---|")
     for kind, target in FALSE_ACCEPT_TARGETS.items():
