@@ -20,7 +20,7 @@ import torch
 from melo_ray.editors.melo.scope.encoder import SentenceEncoderKeys
 from melo_ray.editors.melo.scope.keys import scoped_keys_for
 from melo_ray.editors.melo.scope.training.cross_encoder_training import FALSE_ACCEPT_TARGETS, capped
-from melo_ray.editors.melo.scope.training.pairs import DataPaths, all_pairs, leave_dataset_out, leave_relations_out
+from melo_ray.editors.melo.scope.training.pairs import SOURCES, DataPaths, all_pairs, leave_dataset_out, leave_relations_out
 from melo_ray.editors.melo.scope.training.verifier_training import cached_embed
 from melo_ray.editors.melo.scope.verifier import load_verifier
 
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--part", choices=["calibration", "test"], default="calibration")
     parser.add_argument("--thresholds", default="34.94,29.18,20,10")
     parser.add_argument("--keys-cache", type=Path, default=ROOT / "runs/scope-validation-keys.npz")
-    parser.add_argument("--dataset-out", default=None,
+    parser.add_argument("--dataset-out", default=None, choices=SOURCES,
                         help="use the leave-one-dataset-out split of this source instead (its test part: every "
                              "pair of the source; calibration: the other sources' calibration families)")
     args = parser.parse_args()

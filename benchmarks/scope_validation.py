@@ -115,8 +115,6 @@ def main() -> None:
                         help="sources the cross-encoder never trained or calibrated on (as its training run)")
     parser.add_argument("--cross", type=Path, action="append", default=[], help="cross-encoder file(s)")
     parser.add_argument("--verifier", default="builtin")
-    parser.add_argument("--dataset-out", default="wiki_recent",
-                        help="the source of the leave-one-dataset-out split (its every pair is tested)")
     parser.add_argument("--verifier-name", default="today's verifier", help="its column's name")
     parser.add_argument("--cap", type=int, default=1500, help="test pairs per (source, kind) at most")
     parser.add_argument("--keys-cache", type=Path, default=ROOT / "runs/scope-validation-keys.npz")
@@ -130,7 +128,7 @@ def main() -> None:
     torch.set_num_threads(1)
     pairs = all_pairs(DataPaths.under(DATA))
     relations_out = leave_relations_out(pairs, args.seed, tuple(s for s in args.exclude_sources.split(",") if s))
-    splits = [relations_out, leave_dataset_out(pairs, args.dataset_out, args.seed)]
+    splits = [relations_out, leave_dataset_out(pairs, "wiki_recent", args.seed)]
     scorers: dict[str, object] = {} if args.skip_verifier else {
         args.verifier_name: VerifierScorer(args.verifier, args.keys_cache)}
     for path in args.cross:

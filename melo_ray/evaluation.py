@@ -62,16 +62,19 @@ class EvalPlan:
     max_new_tokens: int = 16
     # Measure quality on this many of the T records (drawn with `sample_seed` before editing; every record
     # is still applied in order): at T = 5000 the probes of every record cost more than the edits do.
-    # Scope, supersession and edited questions are still decided on the whole history.
+    # Scope, supersession and edited questions are still decided on the whole history. The NQ list is
+    # asked whole, so in locality_nq it weighs more beside a sample's own "nq" probes than in a full run.
     sample: int | None = None
     sample_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sample is not None and self.sample < 1:
+            raise ValueError(f"sample: {self.sample} records; measure at least 1")
 
     def measured(self, records: list[EditRecord]) -> list[int]:
         """Positions of the records quality is measured on, ascending: all of them, or the seeded sample."""
         if self.sample is None or self.sample >= len(records):
             return list(range(len(records)))
-        if self.sample < 1:
-            raise ValueError(f"sample: {self.sample} records; measure at least 1")
         return sorted(random.Random(self.sample_seed).sample(range(len(records)), self.sample))
 
 
@@ -316,8 +319,8 @@ def evaluate(editor: Any, records: list[EditRecord], nq: list[str], plan: EvalPl
 
     def measure_now(edited: list[EditRecord]) -> dict[str, float]:
         chosen = [records[i] for i in positions if i < len(edited)]
-        return measure(editor, chosen, nq, baseline, plan.max_new_tokens,
-                       history=edited if len(chosen) < len(edited) else None)
+        return {"measured_records": len(chosen),
+                **measure(editor, chosen, nq, baseline, plan.max_new_tokens, history=edited)}
 
     edit_seconds = 0.0
     curve: list[dict[str, float]] = []
@@ -331,7 +334,9 @@ def evaluate(editor: Any, records: list[EditRecord], nq: list[str], plan: EvalPl
         edit_seconds += time.perf_counter() - started
         edited += batch
         bar.update(len(batch))
-        if next_mark is not None and len(edited) >= next_mark and len(edited) < len(records):
+        # a curve point needs at least one measured record among those applied so far
+        if (next_mark is not None and len(edited) >= next_mark and len(edited) < len(records)
+                and positions[0] < len(edited)):
             curve.append({"edits": len(edited), **measure_now(edited)})
             next_mark += plan.every or 0
     bar.close()
@@ -341,7 +346,6 @@ def evaluate(editor: Any, records: list[EditRecord], nq: list[str], plan: EvalPl
     return {
         "editor": editor.name,
         "edits": len(edited),
-        "measured_records": sum(i < len(edited) for i in positions),
         **final,
         "edits_per_min": len(edited) / edit_seconds * 60 if edit_seconds > 0 else math.nan,
         "edit_seconds": edit_seconds,
@@ -402,7 +406,7 @@ def write_results(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -
     (out / "results.md").write_text(
         f"Lifelong editing, {meta.get('data')}, T = {meta.get('n_edits')}, batch {meta.get('batch_size')}"
         + (f"; quality measured on {meta['sample']} records drawn at random (seed {meta.get('sample_seed', 0)})"
-           if meta.get("sample") else "") + "\n\n"
+           if meta.get("sample") and meta["sample"] < (meta.get("n_edits") or 0) else "") + "\n\n"
         + results_table(rows)
     )
     plot_curves(rows, out / "curves.png")

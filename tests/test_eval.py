@@ -200,8 +200,20 @@ def test_a_probe_asking_an_edited_question_is_no_locality_probe_and_history_deci
 def test_quality_on_a_sample_applies_every_edit_and_asks_only_the_sample():
     # a scaling run (T = 5000) measures a seeded sample of the records; every record is still edited
     records = [EditRecord(prompt=f"Who founded firm {i}?", target=f"Founder {i}", subject=f"firm {i}",
+                          rephrases=(f"Firm {i} was founded by",), question=f"firm {i} founder",
                           locality=(LocalityProbe(f"Where is firm {i} based?", "Oslo", "subject"),))
                for i in range(12)]
+    plan = EvalPlan(batch_size=4, sample=3, sample_seed=7, every=4)
+    chosen = plan.measured(records)  # depends on T and the seed only, never on the records' text
+    assert chosen == sorted(chosen) and len(set(chosen)) == 3
+    assert chosen != EvalPlan(batch_size=4, sample=3, sample_seed=8).measured(records)  # the seed decides
+    # a record outside the sample, applied later, re-asks a sampled record's question with another target:
+    # only the history, never the sample, knows that sampled edit is superseded
+    later = max(i for i in range(12) if i not in chosen)
+    asked_again = records[chosen[0]]
+    assert later > chosen[0]
+    records[later] = EditRecord(prompt=f"Who set up {asked_again.subject}?", target="Someone Else",
+                                subject=asked_again.subject, question=asked_again.question)
     asked: list[str] = []
 
     class Recording(_SubjectLeakingEditor):
@@ -210,19 +222,20 @@ def test_quality_on_a_sample_applies_every_edit_and_asks_only_the_sample():
             return super().generate(prompts, max_new, base=base)
 
     editor = Recording()
-    plan = EvalPlan(batch_size=5, sample=3, sample_seed=7)
     result = evaluate(editor, records, [], plan, progress=False)
     assert len(editor.targets) == 12 and result["edits"] == 12 and result["measured_records"] == 3
-    chosen = {records[i].prompt for i in plan.measured(records)}
-    assert plan.measured(records) == EvalPlan(batch_size=1, sample=3, sample_seed=7).measured(records)  # seeded
     edited_prompts = {r.prompt for r in records}
-    assert {p for p in asked if p in edited_prompts} == chosen  # the other nine are never asked
-    probes = {p for p in asked if p.startswith("Where")}
-    assert len(probes) == 3  # only the sample's probes, base and edited
-    assert result["reliability"] == 1.0 and result["locality_subject"] == 0.0  # every sampled probe leaked
+    assert {p for p in asked if p in edited_prompts} == {records[i].prompt for i in chosen}  # the rest never asked
+    assert len({p for p in asked if p.startswith("Where")}) == 3  # only the sample's probes
+    assert result["superseded"] == pytest.approx(1 / 3)  # decided on the history
+    assert result["reliability"] == 1.0
+    # curve points say how many sampled records they measured; none is taken before the first is applied
+    measured_at = {p["edits"]: p["measured_records"] for p in result["curve"]}
+    assert measured_at[12] == 3
+    assert all(n == sum(i < edits for i in chosen) and n >= 1 for edits, n in measured_at.items())
     assert EvalPlan(batch_size=5, sample=50).measured(records) == list(range(12))  # more than T: all
     with pytest.raises(ValueError, match="sample"):
-        EvalPlan(batch_size=5, sample=0).measured(records)
+        EvalPlan(batch_size=5, sample=0)
 
 
 def test_sequential_lora_forgets_and_its_base_mode_is_exact():

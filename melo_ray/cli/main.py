@@ -293,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=None)
     ev.add_argument("--sample", type=int, default=None,
                     help="measure quality on this many of the T records, drawn at random before editing "
-                         "(every record is still applied in order); default: all")
+                         "(every record is still applied in order; the --locality questions are asked whole, so "
+                         "they weigh more in locality_nq than in a full run); default: all")
     ev.add_argument("--sample-seed", type=int, default=0)
     ev.add_argument("--chat", action="store_true",
                     help="ask every prompt (edits, rephrasings, locality) as a user turn of the chat template")

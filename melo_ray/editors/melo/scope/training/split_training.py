@@ -34,8 +34,8 @@ from melo_ray.editors.melo.scope.keys import ScopedSentenceKeys
 from melo_ray.editors.melo.scope.relation import RelationEncoder
 from melo_ray.editors.melo.scope.verifier import ScopeVerifier
 from melo_ray.editors.melo.scope.views import pair_features
-from melo_ray.editors.melo.scope.training.pairs import (POSITIVE_KINDS, DataPaths, Pair, all_pairs, leave_dataset_out,
-                                                        leave_relations_out)
+from melo_ray.editors.melo.scope.training.pairs import (POSITIVE_KINDS, SOURCES, DataPaths, Pair, all_pairs,
+                                                        leave_dataset_out, leave_relations_out)
 from melo_ray.editors.melo.scope.training.verifier_training import DEFAULT_VIEWS, HIDDEN, cached_embed, embed, fit, with_relation_view
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=1, help="the split's seed (which relation families are held out)")
     parser.add_argument("--exclude-sources", default="wiki_recent", help="sources never trained or calibrated on")
-    parser.add_argument("--dataset-out", default=None,
+    parser.add_argument("--dataset-out", default=None, choices=SOURCES,
                         help="leave this source out instead (leave-one-dataset-out): train on every family of the "
-                             "other sources but their calibration families, calibrate on those")
+                             "other sources but their calibration families, calibrate on those (--exclude-sources "
+                             "is then not used)")
     parser.add_argument("--views", default=",".join(DEFAULT_VIEWS))
     parser.add_argument("--hidden", type=int, default=HIDDEN)
     parser.add_argument("--epochs", type=int, default=60)
