@@ -334,10 +334,9 @@ def evaluate(editor: Any, records: list[EditRecord], nq: list[str], plan: EvalPl
         edit_seconds += time.perf_counter() - started
         edited += batch
         bar.update(len(batch))
-        # a curve point needs at least one measured record among those applied so far
-        if (next_mark is not None and len(edited) >= next_mark and len(edited) < len(records)
-                and positions[0] < len(edited)):
-            curve.append({"edits": len(edited), **measure_now(edited)})
+        if next_mark is not None and len(edited) >= next_mark and len(edited) < len(records):
+            if positions and positions[0] < len(edited):  # a curve point needs a measured record applied
+                curve.append({"edits": len(edited), **measure_now(edited)})
             next_mark += plan.every or 0
     bar.close()
     final = measure_now(edited)
