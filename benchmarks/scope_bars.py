@@ -38,9 +38,9 @@ def main() -> None:
                              "pair of the source; calibration: the other sources' calibration families)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    pairs = all_pairs(DataPaths.under(ROOT.parent / "shared" / "data"))
-    split = (leave_dataset_out(pairs, args.dataset_out, 1) if args.dataset_out
-             else leave_relations_out(pairs, 1, ("wiki_recent",)))
+    every_pair = all_pairs(DataPaths.under(ROOT.parent / "shared" / "data"))
+    split = (leave_dataset_out(every_pair, args.dataset_out, 1) if args.dataset_out
+             else leave_relations_out(every_pair, 1, ("wiki_recent",)))
     pairs = capped(list(getattr(split, args.part)), 800 if args.part == "calibration" else 1000, 1)
     verifier = load_verifier(args.verifier)
     keys_of = scoped_keys_for(verifier, SentenceEncoderKeys())

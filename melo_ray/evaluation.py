@@ -398,14 +398,18 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+RESULT_FILES = ("results.json", "results.md", "curves.png")  # what write_results leaves in its folder
+
+
 def write_results(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    data, table, curves = (out / name for name in RESULT_FILES)
     clean = json.loads(json.dumps({"meta": meta, "editors": rows}, default=float).replace("NaN", "null"))
-    (out / "results.json").write_text(json.dumps(clean, indent=2))
-    (out / "results.md").write_text(
+    data.write_text(json.dumps(clean, indent=2))
+    table.write_text(
         f"Lifelong editing, {meta.get('data')}, T = {meta.get('n_edits')}, batch {meta.get('batch_size')}"
         + (f"; quality measured on {meta['sample']} records drawn at random (seed {meta.get('sample_seed', 0)})"
            if meta.get("sample") and meta["sample"] < (meta.get("n_edits") or 0) else "") + "\n\n"
         + results_table(rows)
     )
-    plot_curves(rows, out / "curves.png")
+    plot_curves(rows, curves)

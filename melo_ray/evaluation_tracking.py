@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from melo_ray.evaluation import METRIC_NAMES, PPL_NAMES
+from melo_ray.evaluation import METRIC_NAMES, PPL_NAMES, RESULT_FILES
 
 # numeric row fields logged as metrics beside the quality metrics
 SPEED_AND_SIZE = ("edits_per_min", "edit_seconds", "extra_parameters", "peak_rss_gb")
@@ -31,9 +31,6 @@ def _artifact_location(uri: str) -> str | None:
     if not uri.startswith("sqlite:///"):
         return None
     return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
-
-
-RESULT_FILES = ("results.json", "results.md", "curves.png")
 
 
 def _metrics(row: Mapping[str, Any]) -> dict[str, float]:

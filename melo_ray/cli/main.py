@@ -16,7 +16,7 @@ from melo_ray.config import ConfigError, load_config, with_overrides
 from melo_ray.data import CONVERTERS, convert
 from melo_ray.editors.loading import load_editor
 from melo_ray.editors.registry import build_editor, editor_names
-from melo_ray.evaluation import EvalPlan, evaluate, results_table, write_results
+from melo_ray.evaluation import RESULT_FILES, EvalPlan, evaluate, results_table, write_results
 from melo_ray.evaluation_tracking import log_results  # imports mlflow only when it logs
 from melo_ray.records import RecordError, read_edit_records, read_prompts, write_parquet
 from melo_ray.snapshots import SnapshotError, check_editor, read_manifest
@@ -150,7 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.mlflow_experiment:
         ids = log_results(Path(args.out), args.mlflow_experiment, args.mlflow_uri)
         print(f"MLflow: {len(ids)} editor run(s) in experiment {args.mlflow_experiment!r}")
-    print(f"results: {Path(args.out) / 'results.json'}, {Path(args.out) / 'results.md'}, {Path(args.out) / 'curves.png'}")
+    print("results: " + ", ".join(str(Path(args.out) / name) for name in RESULT_FILES))
     return 0
 
 
