@@ -9,15 +9,18 @@ the index asks two things of a query before it switches a block on:
    the topic match, which keeps unrelated questions and other subjects on the base model;
 2. a small learned verifier, given both prompts' key views, says they ask the same question.
 
-The verifier is a one-hidden-layer MLP over symmetric pair features of each view (a*b, |a-b|, cosine).
+The verifier's head is one of two. The pair MLP (one hidden layer) reads symmetric pair features of each
+view (a*b, |a-b|, cosine). The similarity ensemble (`similarity_training`) reads each view's cosine and two
+names flags only, averaged over a few small MLPs: it cannot learn where a relation sits in MiniLM's space,
+so what it learns carries to relations it never saw (docs/scope_validation.md, "Fifth session").
 Its views are MiniLM keys of the prompt, of its *focus* (the last sentence, so long unrelated prefixes
 do not move it) and of the focus with names masked out (what is asked, not about whom), and two
 token-level views: the hashed bag of the masked focus's content words (what is asked) and of the
 character trigrams of the names it took out (about whom). A last view, the *relation* view, embeds the
 focus (the whole prompt when the focus names no one) with MiniLM tuned (a LoRA adapter, relation.py) to
 put wordings of one question together and other questions, about the subject or with another subject,
-apart; its cosine, times a weight set on held-out pairs, is added to the MLP's logit. A names gate in its settings refuses, whatever
-the MLP says, two prompts that both name someone and whose names share almost no trigrams: the same
+apart; the pair MLP adds its cosine times a weight set on held-out pairs to its logit, the similarity
+ensemble reads it as one more cosine. A names gate in its settings refuses, whatever the head says, two prompts that both name someone and whose names share almost no trigrams: the same
 template about another subject. It is trained only on the public training splits by
 `melo_ray.editors.melo.scope.training.verifier_training`, shipped as `scope_verifier.safetensors` (weights, and its
 settings in the safetensors metadata: no pickle), and copied into every index snapshot so a snapshot
@@ -39,9 +42,40 @@ from melo_ray.editors.melo.scope.views import (
     names_someone,
     pair_features,
     row_cosine,
+    similarity_features,
 )
 
 BUILTIN_VERIFIER = Path(__file__).with_name("scope_verifier.safetensors")
+PAIR_MLP = "pair_mlp"
+SIMILARITY_ENSEMBLE = "similarity_ensemble"
+
+
+class SimilarityEnsemble:
+    """k MLPs with two hidden layers over `similarity_features`, their logits averaged (one member's
+    tail is unstable: the bar sits at the 0.5% of negatives, a handful of pairs). Tensors `s.w1` (k, F, H),
+    `s.b1` (k, H), `s.w2` (k, H, H), `s.b2` (k, H), `s.w3` (k, H), `s.b3` (k,)."""
+
+    NAMES = ("s.w1", "s.b1", "s.w2", "s.b2", "s.w3", "s.b3")
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], n_features: int) -> None:
+        if set(tensors) != set(self.NAMES):
+            raise ValueError(f"scope verifier: a similarity ensemble needs exactly the tensors {list(self.NAMES)}")
+        self.tensors = {k: np.asarray(tensors[k], np.float32) for k in self.NAMES}
+        w1, b1, w2, b2, w3, b3 = (self.tensors[k] for k in self.NAMES)
+        k, hidden = b1.shape if b1.ndim == 2 else (0, 0)
+        if (w1.shape != (k, n_features, hidden) or w2.shape != (k, hidden, hidden) or b2.shape != (k, hidden)
+                or w3.shape != (k, hidden) or b3.shape != (k,) or k == 0):
+            raise ValueError(f"scope verifier: similarity ensemble tensors do not fit {n_features} features")
+
+    @property
+    def members(self) -> int:
+        return int(self.tensors["s.b3"].shape[0])
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        w1, b1, w2, b2, w3, b3 = (self.tensors[k] for k in self.NAMES)
+        hidden = np.maximum(np.einsum("nf,kfh->knh", features, w1) + b1[:, None, :], 0.0)
+        hidden = np.maximum(np.einsum("knh,khg->kng", hidden, w2) + b2[:, None, :], 0.0)
+        return (np.einsum("kng,kg->kn", hidden, w3) + b3[:, None]).mean(axis=0).astype(np.float64)
 
 
 class ScopeVerifier:
@@ -60,19 +94,31 @@ class ScopeVerifier:
         if ("relation" in self.view_names) != bool(self.relation_tensors) or (
                 self.relation_tensors and RELATION_META_KEY not in self.meta):
             raise ValueError("scope verifier: the relation view needs its adapter (tensors and settings), and only it")
-        # the MLP reads every view but the tuned one, which adds its cosine times `relation_weight` to the
-        # logit: one weight, set on held-out pairs, so the MLP never learns from an adapter that saw its pairs
         if "relation" in self.view_names and self.view_names[-1] != "relation":
             raise ValueError("scope verifier: the relation view must come last")
-        self.mlp_dims = self.view_dims[:-1] if self.relation_tensors else list(self.view_dims)
-        self.relation_weight = float(meta.get("relation_weight", 0.0)) if self.relation_tensors else 0.0
-        self.w1 = np.asarray(weights["w1"], np.float32)  # (features, hidden)
-        self.b1 = np.asarray(weights["b1"], np.float32)
-        self.w2 = np.asarray(weights["w2"], np.float32)  # (hidden,)
-        self.b2 = float(np.asarray(weights["b2"], np.float32).reshape(-1)[0])
-        features = sum(2 * d + 1 for d in self.mlp_dims)
-        if self.w1.shape[0] != features or self.w1.shape[1] != self.b1.shape[0] or self.w2.shape != self.b1.shape:
-            raise ValueError(f"scope verifier: weights do not fit views of {self.view_dims} dims")
+        # the head: `pair_mlp` (files written before the head was named) reads symmetric features of every
+        # view's vectors, the tuned relation view apart, adding its cosine times `relation_weight`;
+        # `similarity_ensemble` reads each view's cosine only (relation view included) and averages k MLPs
+        self.head = self.meta.get("head", PAIR_MLP)
+        if self.head == PAIR_MLP:
+            self.mlp_dims = self.view_dims[:-1] if self.relation_tensors else list(self.view_dims)
+            self.relation_weight = float(meta.get("relation_weight", 0.0)) if self.relation_tensors else 0.0
+            self.w1 = np.asarray(weights["w1"], np.float32)  # (features, hidden)
+            self.b1 = np.asarray(weights["b1"], np.float32)
+            self.w2 = np.asarray(weights["w2"], np.float32)  # (hidden,)
+            self.b2 = float(np.asarray(weights["b2"], np.float32).reshape(-1)[0])
+            features = sum(2 * d + 1 for d in self.mlp_dims)
+            if self.w1.shape[0] != features or self.w1.shape[1] != self.b1.shape[0] or self.w2.shape != self.b1.shape:
+                raise ValueError(f"scope verifier: weights do not fit views of {self.view_dims} dims")
+        elif self.head == SIMILARITY_ENSEMBLE:
+            if "relation_weight" in self.meta:
+                raise ValueError("scope verifier: a similarity ensemble reads the relation view as a feature; "
+                                 "relation_weight does not apply")
+            self.relation_weight = 0.0
+            n_features = len(self.view_dims) + (2 if "names" in self.view_names else 0)
+            self.ensemble = SimilarityEnsemble({k: v for k, v in weights.items() if k.startswith("s.")}, n_features)
+        else:
+            raise ValueError(f"scope verifier: unknown head {self.head!r} (this build reads {PAIR_MLP}, {SIMILARITY_ENSEMBLE})")
         # names gate: two prompts that both name someone, with names this far apart (trigram cosine
         # below the gate), never ask the same question, whatever the MLP says
         self.names_gate = float(meta["names_gate"]) if meta.get("names_gate") not in (None, "") else None
@@ -92,6 +138,8 @@ class ScopeVerifier:
 
     def with_relation_weight(self, weight: float) -> "ScopeVerifier":
         """The same weights with another weight on the relation view's cosine."""
+        if self.head != PAIR_MLP:
+            raise ValueError("scope verifier: only the pair MLP weighs the relation view's cosine")
         return ScopeVerifier(self._weights(), {**self.meta, "relation_weight": str(weight)})
 
     def with_relation_view(self, tensors: Mapping[str, np.ndarray], settings: str, dim: int,
@@ -119,13 +167,20 @@ class ScopeVerifier:
         a, b = np.atleast_2d(a), np.atleast_2d(b)
         if a.shape[0] == 1 and b.shape[0] > 1:
             a = np.repeat(a, b.shape[0], axis=0)
+        out = self._similarity_logits(a, b) if self.head == SIMILARITY_ENSEMBLE else self._pair_mlp_logits(a, b)
+        if self.names_gate is not None:
+            out = np.where(self._names_apart(a, b), -np.inf, out)
+        return out
+
+    def _similarity_logits(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self.ensemble.logits(similarity_features(a, b, self.view_names, self.view_dims))
+
+    def _pair_mlp_logits(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         width = sum(self.mlp_dims)
         hidden = np.maximum(pair_features(a[:, :width], b[:, :width], self.mlp_dims) @ self.w1 + self.b1, 0.0)
         out = hidden @ self.w2 + self.b2
         if self.relation_tensors:
             out = out + self.relation_weight * row_cosine(a[:, width:], b[:, width:])
-        if self.names_gate is not None:
-            out = np.where(self._names_apart(a, b), -np.inf, out)
         return out
 
     def _names_views(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -153,6 +208,8 @@ class ScopeVerifier:
         return self._raw
 
     def _weights(self) -> dict[str, np.ndarray]:
+        if self.head == SIMILARITY_ENSEMBLE:
+            return {**self.ensemble.tensors, **self.relation_tensors}
         return {"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": np.array([self.b2], np.float32),
                 **self.relation_tensors}
 

@@ -115,6 +115,22 @@ RELATION_TENSOR_PREFIX = "relation."  # the relation view's adapter tensors insi
 RELATION_META_KEY = "relation_lora"  # its settings (JSON) in the file's metadata
 
 
+def similarity_features(a: np.ndarray, b: np.ndarray, view_names: list[str], view_dims: list[int]) -> np.ndarray:
+    """Direction-free features of key pairs: each view's cosine, then (with a names view) whether both
+    prompts name someone and whether exactly one does. A model over these cannot learn where a relation
+    sits in embedding space, only how alike two prompts are in each view: what carries to relations it
+    never saw (docs/scope_validation.md, "Fifth session"). a, b: (n, sum(view_dims))."""
+    a, b = np.atleast_2d(a).astype(np.float32), np.atleast_2d(b).astype(np.float32)
+    starts = np.cumsum([0, *view_dims])
+    out = [row_cosine(a[:, starts[i] : starts[i + 1]], b[:, starts[i] : starts[i + 1]]) for i in range(len(view_dims))]
+    if "names" in view_names:
+        i = view_names.index("names")
+        named_a = names_someone(a[:, starts[i] : starts[i + 1]])
+        named_b = names_someone(b[:, starts[i] : starts[i + 1]])
+        out += [named_a & named_b, named_a != named_b]
+    return np.stack(out, axis=1).astype(np.float32)
+
+
 def pair_features(a: np.ndarray, b: np.ndarray, view_dims: list[int]) -> np.ndarray:
     """Symmetric features of key pairs: per view (a slice of `view_dims[i]` columns) a*b, |a-b| of the
     unit-length slices and their cosine. a, b: (n, sum(view_dims))."""
