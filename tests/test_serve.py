@@ -34,16 +34,23 @@ def app(tmp_path_factory):
     editor = MeloEditor(tiny_config())
     editor.edit(fact_records(0, 10))
     editor.publish(store)
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024)
-    port = free_port()
-    settings = ServeSettings(snapshots=str(store.root), replicas=2, replica_cpus=0.5, poll_interval_s=0.2,
-                             api_token=TOKEN, max_prompts=4, max_new_tokens=32, max_body_bytes=4096)
-    run_http(settings, port=port, blocking=False)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=60)
-    yield {"client": client, "editor": editor, "store": store, "port": port}
-    client.close()
-    serve.shutdown()
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as env:
+        # On a CPU shared with other jobs Serve's own proxy can miss its 5 s readiness check and be killed,
+        # which fails every test here without saying anything about our app; Ray's processes inherit these.
+        for check in ("READY_CHECK", "HEALTH_CHECK"):
+            env.setenv(f"RAY_SERVE_PROXY_{check}_TIMEOUT_S", "60")
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024)
+        try:
+            port = free_port()
+            settings = ServeSettings(snapshots=str(store.root), replicas=2, replica_cpus=0.5, poll_interval_s=0.2,
+                                     api_token=TOKEN, max_prompts=4, max_new_tokens=32, max_body_bytes=4096)
+            run_http(settings, port=port, blocking=False)
+            client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=60)
+            yield {"client": client, "editor": editor, "store": store, "port": port}
+            client.close()
+            serve.shutdown()
+        finally:  # a failed start must not leave Ray up for the next module
+            ray.shutdown()
 
 
 def generate(client: httpx.Client, prompts: list[str], **extra) -> httpx.Response:
