@@ -20,8 +20,9 @@ character trigrams of the names it took out (about whom). A last view, the *rela
 focus (the whole prompt when the focus names no one) with MiniLM tuned (a LoRA adapter, relation.py) to
 put wordings of one question together and other questions, about the subject or with another subject,
 apart; the pair MLP adds its cosine times a weight set on held-out pairs to its logit, the similarity
-ensemble reads it as one more cosine. A names gate in its settings refuses, whatever the head says, two prompts that both name someone and whose names share almost no trigrams: the same
-template about another subject. It is trained only on the public training splits by
+ensemble reads it as one more cosine. A names gate in its settings refuses, whatever the head says, two
+prompts that both name someone and whose names share almost no trigrams: the same template about another
+subject. It is trained only on the public training splits by
 `melo_ray.editors.melo.scope.training.verifier_training`, shipped as `scope_verifier.safetensors` (weights, and its
 settings in the safetensors metadata: no pickle), and copied into every index snapshot so a snapshot
 always routes the way it did when it was written.
