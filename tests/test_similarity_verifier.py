@@ -72,6 +72,10 @@ def test_malformed_files_are_refused_with_the_reason():
         ScopeVerifier(tensors, {"views": "prompt,names", "view_dims": f"8,{WORDS_DIM}", "head": "oracle"})
     with pytest.raises(ValueError, match="only the pair MLP"):
         _verifier(tensors).with_relation_weight(10.0)
+    with pytest.raises(ValueError, match="cannot gain one"):
+        _verifier(tensors).with_relation_view({}, "{}", 8)
+    with pytest.raises(ValueError, match="one epoch"):
+        fit_ensemble(np.zeros((4, 4), np.float32), np.zeros(4, np.float32), members=1, hidden=4, epochs=0, seed=0)
 
 
 def test_the_trainer_learns_a_separable_similarity():

@@ -149,6 +149,8 @@ class ScopeVerifier:
         width, and the weight on its cosine."""
         if self.relation_tensors:
             raise ValueError("scope verifier: it has a relation view already")
+        if self.head != PAIR_MLP:
+            raise ValueError("scope verifier: a similarity ensemble is trained with its relation view; it cannot gain one")
         return ScopeVerifier({**self._weights(), **tensors}, {
             **self.meta, **meta, "views": self.meta["views"] + ",relation", "view_dims": self.meta["view_dims"] + f",{dim}",
             RELATION_META_KEY: settings, "relation_weight": str(weight)})

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 def fit_ensemble(features: np.ndarray, labels: np.ndarray, members: int, hidden: int, epochs: int,
                  seed: int) -> dict[str, np.ndarray]:
     """`members` MLPs (two hidden layers of `hidden`), each from its own seed, as SimilarityEnsemble tensors."""
+    if members < 1 or epochs < 1 or not len(features):
+        raise ValueError("similarity ensemble: needs at least one member, one epoch and one training pair")
     x, y = torch.tensor(features, dtype=torch.float32), torch.tensor(labels, dtype=torch.float32)
     layers: list[list[np.ndarray]] = [[] for _ in SimilarityEnsemble.NAMES]
     for member in range(members):
