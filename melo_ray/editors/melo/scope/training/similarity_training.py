@@ -30,7 +30,7 @@ from melo_ray.editors.melo.scope.keys import scoped_keys_for
 from melo_ray.editors.melo.scope.training.cross_encoder_training import THRESHOLD_KINDS, calibrate, capped
 from melo_ray.editors.melo.scope.training.pairs import SOURCES, DataPaths, all_pairs, leave_dataset_out, leave_relations_out
 from melo_ray.editors.melo.scope.training.split_training import DATA, as_training_pairs
-from melo_ray.editors.melo.scope.training.verifier_training import cached_embed
+from melo_ray.editors.melo.scope.training.verifier_training import cached_embed, fit_binary
 from melo_ray.editors.melo.scope.verifier import SIMILARITY_ENSEMBLE, SimilarityEnsemble, ScopeVerifier, load_verifier
 from melo_ray.editors.melo.scope.views import RELATION_META_KEY, similarity_features
 
@@ -48,16 +48,8 @@ def fit_ensemble(features: np.ndarray, labels: np.ndarray, members: int, hidden:
         torch.manual_seed(seed + member)
         model = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(),
                                     torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
-        optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-        for _ in range(epochs):
-            order = torch.randperm(len(x))
-            for start in range(0, len(x), 256):
-                rows = order[start : start + 256]
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x[rows]).squeeze(1), y[rows])
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-        log.info("member %d of %d: last batch loss %.4f", member + 1, members, loss.item())
+        loss = fit_binary(model, x, y, torch.optim.Adam(model.parameters(), lr=3e-3), epochs)
+        log.info("member %d of %d: last batch loss %.4f", member + 1, members, loss)
         linear = [m for m in model if isinstance(m, torch.nn.Linear)]
         values = [linear[0].weight.T, linear[0].bias, linear[1].weight.T, linear[1].bias, linear[2].weight[0], linear[2].bias[0]]
         for slot, value in zip(layers, values):

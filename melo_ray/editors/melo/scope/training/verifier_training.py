@@ -163,11 +163,10 @@ def cached_embed(texts: list[str], key_function: ScopedSentenceKeys, path: Path)
     return np.concatenate([keys, relation], axis=1), dims + [key_function.relation.dim]
 
 
-def fit(features: np.ndarray, labels: np.ndarray, hidden: int, epochs: int, seed: int) -> dict[str, np.ndarray]:
-    torch.manual_seed(seed)
-    x, y = torch.tensor(features), torch.tensor(labels, dtype=torch.float32)
-    model = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
+def fit_binary(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, optimiser: torch.optim.Optimizer,
+               epochs: int) -> float:
+    """Minibatches of 256 in a new order each epoch, binary cross-entropy on the model's logit; the last loss."""
+    loss = torch.zeros(())
     for _ in range(epochs):
         order = torch.randperm(len(x))
         for start in range(0, len(x), 256):
@@ -176,6 +175,14 @@ def fit(features: np.ndarray, labels: np.ndarray, hidden: int, epochs: int, seed
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
+    return float(loss.detach())
+
+
+def fit(features: np.ndarray, labels: np.ndarray, hidden: int, epochs: int, seed: int) -> dict[str, np.ndarray]:
+    torch.manual_seed(seed)
+    x, y = torch.tensor(features), torch.tensor(labels, dtype=torch.float32)
+    model = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
+    fit_binary(model, x, y, torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4), epochs)
     first, last = model[0], model[2]
     return {"w1": first.weight.detach().numpy().T.copy(), "b1": first.bias.detach().numpy().copy(),
             "w2": last.weight.detach().numpy()[0].copy(), "b2": last.bias.detach().numpy().copy()}
