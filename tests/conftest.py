@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,23 @@ settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True
 settings.register_profile("long", max_examples=1000, deadline=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# One migrated MLflow database for the whole run: creating a sqlite store runs MLflow's schema migrations
+# (about 7 s each), copying a migrated file is instant. Each test or module still gets its own copy.
+@pytest.fixture(scope="session")
+def mlflow_db_template(tmp_path_factory) -> Path:
+    import mlflow
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def fresh_mlflow_db(template: Path, path: Path) -> str:
+    """A new, empty MLflow database at `path` (a copy of the migrated template); returns its tracking URI."""
+    shutil.copyfile(template, path)
+    return f"sqlite:///{path}"
 
 
 # An S3-compatible server (moto) for the object-storage tests; see tests/moto_s3.py.

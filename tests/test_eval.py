@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONFIGS, UNRELATED, fact_records, tiny_config
+from conftest import CONFIGS, UNRELATED, fact_records, fresh_mlflow_db, tiny_config
 from melo_ray.editors.grace.editor import GraceEditor
 from melo_ray.editors.lora.editor import SequentialLoraEditor
 from melo_ray.evaluation import EvalPlan, base_outputs, evaluate, history_locality, measure, results_table, superseded
@@ -22,8 +22,10 @@ def _jsonl(path, rows):
     return path
 
 
-def test_eval_cli_writes_results_for_every_editor(tmp_path, capsys):
+def test_eval_cli_writes_results_for_every_editor(tmp_path, capsys, mlflow_db_template):
     from melo_ray.cli.main import main
+
+    fresh_mlflow_db(mlflow_db_template, tmp_path / "mlflow.db")  # the schema made once per run; empty of runs
 
     records = [{**r, "rephrases": [r["prompt"].replace("Where", "where")], "locality_prompt": UNRELATED[i % 3],
                 "locality_answer": "Nothing"}

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from conftest import CITIES, WORDS, tiny_config
+from conftest import CITIES, WORDS, fresh_mlflow_db, tiny_config
 from moto_s3 import S3Server
 from melo_ray import snapshots
 from melo_ray.cli.main import main as cli
@@ -69,13 +69,13 @@ def outcome(uri: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def s3_ray(s3_server, tmp_path_factory):
+def s3_ray(s3_server, tmp_path_factory, mlflow_db_template):
     """Ray for this module; its workers get the same four AWS variables as the driver."""
-    mlflow_db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    mlflow_uri = fresh_mlflow_db(mlflow_db_template, tmp_path_factory.mktemp("mlflow") / "mlflow.db")
     with pytest.MonkeyPatch.context() as env:
         for name, value in s3_server.env.items():
             env.setenv(name, value)
-        env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{mlflow_db}")
+        env.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
         ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024,
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT / "tests"), **s3_server.env}})
         try:

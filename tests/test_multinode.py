@@ -12,7 +12,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from conftest import CITIES, WORDS, tiny_config
+from conftest import CITIES, WORDS, fresh_mlflow_db, tiny_config
 from melo_ray.editors.melo.bank import read_bank
 from melo_ray.editors.melo.editor import MeloEditor
 from melo_ray.store import SnapshotStore
@@ -32,7 +32,7 @@ def two_nodes():
     cluster.shutdown()
 
 
-def test_a_trainer_pool_over_two_nodes_publishes_the_single_process_snapshot(two_nodes, tmp_path):
+def test_a_trainer_pool_over_two_nodes_publishes_the_single_process_snapshot(two_nodes, tmp_path, mlflow_db_template):
     rows = [{"id": f"e{i}", "prompt": f"Where does the {WORDS[i % len(WORDS)]} {i} live?",
              "target": CITIES[(i * 7 + 3) % len(CITIES)]} for i in range(20)]
     edits = tmp_path / "edits.parquet"
@@ -42,7 +42,8 @@ def test_a_trainer_pool_over_two_nodes_publishes_the_single_process_snapshot(two
     def where(job, version):
         nodes.extend(ray.get(t.info.remote()).node_id for t in job.actors.trainers)
 
-    pool = tiny_config(pipeline={"trainers": 2, "trainer_cpus": 1.0})
+    mlflow_uri = fresh_mlflow_db(mlflow_db_template, tmp_path / "mlflow.db")
+    pool = tiny_config(pipeline={"trainers": 2, "trainer_cpus": 1.0, "mlflow_tracking_uri": mlflow_uri})
     BulkEditJob(pool, str(edits), str(tmp_path / "pool"), "pool", progress=False, on_commit=where).run()
     assert len(set(nodes)) == 2  # the pool's trainers ran on both nodes
 

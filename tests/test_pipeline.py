@@ -21,7 +21,7 @@ import safetensors.numpy
 import mlflow  # noqa: E402
 import ray  # noqa: E402
 
-from conftest import CITIES, WORDS, tiny_config  # noqa: E402
+from conftest import CITIES, WORDS, fresh_mlflow_db, tiny_config  # noqa: E402
 from melo_ray.editors.melo.bank import read_bank  # noqa: E402
 from melo_ray.editors.loading import load_editor  # noqa: E402
 from melo_ray.editors.melo.editor import MeloEditor  # noqa: E402
@@ -90,11 +90,11 @@ def assert_same_state(a: dict, b: dict, *, exact: bool) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
+def ray_session(tmp_path_factory, mlflow_db_template):
     # one MLflow database for the module's jobs: a new sqlite file costs each job seconds of table creation
-    mlflow_db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    mlflow_uri = fresh_mlflow_db(mlflow_db_template, tmp_path_factory.mktemp("mlflow") / "mlflow.db")
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{mlflow_db}")
+        env.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
         ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024,
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT / "tests")}})
         try:
