@@ -49,7 +49,8 @@ SCORE_ALONE_RULE = "the same, ranked by the verifier's score alone, one flat thr
 FLAT_BAR_RULE = "the same, one flat threshold"
 LOOSE_BAR_RULE = "the same, k counting every member from names cosine 0.5"
 PROMPT_REACH_RULE = "the same, reached by the whole prompt's view alone (previous default)"
-ROUTED_SOURCES = {**SOURCES, "wiki_recent": ("knowedit", DATA / "knowedit/benchmark_wiki_recent_recent_train.json")}
+ROUTED_SOURCES = {**SOURCES, "wiki_recent": ("knowedit", DATA / "knowedit/benchmark_wiki_recent_recent_train.json"),
+                  "zsre-train": ("zsre", DATA / "zsre-mend-train-1k/zsre_mend_train-1k.json")}
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     fmt, path = ROUTED_SOURCES[args.dataset]
     # zsRE: probes drawn from the whole file, as the T = 1000 evaluation does; CounterFact: its first n records
-    limit = None if args.dataset == "zsre" else args.start + args.n
+    limit = None if args.dataset.startswith("zsre") else args.start + args.n
     records = [r for r in convert(fmt, Path(path), limit=limit, subject_probes=2).records[args.start : args.start + args.n]
                if r.rephrases or r.alias_rephrases]  # wiki_recent: its subject-alias rewordings
     verifier = load_verifier(args.verifier)
@@ -140,6 +141,7 @@ def main() -> None:
         rules[f"default, names gate {value}"] = Rule(args.threshold, names_gate=float(value))
     for value in filter(None, args.candidates.split(",")):
         rules[f"default, {value} candidates"] = Rule(args.threshold, candidates=int(value))
+    misses = []
     for name, rule in rules.items():
         judge = verifier if rule.names_gate is None else verifier.with_names_gate(rule.names_gate)
         index = NeuronIndex(prompts.shape[1], "cosine", args.r_init, candidates=rule.candidates,
@@ -149,7 +151,9 @@ def main() -> None:
         for i, record in enumerate(records):
             index.add(prompts[i], record.target, i, record.id)
         reliability = right(index.search(prompts).block_ids)
-        blocks = index.search(rephrasings).block_ids
+        searched = index.search(rephrasings)
+        blocks = searched.block_ids
+        misses.append((name, searched.decisions, blocks))
         probe_blocks = index.search(probes).block_ids if len(probes) else np.zeros(0, np.int64)
         generality = right(blocks)
         own = blocks == np.arange(len(records))
@@ -173,6 +177,26 @@ def main() -> None:
         print(f"| {name} | {reliability.mean():.3f} | {generality.mean():.3f} | {generality[latest].mean():.3f} | "
               f"{routed_probes:.4f} | {to_named:.4f} | {unasked_routed:.4f} | {own.mean():.3f} / {same_subject.mean():.3f} / {(other & ~same_subject).mean():.3f} / "
               f"{(blocks < 0).mean():.3f} | {np.median(seconds) * 1000:.2f} |", flush=True)
+    print_misses(misses, records)
+
+
+def print_misses(misses: list, records: list) -> None:
+    """Why rephrasings that reach no block reach none: which rule decided, and for the bar, whether the
+    member that came closest was the record's own edit and how far below the bar it scored."""
+    print("\n| rule | rephrasings routed nowhere | out of reach | names gate | below the bar: own edit closest "
+          "| below the bar: another edit closest | own edit's logit under its bar: quartiles |")
+    print("|---|---|---|---|---|---|---|")
+    for name, decisions, blocks in misses:
+        nowhere = np.flatnonzero(blocks < 0)
+        reasons = [decisions[i].rule for i in nowhere]
+        own = [decisions[i].bar - decisions[i].score for i in nowhere
+               if decisions[i].rule == "below_bar" and decisions[i].edit_id == records[i].id]
+        below = sum(r == "below_bar" for r in reasons)
+        gaps = np.percentile(own, [25, 50, 75]) if own else [float("nan")] * 3
+        n = len(records)
+        print(f"| {name} | {len(nowhere) / n:.3f} | {reasons.count('out_of_reach') / n:.3f} | "
+              f"{reasons.count('names_gate') / n:.3f} | {len(own) / n:.3f} | {(below - len(own)) / n:.3f} | "
+              f"{' / '.join(f'{g:.2f}' for g in gaps)} |")
 
 
 if __name__ == "__main__":

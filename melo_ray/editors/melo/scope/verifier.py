@@ -9,10 +9,12 @@ the index asks two things of a query before it switches a block on:
    the topic match, which keeps unrelated questions and other subjects on the base model;
 2. a small learned verifier, given both prompts' key views, says they ask the same question.
 
-The verifier's head is one of two. The pair MLP (one hidden layer) reads symmetric pair features of each
+The verifier's head is one of three. The pair MLP (one hidden layer) reads symmetric pair features of each
 view (a*b, |a-b|, cosine). The similarity ensemble (`similarity_training`) reads each view's cosine and two
 names flags only, averaged over a few small MLPs: it cannot learn where a relation sits in MiniLM's space,
-so what it learns carries to relations it never saw (docs/scope_validation.md, "Fifth session").
+so what it learns carries to relations it never saw (docs/scope_validation.md, "Fifth session"). The
+blend (`blend_training`) holds one of each, trained on the same split, and adds their standardised logits:
+they fail on different pairs (docs/scope_validation.md, "Sixth session").
 Its views are MiniLM keys of the prompt, of its *focus* (the last sentence, so long unrelated prefixes
 do not move it) and of the focus with names masked out (what is asked, not about whom), and two
 token-level views: the hashed bag of the masked focus's content words (what is asked) and of the
@@ -49,6 +51,39 @@ from melo_ray.editors.melo.scope.views import (
 BUILTIN_VERIFIER = Path(__file__).with_name("scope_verifier.safetensors")
 PAIR_MLP = "pair_mlp"
 SIMILARITY_ENSEMBLE = "similarity_ensemble"
+BLEND = "blend"
+HEADS = (PAIR_MLP, SIMILARITY_ENSEMBLE, BLEND)
+
+
+class Blend:
+    """How a `blend` head adds its two logits: each standardised by the mean and deviation it had on the
+    calibration pairs, then (1 - weight) x the pair MLP's + weight x the similarity ensemble's, mapped back
+    to log-odds by the same weights of their means and deviations. So weight 0 is the pair MLP's logit and
+    weight 1 the ensemble's, exactly, and rules that read a logit as log-odds (the namesake bar's ln k)
+    mean the same for every weight. Metadata `blend_weight` and `blend_scale` ("pair mean,pair std,
+    similarity mean,similarity std")."""
+
+    def __init__(self, weight: float, scale: tuple[float, float, float, float]) -> None:
+        if not 0.0 <= weight <= 1.0 or len(scale) != 4 or not all(np.isfinite(scale)) or min(scale[1], scale[3]) <= 0:
+            raise ValueError(f"scope verifier: a blend needs a weight in [0, 1] and four finite scale values "
+                             f"with positive deviations (got {weight}, {scale})")
+        self.weight, self.scale = float(weight), tuple(float(x) for x in scale)
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, str]) -> "Blend":
+        try:
+            return cls(float(meta["blend_weight"]), tuple(float(x) for x in str(meta["blend_scale"]).split(",")))
+        except KeyError as exc:
+            raise ValueError(f"scope verifier: a blend head needs {exc.args[0]!r} in its metadata") from exc
+
+    def meta(self) -> dict[str, str]:
+        return {"blend_weight": repr(self.weight), "blend_scale": ",".join(repr(x) for x in self.scale)}
+
+    def combine(self, pair: np.ndarray, similarity: np.ndarray) -> np.ndarray:
+        pair_mean, pair_std, sim_mean, sim_std = self.scale
+        w = self.weight
+        standard = (1.0 - w) * (pair - pair_mean) / pair_std + w * (similarity - sim_mean) / sim_std
+        return ((1.0 - w) * pair_mean + w * sim_mean) + ((1.0 - w) * pair_std + w * sim_std) * standard
 
 
 class SimilarityEnsemble:
@@ -99,32 +134,38 @@ class ScopeVerifier:
             raise ValueError("scope verifier: the relation view must come last")
         # the head: `pair_mlp` (files written before the head was named) reads symmetric features of every
         # view's vectors, the tuned relation view apart, adding its cosine times `relation_weight`;
-        # `similarity_ensemble` reads each view's cosine only (relation view included) and averages k MLPs
+        # `similarity_ensemble` reads each view's cosine only (relation view included) and averages k MLPs;
+        # `blend` holds both and adds their logits, each standardised on calibration pairs, in fixed weights
         self.head = self.meta.get("head", PAIR_MLP)
-        if self.head == PAIR_MLP:
-            self.mlp_dims = self.view_dims[:-1] if self.relation_tensors else list(self.view_dims)
-            self.relation_weight = float(meta.get("relation_weight", 0.0)) if self.relation_tensors else 0.0
-            self.w1 = np.asarray(weights["w1"], np.float32)  # (features, hidden)
-            self.b1 = np.asarray(weights["b1"], np.float32)
-            self.w2 = np.asarray(weights["w2"], np.float32)  # (hidden,)
-            self.b2 = float(np.asarray(weights["b2"], np.float32).reshape(-1)[0])
-            features = sum(2 * d + 1 for d in self.mlp_dims)
-            if self.w1.shape[0] != features or self.w1.shape[1] != self.b1.shape[0] or self.w2.shape != self.b1.shape:
-                raise ValueError(f"scope verifier: weights do not fit views of {self.view_dims} dims")
-        elif self.head == SIMILARITY_ENSEMBLE:
-            if "relation_weight" in self.meta:
-                raise ValueError("scope verifier: a similarity ensemble reads the relation view as a feature; "
-                                 "relation_weight does not apply")
-            self.relation_weight = 0.0
+        if self.head not in HEADS:
+            raise ValueError(f"scope verifier: unknown head {self.head!r} (this build reads {', '.join(HEADS)})")
+        self.relation_weight = 0.0
+        if self.head in (PAIR_MLP, BLEND):
+            self._read_pair_mlp(weights)
+        elif "relation_weight" in self.meta:
+            raise ValueError("scope verifier: a similarity ensemble reads the relation view as a feature; "
+                             "relation_weight does not apply")
+        if self.head in (SIMILARITY_ENSEMBLE, BLEND):
             n_features = len(self.view_dims) + (2 if "names" in self.view_names else 0)
             self.ensemble = SimilarityEnsemble({k: v for k, v in weights.items() if k.startswith("s.")}, n_features)
-        else:
-            raise ValueError(f"scope verifier: unknown head {self.head!r} (this build reads {PAIR_MLP}, {SIMILARITY_ENSEMBLE})")
+        if self.head == BLEND:
+            self.blend = Blend.from_meta(self.meta)
         # names gate: two prompts that both name someone, with names this far apart (trigram cosine
         # below the gate), never ask the same question, whatever the MLP says
         self.names_gate = float(meta["names_gate"]) if meta.get("names_gate") not in (None, "") else None
         if self.names_gate is not None and "names" not in self.view_names:
             raise ValueError("scope verifier: names_gate needs the 'names' view")
+
+    def _read_pair_mlp(self, weights: Mapping[str, np.ndarray]) -> None:
+        self.mlp_dims = self.view_dims[:-1] if self.relation_tensors else list(self.view_dims)
+        self.relation_weight = float(self.meta.get("relation_weight", 0.0)) if self.relation_tensors else 0.0
+        self.w1 = np.asarray(weights["w1"], np.float32)  # (features, hidden)
+        self.b1 = np.asarray(weights["b1"], np.float32)
+        self.w2 = np.asarray(weights["w2"], np.float32)  # (hidden,)
+        self.b2 = float(np.asarray(weights["b2"], np.float32).reshape(-1)[0])
+        features = sum(2 * d + 1 for d in self.mlp_dims)
+        if self.w1.shape[0] != features or self.w1.shape[1] != self.b1.shape[0] or self.w2.shape != self.b1.shape:
+            raise ValueError(f"scope verifier: weights do not fit views of {self.view_dims} dims")
 
     @property
     def key_dim(self) -> int:
@@ -170,7 +211,12 @@ class ScopeVerifier:
         a, b = np.atleast_2d(a), np.atleast_2d(b)
         if a.shape[0] == 1 and b.shape[0] > 1:
             a = np.repeat(a, b.shape[0], axis=0)
-        out = self._similarity_logits(a, b) if self.head == SIMILARITY_ENSEMBLE else self._pair_mlp_logits(a, b)
+        if self.head == SIMILARITY_ENSEMBLE:
+            out = self._similarity_logits(a, b)
+        elif self.head == BLEND:
+            out = self.blend.combine(self._pair_mlp_logits(a, b), self._similarity_logits(a, b))
+        else:
+            out = self._pair_mlp_logits(a, b)
         if self.names_gate is not None:
             out = np.where(self._names_apart(a, b), -np.inf, out)
         return out
@@ -210,11 +256,18 @@ class ScopeVerifier:
             self._raw = self._serialise()
         return self._raw
 
+    @property
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Every tensor the file holds (head weights and relation adapter)."""
+        return self._weights()
+
     def _weights(self) -> dict[str, np.ndarray]:
-        if self.head == SIMILARITY_ENSEMBLE:
-            return {**self.ensemble.tensors, **self.relation_tensors}
-        return {"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": np.array([self.b2], np.float32),
-                **self.relation_tensors}
+        weights = dict(self.relation_tensors)
+        if self.head in (SIMILARITY_ENSEMBLE, BLEND):
+            weights.update(self.ensemble.tensors)
+        if self.head in (PAIR_MLP, BLEND):
+            weights.update({"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": np.array([self.b2], np.float32)})
+        return weights
 
     def _serialise(self) -> bytes:
         return safetensors.numpy.save(self._weights(), metadata={k: str(self.meta[k]) for k in sorted(self.meta)})
