@@ -39,6 +39,7 @@ from melo_ray.editors.melo.scope.index import NeuronIndex
 from melo_ray.editors.melo.scope.keys import scoped_keys_for
 from melo_ray.editors.melo.scope.verifier import load_verifier
 from melo_ray.editors.melo.scope.decision import ScopeTest
+from melo_ray.editors.routing import ScopeDecision
 from melo_ray.editors.melo.scope.training.verifier_training import cached_embed, embed
 from melo_ray.evaluation import EditedQuestions, superseded
 
@@ -180,9 +181,10 @@ def main() -> None:
     print_misses(misses, records)
 
 
-def print_misses(misses: list, records: list) -> None:
+def print_misses(misses: list[tuple[str, tuple[ScopeDecision, ...], np.ndarray]], records: list) -> None:
     """Why rephrasings that reach no block reach none: which rule decided, and for the bar, whether the
     member that came closest was the record's own edit and how far below the bar it scored."""
+    assert {"out_of_reach", "names_gate", "below_bar"} <= ScopeDecision.RULES.keys()  # the rules counted below
     print("\n| rule | rephrasings routed nowhere | out of reach | names gate | below the bar: own edit closest "
           "| below the bar: another edit closest | own edit's logit under its bar: quartiles |")
     print("|---|---|---|---|---|---|---|")

@@ -53,6 +53,14 @@ def test_a_blend_adds_the_standardised_logits_and_survives_the_file():
                                rtol=1e-6, atol=1e-9)
 
 
+def test_a_head_weighted_zero_cannot_turn_the_sum_into_nan():
+    scale = (0.0, 1.0, 0.0, 1.0)
+    refused, plain = np.array([-np.inf, 2.0]), np.array([1.0, 1.0])
+    assert np.array_equal(Blend(0.0, scale).combine(plain, refused), plain)
+    assert np.array_equal(Blend(1.0, scale).combine(refused, plain), plain)
+    assert np.isneginf(Blend(0.5, scale).combine(refused, plain)[0])
+
+
 def test_the_names_gate_still_refuses_another_subject():
     rng = np.random.default_rng(1)
     verifier = blended(_pair_mlp(rng, names_gate="0.2"), _similarity(rng, names_gate="0.2"),
@@ -76,6 +84,10 @@ def test_the_weight_is_the_one_keeping_the_most_calibration_rewordings():
     assert next(r for r in table if r["weight"] == blend.weight)["calibration_rewordings"] == best
     blend, _, table = choose_blend(noise, good, calibration)
     assert blend.weight > 0.5 and table[-1]["calibration_rewordings"] > 0.9 > table[0]["calibration_rewordings"]
+    # pairs the names gate refuses score -inf in every row and take no part in the bar
+    negatives = np.array(kinds) != "reword"
+    _, _, refused_table = choose_blend(good, noise, calibration, refused=negatives)
+    assert all(row["bar"] < -1e300 and row["calibration_rewordings"] == 1.0 for row in refused_table)
 
 
 def test_heads_that_read_different_views_or_bad_metadata_are_refused():
@@ -92,6 +104,14 @@ def test_heads_that_read_different_views_or_bad_metadata_are_refused():
     tensors = blended(pair, similarity, Blend(0.5, (0.0, 1.0, 0.0, 1.0))).tensors
     with pytest.raises(ValueError, match="'blend_scale' in its metadata"):
         ScopeVerifier(tensors, {**META, "head": BLEND, "blend_weight": "0.5"})
+    with pytest.raises(ValueError, match="blend_weight 'half' is not a number"):
+        ScopeVerifier(tensors, {**META, "head": BLEND, "blend_weight": "half", "blend_scale": "0,1,0,1"})
+    with pytest.raises(ValueError, match="blend_scale '0,1,x,1' is not four numbers"):
+        ScopeVerifier(tensors, {**META, "head": BLEND, "blend_weight": "0.5", "blend_scale": "0,1,x,1"})
+    with pytest.raises(ValueError, match="four finite scale values"):
+        ScopeVerifier(tensors, {**META, "head": BLEND, "blend_weight": "0.5", "blend_scale": "0,1,1"})
+    with pytest.raises(ValueError, match=r"pair MLP's tensors \['w2'\] are missing"):
+        ScopeVerifier({k: v for k, v in tensors.items() if k != "w2"}, {**META, "head": BLEND, **Blend(0.5, (0.0, 1.0, 0.0, 1.0)).meta()})
     with pytest.raises(ValueError, match="similarity ensemble needs exactly the tensors"):
         ScopeVerifier({k: v for k, v in tensors.items() if k != "s.b3"},
                       {**META, "head": BLEND, **Blend(0.5, (0.0, 1.0, 0.0, 1.0)).meta()})

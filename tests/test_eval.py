@@ -25,7 +25,7 @@ def _jsonl(path, rows):
 def test_eval_cli_writes_results_for_every_editor(tmp_path, capsys, mlflow_db_template):
     from melo_ray.cli.main import main
 
-    fresh_mlflow_db(mlflow_db_template, tmp_path / "mlflow.db")  # the schema made once per run; empty of runs
+    mlflow_uri = fresh_mlflow_db(mlflow_db_template, tmp_path / "mlflow.db")  # the schema made once per run
 
     records = [{**r, "rephrases": [r["prompt"].replace("Where", "where")], "locality_prompt": UNRELATED[i % 3],
                 "locality_answer": "Nothing"}
@@ -35,7 +35,7 @@ def test_eval_cli_writes_results_for_every_editor(tmp_path, capsys, mlflow_db_te
     code = main(["eval", "--config", str(CONFIGS / "tiny-llama.yaml"), "--edits", str(edits), "--n-edits", "20",
                  "--editors", "melo,lora", "--batch-size", "10", "--every", "10", "--locality", str(nq),
                  "--out", str(tmp_path / "out"), "--quiet", "--mlflow-experiment", "peers",
-                 "--mlflow-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+                 "--mlflow-uri", mlflow_uri])
     assert code == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     by_name = {r["editor"]: r for r in results["editors"]}
@@ -56,7 +56,7 @@ def test_eval_cli_writes_results_for_every_editor(tmp_path, capsys, mlflow_db_te
     # the same rows in MLflow: one child run per editor with its metrics, its own config section and the curve
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow.MlflowClient(mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name("peers").experiment_id])
     children = {r.data.params["editor"]: r for r in runs if "editor" in r.data.params}
     assert set(children) == {"melo", "lora"} and len(runs) == 3
@@ -70,7 +70,7 @@ def test_eval_cli_writes_results_for_every_editor(tmp_path, capsys, mlflow_db_te
     assert logged_files == {"results.json", "results.md", "curves.png"}
     # a folder written earlier logs the same way from the command line
     assert main(["eval-log", str(tmp_path / "out"), "--experiment", "later",
-                 "--mlflow-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 0
+                 "--mlflow-uri", mlflow_uri]) == 0
     assert len(client.search_runs([client.get_experiment_by_name("later").experiment_id])) == 3
     assert [m.step for m in client.get_metric_history(children["melo"].info.run_id, "reliability")] == [10, 20]
 

@@ -59,9 +59,9 @@ class Blend:
     """How a `blend` head adds its two logits: each standardised by the mean and deviation it had on the
     calibration pairs, then (1 - weight) x the pair MLP's + weight x the similarity ensemble's, mapped back
     to log-odds by the same weights of their means and deviations. So weight 0 is the pair MLP's logit and
-    weight 1 the ensemble's, exactly, and rules that read a logit as log-odds (the namesake bar's ln k)
-    mean the same for every weight. Metadata `blend_weight` and `blend_scale` ("pair mean,pair std,
-    similarity mean,similarity std")."""
+    weight 1 the ensemble's, exactly, and in between the sum stays on the heads' log-odds scale, which
+    rules that read a logit as log-odds (the namesake bar's ln k) assume. Metadata `blend_weight` and
+    `blend_scale` ("pair mean,pair std,similarity mean,similarity std")."""
 
     def __init__(self, weight: float, scale: tuple[float, float, float, float]) -> None:
         if not 0.0 <= weight <= 1.0 or len(scale) != 4 or not all(np.isfinite(scale)) or min(scale[1], scale[3]) <= 0:
@@ -71,10 +71,18 @@ class Blend:
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, str]) -> "Blend":
+        for field in ("blend_weight", "blend_scale"):
+            if field not in meta:
+                raise ValueError(f"scope verifier: a blend head needs {field!r} in its metadata")
         try:
-            return cls(float(meta["blend_weight"]), tuple(float(x) for x in str(meta["blend_scale"]).split(",")))
-        except KeyError as exc:
-            raise ValueError(f"scope verifier: a blend head needs {exc.args[0]!r} in its metadata") from exc
+            weight = float(meta["blend_weight"])
+        except ValueError as exc:
+            raise ValueError(f"scope verifier: blend_weight {meta['blend_weight']!r} is not a number") from exc
+        try:
+            scale = tuple(float(x) for x in str(meta["blend_scale"]).split(","))
+        except ValueError as exc:
+            raise ValueError(f"scope verifier: blend_scale {meta['blend_scale']!r} is not four numbers") from exc
+        return cls(weight, scale)
 
     def meta(self) -> dict[str, str]:
         return {"blend_weight": repr(self.weight), "blend_scale": ",".join(repr(x) for x in self.scale)}
@@ -82,7 +90,11 @@ class Blend:
     def combine(self, pair: np.ndarray, similarity: np.ndarray) -> np.ndarray:
         pair_mean, pair_std, sim_mean, sim_std = self.scale
         w = self.weight
-        standard = (1.0 - w) * (pair - pair_mean) / pair_std + w * (similarity - sim_mean) / sim_std
+        standard = np.zeros(np.broadcast(pair, similarity).shape)
+        if w < 1.0:  # a head weighted 0 is left out, so its -inf (0 x -inf) cannot turn the sum into NaN
+            standard = standard + (1.0 - w) * (pair - pair_mean) / pair_std
+        if w > 0.0:
+            standard = standard + w * (similarity - sim_mean) / sim_std
         return ((1.0 - w) * pair_mean + w * sim_mean) + ((1.0 - w) * pair_std + w * sim_std) * standard
 
 
@@ -157,6 +169,9 @@ class ScopeVerifier:
             raise ValueError("scope verifier: names_gate needs the 'names' view")
 
     def _read_pair_mlp(self, weights: Mapping[str, np.ndarray]) -> None:
+        missing = [name for name in ("w1", "b1", "w2", "b2") if name not in weights]
+        if missing:
+            raise ValueError(f"scope verifier: the pair MLP's tensors {missing} are missing")
         self.mlp_dims = self.view_dims[:-1] if self.relation_tensors else list(self.view_dims)
         self.relation_weight = float(self.meta.get("relation_weight", 0.0)) if self.relation_tensors else 0.0
         self.w1 = np.asarray(weights["w1"], np.float32)  # (features, hidden)
@@ -181,7 +196,8 @@ class ScopeVerifier:
     def with_relation_weight(self, weight: float) -> "ScopeVerifier":
         """The same weights with another weight on the relation view's cosine."""
         if self.head != PAIR_MLP:
-            raise ValueError("scope verifier: only the pair MLP weighs the relation view's cosine")
+            raise ValueError(f"scope verifier: only the pair MLP weighs the relation view's cosine "
+                             f"(this file's head is {self.head}; a blend takes its pair MLP's weight as trained)")
         return ScopeVerifier(self._weights(), {**self.meta, "relation_weight": str(weight)})
 
     def with_relation_view(self, tensors: Mapping[str, np.ndarray], settings: str, dim: int,
@@ -191,7 +207,7 @@ class ScopeVerifier:
         if self.relation_tensors:
             raise ValueError("scope verifier: it has a relation view already")
         if self.head != PAIR_MLP:
-            raise ValueError("scope verifier: a similarity ensemble is trained with its relation view; it cannot gain one")
+            raise ValueError(f"scope verifier: a {self.head} head is trained with its relation view; it cannot gain one")
         return ScopeVerifier({**self._weights(), **tensors}, {
             **self.meta, **meta, "views": self.meta["views"] + ",relation", "view_dims": self.meta["view_dims"] + f",{dim}",
             RELATION_META_KEY: settings, "relation_weight": str(weight)})

@@ -40,8 +40,8 @@ WEIGHTS = tuple(np.round(np.arange(0.0, 1.0001, 0.125), 3))
 SHARED_META = ("views", "view_dims", "names_gate", RELATION_META_KEY)
 
 
-def blended(pair: ScopeVerifier, similarity: ScopeVerifier, blend: Blend, **meta: str) -> ScopeVerifier:
-    """One verifier holding both heads' weights, reading the views and relation adapter they share."""
+def check_compatible(pair: ScopeVerifier, similarity: ScopeVerifier) -> None:
+    """Both heads must be the right kind and read the same views with the same relation adapter."""
     if pair.head != PAIR_MLP or similarity.head != SIMILARITY_ENSEMBLE:
         raise ValueError(f"blend: needs a {PAIR_MLP} file and a {SIMILARITY_ENSEMBLE} file "
                          f"(got {pair.head} and {similarity.head})")
@@ -50,16 +50,24 @@ def blended(pair: ScopeVerifier, similarity: ScopeVerifier, blend: Blend, **meta
             np.array_equal(pair.relation_tensors[k], similarity.relation_tensors[k]) for k in pair.relation_tensors):
         raise ValueError(f"blend: the two files read different views or relation adapters ({differing or 'adapter tensors'}); "
                          "train the ensemble with --relation-from the pair-MLP file")
+
+
+def blended(pair: ScopeVerifier, similarity: ScopeVerifier, blend: Blend, **meta: str) -> ScopeVerifier:
+    """One verifier holding both heads' weights, reading the views and relation adapter they share."""
+    check_compatible(pair, similarity)
     kept = {k: pair.meta[k] for k in (*SHARED_META, "relation_weight") if k in pair.meta}
     weights = {**pair.tensors, **similarity.ensemble.tensors}
     return ScopeVerifier(weights, {**kept, **meta, **blend.meta(), "head": BLEND})
 
 
 def choose_blend(pair_logits: np.ndarray, similarity_logits: np.ndarray, calibration: list[Pair],
+                 refused: np.ndarray | None = None,
                  weights: tuple[float, ...] = WEIGHTS) -> tuple[Blend, float, list[dict[str, float]]]:
     """The weight keeping the most calibration rewordings at its own calibrated bar (ties: the smaller
-    weight), its blend and bar, and every weight's figures."""
-    finite = np.isfinite(pair_logits) & np.isfinite(similarity_logits)
+    weight), its blend and bar, and every weight's figures. `refused`: the pairs the names gate refuses
+    whatever the heads say; they are left out of the scales and score -inf, as in the shipped file."""
+    refused = np.zeros(len(calibration), bool) if refused is None else np.asarray(refused, bool)
+    finite = np.isfinite(pair_logits) & np.isfinite(similarity_logits) & ~refused
     if not finite.any():
         raise ValueError("blend: no calibration pair with finite logits from both heads")
     scale = (float(pair_logits[finite].mean()), float(pair_logits[finite].std()),
@@ -68,7 +76,7 @@ def choose_blend(pair_logits: np.ndarray, similarity_logits: np.ndarray, calibra
     table, best = [], None
     for weight in weights:
         blend = Blend(weight, scale)
-        logits = blend.combine(pair_logits, similarity_logits)
+        logits = np.where(refused, -np.inf, blend.combine(pair_logits, similarity_logits))
         bar, _ = calibrate(logits, calibration, THRESHOLD_KINDS)
         kept = float((logits[rewordings] >= bar).mean()) if rewordings.any() else 0.0
         table.append({"weight": float(weight), "bar": bar, "calibration_rewordings": kept})
@@ -96,15 +104,18 @@ def main(argv: list[str] | None = None) -> None:
              else leave_relations_out(pairs, args.seed, excluded))
     calibration = capped(list(split.calibration), args.calibration_cap, args.seed)
     pair, similarity = load_verifier(args.pair), load_verifier(args.similarity)
+    check_compatible(pair, similarity)  # before scoring: keys are made for the pair file's views
     texts = sorted({t for p in calibration for t in (p.a, p.b)})
     row = {t: i for i, t in enumerate(texts)}
     key_function = scoped_keys_for(pair, SentenceEncoderKeys())
     keys = cached_embed(texts, key_function, args.keys_cache)[0] if args.keys_cache else key_function.keys(texts)
     firsts, seconds = keys[[row[p.a] for p in calibration]], keys[[row[p.b] for p in calibration]]
-    # the heads without the names gate: it refuses the same pairs in the blend as in each head
+    # the heads without the names gate, and the gate's refusals apart: it refuses the same pairs in the
+    # blend as in each head, so the weight is chosen on what the shipped file will accept
+    refused = np.isneginf(pair.logits(firsts, seconds)) if pair.names_gate is not None else None
     pair_logits = pair.with_names_gate(None).logits(firsts, seconds)
     similarity_logits = similarity.with_names_gate(None).logits(firsts, seconds)
-    blend, bar, table = choose_blend(pair_logits, similarity_logits, calibration)
+    blend, bar, table = choose_blend(pair_logits, similarity_logits, calibration, refused)
     verifier = blended(pair, similarity, blend, trained_on=f"{split.name}: train families",
                        pair_from=str(args.pair), similarity_from=str(args.similarity))
     threshold, report = calibrate(verifier.logits(firsts, seconds), calibration, THRESHOLD_KINDS)
