@@ -26,9 +26,9 @@ import torch
 
 from melo_ray.editors.melo.scope.encoder import SentenceEncoderKeys
 from melo_ray.editors.melo.scope.keys import scoped_keys_for
-from melo_ray.editors.melo.scope.training.cross_encoder_training import THRESHOLD_KINDS, calibrate, capped
-from melo_ray.editors.melo.scope.training.pairs import SOURCES, DataPaths, Pair, all_pairs, leave_dataset_out, leave_relations_out
-from melo_ray.editors.melo.scope.training.split_training import DATA
+from melo_ray.editors.melo.scope.training.cross_encoder_training import THRESHOLD_KINDS, calibrate
+from melo_ray.editors.melo.scope.training.pairs import Pair
+from melo_ray.editors.melo.scope.training.split_training import add_split_arguments, split_from_arguments
 from melo_ray.editors.melo.scope.training.verifier_training import cached_embed
 from melo_ray.editors.melo.scope.verifier import (BLEND, PAIR_MLP, SIMILARITY_ENSEMBLE, Blend, ScopeVerifier,
                                                   load_verifier)
@@ -60,6 +60,11 @@ def blended(pair: ScopeVerifier, similarity: ScopeVerifier, blend: Blend, **meta
     return ScopeVerifier(weights, {**kept, **meta, **blend.meta(), "head": BLEND})
 
 
+def gated(blend: Blend, pair_logits: np.ndarray, similarity_logits: np.ndarray, refused: np.ndarray) -> np.ndarray:
+    """The blend's logits with the names gate's refusals at -inf, as the written file scores them."""
+    return np.where(refused, -np.inf, blend.combine(pair_logits, similarity_logits))
+
+
 def choose_blend(pair_logits: np.ndarray, similarity_logits: np.ndarray, calibration: list[Pair],
                  refused: np.ndarray | None = None,
                  weights: tuple[float, ...] = WEIGHTS) -> tuple[Blend, float, list[dict[str, float]]]:
@@ -76,7 +81,7 @@ def choose_blend(pair_logits: np.ndarray, similarity_logits: np.ndarray, calibra
     table, best = [], None
     for weight in weights:
         blend = Blend(weight, scale)
-        logits = np.where(refused, -np.inf, blend.combine(pair_logits, similarity_logits))
+        logits = gated(blend, pair_logits, similarity_logits, refused)
         bar, _ = calibrate(logits, calibration, THRESHOLD_KINDS)
         kept = float((logits[rewordings] >= bar).mean()) if rewordings.any() else 0.0
         table.append({"weight": float(weight), "bar": bar, "calibration_rewordings": kept})
@@ -90,19 +95,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--pair", required=True, help="pair-MLP verifier file trained on this split's train families")
     parser.add_argument("--similarity", required=True, help="similarity-ensemble file of the same split and adapter")
-    parser.add_argument("--seed", type=int, default=1, help="the split's seed (which relation families are held out)")
-    parser.add_argument("--exclude-sources", default="wiki_recent", help="sources never trained or calibrated on")
-    parser.add_argument("--dataset-out", default=None, choices=SOURCES, help="leave this source out instead")
-    parser.add_argument("--calibration-cap", type=int, default=800, help="calibration pairs per (source, kind)")
+    add_split_arguments(parser)
     parser.add_argument("--keys-cache", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO)
-    pairs = all_pairs(DataPaths.under(DATA))
-    excluded = tuple(s for s in args.exclude_sources.split(",") if s)
-    split = (leave_dataset_out(pairs, args.dataset_out, args.seed) if args.dataset_out
-             else leave_relations_out(pairs, args.seed, excluded))
-    calibration = capped(list(split.calibration), args.calibration_cap, args.seed)
+    split, calibration = split_from_arguments(args)
     pair, similarity = load_verifier(args.pair), load_verifier(args.similarity)
     check_compatible(pair, similarity)  # before scoring: keys are made for the pair file's views
     texts = sorted({t for p in calibration for t in (p.a, p.b)})
@@ -110,15 +108,14 @@ def main(argv: list[str] | None = None) -> None:
     key_function = scoped_keys_for(pair, SentenceEncoderKeys())
     keys = cached_embed(texts, key_function, args.keys_cache)[0] if args.keys_cache else key_function.keys(texts)
     firsts, seconds = keys[[row[p.a] for p in calibration]], keys[[row[p.b] for p in calibration]]
-    # the heads without the names gate, and the gate's refusals apart: it refuses the same pairs in the
-    # blend as in each head, so the weight is chosen on what the shipped file will accept
-    refused = np.isneginf(pair.logits(firsts, seconds)) if pair.names_gate is not None else None
-    pair_logits = pair.with_names_gate(None).logits(firsts, seconds)
-    similarity_logits = similarity.with_names_gate(None).logits(firsts, seconds)
-    blend, bar, table = choose_blend(pair_logits, similarity_logits, calibration, refused)
+    # both files carry the same names gate: the pairs it refuses (-inf) are refused by the blend too, so
+    # the weight is chosen on what the written file will accept
+    pair_logits, similarity_logits = pair.logits(firsts, seconds), similarity.logits(firsts, seconds)
+    refused = np.isneginf(pair_logits)
+    blend, _, table = choose_blend(pair_logits, similarity_logits, calibration, refused)
     verifier = blended(pair, similarity, blend, trained_on=f"{split.name}: train families",
                        pair_from=str(args.pair), similarity_from=str(args.similarity))
-    threshold, report = calibrate(verifier.logits(firsts, seconds), calibration, THRESHOLD_KINDS)
+    threshold, report = calibrate(gated(blend, pair_logits, similarity_logits, refused), calibration, THRESHOLD_KINDS)
     verifier = verifier.with_calibration(threshold, f"{split.name}: calibration families, the blend weight keeping "
                                                     f"the most rewordings and the lowest bar holding "
                                                     f"{' and '.join(THRESHOLD_KINDS)} to their false-accept targets")

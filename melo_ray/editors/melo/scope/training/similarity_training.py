@@ -27,9 +27,8 @@ import torch
 
 from melo_ray.editors.melo.scope.encoder import SentenceEncoderKeys
 from melo_ray.editors.melo.scope.keys import scoped_keys_for
-from melo_ray.editors.melo.scope.training.cross_encoder_training import THRESHOLD_KINDS, calibrate, capped
-from melo_ray.editors.melo.scope.training.pairs import SOURCES, DataPaths, all_pairs, leave_dataset_out, leave_relations_out
-from melo_ray.editors.melo.scope.training.split_training import DATA, as_training_pairs
+from melo_ray.editors.melo.scope.training.cross_encoder_training import THRESHOLD_KINDS, calibrate
+from melo_ray.editors.melo.scope.training.split_training import add_split_arguments, as_training_pairs, split_from_arguments
 from melo_ray.editors.melo.scope.training.verifier_training import cached_embed, fit_binary
 from melo_ray.editors.melo.scope.verifier import SIMILARITY_ENSEMBLE, SimilarityEnsemble, ScopeVerifier, load_verifier
 from melo_ray.editors.melo.scope.views import RELATION_META_KEY, similarity_features
@@ -68,23 +67,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--relation-from", required=True,
                         help="verifier file whose views and relation adapter to read (tuned on this split's train families)")
-    parser.add_argument("--seed", type=int, default=1, help="the split's seed (which relation families are held out)")
-    parser.add_argument("--exclude-sources", default="wiki_recent", help="sources never trained or calibrated on")
-    parser.add_argument("--dataset-out", default=None, choices=SOURCES, help="leave this source out instead")
+    add_split_arguments(parser)
     parser.add_argument("--members", type=int, default=5)
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--calibration-cap", type=int, default=800, help="calibration pairs per (source, kind)")
     parser.add_argument("--keys-cache", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO)
-    pairs = all_pairs(DataPaths.under(DATA))
-    excluded = tuple(s for s in args.exclude_sources.split(",") if s)
-    split = (leave_dataset_out(pairs, args.dataset_out, args.seed) if args.dataset_out
-             else leave_relations_out(pairs, args.seed, excluded))
+    split, calibration = split_from_arguments(args)
     train = as_training_pairs(list(split.train))
-    calibration = capped(list(split.calibration), args.calibration_cap, args.seed)
     log.info("%s: %d training pairs, %d calibration pairs", split.name, len(train), len(calibration))
     base = load_verifier(args.relation_from)
     texts = sorted({t for a, b, *_ in train for t in (a, b)} | {t for p in calibration for t in (p.a, p.b)})

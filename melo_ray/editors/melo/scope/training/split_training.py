@@ -34,7 +34,7 @@ from melo_ray.editors.melo.scope.keys import ScopedSentenceKeys
 from melo_ray.editors.melo.scope.relation import RelationEncoder
 from melo_ray.editors.melo.scope.verifier import ScopeVerifier
 from melo_ray.editors.melo.scope.views import pair_features
-from melo_ray.editors.melo.scope.training.pairs import (POSITIVE_KINDS, SOURCES, DataPaths, Pair, all_pairs,
+from melo_ray.editors.melo.scope.training.pairs import (POSITIVE_KINDS, SOURCES, DataPaths, Pair, Split, all_pairs,
                                                         leave_dataset_out, leave_relations_out)
 from melo_ray.editors.melo.scope.training.verifier_training import DEFAULT_VIEWS, HIDDEN, cached_embed, embed, fit, with_relation_view
 
@@ -43,6 +43,27 @@ DATA = Path(__file__).resolve().parents[5].parent / "shared" / "data"
 # scope_pairs' kinds as scope_training's relation-view tuning reads them
 TRAINING_KIND = {"reword": "rephrase", "alias": "alias", "subject_other_relation": "subject", "inverse": "subject",
                  "relation_other_subject": "other_subject", "namesake": "other_subject"}
+
+
+def add_split_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every scope trainer takes to name its split and its calibration pairs."""
+    parser.add_argument("--seed", type=int, default=1, help="the split's seed (which relation families are held out)")
+    parser.add_argument("--exclude-sources", default="wiki_recent", help="sources never trained or calibrated on")
+    parser.add_argument("--dataset-out", default=None, choices=SOURCES,
+                        help="leave this source out instead (leave-one-dataset-out): train on every family of the "
+                             "other sources but their calibration families, calibrate on those (--exclude-sources "
+                             "is then not used)")
+    parser.add_argument("--calibration-cap", type=int, default=800, help="calibration pairs per (source, kind)")
+
+
+def split_from_arguments(args: argparse.Namespace) -> tuple[Split, list[Pair]]:
+    """The split `add_split_arguments` named, over every pair of the public training splits, and its
+    calibration pairs capped per (source, kind)."""
+    pairs = all_pairs(DataPaths.under(DATA))
+    excluded = tuple(s for s in args.exclude_sources.split(",") if s)
+    split = (leave_dataset_out(pairs, args.dataset_out, args.seed) if args.dataset_out
+             else leave_relations_out(pairs, args.seed, excluded))
+    return split, capped(list(split.calibration), args.calibration_cap, args.seed)
 
 
 def as_training_pairs(pairs: list[Pair]) -> list[tuple[str, str, int, str, str]]:
@@ -73,30 +94,20 @@ def calibrated_weight(verifier: ScopeVerifier, firsts: np.ndarray, seconds: np.n
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--seed", type=int, default=1, help="the split's seed (which relation families are held out)")
-    parser.add_argument("--exclude-sources", default="wiki_recent", help="sources never trained or calibrated on")
-    parser.add_argument("--dataset-out", default=None, choices=SOURCES,
-                        help="leave this source out instead (leave-one-dataset-out): train on every family of the "
-                             "other sources but their calibration families, calibrate on those (--exclude-sources "
-                             "is then not used)")
+    add_split_arguments(parser)
     parser.add_argument("--views", default=",".join(DEFAULT_VIEWS))
     parser.add_argument("--hidden", type=int, default=HIDDEN)
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--relation-epochs", type=int, default=3, help="0: no relation view")
     parser.add_argument("--relation-weights", default="0,10,20,40")
     parser.add_argument("--names-gate", type=float, default=0.2, help="negative: no gate")
-    parser.add_argument("--calibration-cap", type=int, default=800, help="calibration pairs per (source, kind)")
     parser.add_argument("--keys-cache", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO)
-    excluded = tuple(s for s in args.exclude_sources.split(",") if s)
-    pairs = all_pairs(DataPaths.under(DATA))
-    split = (leave_dataset_out(pairs, args.dataset_out, args.seed) if args.dataset_out
-             else leave_relations_out(pairs, args.seed, excluded))
+    split, calibration = split_from_arguments(args)
     train = as_training_pairs(list(split.train))
-    calibration = capped(list(split.calibration), args.calibration_cap, args.seed)
     log.info("%s: %d training pairs, %d calibration pairs", split.name, len(train), len(calibration))
     views = tuple(v for v in args.views.split(",") if v)
     encoder = SentenceEncoderKeys()
