@@ -11,6 +11,7 @@ from melo_ray.editors.melo.scope.training.pairs import (
     family_part,
     leave_dataset_out,
     leave_relations_out,
+    ship_split,
     template_pairs,
     wiki_recent_pairs,
 )
@@ -87,6 +88,19 @@ def test_excluded_source_is_tested_but_never_trained_or_calibrated() -> None:
     held = leave_dataset_out(pairs + other, "wiki_recent", seed=1)
     assert {p.source for p in held.test} == {"wiki_recent"}
     assert all(p.source == "templates" for p in held.train + held.calibration)
+
+
+def test_ship_split_trains_on_test_families_but_never_on_calibration_ones() -> None:
+    pairs = template_pairs(random.Random(0), per_property=2)
+    other = [Pair(p.a, p.b, p.label, p.kind, "wiki_recent", p.families) for p in pairs[:200]]
+    held = leave_relations_out(pairs + other, seed=1, exclude_sources=("wiki_recent",))
+    ship = ship_split(pairs + other, seed=1, exclude_sources=("wiki_recent",))
+    trained = {f for p in ship.train for f in p.families}
+    assert not ship.test and set(ship.calibration) == set(held.calibration)
+    assert trained >= {f for p in held.test if p.source != "wiki_recent" for f in p.families}
+    assert not trained & {f for p in ship.calibration for f in p.families}
+    assert all(p.source != "wiki_recent" for p in ship.train + ship.calibration)
+    assert ship.trained_families == "train and test families" != held.trained_families
 
 
 def test_all_pairs_drops_identical_prompts(tmp_path) -> None:

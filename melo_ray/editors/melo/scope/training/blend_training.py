@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     pair_logits, similarity_logits = pair.logits(firsts, seconds), similarity.logits(firsts, seconds)
     refused = np.isneginf(pair_logits)
     blend, _, table = choose_blend(pair_logits, similarity_logits, calibration, refused)
-    verifier = blended(pair, similarity, blend, trained_on=f"{split.name}: train families",
+    verifier = blended(pair, similarity, blend, trained_on=f"{split.name}: {split.trained_families}",
                        pair_from=str(args.pair), similarity_from=str(args.similarity))
     threshold, report = calibrate(gated(blend, pair_logits, similarity_logits, refused), calibration, THRESHOLD_KINDS)
     verifier = verifier.with_calibration(threshold, f"{split.name}: calibration families, the blend weight keeping "

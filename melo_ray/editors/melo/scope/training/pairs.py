@@ -78,6 +78,7 @@ class Split:
     train: tuple[Pair, ...]
     calibration: tuple[Pair, ...]
     test: tuple[Pair, ...]
+    trained_families: str = "train families"  # what its training pairs cover, for a file's metadata
 
 
 class _Families:
@@ -347,3 +348,19 @@ def leave_dataset_out(pairs: list[Pair], source: str, seed: int = 0) -> Split:
             train.append(pair)
     return Split(f"leave-{source}-out", tuple(train), tuple(calibration), tuple(test))
 
+
+def ship_split(pairs: list[Pair], seed: int = 0, exclude_sources: tuple[str, ...] = ()) -> Split:
+    """For a file to ship: train on every family but the calibration ones (the test families too),
+    calibrate on those; nothing is left to test on, so its held-out figures come from the splits above.
+    Pairs of excluded sources are left out entirely (wiki_recent: an end-to-end check it never saw)."""
+    train, calibration = [], []
+    for pair in pairs:
+        parts = {family_part(f, seed) for f in pair.families}
+        if pair.source in exclude_sources or not parts:
+            continue
+        if parts == {"calibration"}:
+            calibration.append(pair)
+        elif "calibration" not in parts:  # a pair touching a calibration family would leak it into training
+            train.append(pair)
+    name = f"ship(seed {seed}" + (f", without {','.join(exclude_sources)}" if exclude_sources else "") + ")"
+    return Split(name, tuple(train), tuple(calibration), (), "train and test families")

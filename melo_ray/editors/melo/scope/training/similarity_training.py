@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     labels = np.array([label for _, _, label, *_ in train], np.float32)
     tensors = fit_ensemble(train_x, labels, args.members, args.hidden, args.epochs, args.seed)
     verifier = similarity_verifier(base, tensors, members=str(args.members), hidden=str(args.hidden), pairs=str(len(train)),
-                                   trained_on=f"{split.name}: train families", relation_from=str(args.relation_from))
+                                   trained_on=f"{split.name}: {split.trained_families}", relation_from=str(args.relation_from))
     logits = verifier.logits(keys[[row[p.a] for p in calibration]], keys[[row[p.b] for p in calibration]])
     threshold, report = calibrate(logits, calibration, THRESHOLD_KINDS)
     verifier = verifier.with_calibration(threshold, f"{split.name}: calibration families, the lowest bar holding "
