@@ -49,13 +49,14 @@ def add_split_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every scope trainer takes to name its split and its calibration pairs."""
     parser.add_argument("--seed", type=int, default=1, help="the split's seed (which relation families are held out)")
     parser.add_argument("--exclude-sources", default="wiki_recent", help="sources never trained or calibrated on")
-    parser.add_argument("--dataset-out", default=None, choices=SOURCES,
-                        help="leave this source out instead (leave-one-dataset-out): train on every family of the "
-                             "other sources but their calibration families, calibrate on those (--exclude-sources "
-                             "is then not used)")
-    parser.add_argument("--ship", action="store_true",
-                        help="a file to ship: train on the test families too (every family but the calibration "
-                             "ones), calibrate on those; its held-out figures are the plain split's")
+    held_out = parser.add_mutually_exclusive_group()  # --ship trains on every source but --exclude-sources
+    held_out.add_argument("--dataset-out", default=None, choices=SOURCES,
+                          help="leave this source out instead (leave-one-dataset-out): train on every family of the "
+                               "other sources but their calibration families, calibrate on those (--exclude-sources "
+                               "is then not used)")
+    held_out.add_argument("--ship", action="store_true",
+                          help="a file to ship: train on the test families too (every family but the calibration "
+                               "ones), calibrate on those; its held-out figures are the plain split's")
     parser.add_argument("--calibration-cap", type=int, default=800, help="calibration pairs per (source, kind)")
 
 
@@ -64,8 +65,6 @@ def split_from_arguments(args: argparse.Namespace) -> tuple[Split, list[Pair]]:
     calibration pairs capped per (source, kind)."""
     pairs = all_pairs(DataPaths.under(DATA))
     excluded = tuple(s for s in args.exclude_sources.split(",") if s)
-    if args.ship and args.dataset_out:
-        raise ValueError("--ship trains on every source but --exclude-sources; it takes no --dataset-out")
     if args.ship:
         split = ship_split(pairs, args.seed, excluded)
     elif args.dataset_out:
