@@ -16,6 +16,9 @@ calibration rewordings. Both go into the file's metadata with the split that pla
     # leave-one-dataset-out: never a zsRE record, in training or calibration
     OMP_NUM_THREADS=1 python -m melo_ray.editors.melo.scope.training.split_training --out runs/verifier_lodo_zsre.safetensors \
         --dataset-out zsre --keys-cache runs/lodo-zsre-keys.npz
+    # a file to ship: the test families trained on too, calibrated on the calibration families
+    OMP_NUM_THREADS=1 python -m melo_ray.editors.melo.scope.training.split_training --out runs/verifier_ship.safetensors \
+        --ship --seed 1 --exclude-sources wiki_recent --keys-cache runs/ship-keys.npz
 """
 from __future__ import annotations
 
