@@ -346,7 +346,8 @@ def leave_dataset_out(pairs: list[Pair], source: str, seed: int = 0) -> Split:
             calibration.append(pair)
         elif _part(pair, seed) is not None:
             train.append(pair)
-    return Split(f"leave-{source}-out", tuple(train), tuple(calibration), tuple(test))
+    return Split(f"leave-{source}-out", tuple(train), tuple(calibration), tuple(test),
+                 "every family of the other sources but their calibration families")
 
 
 def ship_split(pairs: list[Pair], seed: int = 0, exclude_sources: tuple[str, ...] = ()) -> Split:

@@ -130,11 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     labels = np.array([label for _, _, label, *_ in train], np.float32)
     weights = fit(pair_features(firsts, seconds, dims), labels, args.hidden, args.epochs, args.seed)
     meta = {"views": ",".join(views), "view_dims": ",".join(map(str, dims)), "hidden": str(args.hidden),
-            "trained_on": (f"{split.name}: every family of the other sources but their calibration families"
-                           if args.dataset_out else
-                           f"{split.name}: train and test families of zsRE train-1k, CounterFact train, the templates"
-                           if args.ship else
-                           f"{split.name}: train families of zsRE train-1k, CounterFact train, the templates"),
+            "trained_on": f"{split.name}: {split.trained_families}",
             "pairs": str(len(train))}
     if args.names_gate >= 0:
         meta["names_gate"] = str(args.names_gate)
